@@ -1,0 +1,5 @@
+"""vLLM plugin (work in progress)."""
+
+
+def register() -> None:
+    """vLLM general-plugin entry point."""
