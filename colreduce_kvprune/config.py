@@ -370,5 +370,5 @@ _DEFAULTS = {"pooling": Pooling(), "reduction": "sum", "group_reduce": "mean", "
 
 
 def ratio_count(keep_ratio: float, num_tokens: int) -> int:
-    """ceil(keep_ratio · num_tokens) in exact decimal arithmetic (0.1 · 30 = 3, not 4 from float rounding)."""
+    """ceil(keep_ratio · num_tokens) in exact decimal arithmetic (0.07 · 100 = 7, not 8 from float rounding)."""
     return -((-Fraction(repr(float(keep_ratio))) * num_tokens) // 1)
