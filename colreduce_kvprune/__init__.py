@@ -1,2 +1,9 @@
-"""colreduce-kvprune: exact fused column reductions of softmax attention, and KV-cache pruning after prefill."""
+"""colreduce-kvprune: exact fused column reductions of softmax attention, and KV-cache pruning after prefill.
+
+Scores: :func:`colreduce` (dense), :func:`colreduce_varlen` (packed batches), :func:`colreduce_torch` (reference).
+"""
+from colreduce_kvprune.ops import colreduce, colreduce_varlen
+from colreduce_kvprune.reference import colreduce_torch, colreduce_varlen_torch
+
 __version__ = "0.1.0"
+__all__ = ["colreduce", "colreduce_varlen", "colreduce_torch", "colreduce_varlen_torch", "__version__"]

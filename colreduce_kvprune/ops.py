@@ -1,0 +1,156 @@
+"""Public column-reduction API: argument checks, then the Triton kernels or the pure-torch reference."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from colreduce_kvprune.reference import colreduce_torch, colreduce_varlen_torch
+
+REDUCTIONS = ("sum", "mean", "max")
+GROUP_REDUCTIONS = (None, "sum", "mean", "max")
+BACKENDS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_HEAD_DIMS = (16, 256)
+
+
+def _check_common(q, k, reduction, scale, group_reduce, backend, q_name="q", k_name="k") -> str:
+    """Checks shared by every entry point; returns the backend to use ("triton" | "torch")."""
+    for name, t in ((q_name, q), (k_name, k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+    if group_reduce not in GROUP_REDUCTIONS:
+        raise ValueError(f"unknown group_reduce {group_reduce!r}; expected None, 'sum', 'mean' or 'max'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"{q_name} and {k_name} must have the same dtype, got {q.dtype} and {k.dtype}")
+    if q.dtype not in _FLOAT_DTYPES and not (q.dtype == torch.float64 and backend == "torch"):
+        raise TypeError(f"{q_name} has dtype {q.dtype}; expected float16, bfloat16 or float32"
+                        " (float64 only with backend='torch')")
+    if q.device != k.device:
+        raise ValueError(f"{q_name} and {k_name} are on different devices: {q.device} and {k.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if backend == "auto":
+        return "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if not q.is_cuda and not interpreting:
+            raise ValueError(f"backend='triton' needs CUDA tensors (got device {q.device}); use backend='torch' "
+                             "or 'auto' on CPU (or set TRITON_INTERPRET=1 before importing triton, for testing)")
+        d = q.shape[-1]
+        if not _TRITON_HEAD_DIMS[0] <= d <= _TRITON_HEAD_DIMS[1]:
+            raise ValueError(f"backend='triton' supports head dim 16..256, got {d}; use backend='torch'")
+    return backend
+
+
+def _check_heads(hq: int, hkv: int, q_name="q", k_name="k") -> None:
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{q_name} has {hq} heads and {k_name} {hkv}: the query heads must be a multiple of the "
+                         "kv heads (GQA)")
+
+
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the head dimension with unit stride; copy only inputs that lack it (rare)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def colreduce(q: torch.Tensor, k: torch.Tensor, reduction: str = "sum", *, is_causal: bool = False,
+              scale: float | None = None, group_reduce: str | None = None, lse: torch.Tensor | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Reduce softmax(q·kᵀ·scale) over its query axis, without materialising the attention matrix.
+
+    Args:
+        q: (B, Hq, M, D) queries; float16, bfloat16 or float32.
+        k: (B, Hkv, N, D) keys, same dtype and device; Hq % Hkv == 0 (query head h reads kv head h // (Hq/Hkv)).
+        reduction: "sum", "mean" or "max" over the query axis. "mean" divides by the number of queries that see
+            each key (0 where none does).
+        is_causal: bottom-right aligned causal mask: query i sees key j iff j <= i + (N - M). With M > N the first
+            M - N queries see nothing and contribute nothing.
+        scale: softmax scale, default 1/sqrt(D).
+        group_reduce: None, or "sum" | "mean" | "max" to combine the query heads of each kv group.
+        lse: optional (B, Hq, M) natural-log row log-sum-exp of the scaled logits (what flash-attention returns);
+            when given, the row-statistics pass is skipped (one pass over K).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        float32 (B, Hq, N), or (B, Hkv, N) when group_reduce is set. Deterministic: bitwise equal on repeated calls.
+    """
+    backend = _check_common(q, k, reduction, scale, group_reduce, backend)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, L, D); got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head dims differ: q {q.shape[3]}, k {k.shape[3]}")
+    _check_heads(q.shape[1], k.shape[1])
+    if lse is not None and (tuple(lse.shape) != tuple(q.shape[:3]) or lse.device != q.device):
+        raise ValueError(f"lse must be (B, Hq, M) = {tuple(q.shape[:3])} on {q.device}, got {tuple(lse.shape)} "
+                         f"on {lse.device}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "torch":
+        out = colreduce_torch(q, k, reduction, is_causal=is_causal, scale=scale, group_reduce=group_reduce, lse=lse)
+        return out if q.dtype == torch.float64 else out.float()
+    from colreduce_kvprune.kernels.colreduce import colreduce_triton
+    return colreduce_triton(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
+                            scale=scale, group_reduce=group_reduce, lse=lse)
+
+
+def _check_cu_seqlens(cu: torch.Tensor, total: int, name: str, device) -> None:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D tensor of B + 1 cumulative lengths")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}, the tensors on {device}")
+
+
+def colreduce_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     reduction: str = "sum", *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                     is_causal: bool = False, scale: float | None = None, group_reduce: str | None = None,
+                     lse: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """:func:`colreduce` over a packed batch (flash-attention's varlen layout), each sequence on its own.
+
+    Args:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32/int64 cumulative sequence starts (0 first, totals last).
+            A sequence's query window may be shorter than its keys; causal masking is right-aligned per sequence.
+            Zero-length sequences are allowed.
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (computed, with a host sync, when omitted).
+        lse: optional (Hq, total_q) natural-log row log-sum-exp (flash-attention's varlen layout).
+        Other arguments as in :func:`colreduce`.
+
+    Returns:
+        float32 (total_k, Hq), or (total_k, Hkv) when group_reduce is set.
+    """
+    backend = _check_common(q, k, reduction, scale, group_reduce, backend)
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"q and k must be 3-D (total, H, D); got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head dims differ: q {q.shape[2]}, k {k.shape[2]}")
+    _check_heads(q.shape[1], k.shape[1])
+    _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
+    _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe different batch sizes: "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if lse is not None and (tuple(lse.shape) != (q.shape[1], q.shape[0]) or lse.device != q.device):
+        raise ValueError(f"lse must be (Hq, total_q) = {(q.shape[1], q.shape[0])} on {q.device}, "
+                         f"got {tuple(lse.shape)} on {lse.device}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "torch":
+        out = colreduce_varlen_torch(q, k, cu_seqlens_q, cu_seqlens_k, reduction, is_causal=is_causal,
+                                     scale=scale, group_reduce=group_reduce, lse=lse)
+        return out if q.dtype == torch.float64 else out.float()
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+    from colreduce_kvprune.kernels.colreduce import colreduce_triton
+    return colreduce_triton(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
+                            scale=scale, group_reduce=group_reduce, lse=lse, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
