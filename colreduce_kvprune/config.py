@@ -159,7 +159,9 @@ def load_config(path_or_mapping: str | os.PathLike | Mapping | PruneConfig) -> P
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = " ".join(x for x in (e.context, e.problem) if x)
+        problem = e.problem or "invalid YAML"
+        if e.context and e.context_mark is not None and mark is not e.context_mark:
+            problem += f" ({e.context} at line {e.context_mark.line + 1})"
         raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML error: {e}") from None
