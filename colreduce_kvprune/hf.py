@@ -77,10 +77,17 @@ class GenerateResult:
     def summary(self) -> str:
         """One line per prompt: cache tokens per layer before → after, and the total saving."""
         lines = []
-        for i, (b, a) in enumerate(zip(self.cache_tokens_before, self.cache_tokens_after)):
-            layers = ", ".join(f"{x}→{y}" for x, y in zip(b, a))
-            lines.append(f"prompt {i}: {self.prompt_lengths[i]} tokens; cache tokens per kv head by layer: {layers}")
-        lines.append(f"cache saved: {100 * self.saved_fraction:.1f}% of prompt KV tokens")
+        masked = False
+        for i, (b, a, seen) in enumerate(zip(self.cache_tokens_before, self.cache_tokens_after, self.attended_tokens)):
+            parts = []
+            for x, y, heads in zip(b, a, seen):
+                parts.append(f"{x}→{y}" + (f" (attends {'/'.join(map(str, heads))} per kv head)"
+                                           if any(h != y for h in heads) else ""))
+                masked |= any(h != y for h in heads)
+            lines.append(f"prompt {i}: {self.prompt_lengths[i]} tokens; cache tokens per kv head by layer: "
+                         + ", ".join(parts))
+        lines.append(f"cache saved: {100 * self.saved_fraction:.1f}% of prompt KV tokens"
+                     + (" (per-head masking hides tokens from attention but frees no memory)" if masked else ""))
         return "\n".join(lines)
 
 

@@ -227,6 +227,7 @@ def test_adakv_masks_match_and_decode_matches_reference(llama):
         assert res.attended_tokens[0][li] == got.sum(1).tolist()
     assert any(len(set(a)) > 1 for a in res.attended_tokens[0])        # heads got different counts
     assert res.cache_tokens_after == res.cache_tokens_before == [[PROMPT_LEN] * 2]   # masking saves no memory
+    assert res.saved_fraction == 0.0 and "frees no memory" in res.summary()
     assert res.sequences[0] == tokens != _hf_generate(llama, prompt)
 
 
@@ -297,3 +298,17 @@ def test_refusals(tmp_path, llama):
                  attention_mask=torch.tensor([[1, 1, 0, 1]]))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(llama, [[5, 6]], _cfg("snapkv"), max_new_tokens=0)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv"])
+def test_eager_attention_model(tmp_path, policy):
+    """With attn_implementation="eager" the model builds materialised masks (sized by layer 0's cache): decoding
+    must still see every kept token of each layer (PyramidKV: layers of different lengths; Ada-KV: additive mask)."""
+    path = make_tiny_model("llama", tmp_path, num_hidden_layers=3)
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    cfg = _cfg(policy)
+    prompt = _prompts([PROMPT_LEN], seed=11)[0]
+    res = generate(eager, [prompt], cfg, max_new_tokens=NEW, eos_token_id=[])
+    tokens, kept = reference_generate(_load(path), prompt, cfg)
+    assert res.sequences[0] == tokens
+    assert eager.config._attn_implementation == "eager"
