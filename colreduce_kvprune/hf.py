@@ -126,9 +126,9 @@ class _AttentionState:
 def _base_attention(name: str, module):
     if name == "eager":   # each model file defines its own eager function; the one its attention would call
         return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return AttentionInterface._global_mapping[name]
+    return ALL_ATTENTION_FUNCTIONS[name]
 
 
 def _make_wrapper(base_name: str):
@@ -151,10 +151,11 @@ def _make_wrapper(base_name: str):
 def _register_wrappers() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     for base in SUPPORTED_ATTENTION:
         name = _WRAPPED_PREFIX + base
-        if name not in AttentionInterface._global_mapping:
+        if name not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(name, _make_wrapper(base))
             # masks are built exactly as for the base implementation
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
