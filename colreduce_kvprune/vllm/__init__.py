@@ -1,5 +1,64 @@
-"""vLLM plugin (work in progress)."""
+"""vLLM plugin: prune each long prompt's KV cache right after its prefill, free the pruned blocks, decode on.
+
+Loaded by vLLM through the `vllm.general_plugins` entry point (`register`). Configure it with
+`additional_config={"kv_prune": "snapkv.yaml"}` (or a mapping) on `LLM(...)`, `--additional-config
+'{"kv_prune": "snapkv.yaml"}'` on `vllm serve`, or `KVPRUNE_CONFIG=snapkv.yaml`; without a config vLLM runs
+unchanged. Engine settings it needs: enable_prefix_caching=False, enable_chunked_prefill=False (with
+max_num_batched_tokens >= max_model_len), async_scheduling=False — anything else is refused at engine start.
+
+Pieces: settings.py (config discovery, engine-start checks), backend_*.py (attention backends: score, compact,
+remap), compaction.py (the backend-independent tensor work), manager.py (scheduler: free tail blocks, count in
+compacted tokens), stats.py (`get_stats(llm)`).
+"""
+from __future__ import annotations
+
+import os
+
+_registered = False
 
 
 def register() -> None:
-    """vLLM general-plugin entry point."""
+    """vLLM general-plugin entry point; runs in every vLLM process, idempotent, imports vLLM internals lazily.
+
+    Installs the pruning attention backends (over CPU_ATTN, FLASH_ATTN, TRITON_ATTN) and the KV cache spec /
+    manager pair. They are exact pass-throughs for an engine without a pruning config."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import vllm
+
+    from .settings import ENV_VAR, SUPPORTED_VLLM, vllm_version_supported
+
+    if not vllm_version_supported(vllm.__version__):
+        msg = (f"colreduce_kvprune supports vLLM {SUPPORTED_VLLM}.x, found {vllm.__version__}: KV pruning is "
+               "unavailable")
+        if os.environ.get(ENV_VAR):
+            from ..config import ConfigError
+            raise ConfigError(msg + f" (and ${ENV_VAR} asks for it)")
+        from vllm.logger import init_logger
+        init_logger("vllm.colreduce_kvprune").warning(msg + "; an additional_config 'kv_prune' would be ignored")
+        return
+
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from .manager import PrunableFullAttentionSpec, PruneManager
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.backend_cpu.PruneCPUAttentionBackend")
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.FLASH_ATTN, f"{__name__}.backend_cuda.PruneFlashAttentionBackend")
+        register_backend(AttentionBackendEnum.TRITON_ATTN, f"{__name__}.backend_cuda.PruneTritonAttentionBackend")
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(PrunableFullAttentionSpec, PruneManager, uniform_type_base_spec=FullAttentionSpec)
+
+
+def get_stats(llm=None):
+    """Pruning summary (PruneStats: requests_pruned, prompt_tokens, kept_tokens, blocks_freed, peak_blocks_in_use,
+    num_blocks) of an in-process `LLM`; see stats.py for multiprocessing."""
+    from .stats import get_stats as _get_stats
+
+    return _get_stats(llm)

@@ -1,0 +1,119 @@
+"""Mixins that add pruning to a vLLM 0.32 attention backend (builder + impl); the CPU and CUDA backends are these
+mixins over vLLM's own classes. With no pruning config every method is the base class's, unchanged.
+
+Builder.build: for the fresh prefills of the step, plan the pruning (host ints from the CPU copies of
+query_start_loc / seq_lens, then device index tensors); for every row, look up the request's pruned layout
+(RowState) and rewrite seq_lens, the block table and, in place, the slot mapping (vectorised, no host sync).
+Impl.forward: the base attention over the full prefill, then, per layer, scores → selection → gather of the kept
+K/V from the step's key/value tensors → write to compacted slots with the backend's own `do_kv_cache_update`
+(reads come from the step's tensors, never from the cache being written, so no slot is read after it is written).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..policies import get_policy
+from . import compaction
+from .settings import config_to_json, resolve
+
+_last_config_json: str | None = None   # config resolved by this process's last engine (for customize_spec)
+
+
+def _current_config():
+    """(PruneConfig | None) of the engine being built in this process."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    return resolve(vllm_config) if vllm_config is not None else None
+
+
+def _remember(config) -> None:
+    global _last_config_json
+    _last_config_json = None if config is None else config_to_json(config)
+
+
+def prunable_spec(spec):
+    """customize_spec hook: FullAttentionSpec → PrunableFullAttentionSpec carrying the config (scheduler side)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from ..config import ConfigError
+    from .manager import PrunableFullAttentionSpec
+
+    if _last_config_json is None or isinstance(spec, PrunableFullAttentionSpec):
+        return spec
+    if type(spec) is not FullAttentionSpec or spec.sliding_window is not None or spec.attention_chunk_size:
+        raise ConfigError(f"colreduce_kvprune: cannot prune layers with KV cache spec {type(spec).__name__} "
+                          f"(sliding_window={getattr(spec, 'sliding_window', None)}); only full attention")
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    return PrunableFullAttentionSpec(**fields, prune_config=_last_config_json)
+
+
+class PruneBuilderMixin:
+    """Mixin for an AttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.prune_config = resolve(vllm_config)
+        if self.prune_config is not None:
+            self.prune_policy = get_policy(self.prune_config)
+            self.prune_block_size = kv_cache_spec.block_size
+            self.prune_rows = None            # RowState, sized at the first build (the pool exists by then)
+            self.prune_num_blocks = vllm_config.cache_config.num_gpu_blocks
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        if self.prune_config is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm, plan = self._prune_prepare(common_attn_metadata)
+        md = super().build(common_prefix_len, cm, fast_build)
+        md.kvprune = plan
+        return md
+
+    def _prune_prepare(self, cm):
+        n = cm.num_reqs
+        bt = cm.block_table_tensor
+        if self.prune_rows is None:
+            size = self.prune_num_blocks or int(bt.max()) + 1
+            self.prune_rows = compaction.RowState(size, bt.device)
+        seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
+        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n)
+        fresh_rows, fresh_values, plan = compaction.plan_prefills(
+            self.prune_config, self.prune_policy, prefills, bt, self.prune_block_size)
+        state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)
+        num_tokens = int(cm.query_start_loc_cpu[n])
+        new_bt, new_seq = compaction.remap_rows(state, bt, cm.seq_lens, cm.positions, cm.query_start_loc,
+                                                num_tokens, cm.slot_mapping, self.prune_block_size)
+        extra = {}
+        if cm.seq_lens_cpu_upper_bound is not None:   # stays an upper bound: pruning only shortens
+            extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound
+        cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=new_bt,
+                                 _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
+        return cm, plan
+
+
+class PruneImplMixin:
+    """Mixin for an AttentionImpl: prune after the prefill's attention of each layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prune_config = _current_config()
+        _remember(self.prune_config)
+        if self.prune_config is not None:
+            self.prune_policy = get_policy(self.prune_config)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        plan = getattr(attn_metadata, "kvprune", None)
+        if plan is not None and key is not None:
+            self._prune_compact(layer, query, key, value, kv_cache, plan)
+        return out
+
+    def _prune_compact(self, layer, query, key, value, kv_cache, plan):
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        layer_idx = extract_layer_index(layer.layer_name)
+        with torch.no_grad():
+            idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale)
+            k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
+            self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)

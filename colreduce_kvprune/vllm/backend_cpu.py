@@ -1,0 +1,30 @@
+"""vLLM's CPU attention backend (CPU_ATTN) with pruning after prefill. Registered over CPU_ATTN (the CPU platform
+uses no other backend for standard attention). Tested in CI (tests/vllm)."""
+from __future__ import annotations
+
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadataBuilder)
+
+from .backend_common import PruneBuilderMixin, PruneImplMixin, prunable_spec
+
+
+class PruneCPUAttentionMetadataBuilder(PruneBuilderMixin, CPUAttentionMetadataBuilder):
+    pass
+
+
+class PruneCPUAttentionImpl(PruneImplMixin, CPUAttentionBackendImpl):
+    pass
+
+
+class PruneCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return PruneCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return PruneCPUAttentionMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return prunable_spec(super().customize_spec(spec))

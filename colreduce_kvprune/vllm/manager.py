@@ -1,0 +1,100 @@
+"""Scheduler side: a KV cache manager that frees a pruned request's tail blocks once its prefill is computed.
+
+The worker compacts a request's kept tokens into the first cdiv(keep, block_size) blocks of its block table right
+after the prefill (see `compaction.py`). The scheduler never hears back from the worker: the kept count is
+`keep_count(config, L)`, a pure function of the prefill length L and the config (which reaches this process inside
+the KV cache spec), so both sides agree by construction. Rule shared with the worker: a request is pruned after the
+one step that prefills its tokens from position 0 (a fresh prompt, or a prompt + outputs recomputed after
+preemption: then L counts both); chunked prefill and prefix caching are refused at engine start.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from ..policies import keep_count
+from .settings import config_from_json
+from .stats import PruneStats, track
+
+logger = init_logger("vllm.colreduce_kvprune")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrunableFullAttentionSpec(FullAttentionSpec):
+    """FullAttentionSpec of layers whose KV is pruned; `prune_config` is the pruning config as JSON."""
+    prune_config: str = ""
+
+    @classmethod
+    def merge(cls, specs):
+        configs = {s.prune_config for s in specs}
+        if len(configs) != 1:
+            raise ValueError("colreduce_kvprune: layers of one KV cache group carry different pruning configs")
+        return dataclasses.replace(super().merge(specs), prune_config=configs.pop())
+
+
+class PruneManager(FullAttentionManager):
+    """FullAttentionManager that counts a pruned request's blocks in compacted tokens.
+
+    offsets[request_id] = L − keep once the request's prefill of L tokens is computed (0 when not pruned);
+    logical token counts from the scheduler are shifted by it before the base class sizes allocations.
+    """
+
+    def __init__(self, kv_cache_spec: PrunableFullAttentionSpec, **kwargs):
+        super().__init__(kv_cache_spec, **kwargs)
+        self.prune_config = config_from_json(kv_cache_spec.prune_config)
+        self.offsets: dict[str, int] = {}
+        self.prune_stats = PruneStats(num_blocks=self.block_pool.num_gpu_blocks - 1)
+        track(self)
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
+        if (request_id not in self.offsets and num_prompt_tokens is not None
+                and processed_computed_tokens >= num_prompt_tokens and self.req_to_blocks.get(request_id)):
+            self._prune(request_id, processed_computed_tokens)
+        return super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+
+    def _prune(self, request_id: str, prefill_len: int) -> None:
+        keep = keep_count(self.prune_config, prefill_len)
+        self.offsets[request_id] = prefill_len - keep
+        if keep >= prefill_len:
+            return
+        blocks = self.req_to_blocks[request_id]
+        kept_blocks, prefill_blocks = cdiv(keep, self.block_size), cdiv(prefill_len, self.block_size)
+        tail = blocks[kept_blocks:prefill_blocks]       # blocks after the prefill's (if any) stay, shifted down
+        del blocks[kept_blocks:prefill_blocks]
+        self.block_pool.free_blocks(reversed(tail))
+        s = self.prune_stats
+        s.requests_pruned += 1
+        s.prompt_tokens += prefill_len
+        s.kept_tokens += keep
+        s.blocks_freed += len(tail)
+        logger.debug("kv prune: request %s prefill %d tokens -> kept %d per kv head, freed %d of %d blocks "
+                     "(pool free %d)", request_id, prefill_len, keep, len(tail), prefill_blocks,
+                     self.block_pool.get_num_free_blocks())
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                   num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,
+                                   prefill_end=0):
+        off = self.offsets.get(request_id, 0)
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens - off, new_computed_blocks, total_computed_tokens - off,
+            num_local_computed_tokens - off, num_tokens_main_model - off, apply_admission_cap, prefill_end)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        off = self.offsets.get(request_id, 0)
+        new = super().allocate_new_blocks(request_id, num_tokens - off, num_tokens_main_model - off)
+        s = self.prune_stats
+        s.peak_blocks_in_use = max(s.peak_blocks_in_use, s.num_blocks - self.block_pool.get_num_free_blocks())
+        return new
+
+    def free(self, request_id):
+        self.offsets.pop(request_id, None)
+        return super().free(request_id)
+
+    def pop_blocks_for_free(self, request_id):
+        self.offsets.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)

