@@ -2,6 +2,7 @@
 implementation written here: attention probabilities from eager attention (output_attentions), window reduction,
 pooling, top-k with sinks + window, per-head gather of the cache, and a manual decode loop with explicit positions.
 Tiny random float32 models (tests/tiny_models.py), CPU."""
+import inspect
 import os
 import sys
 
@@ -109,7 +110,8 @@ def reference_generate(model, prompt, cfg, new=NEW):
         finally:
             model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=model.config)
-        logits = model(ids, cache=cache, use_cache=True).logits[0, -1]
+        cache_kw = {_cache_keyword(model): cache}
+        logits = model(ids, use_cache=True, **cache_kw).logits[0, -1]
         kept, masks = [], {}
         for li, layer in enumerate(cache.layers):
             keep = keep_count(cfg, length, layer=li, num_layers=num_layers)
@@ -134,12 +136,17 @@ def reference_generate(model, prompt, cfg, new=NEW):
         try:
             for step in range(1, new):
                 logits = model(torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[length + step - 1]]),
-                               cache=cache, use_cache=True).logits[0, -1]
+                               use_cache=True, **cache_kw).logits[0, -1]
                 tokens.append(int(logits.argmax()))
         finally:
             for h in hooks:
                 h.remove()
     return tokens, kept
+
+
+def _cache_keyword(model):
+    """transformers >= 5.24 names the forward's cache argument `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _attention_modules(model):
@@ -150,7 +157,8 @@ def _per_head_mask_hook(mask, length):
     """Replace a decode step's attention mask by a boolean (1, Hq, 1, N) one hiding the dropped prompt tokens of
     each kv head (mask (Hkv, L), True = kept)."""
     def hook(module, args, kwargs):
-        n = kwargs["cache"].layers[module.layer_idx].keys.shape[2] + 1     # cached tokens + the new one
+        cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]
+        n = cache.layers[module.layer_idx].keys.shape[2] + 1                # cached tokens + the new one
         visible = torch.ones(mask.shape[0], n, dtype=torch.bool)
         visible[:, :length] = mask
         groups = module.config.num_attention_heads // mask.shape[0]
