@@ -43,6 +43,33 @@ def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online (max, sum of exp2) update of BLOCK_R rows with the key tile [n0, n0 + BLOCK_N)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=(n[None, :] < hi) & (d[:, None] < D), other=0.0)
+    else:
+        kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=d[:, None] < D, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = n[None, :] < hi
+        if IS_CAUSAL:
+            visible = visible & (n[None, :] <= m[:, None] + shift)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)     # rows that have seen nothing yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = m_new
+    l_i = l_i * tl.exp2(m_i - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
 def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
                       sqb, sqh, sqm, skb, skh, skn,
                       spp, sph, max_m, max_n, split_len, qk_scale,
@@ -52,7 +79,7 @@ def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial (max, sum of exp2) of each query row over one split of the keys, rows of all G heads together.
 
-    Writes M_part/L_part[split, b·Hq + h, m] (log2 domain) for the rows this program covers.
+    Writes M_part/L_part[split, b·Hq + h, m] (log2 domain; -inf and 0 for a row that saw no key).
     """
     split = tl.program_id(0)
     rb = tl.program_id(1)
@@ -61,9 +88,10 @@ def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
     hk = bh % HKV
     q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN)
     R = G * Mb
-    if rb * BLOCK_R >= R:
+    r0 = rb * BLOCK_R
+    if r0 >= R:
         return
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = r0 + tl.arange(0, BLOCK_R)
     r_ok = r < R
     g = r // Mb
     m = r % Mb
@@ -72,33 +100,52 @@ def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
                 mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    K_head = K + b * skb + hk * skh + k0 * skn
+    shift = Nb - Mb                                   # query m sees key j iff j <= m + shift
     lo = split * split_len
     hi = tl.minimum(lo + split_len, Nb)
+    full_hi = hi
     if IS_CAUSAL:
-        # the last row of this block (by query index) bounds the visible keys
-        r_last = tl.minimum(rb * BLOCK_R + BLOCK_R, R) - 1
-        m_last = tl.where(r_last // Mb > (rb * BLOCK_R) // Mb, Mb - 1, r_last % Mb)
-        hi = tl.minimum(hi, m_last + Nb - Mb + 1)
+        r_last = tl.minimum(r0 + BLOCK_R, R) - 1
+        spans_heads = r_last // Mb > r0 // Mb
+        m_first = tl.where(spans_heads, 0, r0 % Mb)
+        m_last = tl.where(spans_heads, Mb - 1, r_last % Mb)
+        hi = tl.minimum(hi, m_last + shift + 1)
+        full_hi = tl.minimum(hi, m_first + shift + 1)
+    full_end = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + b * skb + hk * skh + (k0 + n)[None, :] * skn + d[:, None],
-                     mask=(n[None, :] < hi) & (d[:, None] < D), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        visible = n[None, :] < hi
-        if IS_CAUSAL:
-            visible = visible & (n[None, :] <= m[:, None] + (Nb - Mb))
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+    for n0 in range(lo, full_end, BLOCK_N):           # tiles every row sees whole: no masks
+        m_i, l_i = _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D, UPCAST,
+                                   DOT_PRECISION, False, IS_CAUSAL, BLOCK_N)
+    for n0 in range(full_end, hi, BLOCK_N):           # the diagonal and the ragged end
+        m_i, l_i = _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D, UPCAST,
+                                   DOT_PRECISION, True, IS_CAUSAL, BLOCK_N)
     out = split * spp + (b * HKV * G + hk * G + g) * sph + m
     tl.store(M_part + out, m_i, mask=r_ok)
     tl.store(L_part + out, l_i, mask=r_ok)
+
+
+@triton.jit
+def _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
+                 REDUCTION: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) += (or max=) exp2(k·qᵀ·scale − lse) for the query rows [ms, ms + BLOCK_M).
+
+    The tile is transposed (keys on rows) so that the final reduction over queries stays within each row."""
+    m = ms + tl.arange(0, BLOCK_M)
+    m_ok = m < Mb
+    qt = tl.load(Q_head + m[None, :] * sqm + d[:, None], mask=m_ok[None, :] & (d[:, None] < D), other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+    lse2 = tl.load(LSE_head + m * slm, mask=m_ok, other=float("inf"))      # absent rows give exp2(-inf) = 0
+    p = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+    if MASKED:
+        p = tl.where(n[:, None] <= m[None, :] + shift, p, 0.0)
+    if REDUCTION == 2:
+        return tl.maximum(acc, p)
+    else:
+        return acc + p
 
 
 @triton.jit
@@ -106,67 +153,76 @@ def _column_kernel(Q, K, LSE2, Out, cu_q, cu_k,
                    sqb, sqh, sqm, skb, skh, skn, slb, slh, slm, lse_q0, sob, soh, son,
                    max_m, max_n, qk_scale,
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                   REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr,
+                   REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
                    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for the G query heads of one kv head.
 
     LSE2: row log-sum-exp in log2 units, +inf for rows that see no key. Writes Out[b, head, n] (head = query head,
-    or kv head when GROUP_REDUCE combines the group).
+    or kv head when GROUP_REDUCE combines the group). FUSE_HEADS: the group combine equals the row combine (sum of
+    sums, max of maxes), so one accumulator serves all G heads.
     """
     nb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
     q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN)
-    if nb * BLOCK_N >= Nb:
+    n_first = nb * BLOCK_N
+    if n_first >= Nb:
         return
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n_first + tl.arange(0, BLOCK_N)
     n_ok = n < Nb
     d = tl.arange(0, BLOCK_D)
-    kt = tl.load(K + b * skb + hk * skh + (k0 + n)[None, :] * skn + d[:, None],
-                 mask=n_ok[None, :] & (d[:, None] < D), other=0.0)
+    k = tl.load(K + b * skb + hk * skh + (k0 + n)[:, None] * skn + d[None, :],
+                mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
     if UPCAST:
-        kt = kt.to(tl.float32)
-    shift = Nb - Mb                                  # query i sees key j iff j <= i + shift
-    m_start = 0
+        k = k.to(tl.float32)
+    shift = Nb - Mb
+    m_lo = 0
+    m_full = 0
     if IS_CAUSAL:
-        m_start = tl.maximum(nb * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+        m_lo = tl.maximum(n_first - shift, 0) // BLOCK_M * BLOCK_M                 # first block seeing any column
+        m_full = tl.maximum(m_lo, tl.minimum(n_first + BLOCK_N - 1 - shift, Mb))  # first row seeing all of them
+        m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.maximum(Mb, m_lo))
     if REDUCTION == 1:
         if IS_CAUSAL:
             count = tl.minimum(tl.maximum(Mb - tl.maximum(n - shift, 0), 0), Mb)
         else:
             count = tl.zeros([BLOCK_N], tl.int32) + Mb
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     group = tl.zeros([BLOCK_N], tl.float32)
     for g in range(G):
         h = hk * G + g
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for ms in range(m_start, Mb, BLOCK_M):
-            m = ms + tl.arange(0, BLOCK_M)
-            m_ok = m < Mb
-            q = tl.load(Q + b * sqb + h * sqh + (q0 + m)[:, None] * sqm + d[None, :],
-                        mask=m_ok[:, None] & (d[None, :] < D), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            lse2 = tl.load(LSE2 + b * slb + h * slh + (q0 * lse_q0 + m) * slm, mask=m_ok, other=float("inf"))
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            if IS_CAUSAL:
-                if ms + shift < nb * BLOCK_N + BLOCK_N - 1:   # this tile crosses the diagonal
-                    p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
+        Q_head = Q + b * sqb + h * sqh + q0 * sqm
+        LSE_head = LSE2 + b * slb + h * slh + q0 * lse_q0 * slm
+        for ms in range(m_lo, m_full, BLOCK_M):
+            acc = _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
+                               REDUCTION, UPCAST, DOT_PRECISION, True, BLOCK_M)
+        for ms in range(m_full, Mb, BLOCK_M):
+            acc = _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
+                               REDUCTION, UPCAST, DOT_PRECISION, False, BLOCK_M)
+        if not FUSE_HEADS:
             if REDUCTION == 2:
-                acc = tl.maximum(acc, tl.max(p, 0))
+                col = tl.max(acc, 1)
             else:
-                acc += tl.sum(p, 0)
-        if REDUCTION == 1:
-            acc = tl.where(count > 0, acc / tl.maximum(count, 1).to(tl.float32), 0.0)
-        if GROUP_REDUCE == 0:
-            tl.store(Out + b * sob + h * soh + (k0 + n) * son, acc, mask=n_ok)
-        elif GROUP_REDUCE == 3:
-            group = tl.maximum(group, acc)
+                col = tl.sum(acc, 1)
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            if REDUCTION == 1:
+                col = tl.where(count > 0, col / tl.maximum(count, 1).to(tl.float32), 0.0)
+            if GROUP_REDUCE == 0:
+                tl.store(Out + b * sob + h * soh + (k0 + n) * son, col, mask=n_ok)
+            elif GROUP_REDUCE == 3:
+                group = tl.maximum(group, col)
+            else:
+                group += col
+    if FUSE_HEADS:
+        if REDUCTION == 2:
+            group = tl.max(acc, 1)
         else:
-            group += acc
+            group = tl.sum(acc, 1)
+        if REDUCTION == 1:
+            group = tl.where(count > 0, group / tl.maximum(count, 1).to(tl.float32), 0.0)
     if GROUP_REDUCE != 0:
         if GROUP_REDUCE == 2:
             group = group / G
@@ -174,13 +230,21 @@ def _column_kernel(Q, K, LSE2, Out, cu_q, cu_k,
 
 
 def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
-    """Tile sizes and launch settings, a fixed function of the shape (so results never depend on tuning order)."""
+    """Tile sizes and launch settings, a fixed function of the shape (so results never depend on tuning order).
+
+    Keys: BLOCK_R/BLOCK_N1/warps1/stages1 for the row pass, BLOCK_M/BLOCK_N/warps/stages for the column pass."""
     if _interpreting():
-        return dict(BLOCK_R=32, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    block_d = triton.next_power_of_2(d)
-    big_d = block_d > 128
-    return dict(BLOCK_R=64 if big_d else 128, BLOCK_M=64 if not big_d else 32,
-                BLOCK_N=64 if big_d else 128, num_warps=8 if not big_d else 4, num_stages=2)
+        return dict(BLOCK_R=32, BLOCK_N1=32, warps1=4, stages1=1, BLOCK_M=32, BLOCK_N=32, warps=4, stages=1)
+    big_d = triton.next_power_of_2(d) > 128
+    return dict(BLOCK_R=64 if big_d else 128, BLOCK_N1=64 if big_d else 128, warps1=8, stages1=2,
+                BLOCK_M=32 if big_d else 64, BLOCK_N=64 if big_d else 128, warps=8, stages=2)
+
+
+def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:
+    """True where combining the group's heads commutes with reducing rows (sum/mean of sums, max of maxes)."""
+    if reduction == "max":
+        return group_reduce == "max"
+    return group_reduce in ("sum", "mean")
 
 
 def _num_splits(rows_programs: int, n: int, block_n: int) -> int:
@@ -197,21 +261,22 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
 
     Reduces the split axis in a fixed order (deterministic)."""
     m_max = m_part.amax(0)
-    m_safe = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
-    total = (l_part * torch.exp2(m_part - m_safe)).sum(0)
+    m_max = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
+    total = (l_part * torch.exp2(m_part - m_max)).sum(0)
     # total == 0 only where a row sees no key; NaN inputs give NaN totals and stay NaN
-    return torch.where(total == 0, torch.full_like(total, float("inf")), m_safe + torch.log2(total))
+    return torch.where(total == 0, torch.full_like(total, float("inf")), m_max + torch.log2(total))
 
 
 def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_causal: bool, scale: float,
                      group_reduce: str | None, lse: torch.Tensor | None = None,
                      cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None) -> torch.Tensor:
+                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                     config: dict | None = None) -> torch.Tensor:
     """Launch the two passes. Inputs are validated by the caller (colreduce_kvprune.ops).
 
     Dense: q (B, Hq, M, D), k (B, Hkv, N, D), lse (B, Hq, M) → (B, Hq|Hkv, N).
     Varlen (cu_seqlens given): q (total_q, Hq, D), k (total_k, Hkv, D), lse (Hq, total_q) → (total_k, Hq|Hkv).
-    The last dimension of q and k must have stride 1.
+    The last dimension of q and k must have stride 1. ``config`` overrides the tile choice (benchmark sweeps).
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -236,18 +301,17 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     G = Hq // Hkv
     if out.numel() == 0 or max_n == 0:
         return out.zero_()
-    cfg = _pick_config(max_m, D, G, is_causal)
+    cfg = config or _pick_config(max_m, D, G, is_causal)
     block_d = max(16, triton.next_power_of_2(D))
     upcast = _interpreting() and q.dtype == torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     qk_scale = scale * LOG2E
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_CAUSAL=is_causal, UPCAST=upcast,
-                  DOT_PRECISION=precision, BLOCK_D=block_d, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+                  DOT_PRECISION=precision, BLOCK_D=block_d)
     if lse is None:
         row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
-        splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N"])
-        split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"])
+        split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
         splits = triton.cdiv(max_n, split_len)
         m_part = torch.empty(splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
@@ -255,7 +319,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             _row_stats_kernel[(splits, row_blocks, B * Hkv)](
                 q, k, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
                 sqb, sqh, sqm, skb, skh, skn, m_part.stride(0), m_part.stride(2), max_m, max_n, split_len,
-                qk_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], **common)
+                qk_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
+                num_stages=cfg["stages1"], **common)
         lse2 = _combine_row_stats(m_part, l_part)                  # (B, Hq, max_m), rows local per sequence
         slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
     else:
@@ -269,7 +334,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         q, k, lse2, out, cu_seqlens_q, cu_seqlens_k,
         sqb, sqh, sqm, skb, skh, skn, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale,
         REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common)
+        FUSE_HEADS=_fuse_heads(reduction, group_reduce), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"], **common)
     return out
 
 

@@ -240,3 +240,13 @@ def test_gpu_big_shapes(shape, dtype, monkeypatch):
         ref = reference(q, k, reduction, True, group)
         assert rel_err(out, ref) < TOL[dtype], (reduction, group)
         assert torch.equal(out, colreduce(q, k, reduction, is_causal=True, group_reduce=group))
+
+
+def test_large_negative_logits_do_not_underflow():
+    """Rows whose logits are all far below 0 must still normalise (the running max is the row's own)."""
+    q, k = rand_qk((1, 2, 2, 20, 90, 32), torch.float32, seed=11)
+    q, k = q.abs(), -20.0 * k.abs()                     # every logit below -250: exp2 of it underflows
+    for backend in ("triton", "torch"):
+        for is_causal in (False, True):
+            out = colreduce(q, k, "sum", is_causal=is_causal, scale=1.0, backend=backend)
+            assert rel_err(out, reference(q, k, "sum", is_causal, scale=1.0)) < 1e-5

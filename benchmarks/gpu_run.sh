@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels and this package, run the GPU tests, then the kernel benchmark.
+# Usage (device tool, repo root, carry .whl): bash benchmarks/gpu_run.sh [pytest-args...]
+set -euo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/pkg . >/dev/null
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+REPO=$PWD
+(cd /tmp && python3 -m pytest "$REPO/tests/test_colreduce.py" -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25) || true
+(cd /tmp && python3 "$REPO/benchmarks/kernels.py" --out "$OUT" ${BENCH_ARGS:-})
