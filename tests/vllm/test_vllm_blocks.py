@@ -1,0 +1,71 @@
+"""Block accounting, isolation of batched requests, the pruning summary and the per-request debug log, on one
+engine pruning with SnapKV (block size 32)."""
+import logging
+
+import pytest
+
+from colreduce_kvprune.policies import keep_count
+from colreduce_kvprune.vllm import get_stats
+from vllm_helpers import BLOCK_SIZE, engine, greedy, random_prompts, scheduler
+
+CONFIG = dict(policy="snapkv", budget={"keep_ratio": 0.25, "min_tokens": 40}, window=16, sink_tokens=4,
+              min_prompt_tokens=64)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.fixture(scope="module")
+def llm(llama_path):
+    with engine(llama_path, CONFIG) as llm:
+        yield llm
+
+
+def test_pool_free_count_after_prefill_and_decode(llm, caplog):
+    from vllm import SamplingParams
+
+    lengths = (300, 200, 57, 129, 64, 96)
+    keeps = [keep_count(CONFIG, n) for n in lengths]
+    assert [k < n for k, n in zip(keeps, lengths)] == [True, True, False, True, True, True]
+    sched, core = scheduler(llm), llm.llm_engine
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    before = get_stats(llm)
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(random_prompts(lengths, seed=3)):
+        core.add_request(f"r{i}", {"prompt_token_ids": p}, sp)
+    log = logging.getLogger("vllm.colreduce_kvprune")
+    old_level = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(caplog.handler)
+    try:
+        core.step()                                   # prefill of all six (one step: 846 tokens <= 1024)
+        assert free0 - pool.get_num_free_blocks() == sum(cdiv(n, BLOCK_SIZE) for n in lengths)
+        core.step()                                   # first decode: tail blocks freed, 1 slot more each
+        held = sum(cdiv(k + 1, BLOCK_SIZE) for k in keeps)
+        assert free0 - pool.get_num_free_blocks() == held
+        while core.has_unfinished_requests():
+            core.step()
+    finally:
+        log.removeHandler(caplog.handler)
+        log.setLevel(old_level)
+    assert pool.get_num_free_blocks() == free0        # everything returned, nothing leaked or double-freed
+    after = get_stats(llm)
+    pruned = [(n, k) for n, k in zip(lengths, keeps) if k < n]
+    assert after.requests_pruned - before.requests_pruned == len(pruned)
+    assert after.blocks_freed - before.blocks_freed == sum(cdiv(n, BLOCK_SIZE) - cdiv(k, BLOCK_SIZE)
+                                                           for n, k in pruned)
+    assert after.kept_tokens - before.kept_tokens == sum(k for _, k in pruned)
+    assert after.peak_blocks_in_use >= sum(cdiv(n, BLOCK_SIZE) for n in lengths)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vllm.colreduce_kvprune"]
+    for n, k in pruned:
+        assert any(f"prefill {n} tokens -> kept {k} per kv head" in ln for ln in lines), lines
+
+
+def test_batched_requests_equal_each_alone(llm):
+    lengths = (300, 40, 200, 64, 129, 511, 96, 33, 250, 70)
+    prompts = random_prompts(lengths, seed=4)
+    together = greedy(llm, prompts, max_tokens=12)
+    alone = [greedy(llm, [p], max_tokens=12)[0] for p in prompts]
+    assert together == alone
