@@ -24,7 +24,9 @@ length, so each prompt is computed exactly as it would be alone, with no padding
    single query sees every cached token, so the wrapper drops the model-built mask (which would be sized by layer 0's
    length) — or replaces it by the Ada-KV per-head mask.
 Supported: model types llama, mistral, qwen2, qwen3 with full attention (no active sliding window), attention
-implementation sdpa or eager, greedy or sampling (temperature, top-k, top-p).
+implementation sdpa or eager, greedy or sampling (temperature, top-k, top-p); tested with transformers 5.17 and 5.24.
+Costs: H2O scores with every prompt query, so its prefill records (B, Hq, L, D) queries per layer until scored;
+prompts of different lengths run as separate groups (sampling draws depend on that grouping, greedy does not).
 """
 from __future__ import annotations
 
