@@ -1,0 +1,396 @@
+"""Offline vLLM serving runs, unpruned and pruned, on the same prompts, and their comparison.
+
+    job = make_job(model, prompts, max_tokens=32, kv_blocks=512)          # validated before any engine starts
+    base = run_in_subprocess(job, None)                                   # VLLM_PLUGINS=none: vanilla vLLM
+    pruned = run_in_subprocess(job, load_config("configs/snapkv.yaml"))   # the plugin, additional_config
+    report = compare(job, base, pruned)                                   # the numbers `colreduce-kvprune run` prints
+
+Each run gets its own Python process (a fresh engine, a clean plugin state, and `VLLM_PLUGINS=none` for the
+baseline). The child builds an `LLMEngine` in-process, adds every request, steps it to the end, and samples vLLM's
+own scheduler stats after every step through a stat logger: KV blocks in use (`kv_cache_usage` × pool),
+requests running and waiting, preemptions. It reports on its stdout in lines that start with `EVENT_PREFIX`
+(progress, then the result); everything else there is vLLM's log.
+Greedy decoding with ignore_eos, so both runs produce the same number of tokens and the outputs can be compared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EVENT_PREFIX = "@@colreduce-kvprune "
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+MIN_BATCHED_TOKENS = 2048
+
+
+class InputError(ValueError):
+    """Bad user input (model folder, prompts, engine sizes), found before any engine starts."""
+
+
+class RunError(RuntimeError):
+    """A serving run failed inside vLLM; the message carries its last error line and where its full log is."""
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def read_model_config(model: str | os.PathLike) -> dict:
+    """config.json of a local model folder; InputError when the folder or the file is missing or unreadable."""
+    path = Path(model)
+    if not path.is_dir():
+        raise InputError(f"model folder {str(model)!r} does not exist (--model takes a local folder with "
+                         "config.json; models are not downloaded)")
+    cfg = path / "config.json"
+    try:
+        return json.loads(cfg.read_text())
+    except FileNotFoundError:
+        raise InputError(f"model folder {str(model)!r} has no config.json") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {cfg}: {e}") from None
+
+
+def has_weights(model: str | os.PathLike) -> bool:
+    """True when the folder holds weight files (else vLLM loads it with load_format="dummy": random weights)."""
+    return any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(model).iterdir())
+
+
+def model_limits(model_config: dict) -> tuple[int, int | None]:
+    """(vocab_size, max positions or None) of a model config.json (multimodal configs: their text_config)."""
+    text = model_config.get("text_config") or model_config
+    vocab = text.get("vocab_size") or model_config.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 8:
+        raise InputError("model config.json has no usable vocab_size")
+    return vocab, text.get("max_position_embeddings")
+
+
+def load_prompts(path: str | os.PathLike) -> list[dict]:
+    """A JSONL file, one request a line: {"prompt": str} or {"prompt_token_ids": [int, ...]}; blank lines skipped.
+
+    Returns the requests as dicts with exactly one of those keys. InputError names the file and the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read prompts file {str(path)!r}: {e.strerror if isinstance(e, OSError) else e}"
+                         ) from None
+    prompts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"prompts file {str(path)!r} line {lineno}"
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"{where}: not JSON ({e})") from None
+        prompts.append(_check_prompt(item, where))
+    if not prompts:
+        raise InputError(f"prompts file {str(path)!r} has no prompts")
+    return prompts
+
+
+def _check_prompt(item, where: str) -> dict:
+    if not isinstance(item, dict) or len({"prompt", "prompt_token_ids"} & set(item)) != 1:
+        raise InputError(f'{where}: expected an object with "prompt" (a string) or "prompt_token_ids" '
+                         "(a list of token ids)")
+    if "prompt" in item:
+        if not isinstance(item["prompt"], str) or not item["prompt"]:
+            raise InputError(f'{where}: "prompt" must be a non-empty string')
+        return {"prompt": item["prompt"]}
+    ids = item["prompt_token_ids"]
+    if (not isinstance(ids, list) or not ids
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+        raise InputError(f'{where}: "prompt_token_ids" must be a non-empty list of non-negative integers')
+    return {"prompt_token_ids": ids}
+
+
+def synthetic_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    """`num_prompts` random token-id prompts of `prompt_len` tokens: token 1 (BOS of the tiny models) then ids
+    drawn uniformly from [3, vocab_size) (0–2 are pad/bos/eos there)."""
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [1] + [rng.randrange(3, vocab_size) for _ in range(prompt_len - 1)]}
+            for _ in range(num_prompts)]
+
+
+def tokenize_prompts(model: str, prompts: list[dict]) -> list[list[int]]:
+    """Token ids of every request (text prompts through the model folder's tokenizer, no special handling)."""
+    if all("prompt_token_ids" in p for p in prompts):
+        return [p["prompt_token_ids"] for p in prompts]
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - any loader failure is an input problem here
+        raise InputError(f"text prompts need a tokenizer, and the model folder {model!r} has none that loads "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass "
+                         '"prompt_token_ids" instead') from None
+    return [p["prompt_token_ids"] if "prompt_token_ids" in p else tok(p["prompt"])["input_ids"] for p in prompts]
+
+
+def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks: int | None = None,
+             block_size: int = 32, max_num_seqs: int = 128, dtype: str = "auto", seed: int = 0,
+             engine_args: dict | None = None) -> dict:
+    """Everything a run needs, checked: the model folder, the prompts as token ids, engine settings.
+
+    Engine settings both runs share (the ones the pruning plugin needs): prefix caching, chunked prefill and async
+    scheduling off, max_model_len = longest prompt + max_tokens (rounded up to a block), max_num_batched_tokens
+    = max(max_model_len, 2048), eager mode, greedy sampling. `kv_blocks` fixes the KV pool
+    (num_gpu_blocks_override; one block is vLLM's null block). `engine_args` adds/overrides EngineArgs fields."""
+    model_config = read_model_config(model)
+    vocab, max_pos = model_limits(model_config)
+    if max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if block_size < 1 or block_size % 16:
+        raise InputError(f"--block-size must be a positive multiple of 16 (32 on CPU), got {block_size}")
+    ids = tokenize_prompts(model, prompts)
+    for i, p in enumerate(ids):
+        bad = [t for t in p if t >= vocab]
+        if bad:
+            raise InputError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (size {vocab})")
+    longest = max(len(p) for p in ids)
+    max_model_len = -(-(longest + max_tokens) // block_size) * block_size
+    if max_pos is not None and longest + max_tokens > max_pos:
+        raise InputError(f"the longest prompt ({longest} tokens) + --max-tokens {max_tokens} exceeds the model's "
+                         f"{max_pos} positions")
+    if max_pos is not None:
+        max_model_len = min(max_model_len, max_pos)
+    if kv_blocks is not None:
+        need = -(-(longest + max_tokens) // block_size) + 1
+        if kv_blocks < need:
+            raise InputError(f"--kv-blocks {kv_blocks} is too small: the longest request ({longest} + {max_tokens} "
+                             f"tokens) needs {need - 1} blocks of {block_size} tokens, plus vLLM's null block")
+    engine = dict(model=str(Path(model).resolve()), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                  max_model_len=max_model_len, max_num_batched_tokens=max(max_model_len, MIN_BATCHED_TOKENS),
+                  max_num_seqs=max_num_seqs, block_size=block_size, enforce_eager=True,
+                  enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False,
+                  load_format="auto" if has_weights(model) else "dummy", disable_log_stats=False)
+    if kv_blocks is not None:
+        engine["num_gpu_blocks_override"] = kv_blocks
+    engine.update(engine_args or {})
+    return {"engine": engine, "prompts": ids, "max_tokens": max_tokens}
+
+
+# ------------------------------------------------------------------------------------------- one run (child)
+
+def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> dict:
+    """Run every prompt of `job` through one fresh in-process LLMEngine; return the run's measurements.
+
+    prune: the pruning config as a mapping (passed as additional_config={"kv_prune": prune}), or None.
+    emit receives {"event": "started", "engine_start_s"} and {"event": "progress", "done", "total"}."""
+    from vllm import EngineArgs, SamplingParams
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    samples: list[tuple[float, float, int, int, int]] = []   # (t, kv usage, running, waiting, preempted)
+    clock = {"t0": time.perf_counter()}
+
+    class Sampler(StatLoggerBase):
+        """Records vLLM's scheduler stats after every engine step."""
+
+        def __init__(self, vllm_config, engine_index=0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None:
+                samples.append((time.perf_counter() - clock["t0"], scheduler_stats.kv_cache_usage,
+                                scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                                iteration_stats.num_preempted_reqs if iteration_stats is not None else 0))
+
+        def log_engine_initialized(self):
+            pass
+
+    kw = dict(job["engine"])
+    if prune is not None:
+        kw["additional_config"] = {"kv_prune": prune}
+    t_start = time.perf_counter()
+    engine = LLMEngine.from_engine_args(EngineArgs(**kw), stat_loggers=[Sampler])
+    engine_start_s = time.perf_counter() - t_start
+    num_blocks = engine.vllm_config.cache_config.num_gpu_blocks - 1          # without the null block
+    emit({"event": "started", "engine_start_s": engine_start_s, "num_blocks": num_blocks})
+
+    prompts = job["prompts"]
+    params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
+    outputs: list[list[int] | None] = [None] * len(prompts)
+    samples.clear()
+    clock["t0"] = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"req-{i}", {"prompt_token_ids": p}, params)
+    done = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id.removeprefix("req-"))] = list(out.outputs[0].token_ids)
+                done += 1
+                emit({"event": "progress", "done": done, "total": len(prompts)})
+    wall_s = time.perf_counter() - clock["t0"]
+
+    prune_stats = None
+    if prune is not None:
+        from colreduce_kvprune.vllm import get_stats
+
+        prune_stats = get_stats().as_dict()
+    blocks = [round(u * num_blocks) for _, u, *_ in samples]
+    per_request = [b / s[2] for b, s in zip(blocks, samples) if s[2] > 0]
+    output_tokens = sum(len(o) for o in outputs)
+    return {
+        "requests": len(prompts),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "output_tokens": output_tokens,
+        "num_blocks": num_blocks,
+        "block_size": kw["block_size"],
+        "peak_kv_blocks": max(blocks, default=0),
+        "mean_blocks_per_running_request": sum(per_request) / len(per_request) if per_request else 0.0,
+        "peak_running": max((s[2] for s in samples), default=0),
+        "preemptions": sum(s[4] for s in samples),
+        "steps": len(samples),
+        "engine_start_s": engine_start_s,
+        "wall_s": wall_s,
+        "output_tokens_per_s": output_tokens / wall_s if wall_s > 0 else 0.0,
+        "timeline": {"t": [s[0] for s in samples], "kv_blocks": blocks, "running": [s[2] for s in samples],
+                     "waiting": [s[3] for s in samples]},
+        "prune_stats": prune_stats,
+        "outputs": outputs,
+    }
+
+
+def _child_main() -> int:
+    """`python -m colreduce_kvprune.serving` (used by run_in_subprocess): job JSON on stdin, events on stdout."""
+    def emit(event: dict) -> None:
+        sys.stdout.flush()
+        print(EVENT_PREFIX + json.dumps(event), flush=True)
+
+    request = json.loads(sys.stdin.read())
+    try:
+        result = run_engine(request["job"], request["prune"], emit)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which prints one line
+        emit({"event": "error", "message": f"{type(e).__name__}: {e}"})
+        raise
+    emit({"event": "result", "result": result})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ one run (parent)
+
+def child_env(prune: bool, base: dict | None = None) -> dict:
+    """The environment of a run's process: vLLM's CPU defaults when unset, the scheduler in-process (so the plugin
+    summary can be read), KVPRUNE_CONFIG removed (the config goes in additional_config), and VLLM_PLUGINS=none
+    for the baseline / our plugin allowed for the pruned run."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.pop("KVPRUNE_CONFIG", None)
+    if not prune:
+        env["VLLM_PLUGINS"] = "none"
+    elif env.get("VLLM_PLUGINS") is not None:
+        names = [n for n in env["VLLM_PLUGINS"].split(",") if n and n != "none"]
+        env["VLLM_PLUGINS"] = ",".join(names + ["colreduce_kvprune"] * ("colreduce_kvprune" not in names))
+    return env
+
+
+def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], None] | None = None, *,
+                      log: Callable[[str], None] | None = None, log_dir: str | None = None,
+                      timeout: float | None = None) -> dict:
+    """Run `job` in a fresh Python process (see `run_engine`); return its result.
+
+    on_event gets the child's "started" / "progress" events; log gets every other output line (vLLM's log). The
+    full log is kept in `log_dir` (a temp folder by default); RunError carries the failing line and that path."""
+    label = "pruned" if prune is not None else "baseline"
+    log_path = Path(log_dir or tempfile.mkdtemp(prefix="colreduce-kvprune-")) / f"{label}.log"
+    cmd = [sys.executable, "-m", "colreduce_kvprune.serving"]
+    tail: deque[str] = deque(maxlen=40)
+    result, error = None, None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=child_env(prune is not None), bufsize=1)
+        proc.stdin.write(json.dumps({"job": job, "prune": prune}))
+        proc.stdin.close()
+        for line in proc.stdout:
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                error = f"timed out after {timeout:.0f} s"
+                break
+            if line.startswith(EVENT_PREFIX):
+                event = json.loads(line[len(EVENT_PREFIX):])
+                if event["event"] == "result":
+                    result = event["result"]
+                elif event["event"] == "error":
+                    error = event["message"]
+                elif on_event is not None:
+                    on_event(event)
+                continue
+            logf.write(line)
+            tail.append(line.rstrip())
+            if log is not None:
+                log(line.rstrip())
+        rc = proc.wait()
+    if result is not None and rc == 0:
+        return result
+    if error is None:
+        errors = [t for t in tail if "Error" in t or "error" in t]
+        error = (errors or list(tail) or [f"exit status {rc}"])[-1]
+    raise RunError(f"{label} run failed: {error.splitlines()[0] if error else ''} (full log: {log_path})")
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+
+def agreement(base: Sequence[Sequence[int]], pruned: Sequence[Sequence[int]]) -> dict:
+    """How far the pruned outputs follow the unpruned ones, prompt by prompt.
+
+    first_token_equal / identical: prompts whose first output token / whole output is equal; tokens_equal: output
+    positions with the same token (of tokens_total); common_prefix: per prompt, how many leading tokens agree."""
+    if len(base) != len(pruned):
+        raise ValueError(f"{len(base)} baseline outputs vs {len(pruned)} pruned outputs")
+    prefixes = []
+    for a, b in zip(base, pruned):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n)
+    return {
+        "requests": len(base),
+        "first_token_equal": sum(bool(a) and bool(b) and a[0] == b[0] for a, b in zip(base, pruned)),
+        "identical": sum(list(a) == list(b) for a, b in zip(base, pruned)),
+        "tokens_equal": sum(x == y for a, b in zip(base, pruned) for x, y in zip(a, b)),
+        "tokens_total": sum(max(len(a), len(b)) for a, b in zip(base, pruned)),
+        "common_prefix": prefixes,
+    }
+
+
+RATIO_KEYS = ("peak_kv_blocks", "mean_blocks_per_running_request", "peak_running", "wall_s", "output_tokens_per_s")
+
+
+def compare(job: dict, base: dict, pruned: dict, *, config=None, config_source: str | None = None,
+            model_label: str | None = None) -> dict:
+    """The report of a baseline and a pruned run of `job`: both runs' measurements (outputs dropped), their
+    ratios pruned / baseline, output agreement, and the settings."""
+    ratios = {k: (pruned[k] / base[k] if base[k] else None) for k in RATIO_KEYS}
+    lengths = [len(p) for p in job["prompts"]]
+    engine = job["engine"]
+    return {
+        "settings": {
+            "model": model_label or engine["model"],
+            "load_format": engine["load_format"],
+            "requests": len(lengths),
+            "prompt_len_min": min(lengths), "prompt_len_max": max(lengths),
+            "max_tokens": job["max_tokens"],
+            "block_size": engine["block_size"],
+            "kv_blocks": engine.get("num_gpu_blocks_override"),
+            "max_num_seqs": engine["max_num_seqs"],
+        },
+        "config": config.to_dict() if config is not None else None,
+        "config_source": config_source,
+        "runs": {"baseline": {k: v for k, v in base.items() if k != "outputs"},
+                 "pruned": {k: v for k, v in pruned.items() if k != "outputs"}},
+        "ratios": ratios,
+        "agreement": agreement(base["outputs"], pruned["outputs"]),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
