@@ -31,10 +31,18 @@ class PruneStats:
 
 
 _MANAGERS: "weakref.WeakSet" = weakref.WeakSet()   # live pruning managers of this process
+_created = 0
 
 
 def track(manager) -> None:
+    global _created
     _MANAGERS.add(manager)
+    _created += 1
+
+
+def managers_created() -> int:
+    """How many pruning managers (one per engine scheduler) this process has created."""
+    return _created
 
 
 def live_managers() -> list:

@@ -16,13 +16,13 @@ ENGINE_KW = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=1024, 
                  enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False)
 
 
-def build_model(kind: str, path) -> str:
+def build_model(kind: str, path, **overrides) -> str:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     try:
         from tiny_models import make_tiny_model
     finally:
         sys.path.pop(0)
-    return make_tiny_model(kind, path)
+    return make_tiny_model(kind, path, **overrides)
 
 
 def random_prompts(lengths, seed=0) -> list[list[int]]:

@@ -1,0 +1,73 @@
+"""Bad configs and unsupported engine settings stop the engine at start with the ConfigError message, before the
+scheduler (and its KV cache manager) exists; a correct engine starts fine afterwards in the same process."""
+import pytest
+
+from colreduce_kvprune.config import ConfigError
+from colreduce_kvprune.vllm import get_stats
+from colreduce_kvprune.vllm.stats import managers_created
+from vllm_helpers import build_model, engine, greedy, make_llm, random_prompts, shutdown
+
+GOOD = dict(policy="snapkv", budget={"keep_tokens": 64}, window=16, sink_tokens=4, min_prompt_tokens=64)
+
+CASES = [
+    ("unknown key", dict(GOOD, windw=8), {}, r"windw"),
+    ("pyramidkv", dict(GOOD, policy="pyramidkv"), {}, r"pyramidkv gives layers different kept counts"),
+    ("adakv", dict(GOOD, policy="adakv"), {}, r"adakv gives kv heads different kept counts"),
+    ("prefix caching", GOOD, dict(enable_prefix_caching=True), r"enable_prefix_caching=False"),
+    ("chunked prefill", GOOD, dict(enable_chunked_prefill=True), r"enable_chunked_prefill=False"),
+]
+
+
+def _refused(model, config, overrides, pattern):
+    created = managers_created()
+    llm = None
+    try:
+        with pytest.raises(ConfigError, match=pattern):
+            llm = make_llm(model, config, **overrides)
+    finally:
+        shutdown(llm)
+    assert managers_created() == created           # the scheduler side never started
+
+
+@pytest.mark.parametrize("name,config,overrides,pattern", CASES, ids=[c[0] for c in CASES])
+def test_refused_at_engine_start(llama_path, name, config, overrides, pattern):
+    _refused(llama_path, config, overrides, pattern)
+
+
+def test_sliding_window_model_refused(tmp_path):
+    model = build_model("mistral", tmp_path / "mistral_swa", sliding_window=128)
+    _refused(model, GOOD, {}, r"sliding-window models are not supported")
+
+
+def test_missing_config_file_from_env(llama_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPRUNE_CONFIG", str(tmp_path / "nope.yaml"))
+    _refused(llama_path, None, {}, r"nope\.yaml")
+
+
+def test_env_config_prunes_and_engine_starts_after_failures(llama_path, tmp_path, monkeypatch):
+    path = tmp_path / "snap.yaml"
+    path.write_text("policy: snapkv\nbudget: {keep_tokens: 64}\nwindow: 16\nsink_tokens: 4\nmin_prompt_tokens: 64\n")
+    monkeypatch.setenv("KVPRUNE_CONFIG", str(path))
+    with engine(llama_path) as llm:
+        out = greedy(llm, random_prompts((200, 40), seed=7), max_tokens=4)
+        stats = get_stats(llm)
+    assert [len(o) for o in out] == [4, 4]
+    assert stats.requests_pruned == 1 and stats.kept_tokens == 64
+
+
+def test_unsupported_settings_listed():
+    """Settings the CPU build cannot even reach (it turns async scheduling off itself; no TP on CPU)."""
+    from types import SimpleNamespace as NS
+
+    from colreduce_kvprune.vllm.settings import unsupported_settings
+
+    cfg = NS(model_config=None, cache_config=NS(enable_prefix_caching=False),
+             scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0, async_scheduling=True),
+             parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1), speculative_config=None,
+             kv_transfer_config=None)
+    problems = unsupported_settings(cfg)
+    assert len(problems) == 2
+    assert "async_scheduling=False" in problems[0] and "tensor_parallel_size=2" in problems[1]
+    cfg.scheduler_config.async_scheduling = False
+    cfg.parallel_config.tensor_parallel_size = 1
+    assert unsupported_settings(cfg) == []
