@@ -107,6 +107,8 @@ def _check_cu_seqlens(cu: torch.Tensor, total: int, name: str, device) -> None:
         raise TypeError(f"{name} must be int32 or int64, got {cu.dtype}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, the tensors on {device}")
+    if not cu.is_cuda and int(cu[-1]) != total:   # on the GPU this check would cost a host sync
+        raise ValueError(f"{name} ends at {int(cu[-1])} but the packed tensor has {total} tokens")
 
 
 def colreduce_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
