@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -264,12 +265,13 @@ def test_report_numbers_and_table(report):
                                                                                               pruned["outputs"])
     json.dumps(rep)                                                      # machine-readable as is
     table = cli.format_report(rep)
-    rows = {line[:30].strip(): line[30:].split() for line in table.splitlines()}
-    assert rows["peak requests running at once"][:3] == [str(base["peak_running"]), str(pruned["peak_running"]),
-                                                         f"{pruned['peak_running'] / base['peak_running']:.2f}×"]
-    assert rows["peak KV blocks in use"][:3] == [str(base["peak_kv_blocks"]), "/", "511"]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines())}
+    assert rows["peak requests running at once"] == [str(base["peak_running"]), str(pruned["peak_running"]),
+                                                     f"{pruned['peak_running'] / base['peak_running']:.2f}×"]
+    assert rows["peak KV blocks in use"][:2] == [f"{base['peak_kv_blocks']} / 511", f"{pruned['peak_kv_blocks']} / 511"]
     assert rows["preemptions"] == [str(base["preemptions"]), str(pruned["preemptions"])]
-    assert rows["prompt tokens kept in KV"] == ["5000", "1250", "0.25×"]
+    assert rows["prefills pruned"] == ["0", "5"]
+    assert rows["their prompt tokens → kept"] == ["5000 → 1250", "0.25×"]
     assert rows["output tokens/s"][:2] == [f"{base['output_tokens_per_s']:.1f}", f"{pruned['output_tokens_per_s']:.1f}"]
     assert f"identical {rep['agreement']['identical']}/5" in table and "snapkv.yaml (snapkv: keep_ratio 0.25" in table
 
