@@ -7,7 +7,7 @@ unchanged. Engine settings it needs: enable_prefix_caching=False, enable_chunked
 max_num_batched_tokens >= max_model_len), async_scheduling=False — anything else is refused at engine start.
 
 Pieces: settings.py (config discovery, engine-start checks), backend_*.py (attention backends: score, compact,
-remap), compaction.py (the backend-independent tensor work), manager.py (scheduler: free tail blocks, count in
+remap), guards.py (MLA backends that refuse a configured run), compaction.py (the backend-independent tensor work), manager.py (scheduler: free tail blocks, count in
 compacted tokens), stats.py (`get_stats(llm)`).
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.backend_cpu.PruneCPUAttentionBackend")
+        register_backend(AttentionBackendEnum.CPU_MLA, f"{__name__}.guards.GuardedCPUMLABackend")
+        register_backend(AttentionBackendEnum.AMX_MLA, f"{__name__}.guards.GuardedAMXMLABackend")
     elif current_platform.is_cuda():
         register_backend(AttentionBackendEnum.FLASH_ATTN, f"{__name__}.backend_cuda.PruneFlashAttentionBackend")
         register_backend(AttentionBackendEnum.TRITON_ATTN, f"{__name__}.backend_cuda.PruneTritonAttentionBackend")

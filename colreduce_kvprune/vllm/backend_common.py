@@ -73,9 +73,12 @@ class PruneBuilderMixin:
     def _prune_prepare(self, cm):
         n = cm.num_reqs
         bt = cm.block_table_tensor
+        if cm.positions is None:
+            raise RuntimeError("colreduce_kvprune needs CommonAttentionMetadata.positions (set by vLLM 0.32's runner)")
         if self.prune_rows is None:
-            size = self.prune_num_blocks or int(bt.max()) + 1
-            self.prune_rows = compaction.RowState(size, bt.device)
+            if not self.prune_num_blocks:
+                raise RuntimeError("colreduce_kvprune: the KV cache block count is unknown when attention runs")
+            self.prune_rows = compaction.RowState(self.prune_num_blocks, bt.device)
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n)
         fresh_rows, fresh_values, plan = compaction.plan_prefills(

@@ -36,6 +36,12 @@ class PrunableFullAttentionSpec(FullAttentionSpec):
             raise ValueError("colreduce_kvprune: layers of one KV cache group carry different pruning configs")
         return dataclasses.replace(super().merge(specs), prune_config=configs.pop())
 
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        """Worker block-table width: one entry more than vLLM's. The worker's row keeps the ids of the blocks freed
+        after pruning (it only ever appends), so a request of logical length L + g holds cdiv(L) + cdiv(keep + g)
+        − cdiv(keep) <= cdiv(L) + cdiv(g) <= cdiv(L + g) + 1 entries."""
+        return super().max_num_blocks_per_req(vllm_config, max_len) + 1
+
 
 class PruneManager(FullAttentionManager):
     """FullAttentionManager that counts a pruned request's blocks in compacted tokens.

@@ -82,6 +82,11 @@ def unsupported_settings(vllm_config) -> list[str]:
                             "a window already evicts tokens by position")
         if getattr(mc, "attention_chunk_size", None):
             problems.append("chunked local attention models are not supported")
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike() and not mc.enforce_eager:
+            problems.append("CUDA graphs would replay the block tables captured before pruning; pass "
+                            "enforce_eager=True (vllm serve: --enforce-eager)")
     cc = vllm_config.cache_config
     if cc.enable_prefix_caching:
         problems.append("prefix caching is on: compacted blocks no longer match their hashes; pass "

@@ -6,7 +6,7 @@ import pytest
 
 from colreduce_kvprune.policies import keep_count
 from colreduce_kvprune.vllm import get_stats
-from vllm_helpers import BLOCK_SIZE, engine, greedy, random_prompts, scheduler
+from vllm_helpers import BLOCK_SIZE, engine, greedy, random_prompts, reference, scheduler
 
 CONFIG = dict(policy="snapkv", budget={"keep_ratio": 0.25, "min_tokens": 40}, window=16, sink_tokens=4,
               min_prompt_tokens=64)
@@ -69,3 +69,14 @@ def test_batched_requests_equal_each_alone(llm):
     together = greedy(llm, prompts, max_tokens=12)
     alone = [greedy(llm, [p], max_tokens=12)[0] for p in prompts]
     assert together == alone
+
+
+def test_decode_to_max_model_len_after_pruning(llama_path):
+    """A request pruned by one token (33 → 32) that decodes up to max_model_len needs one block-table entry more
+    than vLLM's width (the worker's row keeps the freed block ids); the output still equals the transformers path."""
+    config = dict(policy="snapkv", budget={"keep_tokens": 32}, window=16, sink_tokens=4, min_prompt_tokens=32)
+    prompts = random_prompts((33, 97), seed=8)
+    with engine(llama_path, config, max_model_len=128) as llm:
+        got = [greedy(llm, [p], max_tokens=128 - len(p))[0] for p in prompts]
+    want = [reference(llama_path, [p], config, max_tokens=128 - len(p))[0] for p in prompts]
+    assert got == want
