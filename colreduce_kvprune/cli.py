@@ -17,7 +17,8 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from .config import ConfigError, PruneConfig, load_config
-from .serving import InputError, RunError, compare, load_prompts, make_job, run_in_subprocess, synthetic_prompts
+from .serving import (InputError, RunError, compare, load_prompts, make_job, model_limits, read_model_config,
+                      run_in_subprocess, synthetic_prompts)
 
 PROG = "colreduce-kvprune"
 DEFAULT_CONFIG = "snapkv.yaml"
@@ -150,8 +151,12 @@ def check_vllm() -> None:
                          "missing): install the package with pip install -e . (or pip install colreduce-kvprune)")
 
 
-def prepare(args) -> tuple[dict, PruneConfig, Path, str]:
-    """Every check that can fail on user input, then the job: (job, config, config path, model label)."""
+def prepare(args, defaults: dict | None = None, fixed_pool: bool = False) -> tuple[dict, PruneConfig, Path, str]:
+    """Every check that can fail on user input, then the job: (job, config, config path, model label).
+
+    defaults: num_prompts / prompt_len / kv_blocks when not given (DEFAULTS); the default KV pool applies to the
+    embedded model only, or to any model with fixed_pool."""
+    d = dict(DEFAULTS, **(defaults or {}))
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib: pip install matplotlib")
     if args.prompts and args.prompt_len:
@@ -159,22 +164,21 @@ def prepare(args) -> tuple[dict, PruneConfig, Path, str]:
     extra = parse_engine_args(args.engine_arg)
     config, config_path = load_run_config(args.config)
     if args.model is not None:
-        from .serving import read_model_config
         read_model_config(args.model)                      # the folder check comes before the prompts file
     prompts = load_prompts(args.prompts) if args.prompts else None
     kv_blocks, dtype = args.kv_blocks, args.dtype
     if args.model is None:
         from .tiny_model import default_model
         model, label = default_model(), "tiny random Llama (embedded default)"
-        kv_blocks = kv_blocks or DEFAULTS["kv_blocks"]
         dtype = dtype or "float32"
     else:
         model, label = args.model, args.model
+    if kv_blocks is None and (args.model is None or fixed_pool):
+        kv_blocks = d["kv_blocks"]
     if prompts is None:
-        from .serving import model_limits, read_model_config
         vocab, _ = model_limits(read_model_config(model))
-        prompts = synthetic_prompts(args.num_prompts or DEFAULTS["num_prompts"],
-                                    args.prompt_len or DEFAULTS["prompt_len"], vocab, seed=args.seed)
+        prompts = synthetic_prompts(args.num_prompts or d["num_prompts"], args.prompt_len or d["prompt_len"], vocab,
+                                    seed=args.seed)
     elif args.num_prompts:
         prompts = prompts[:args.num_prompts]
     job = make_job(model, prompts, max_tokens=args.max_tokens, kv_blocks=kv_blocks, block_size=args.block_size,
