@@ -10,5 +10,7 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 REPO=$PWD
-(cd /tmp && python3 -m pytest "$REPO/tests/test_colreduce.py" -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25) || true
+# extra arguments go to pytest (e.g. -k gpu); the kernel test files always run from the repo's tests/
+(cd /tmp && python3 -m pytest "$REPO/tests/test_colreduce.py" "$REPO/tests/test_colreduce_varlen.py" -q \
+    -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25) || true
 (cd /tmp && python3 "$REPO/benchmarks/kernels.py" --out "$OUT" ${BENCH_ARGS:-})

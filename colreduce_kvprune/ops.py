@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from colreduce_kvprune.reference import colreduce_torch, colreduce_varlen_torch
+from colreduce_kvprune.reference import colreduce_paged_torch, colreduce_torch, colreduce_varlen_torch
 
 REDUCTIONS = ("sum", "mean", "max")
 GROUP_REDUCTIONS = (None, "sum", "mean", "max")
@@ -156,3 +156,63 @@ def colreduce_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tenso
     return colreduce_triton(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
                             scale=scale, group_reduce=group_reduce, lse=lse, cu_seqlens_q=cu_seqlens_q,
                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+def colreduce_paged(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, reduction: str = "sum", *,
+                    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, is_causal: bool = False,
+                    scale: float | None = None, group_reduce: str | None = None, lse: torch.Tensor | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """:func:`colreduce_varlen` with the keys read through a block table from a paged KV cache.
+
+    Lets a chunked prefill score its window against keys that earlier chunks wrote to the cache.
+
+    Args:
+        q: (total_q, Hq, D) packed queries with cu_seqlens_q (B + 1,).
+        key_cache: the key cache viewed as (num_blocks, block_size, Hkv, D), any strides but a unit last one.
+            vLLM 0.32's FlashAttention/Triton backends: ``kv_cache[0]`` (already this shape); its CPU backend
+            (blocks of (Hkv, block_size, D)): ``key_cache.transpose(1, 2)``. No copy is made.
+        block_table: (B, max_blocks) int32/int64 cache block ids; key j of sequence b sits in block
+            ``block_table[b, j // block_size]`` at slot ``j % block_size``.
+        seqlens_k: (B,) int32/int64 keys per sequence; queries are its last tokens (causal right-aligned).
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (computed, with a host sync, when omitted).
+        lse: optional (Hq, total_q) natural-log row log-sum-exp.
+        Other arguments as in :func:`colreduce`.
+
+    Returns:
+        float32 (B, Hq, max_seqlen_k), or (B, Hkv, max_seqlen_k) with group_reduce; zero past each sequence's keys.
+    """
+    backend = _check_common(q, key_cache, reduction, scale, group_reduce, backend, k_name="key_cache")
+    if q.dim() != 3 or key_cache.dim() != 4:
+        raise ValueError(f"q must be (total_q, Hq, D) and key_cache (num_blocks, block_size, Hkv, D); got "
+                         f"{tuple(q.shape)} and {tuple(key_cache.shape)}")
+    if q.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"head dims differ: q {q.shape[2]}, key_cache {key_cache.shape[3]}")
+    _check_heads(q.shape[1], key_cache.shape[2], k_name="key_cache")
+    _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
+    batch = cu_seqlens_q.numel() - 1
+    for name, t, dims in (("block_table", block_table, 2), ("seqlens_k", seqlens_k, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims or t.shape[0] != batch:
+            raise ValueError(f"{name} must be a {dims}-D tensor with one row per sequence ({batch})")
+        if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise TypeError(f"{name} must be int32 or int64 on {q.device}, got {t.dtype} on {t.device}")
+    if not block_table.is_cuda and seqlens_k.numel() and int(seqlens_k.max()) > block_table.shape[1] * key_cache.shape[1]:
+        raise ValueError("seqlens_k exceeds what block_table addresses (max_blocks · block_size)")
+    if lse is not None and (tuple(lse.shape) != (q.shape[1], q.shape[0]) or lse.device != q.device):
+        raise ValueError(f"lse must be (Hq, total_q) = {(q.shape[1], q.shape[0])} on {q.device}, "
+                         f"got {tuple(lse.shape)} on {lse.device}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if max_seqlen_k is None:
+        max_seqlen_k = int(seqlens_k.max()) if seqlens_k.numel() else 0
+    if backend == "torch":
+        out = colreduce_paged_torch(q, key_cache, block_table, cu_seqlens_q, seqlens_k, reduction,
+                                    max_seqlen_k=max_seqlen_k, is_causal=is_causal, scale=scale,
+                                    group_reduce=group_reduce, lse=lse)
+        return out if q.dtype == torch.float64 else out.float()
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
+    from colreduce_kvprune.kernels.colreduce import colreduce_triton
+    return colreduce_triton(_unit_stride_last(q), key_cache, reduction, is_causal=is_causal, scale=scale,
+                            group_reduce=group_reduce, lse=lse, cu_seqlens_q=cu_seqlens_q,
+                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
+                            seqlens_k=seqlens_k)

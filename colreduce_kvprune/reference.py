@@ -109,3 +109,36 @@ def colreduce_varlen_torch(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch
                             group_reduce=group_reduce, lse=lse_b)
         out[ck[b]:ck[b + 1]] = r[0].transpose(0, 1)
     return out
+
+
+def gather_paged_keys(key_cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` keys of one sequence from a paged cache → (length, Hkv, D).
+
+    key_cache (num_blocks, block_size, Hkv, D) (any strides); block_table_row (max_blocks,) cache block ids."""
+    pos = torch.arange(length, device=key_cache.device)
+    page = key_cache.shape[1]
+    return key_cache[block_table_row[pos // page].long(), pos % page]
+
+
+def colreduce_paged_torch(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor, reduction: str = "sum", *,
+                          max_seqlen_k: int | None = None, is_causal: bool = False, scale: float | None = None,
+                          group_reduce: str | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`colreduce_varlen_torch` with each sequence's keys read through a block table.
+
+    q (total_q, Hq, D); key_cache (num_blocks, block_size, Hkv, D); block_table (B, max_blocks);
+    seqlens_k (B,) keys per sequence; lse (Hq, total_q), optional. Returns (B, Hq|Hkv, max_seqlen_k), zero past
+    each sequence's keys.
+    """
+    lengths = seqlens_k.tolist()
+    max_n = max(lengths, default=0) if max_seqlen_k is None else max_seqlen_k
+    heads = q.shape[1] if group_reduce is None else key_cache.shape[2]
+    out = torch.zeros(len(lengths), heads, max_n, dtype=_acc_dtype(q.dtype), device=q.device)
+    cq = cu_seqlens_q.tolist()
+    for b, n in enumerate(lengths):
+        k_b = gather_paged_keys(key_cache, block_table[b], n).transpose(0, 1).unsqueeze(0)   # (1, Hkv, n, D)
+        q_b = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)
+        lse_b = None if lse is None else lse[:, cq[b]:cq[b + 1]].unsqueeze(0)
+        out[b, :, :n] = colreduce_torch(q_b, k_b, reduction, is_causal=is_causal, scale=scale,
+                                        group_reduce=group_reduce, lse=lse_b)[0]
+    return out

@@ -32,26 +32,44 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr):
-    """(first query token, query count, first key token, key count) of sequence b."""
+def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr):
+    """(first query token, query count, first key token, key count) of sequence b.
+
+    Paged: cu_k holds each sequence's key count, and keys are addressed by position (first key token 0)."""
     if IS_VARLEN:
         q0 = tl.load(cu_q + b)
-        k0 = tl.load(cu_k + b)
-        return q0, tl.load(cu_q + b + 1) - q0, k0, tl.load(cu_k + b + 1) - k0
+        if IS_PAGED:
+            return q0, tl.load(cu_q + b + 1) - q0, 0, tl.load(cu_k + b)
+        else:
+            k0 = tl.load(cu_k + b)
+            return q0, tl.load(cu_q + b + 1) - q0, k0, tl.load(cu_k + b + 1) - k0
     else:
         return 0, max_m, 0, max_n
 
 
 @triton.jit
-def _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Offsets of the key rows at positions n of sequence b (to add to K + kv_head · skh).
+
+    Dense/varlen: row k0 + n of batch b. Paged: slot n % PAGE of cache block block_table[b, n // PAGE]."""
+    if IS_PAGED:
+        blk = tl.load(BT + b * sbt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        return blk * skblk + (n % PAGE) * skn
+    else:
+        return b * skb + (k0 + n) * skn
+
+
+@triton.jit
+def _row_stats_tile(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m_i, l_i, m, shift, hi, qk_scale, d,
+                    D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online (max, sum of exp2) update of BLOCK_R rows with the key tile [n0, n0 + BLOCK_N)."""
     n = n0 + tl.arange(0, BLOCK_N)
+    rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
     if MASKED:
-        kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=(n[None, :] < hi) & (d[:, None] < D), other=0.0)
+        kt = tl.load(K_head + rows[None, :] + d[:, None], mask=(n[None, :] < hi) & (d[:, None] < D), other=0.0)
     else:
-        kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=d[:, None] < D, other=0.0)
+        kt = tl.load(K_head + rows[None, :] + d[:, None], mask=d[:, None] < D, other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
@@ -70,11 +88,12 @@ def _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D: 
 
 
 @triton.jit
-def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
-                      sqb, sqh, sqm, skb, skh, skn,
+def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part,
+                      sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
                       spp, sph, max_m, max_n, split_len, qk_scale,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial (max, sum of exp2) of each query row over one split of the keys, rows of all G heads together.
@@ -86,7 +105,7 @@ def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
     bh = tl.program_id(2)
     b = bh // HKV
     hk = bh % HKV
-    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN)
+    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
     R = G * Mb
     r0 = rb * BLOCK_R
     if r0 >= R:
@@ -100,7 +119,7 @@ def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
                 mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    K_head = K + b * skb + hk * skh + k0 * skn
+    K_head = K + hk * skh
     shift = Nb - Mb                                   # query m sees key j iff j <= m + shift
     lo = split * split_len
     hi = tl.minimum(lo + split_len, Nb)
@@ -116,11 +135,13 @@ def _row_stats_kernel(Q, K, cu_q, cu_k, M_part, L_part,
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     for n0 in range(lo, full_end, BLOCK_N):           # tiles every row sees whole: no masks
-        m_i, l_i = _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D, UPCAST,
-                                   DOT_PRECISION, False, IS_CAUSAL, BLOCK_N)
+        m_i, l_i = _row_stats_tile(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m_i, l_i, m, shift, hi,
+                                   qk_scale, d, D, UPCAST, DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE,
+                                   BLOCK_N)
     for n0 in range(full_end, hi, BLOCK_N):           # the diagonal and the ragged end
-        m_i, l_i = _row_stats_tile(q, K_head, n0, m_i, l_i, m, shift, hi, skn, qk_scale, d, D, UPCAST,
-                                   DOT_PRECISION, True, IS_CAUSAL, BLOCK_N)
+        m_i, l_i = _row_stats_tile(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m_i, l_i, m, shift, hi,
+                                   qk_scale, d, D, UPCAST, DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE,
+                                   BLOCK_N)
     out = split * spp + (b * HKV * G + hk * G + g) * sph + m
     tl.store(M_part + out, m_i, mask=r_ok)
     tl.store(L_part + out, l_i, mask=r_ok)
@@ -149,12 +170,13 @@ def _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb,
 
 
 @triton.jit
-def _column_kernel(Q, K, LSE2, Out, cu_q, cu_k,
-                   sqb, sqh, sqm, skb, skh, skn, slb, slh, slm, lse_q0, sob, soh, son,
+def _column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
+                   sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
                    max_m, max_n, qk_scale,
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                    REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for the G query heads of one kv head.
@@ -167,15 +189,15 @@ def _column_kernel(Q, K, LSE2, Out, cu_q, cu_k,
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN)
+    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
     n_first = nb * BLOCK_N
     if n_first >= Nb:
         return
     n = n_first + tl.arange(0, BLOCK_N)
     n_ok = n < Nb
     d = tl.arange(0, BLOCK_D)
-    k = tl.load(K + b * skb + hk * skh + (k0 + n)[:, None] * skn + d[None, :],
-                mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
+    rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
+    k = tl.load(K + hk * skh + rows[:, None] + d[None, :], mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     shift = Nb - Mb
@@ -277,15 +299,33 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
                      group_reduce: str | None, lse: torch.Tensor | None = None,
                      cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                     block_table: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """Launch the two passes. Inputs are validated by the caller (colreduce_kvprune.ops).
 
     Dense: q (B, Hq, M, D), k (B, Hkv, N, D), lse (B, Hq, M) → (B, Hq|Hkv, N).
     Varlen (cu_seqlens given): q (total_q, Hq, D), k (total_k, Hkv, D), lse (Hq, total_q) → (total_k, Hq|Hkv).
+    Paged (block_table given): q (total_q, Hq, D) with cu_seqlens_q, k the key cache viewed as
+    (num_blocks, block_size, Hkv, D), block_table (B, max_blocks), seqlens_k (B,) → (B, Hq|Hkv, max_seqlen_k),
+    zero past each sequence's keys.
     The last dimension of q and k must have stride 1. ``config`` overrides the tile choice (benchmark sweeps).
     """
     varlen = cu_seqlens_q is not None
-    if varlen:
+    paged = block_table is not None
+    skblk, sbt, page = 0, 0, 1
+    if paged:
+        B = cu_seqlens_q.numel() - 1
+        _, Hq, D = q.shape
+        Hkv = k.shape[2]
+        max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
+        sqb, sqh, sqm = 0, q.stride(1), q.stride(0)
+        skb, skh, skn, skblk, page = 0, k.stride(2), k.stride(1), k.stride(0), k.shape[1]
+        sbt = block_table.stride(0)
+        heads = Hq if group_reduce is None else Hkv
+        out = torch.zeros(B, heads, max_n, dtype=torch.float32, device=q.device)
+        sob, soh, son = out.stride(0), out.stride(1), out.stride(2)
+        cu_seqlens_k = seqlens_k
+    elif varlen:
         B = cu_seqlens_q.numel() - 1
         _, Hq, D = q.shape
         Hkv = k.shape[1]
@@ -304,6 +344,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)
         sob, soh, son = out.stride(0), out.stride(1), out.stride(2)
         cu_seqlens_q = cu_seqlens_k = out  # unused placeholders (IS_VARLEN is False)
+    if block_table is None:
+        block_table = out                  # unused placeholder (IS_PAGED is False)
     G = Hq // Hkv
     if out.numel() == 0 or max_n == 0:
         return out.zero_()
@@ -312,8 +354,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     upcast = _interpreting() and q.dtype == torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     qk_scale = scale * LOG2E
-    common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_CAUSAL=is_causal, UPCAST=upcast,
-                  DOT_PRECISION=precision, BLOCK_D=block_d)
+    common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
+                  UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=block_d)
     if lse is None:
         row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
         splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"])
@@ -323,8 +365,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         l_part = torch.empty_like(m_part)
         if max_m:
             _row_stats_kernel[(splits, row_blocks, B * Hkv)](
-                q, k, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                sqb, sqh, sqm, skb, skh, skn, m_part.stride(0), m_part.stride(2), max_m, max_n, split_len,
+                q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
+                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, m_part.stride(0), m_part.stride(2), max_m, max_n, split_len,
                 qk_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
                 num_stages=cfg["stages1"], **common)
         lse2 = _combine_row_stats(m_part, l_part)                  # (B, Hq, max_m), rows local per sequence
@@ -337,8 +379,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         else:
             slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
     _column_kernel[(triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, lse2, out, cu_seqlens_q, cu_seqlens_k,
-        sqb, sqh, sqm, skb, skh, skn, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale,
+        q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
+        sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale,
         REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce],
         FUSE_HEADS=_fuse_heads(reduction, group_reduce), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["warps"], num_stages=cfg["stages"], **common)
