@@ -13,7 +13,7 @@ import argparse
 import importlib.util
 import json
 import sys
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 
 from .config import ConfigError, PruneConfig, load_config
@@ -90,11 +90,11 @@ def _version() -> str:
 
 def shipped_config_dirs() -> list[Path]:
     """Folders that may hold the shipped configs: package data (colreduce_kvprune/configs) or a source checkout."""
-    dirs = []
     try:
-        dirs.append(Path(str(resources.files("colreduce_kvprune.configs"))))
-    except (ModuleNotFoundError, TypeError):
-        pass
+        spec = importlib.util.find_spec("colreduce_kvprune.configs")
+    except ImportError:
+        spec = None
+    dirs = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
     here = Path(__file__).resolve().parent
     return dirs + [here / "configs", here.parent / "configs"]
 
