@@ -255,17 +255,18 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     """Tile sizes and launch settings, a fixed function of the shape (so results never depend on tuning order).
 
     Keys: BLOCK_R/BLOCK_N1/warps1/stages1 for the row pass, BLOCK_M/BLOCK_N/warps/stages for the column pass.
-    From `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results_sweep_h100.json): short windows want
+    From `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/h100_sweep.json): short windows want
     32-row query blocks and wide key tiles; long prompts 64-row blocks, key tiles of 128 at D=128, 64 below.
     """
     if _interpreting():
         return dict(BLOCK_R=32, BLOCK_N1=32, warps1=4, stages1=1, BLOCK_M=32, BLOCK_N=32, warps=4, stages=1)
     if triton.next_power_of_2(d) > 128:
         return dict(BLOCK_R=64, BLOCK_N1=64, warps1=8, stages1=2, BLOCK_M=32, BLOCK_N=64, warps=8, stages=2)
-    window = m <= 128
-    block_n = 128 if window or (d > 64 and m >= 4096) else 64
-    return dict(BLOCK_R=128, BLOCK_N1=64, warps1=4, stages1=3,
-                BLOCK_M=32 if window else 64, BLOCK_N=block_n, warps=4, stages=3 if d <= 64 else 2)
+    window, long = m <= 128, m >= 4096
+    row = (128, 4, 3) if window else (64, 4, 3) if long else (128, 8, 2)          # BLOCK_R, warps1, stages1
+    return dict(BLOCK_R=row[0], BLOCK_N1=64, warps1=row[1], stages1=row[2],
+                BLOCK_M=32 if window else 64, BLOCK_N=128 if window or (d > 64 and long) else 64,
+                warps=4, stages=3 if d <= 64 else 2)
 
 
 def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:
