@@ -19,13 +19,18 @@ def test_plain_install_ships_kernels_inside_the_package(tmp_path):
                     str(tmp_path), str(REPO)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("colreduce_kvprune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "colreduce_kvprune/kernels/colreduce.py" in names
+    for required in ("colreduce_kvprune/kernels/colreduce.py", "colreduce_kvprune/vllm/__init__.py",
+                     "colreduce_kvprune/sglang/__init__.py", "colreduce_kvprune/configs/snapkv.yaml"):
+        assert required in names, required
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("colreduce_kvprune/configs/")}
+    assert shipped >= {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package would shadow others"
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
-    probe = ("import colreduce_kvprune.kernels.colreduce as m, colreduce_kvprune as p; "
-             "print(m.__file__); print(p.__file__)")
+    probe = ("import colreduce_kvprune.kernels.colreduce as m, colreduce_kvprune as p, importlib.resources as r; "
+             "print(m.__file__); print(p.__file__); "
+             "print(r.files('colreduce_kvprune.configs').joinpath('snapkv.yaml'))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert all(path.startswith(str(site)) for path in out), out
