@@ -8,7 +8,6 @@ meaningful ones; the throughput ratio is reported as measured (scoring runs in p
 Options: those of `colreduce-kvprune run` (--json, --plot, ...); the default KV pool applies to any --model here.
 """
 import argparse
-import json
 import sys
 
 from colreduce_kvprune import cli

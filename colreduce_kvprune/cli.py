@@ -96,7 +96,7 @@ def shipped_config_dirs() -> list[Path]:
         spec = None
     dirs = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
     here = Path(__file__).resolve().parent
-    return dirs + [here / "configs", here.parent / "configs"]
+    return list(dict.fromkeys(dirs + [here / "configs", here.parent / "configs"]))
 
 
 def resolve_config(name: str) -> Path:
