@@ -138,10 +138,11 @@ def run_varlen(dtype, window=64, Hq=32, Hkv=8, D=128):
     return row
 
 
-COLUMN_CONFIGS = [(64, 128, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 3), (32, 256, 8, 2),
-                  (64, 256, 8, 2), (32, 128, 4, 3), (16, 128, 4, 2)]         # BLOCK_M, BLOCK_N, warps, stages
-ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (256, 64, 8, 3), (256, 32, 8, 3),
-               (128, 32, 4, 4), (256, 64, 8, 2)]                             # BLOCK_R, BLOCK_N1, warps1, stages1
+# column pass: BLOCK_M, BLOCK_N, warps, stages
+COLUMN_CONFIGS = [(32, 128, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 1),
+                  (64, 128, 4, 1), (32, 64, 4, 1), (32, 128, 8, 2), (64, 64, 4, 1), (16, 256, 8, 1)]
+ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3),
+               (64, 128, 8, 3)]                                              # BLOCK_R, BLOCK_N1, warps1, stages1
 SWEEP_WORKLOADS = ["window GQA 32/8 W=64 N=128k", "full causal 16k H=32", "batch 16x1024 causal H=32",
                    "non-causal 16k H=16 D=64"]
 
