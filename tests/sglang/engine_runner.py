@@ -9,14 +9,19 @@ later runs turn them on or off through the environment, which every new schedule
 Per run the result holds the greedy outputs, the plugin's events (KVPRUNE_SGLANG_EVENTS, one file per run), and,
 after the engine has been idle for a moment (SGLang's strict idle memory checks run then), the output of one more
 short request — it fails if the scheduler died on a leak or a double free. A run whose engine refuses to start
-gives {"error": "<type>: <message>", "children": <live subprocesses of this process right after>}.
+gives {"error": "<type>: <message>", "new_children": [pids of processes started by the attempt and still alive]}.
 """
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
 import time
+
+
+def _children() -> set:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running()}
 
 
 def run_one(run: dict) -> dict:
@@ -30,12 +35,13 @@ def run_one(run: dict) -> dict:
     events = tempfile.NamedTemporaryFile(prefix="kvprune-events-", suffix=".jsonl", delete=False).name
     os.environ["KVPRUNE_SGLANG_EVENTS"] = events
     sp = {"max_new_tokens": run.get("max_new_tokens", 8), "temperature": 0.0, "ignore_eos": True}
+    children_before = _children()
     t0 = time.perf_counter()
     try:
         llm = sgl.Engine(**run["engine"])
     except Exception as e:        # noqa: BLE001 - the refusal is the result
         return {"name": run["name"], "error": f"{type(e).__name__}: {e}", "start_s": time.perf_counter() - t0,
-                "children": len(multiprocessing.active_children())}
+                "new_children": sorted(_children() - children_before)}
     start_s = time.perf_counter() - t0
     try:
         out = llm.generate(input_ids=run["prompts"], sampling_params=sp)

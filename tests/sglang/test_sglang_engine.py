@@ -156,4 +156,4 @@ def test_refusals_stop_the_engine_with_the_message(engine_runs, name):
     assert run["error"].startswith("ConfigError: colreduce_kvprune"), run["error"]
     for words in REFUSALS[name][2]:
         assert words in run["error"], run["error"]
-    assert run["children"] == 0, "an SGLang subprocess was started before the refusal"
+    assert run["new_children"] == [], "an SGLang subprocess was started before the refusal"
