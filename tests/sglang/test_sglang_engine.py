@@ -3,7 +3,8 @@ KV-pool checks on). All engines run once per session in one subprocess (engine_r
 results:
 - pruned runs equal the transformers path (colreduce_kvprune.hf.generate) token for token, for prompts of mixed
   lengths in one batch (some under min_prompt_tokens, some whose window or queries span prefill chunks), through
-  both compactions: K/V moved (SnapKV per head, H2O shared by heads) and index rewrite (StreamingLLM, Qwen2);
+  both compactions: K/V moved (SnapKV, TOVA, KNorm per head; H2O shared by heads) and index rewrite
+  (StreamingLLM); Llama and Qwen2; TOVA with every prompt in one chunk;
 - right after each pruned prefill the pool's free-slot count rose by exactly the pruned tokens, and after the
   engine idled (SGLang's idle leak / double-free checks) it still serves a request;
 - no config: outputs equal SGLang without the plugin (SGLANG_PLUGINS=none);
@@ -28,8 +29,11 @@ CONFIGS = {
     "snapkv": dict(BASE, policy="snapkv", pooling={"kind": "max", "kernel": 5}, per_head=True),
     "h2o": dict(BASE, policy="h2o", per_head=False),
     "streamingllm": dict(BASE, policy="streamingllm", per_head=False),
+    "tova": dict(BASE, policy="tova", per_head=True),
+    "knorm": dict(BASE, policy="knorm", per_head=True),
 }
-MODEL_OF = {"snapkv": "llama", "h2o": "llama", "streamingllm": "qwen2"}
+MODEL_OF = {"snapkv": "llama", "h2o": "llama", "streamingllm": "qwen2", "tova": "qwen2", "knorm": "llama"}
+ENGINE_OF = {"tova": {"chunked_prefill_size": 2048}}   # one run with every prompt prefilled in one chunk
 ENGINE = dict(device="cpu", skip_tokenizer_init=True, attention_backend="torch_native", dtype="float32",
               max_total_tokens=4096, disable_cuda_graph=True, log_level="warning", random_seed=0,
               chunked_prefill_size=128, disable_overlap_schedule=True, disable_radix_cache=True)
@@ -82,8 +86,9 @@ def engine_runs(models, tmp_path_factory):
     add("snapkv", CONFIGS["snapkv"])            # first: the plugin is loaded with a config in the runner process
     for name, (config, engine, _) in REFUSALS.items():
         add(f"refuse_{name}", config, engine=engine)
-    add("h2o", CONFIGS["h2o"])
-    add("streamingllm", CONFIGS["streamingllm"], model="qwen2")
+    for name in CONFIGS:
+        if name != "snapkv":
+            add(name, CONFIGS[name], model=MODEL_OF[name], engine=ENGINE_OF.get(name))
     add("no_config", None)
     add("vanilla", None, env={"SGLANG_PLUGINS": "none"})
     proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_runner.py"), json.dumps(runs)],
