@@ -44,6 +44,7 @@ REFUSALS = {   # name: (config overrides or a raw YAML text, engine overrides, e
     "mixed_chunk": (CONFIGS["snapkv"], {"enable_mixed_chunk": True}, ["enable_mixed_chunk"]),
     "speculative": (CONFIGS["snapkv"], {"speculative_algorithm": "NGRAM"}, ["speculative decoding"]),
     "page_size": (CONFIGS["snapkv"], {"page_size": 16}, ["page_size=16"]),
+    "mla_model": (CONFIGS["snapkv"], {"model": "mla", "load_format": "dummy"}, ["attention architecture MLA"]),
 }
 
 
@@ -67,7 +68,22 @@ def models(tmp_path_factory):
         from tiny_models import make_tiny_model
     finally:
         sys.path.pop(0)
-    return {kind: make_tiny_model(kind, tmp_path_factory.mktemp(f"tiny_{kind}")) for kind in ("llama", "qwen2")}
+    paths = {kind: make_tiny_model(kind, tmp_path_factory.mktemp(f"tiny_{kind}")) for kind in ("llama", "qwen2")}
+    paths["mla"] = _mla_config_folder(tmp_path_factory.mktemp("tiny_deepseek_v2"))
+    return paths
+
+
+def _mla_config_folder(path) -> str:
+    """A DeepSeek-V2 (MLA attention) config.json only: SGLang resolves it, the plugin must refuse it."""
+    from transformers import DeepseekV2Config
+
+    config = DeepseekV2Config(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                              q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+                              n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=2)
+    config.architectures = ["DeepseekV2ForCausalLM"]
+    config.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +101,8 @@ def engine_runs(models, tmp_path_factory):
 
     add("snapkv", CONFIGS["snapkv"])            # first: the plugin is loaded with a config in the runner process
     for name, (config, engine, _) in REFUSALS.items():
-        add(f"refuse_{name}", config, engine=engine)
+        engine = dict(engine)
+        add(f"refuse_{name}", config, model=engine.pop("model", "llama"), engine=engine)
     for name in CONFIGS:
         if name != "snapkv":
             add(name, CONFIGS[name], model=MODEL_OF[name], engine=ENGINE_OF.get(name))
