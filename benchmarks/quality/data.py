@@ -2,12 +2,15 @@
 
 A sample is one token sequence (vocabulary of VOCAB_SIZE ids, no tokenizer needed):
 
-    BOS  filler … REC k1 k2 SEP v1 v2 v3 … filler … REC k1' k2' SEP v1' v2' v3' … filler   QRY k1 k2 ANS
-    └──────────────────────────── context of `context_len` tokens ──────────────────────┘  └ question ┘
+    BOS  filler … REC k v1 v2 v3 … filler … REC k' v1' v2' v3' … filler   QRY k
+    └─────────────────── context of `context_len` tokens ──────────────┘  └question┘
     answer (what the model must generate): v1 v2 v3 EOS
 
-- filler tokens are uniform random over FILLER; records (REC, KEY_LEN key tokens, SEP, VALUE_LEN value tokens)
-  sit at uniformly random, non-overlapping places of the context;
+- filler ("phrases", the default): each sample draws its own small pool of short random phrases over the FILLER
+  ids and the filler is a random sequence of those phrases, so it repeats like text does (a language-model loss on
+  it teaches the copy/induction mechanism that retrieval needs); filler "random": i.i.d. uniform FILLER ids;
+- records (REC, KEY_LEN key tokens, VALUE_LEN value tokens) sit at uniformly random, non-overlapping places of the
+  context, overwriting filler;
 - keys are distinct within a sample; key and value tokens are drawn fresh for every sample, so the answer can only
   come from reading the context (no memorised mapping exists);
 - the question names the key of one record; the answer is that record's value, then EOS.
@@ -21,16 +24,19 @@ from dataclasses import dataclass
 import numpy as np
 
 VOCAB_SIZE = 1024
-PAD, BOS, EOS, REC, SEP, QRY, ANS = 0, 1, 2, 3, 4, 5, 6
+PAD, BOS, EOS, REC, QRY = 0, 1, 2, 3, 4
 FILLER = (16, 256)        # [lo, hi) token ids of filler
 KEYS = (256, 640)         # key token ids
 VALUES = (640, 1024)      # value token ids
-KEY_LEN = 2
+KEY_LEN = 1
 VALUE_LEN = 3
-RECORD_LEN = 1 + KEY_LEN + 1 + VALUE_LEN
-QUESTION_LEN = 1 + KEY_LEN + 1
+RECORD_LEN = 1 + KEY_LEN + VALUE_LEN
+QUESTION_LEN = 1 + KEY_LEN
 ANSWER_LEN = VALUE_LEN + 1  # value tokens + EOS
 IGNORE = -100               # label of positions without loss
+FILLER_KINDS = ("phrases", "random")
+PHRASES = (8, 32)           # phrases per sample (inclusive)
+PHRASE_LEN = (2, 6)         # tokens per phrase (inclusive)
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,29 @@ class Sample:
     context_len: int
 
 
-def _context(rng: np.random.Generator, context_len: int, num_records: int):
+def filler(rng: np.random.Generator, length: int, kind: str = "phrases") -> np.ndarray:
+    """Filler tokens (length,) int64 over the FILLER ids (see the module docstring for the kinds)."""
+    if kind == "random":
+        return rng.integers(*FILLER, size=length)
+    if kind != "phrases":
+        raise ValueError(f"filler kind must be one of {FILLER_KINDS}, got {kind!r}")
+    n = int(rng.integers(PHRASES[0], PHRASES[1] + 1))
+    lens = rng.integers(PHRASE_LEN[0], PHRASE_LEN[1] + 1, size=n)
+    pool = rng.integers(*FILLER, size=(n, PHRASE_LEN[1]))
+    ids = rng.integers(0, n, size=length // PHRASE_LEN[0] + 1)          # enough phrases to cover `length`
+    reps = lens[ids]
+    starts = np.cumsum(reps) - reps
+    pid = np.repeat(ids, reps)
+    within = np.arange(len(pid)) - np.repeat(starts, reps)
+    return pool[pid, within][:length]
+
+
+def _context(rng: np.random.Generator, context_len: int, num_records: int, kind: str):
     """Context tokens (context_len,) int64 with `num_records` records; returns (tokens, keys (R, KEY_LEN),
     values (R, VALUE_LEN), starts (R,)) with records in order of position."""
     if num_records < 1 or num_records * RECORD_LEN > context_len:
         raise ValueError(f"{num_records} records of {RECORD_LEN} tokens do not fit a context of {context_len} tokens")
-    tokens = rng.integers(*FILLER, size=context_len)
+    tokens = filler(rng, context_len, kind)
     # distinct keys: draw distinct integers in [0, n_keys ** KEY_LEN) and write them in base n_keys
     n_keys = KEYS[1] - KEYS[0]
     codes = rng.choice(n_keys ** KEY_LEN, size=num_records, replace=False)
@@ -58,30 +81,32 @@ def _context(rng: np.random.Generator, context_len: int, num_records: int):
     free = context_len - num_records * RECORD_LEN
     starts = np.sort(rng.integers(0, free + 1, size=num_records)) + RECORD_LEN * np.arange(num_records)
     for s, k, v in zip(starts, keys, values):
-        tokens[s:s + RECORD_LEN] = np.concatenate([[REC], k, [SEP], v])
+        tokens[s:s + RECORD_LEN] = np.concatenate([[REC], k, v])
     return tokens, keys, values, starts
 
 
-def make_sample(rng: np.random.Generator, context_len: int, num_records: int, max_depth: float = 0.9) -> Sample:
+def make_sample(rng: np.random.Generator, context_len: int, num_records: int, max_depth: float = 0.9,
+                filler: str = "phrases") -> Sample:
     """One evaluation sample; the queried record is drawn uniformly among records starting before
     max_depth * context_len (at least the first record qualifies)."""
-    tokens, keys, values, starts = _context(rng, context_len, num_records)
+    tokens, keys, values, starts = _context(rng, context_len, num_records, filler)
     eligible = np.flatnonzero(starts < max_depth * context_len)
     q = int(rng.choice(eligible)) if len(eligible) else 0
-    prompt = [BOS, *tokens.tolist(), QRY, *keys[q].tolist(), ANS]
+    prompt = [BOS, *tokens.tolist(), QRY, *keys[q].tolist()]
     return Sample(prompt=prompt, answer=[*values[q].tolist(), EOS], depth=float(starts[q] / context_len),
                   context_len=context_len)
 
 
 def eval_samples(seed: int, num: int, context_lens=(1024, 2048, 3072, 4096), num_records: int = 8,
-                 max_depth: float = 0.9) -> list[Sample]:
+                 max_depth: float = 0.9, filler: str = "phrases") -> list[Sample]:
     """`num` samples, context lengths cycling through `context_lens` (equal lengths batch well), from `seed`."""
     rng = np.random.default_rng(seed)
-    return [make_sample(rng, context_lens[i % len(context_lens)], num_records, max_depth) for i in range(num)]
+    return [make_sample(rng, context_lens[i % len(context_lens)], num_records, max_depth, filler)
+            for i in range(num)]
 
 
 def train_batch(rng: np.random.Generator, batch: int, context_len: int, num_records: tuple[int, int],
-                num_questions: tuple[int, int]):
+                num_questions: tuple[int, int], filler: str = "phrases"):
     """A training batch: input_ids (B, T) int64 and labels (B, T) int64 (IGNORE except the answer tokens, already
     aligned with input_ids: labels[t] is the target at position t, shifted by the model's loss as usual).
 
@@ -96,12 +121,12 @@ def train_batch(rng: np.random.Generator, batch: int, context_len: int, num_reco
     labels = np.full((batch, length), IGNORE, dtype=np.int64)
     for b in range(batch):
         r = int(rng.integers(min(num_records[0], max_records), max_records + 1))
-        tokens, keys, values, _ = _context(rng, context_len, r)
+        tokens, keys, values, _ = _context(rng, context_len, r, filler)
         asked = rng.choice(r, size=q, replace=q > r)
         parts = [[BOS], tokens]
         pos = 1 + context_len
         for i in asked:
-            parts.append(np.concatenate([[QRY], keys[i], [ANS], values[i], [EOS]]))
+            parts.append(np.concatenate([[QRY], keys[i], values[i], [EOS]]))
             start = pos + QUESTION_LEN
             labels[b, start:start + ANSWER_LEN] = parts[-1][QUESTION_LEN:]
             pos += QUESTION_LEN + ANSWER_LEN

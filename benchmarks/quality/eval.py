@@ -6,7 +6,7 @@
     # 2. report: markdown table (stdout or --md) and PNG chart (accuracy vs keep ratio, one line per policy)
     python benchmarks/quality/eval.py report hf.json vllm.json --md table.md --png docs/quality.png
 
-Samples: data.eval_samples(--seed, --samples, --lens) — the same for both engines. Each policy runs from its shipped
+Samples: data.eval_samples(--seed, --samples, --lens, filler of the model's task.json) — the same for both engines. Each policy runs from its shipped
 configs/<policy>.yaml with budget {keep_ratio: r} and min_prompt_tokens 0 (everything else as shipped: window 32,
 4 sinks, pooling, ...). Keep ratio 1.0 is the unpruned model (transformers: budget >= prompt, nothing pruned;
 vLLM: no pruning config, the plugin inactive). Greedy decoding of len(answer) tokens, never stopping early; a sample
@@ -35,6 +35,17 @@ POLICIES = ("snapkv", "pyramidkv", "adakv", "h2o", "tova", "knorm", "streamingll
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 DEFAULT_MODEL = os.path.join(ROOT, "tests", "data", "retrieval-llama")
 EVAL_SEED = 2024
+
+
+def task_filler(model_dir: str) -> str:
+    """The filler kind the model was trained on (model_dir/task.json, written by train.py)."""
+    with open(os.path.join(model_dir, "task.json")) as f:
+        return json.load(f)["filler"]
+
+
+def subset(model_dir: str, seed: int, num: int, lens, records: int = 8) -> list:
+    """data.eval_samples with the model's filler kind."""
+    return data.eval_samples(seed, num, tuple(lens), num_records=records, filler=task_filler(model_dir))
 
 
 def policy_config(policy: str, keep_ratio: float) -> dict:
@@ -128,7 +139,7 @@ def cases(policies, ratios):
 
 
 def run(a) -> dict:
-    samples = data.eval_samples(a.seed, a.samples, tuple(a.lens), num_records=a.records)
+    samples = subset(a.model, a.seed, a.samples, a.lens, a.records)
     prompts = [s.prompt for s in samples]
     answers = [s.answer for s in samples]
     n_new = data.ANSWER_LEN

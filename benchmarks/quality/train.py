@@ -3,13 +3,15 @@
     python benchmarks/quality/train.py --out OUT_DIR [--train-seconds 450] [--device cuda]
 
 A transformers LlamaForCausalLM (4 layers, hidden 256, GQA 8 query / 2 kv heads of dim 32, RoPE, vocabulary 1024)
-is trained from scratch with AdamW on data.train_batch, loss on the answer tokens only, bf16 autocast on CUDA.
-Curriculum: the longest context starts at 256 tokens and doubles (to 4096) whenever the running exact-match rate
-of the training answers passes 0.9, or at the latest every 15% of the time budget; each step draws its context
-length uniformly between a quarter of the current longest and the longest. Seeded (data and init); GPU kernels
-make the run not bitwise reproducible.
-Writes OUT_DIR/model (config.json, generation_config.json, model.safetensors in float32) at every checkpoint
-(every --checkpoint-seconds and at the end), OUT_DIR/train_log.jsonl, and OUT_DIR/result.json with the unpruned
+is trained from scratch with AdamW on data.train_batch, bf16 autocast on CUDA. Loss: cross-entropy on the answer
+tokens, plus (--lm-loss, default) the next-token loss on every position (filler phrases repeat, so this teaches
+copying early). Curriculum: the longest context starts at 256 tokens and doubles (to 4096) whenever the running
+exact-match rate of the training answers passes 0.9, or at the latest at 22/34/46/58% of the time budget; each
+step draws its context length uniformly between a quarter of the current longest and the longest. Seeded (data and
+init); GPU kernels make the run not bitwise reproducible.
+Writes OUT_DIR/model (config.json, generation_config.json, model.safetensors in float32, task.json = the data
+settings) at every checkpoint (every --checkpoint-seconds and at the end), OUT_DIR/train_log.jsonl, and
+OUT_DIR/result.json with the unpruned
 exact-match accuracy on data.eval_samples (teacher forcing: a sample counts when the argmax at every answer
 position is the answer token, which is exactly greedy exact match).
 """
@@ -42,12 +44,18 @@ def build_model(seed: int):
     return LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG, attn_implementation="sdpa"))
 
 
-def answer_logits(model, ids: torch.Tensor, labels: torch.Tensor):
-    """Logits (K, V) at the positions that predict a labelled token, and those K targets."""
+def answer_logits(model, ids: torch.Tensor, labels: torch.Tensor, lm: bool = False):
+    """Logits (K, V) at the K positions that predict a labelled token, those K targets, and (lm=True) the
+    next-token loss over all positions (else None)."""
     hidden = model.model(input_ids=ids).last_hidden_state                  # (B, T, H)
     target = labels[:, 1:]
     where = target != data.IGNORE
-    return model.lm_head(hidden[:, :-1][where]), target[where], where
+    lm_loss = None
+    if lm:
+        all_logits = model.lm_head(hidden[:, :-1])
+        lm_loss = torch.nn.functional.cross_entropy(all_logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        return all_logits[where], target[where], lm_loss
+    return model.lm_head(hidden[:, :-1][where]), target[where], lm_loss
 
 
 @torch.no_grad()
@@ -74,8 +82,10 @@ def exact_match(model, samples, device, batch: int = 16) -> list[bool]:
     return out
 
 
-def save(model, out_dir: str) -> None:
+def save(model, out_dir: str, task: dict) -> None:
     model.save_pretrained(os.path.join(out_dir, "model"))     # float32 parameters throughout
+    with open(os.path.join(out_dir, "model", "task.json"), "w") as f:
+        json.dump(task, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -91,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--eval-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filler", choices=data.FILLER_KINDS, default="phrases")
+    p.add_argument("--lm-loss", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
 
@@ -104,28 +117,33 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(a.seed)
+    task = dict(task="multi-query associative recall (benchmarks/quality/data.py)", filler=a.filler,
+                key_len=data.KEY_LEN, value_len=data.VALUE_LEN, vocab_size=data.VOCAB_SIZE)
     log = open(os.path.join(a.out, "train_log.jsonl"), "w")
 
     start = last_ckpt = time.time()
-    stage, stage_since, ema, step = 0, 0.0, 0.0, 0
+    stage, ema, step = 0, 0.0, 0
     while step < a.max_steps:
         frac = (time.time() - start) / a.train_seconds
         if frac >= 1.0:
             break
-        if stage + 1 < len(a.stages) and (ema > 0.9 or frac - stage_since > 0.15):
-            stage, stage_since, ema = stage + 1, frac, 0.0
+        if stage + 1 < len(a.stages) and (ema > 0.9 or frac > 0.1 + 0.12 * (stage + 1)):
+            stage, ema = stage + 1, 0.0
         longest = a.stages[stage]
         length = int(rng.integers(max(64, longest // 4) // 64, longest // 64 + 1)) * 64
-        batch = max(1, a.tokens_per_step // length)
-        ids, labels = data.train_batch(rng, batch, length, num_records=(2, 16), num_questions=(1, 4))
+        batch = max(1, min(a.max_batch, a.tokens_per_step // length))
+        ids, labels = data.train_batch(rng, batch, length, num_records=(2, 16), num_questions=(1, 8),
+                                       filler=a.filler)
         ids, labels = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.55 + 0.45 * math.cos(math.pi * min(frac, 1.0)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, target, _ = answer_logits(model, ids, labels)
+            logits, target, lm_loss = answer_logits(model, ids, labels, lm=a.lm_loss)
         loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        if lm_loss is not None:
+            loss = loss + lm_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,13 +161,13 @@ def main(argv=None) -> int:
             if step % 100 == 0 or step == 1:
                 print(row, flush=True)
         if time.time() - last_ckpt > a.checkpoint_seconds:
-            save(model, a.out)
+            save(model, a.out, task)
             last_ckpt = time.time()
             print(f"checkpoint at step {step}", flush=True)
 
-    save(model, a.out)
+    save(model, a.out, task)
     train_time = time.time() - start
-    samples = data.eval_samples(seed=1234, num=a.eval_samples, context_lens=tuple(a.eval_lens))
+    samples = data.eval_samples(seed=1234, num=a.eval_samples, context_lens=tuple(a.eval_lens), filler=a.filler)
     ok = exact_match(model, samples, device)
     by_len = {n: float(np.mean([o for o, s in zip(ok, samples) if s.context_len == n])) for n in a.eval_lens}
     result = dict(steps=step, train_seconds=round(train_time, 1), final_stage=a.stages[stage],

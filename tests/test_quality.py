@@ -1,0 +1,114 @@
+"""Pruning quality on the trained retrieval model (tests/data/retrieval-llama, task in benchmarks/quality/data.py):
+a fixed CPU subset asserts what the full table (benchmarks/quality/README.md) established.
+
+Thresholds (set from the measured table, with room for a 16-sample subset; see SUBSET_* below):
+- unpruned exact match >= UNPRUNED_MIN;
+- SnapKV keeping 25% of the prompt KV is within SNAPKV_MARGIN of unpruned;
+- random keeping 10% is at least RANDOM_GAP below unpruned.
+Also: the data generator is seeded and well formed (answers are in the context, records do not overlap).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
+import data  # noqa: E402
+import eval as quality_eval  # noqa: E402
+
+sys.path.pop(0)
+
+MODEL = os.path.join(ROOT, "tests", "data", "retrieval-llama")
+SUBSET_SEED, SUBSET_NUM, SUBSET_LENS = 2024, 16, (1024,)
+UNPRUNED_MIN = 0.9
+SNAPKV_MARGIN = 0.15
+RANDOM_GAP = 0.4
+
+
+def subset():
+    return data.eval_samples(SUBSET_SEED, SUBSET_NUM, SUBSET_LENS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generator
+
+
+def test_samples_are_seeded():
+    a, b = data.eval_samples(7, 6, (256, 512)), data.eval_samples(7, 6, (256, 512))
+    assert a == b
+    assert a != data.eval_samples(8, 6, (256, 512))
+    r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
+    for x, y in zip(data.train_batch(r1, 3, 256, (2, 8), (1, 3)), data.train_batch(r2, 3, 256, (2, 8), (1, 3))):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("context_len,records", [(64, 1), (300, 8), (1024, 8), (200, 28)])
+def test_sample_structure(context_len, records):
+    rng = np.random.default_rng(context_len + records)
+    for _ in range(20):
+        s = data.make_sample(rng, context_len, records)
+        p = s.prompt
+        assert len(p) == 1 + context_len + data.QUESTION_LEN and p[0] == data.BOS
+        assert p[-data.QUESTION_LEN] == data.QRY and p[-1] == data.ANS
+        ctx = np.array(p[1:1 + context_len])
+        starts = np.flatnonzero(ctx == data.REC)
+        assert len(starts) == records and np.all(np.diff(starts) >= data.RECORD_LEN)   # no overlap
+        keys = [tuple(ctx[i + 1:i + 1 + data.KEY_LEN]) for i in starts]
+        assert len(set(keys)) == records                                                 # distinct keys
+        assert all(ctx[i + 1 + data.KEY_LEN] == data.SEP for i in starts)
+        asked = tuple(p[-1 - data.KEY_LEN:-1])
+        (hit,) = [i for i, k in zip(starts, keys) if k == asked]
+        value = ctx[hit + 2 + data.KEY_LEN:hit + data.RECORD_LEN].tolist()
+        assert s.answer == value + [data.EOS] and s.depth == hit / context_len
+        filler = np.ones(context_len, bool)
+        for i in starts:
+            filler[i:i + data.RECORD_LEN] = False
+        assert ctx[filler].min() >= data.FILLER[0] and ctx[filler].max() < data.FILLER[1]
+
+
+def test_train_batch_labels_are_the_answers():
+    ids, labels = data.train_batch(np.random.default_rng(0), 4, 256, (2, 8), (3, 3))
+    assert ids.shape == labels.shape == (4, 1 + 256 + 3 * (data.QUESTION_LEN + data.ANSWER_LEN))
+    mask = labels != data.IGNORE
+    assert mask.sum() == 4 * 3 * data.ANSWER_LEN
+    np.testing.assert_array_equal(ids[mask], labels[mask])
+    assert (ids[:, 1:][mask[:, 1:]] >= data.VALUES[0]).sum() == 4 * 3 * data.VALUE_LEN
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        data.make_sample(np.random.default_rng(0), 20, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model under pruning (transformers path, CPU)
+
+
+@pytest.fixture(scope="module")
+def run_case():
+    model = quality_eval.load_hf_model(MODEL)
+    samples = subset()
+
+    def run(policy, ratio):
+        cfg = quality_eval.policy_config(policy, ratio)
+        out = quality_eval.generate_transformers(model, [s.prompt for s in samples], cfg, data.ANSWER_LEN)
+        return float(np.mean([o == s.answer for o, s in zip(out, samples)]))
+    return run
+
+
+def test_unpruned_accuracy(run_case):
+    assert run_case("snapkv", 1.0) >= UNPRUNED_MIN
+
+
+def test_snapkv_quarter_budget_close_to_unpruned(run_case):
+    full, snap = run_case("snapkv", 1.0), run_case("snapkv", 0.25)
+    assert snap >= full - SNAPKV_MARGIN, (full, snap)
+
+
+def test_random_tenth_budget_clearly_below(run_case):
+    full, rand = run_case("snapkv", 1.0), run_case("random", 0.1)
+    assert rand <= full - RANDOM_GAP, (full, rand)
