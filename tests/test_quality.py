@@ -30,7 +30,7 @@ RANDOM_GAP = 0.4
 
 
 def subset():
-    return data.eval_samples(SUBSET_SEED, SUBSET_NUM, SUBSET_LENS)
+    return quality_eval.subset(MODEL, SUBSET_SEED, SUBSET_NUM, SUBSET_LENS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,28 +46,28 @@ def test_samples_are_seeded():
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("context_len,records", [(64, 1), (300, 8), (1024, 8), (200, 28)])
-def test_sample_structure(context_len, records):
+@pytest.mark.parametrize("filler", data.FILLER_KINDS)
+@pytest.mark.parametrize("context_len,records", [(64, 1), (300, 8), (1024, 8), (200, 36)])
+def test_sample_structure(context_len, records, filler):
     rng = np.random.default_rng(context_len + records)
     for _ in range(20):
-        s = data.make_sample(rng, context_len, records)
+        s = data.make_sample(rng, context_len, records, filler=filler)
         p = s.prompt
         assert len(p) == 1 + context_len + data.QUESTION_LEN and p[0] == data.BOS
-        assert p[-data.QUESTION_LEN] == data.QRY and p[-1] == data.ANS
+        assert p[-data.QUESTION_LEN] == data.QRY
         ctx = np.array(p[1:1 + context_len])
         starts = np.flatnonzero(ctx == data.REC)
         assert len(starts) == records and np.all(np.diff(starts) >= data.RECORD_LEN)   # no overlap
         keys = [tuple(ctx[i + 1:i + 1 + data.KEY_LEN]) for i in starts]
         assert len(set(keys)) == records                                                 # distinct keys
-        assert all(ctx[i + 1 + data.KEY_LEN] == data.SEP for i in starts)
-        asked = tuple(p[-1 - data.KEY_LEN:-1])
+        asked = tuple(p[-data.KEY_LEN:])
         (hit,) = [i for i, k in zip(starts, keys) if k == asked]
-        value = ctx[hit + 2 + data.KEY_LEN:hit + data.RECORD_LEN].tolist()
+        value = ctx[hit + 1 + data.KEY_LEN:hit + data.RECORD_LEN].tolist()
         assert s.answer == value + [data.EOS] and s.depth == hit / context_len
-        filler = np.ones(context_len, bool)
+        is_filler = np.ones(context_len, bool)
         for i in starts:
-            filler[i:i + data.RECORD_LEN] = False
-        assert ctx[filler].min() >= data.FILLER[0] and ctx[filler].max() < data.FILLER[1]
+            is_filler[i:i + data.RECORD_LEN] = False
+        assert ctx[is_filler].min() >= data.FILLER[0] and ctx[is_filler].max() < data.FILLER[1]
 
 
 def test_train_batch_labels_are_the_answers():
@@ -79,9 +79,22 @@ def test_train_batch_labels_are_the_answers():
     assert (ids[:, 1:][mask[:, 1:]] >= data.VALUES[0]).sum() == 4 * 3 * data.VALUE_LEN
 
 
-def test_bad_sizes_are_refused():
+def test_phrase_filler_repeats_and_random_does_not():
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        for kind in data.FILLER_KINDS:
+            f = data.filler(rng, 2000, kind)
+            assert f.shape == (2000,) and f.min() >= data.FILLER[0] and f.max() < data.FILLER[1]
+            distinct = len({tuple(f[i:i + 3]) for i in range(len(f) - 2)}) / (len(f) - 2)
+            # phrases: <= 32 phrases of <= 6 tokens, so 3-grams repeat; random: nearly all distinct
+            assert distinct < 0.6 if kind == "phrases" else distinct > 0.9, (kind, distinct)
+
+
+def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="do not fit"):
-        data.make_sample(np.random.default_rng(0), 20, 3)
+        data.make_sample(np.random.default_rng(0), 12, 3)
+    with pytest.raises(ValueError, match="filler kind"):
+        data.filler(np.random.default_rng(0), 10, "words")
 
 
 # ---------------------------------------------------------------------------------------------------------------
