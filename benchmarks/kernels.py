@@ -211,6 +211,59 @@ def run_paged(dtype, window=64, N=131072, Hq=32, Hkv=8, D=128, block=16):
     return row
 
 
+MATMUL_TFLOPS = 708.0      # fp16 dense matmul measured on the H100 (ARCHITECTURE.md anchors)
+COPY_TBS = 2.99            # device copy, bytes read + written
+EXP_PER_S = 16 * 132 * 1.755e9   # MUFU ex2: 16 per clock per SM, 132 SMs, 1.755 GHz (assumed clock)
+
+
+def floors(B, Hq, Hkv, M, N, D, causal, dtype_bytes=2):
+    """Per pass: ms at the matmul ceiling (q·kᵀ only), at the exp2 ceiling, and to read K once."""
+    seen = torch.full((M,), N) if not causal else (torch.arange(M) + (N - M) + 1).clamp(0, N)  # keys per query
+    pairs = B * Hq * int(seen.sum())
+    return dict(matmul_ms=2 * pairs * D / (MATMUL_TFLOPS * 1e12) * 1e3, exp_ms=pairs / EXP_PER_S * 1e3,
+                read_k_ms=B * Hkv * N * D * dtype_bytes / (COPY_TBS * 1e12) * 1e3)
+
+
+def compiled_kernels():
+    """Registers, spills and shared memory of every compiled variant of the two kernels (Triton's own cache)."""
+    from colreduce_kvprune.kernels import colreduce as kmod
+    rows = []
+    for fn in (kmod._row_stats_kernel, kmod._column_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for key, k in kernels.items():
+                meta = getattr(k, "metadata", None)
+                rows.append(dict(kernel=fn.__name__, n_regs=getattr(k, "n_regs", None),
+                                 n_spills=getattr(k, "n_spills", None),
+                                 shared=getattr(meta, "shared", None), num_warps=getattr(meta, "num_warps", None),
+                                 key=str(key)[:160]))
+    return rows
+
+
+def report(dtype):
+    """Each workload's time next to its floors, then the compiled kernels' resources."""
+    from colreduce_kvprune import colreduce
+    out = []
+    for name, (B, Hq, Hkv, M, N, D, causal) in WORKLOADS.items():
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, M, D, device="cuda", dtype=dtype)
+        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dtype)
+        lse = row_lse(q, k, 1 / math.sqrt(D), causal)
+        two = bench(lambda: colreduce(q, k, "sum", is_causal=causal))["ms"]
+        one = bench(lambda: colreduce(q, k, "sum", is_causal=causal, lse=lse))["ms"]
+        f = floors(B, Hq, Hkv, M, N, D, causal)
+        out.append(dict(workload=name, two_pass_ms=two, column_pass_ms=one, row_pass_ms=two - one, **f))
+        print(f"{name:32s} row {two - one:.3f} col {one:.3f} | per pass floors: matmul {f['matmul_ms']:.3f} "
+              f"exp2 {f['exp_ms']:.3f} read K {f['read_k_ms']:.3f} ms", flush=True)
+        del q, k, lse
+        torch.cuda.empty_cache()
+    kernels = compiled_kernels()
+    for r in kernels:
+        print(f"{r['kernel']:18s} regs {r['n_regs']} spills {r['n_spills']} shared {r['shared']} "
+              f"warps {r['num_warps']}", flush=True)
+    return dict(workloads=out, kernels=kernels)
+
+
 def env_info():
     import triton
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -287,6 +340,7 @@ def main(argv=None):
     ap.add_argument("--plot", help="draw the chart from this JSON instead of running")
     ap.add_argument("--png", default="kernels.png")
     ap.add_argument("--sweep", action="store_true", help="time the tile configs of both passes instead")
+    ap.add_argument("--report", action="store_true", help="times next to their floors, and kernel resources")
     args = ap.parse_args(argv)
     if args.plot:
         plot(args.plot, args.png)
@@ -295,6 +349,10 @@ def main(argv=None):
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
     warm_up_clocks()
+    if args.report:
+        os.makedirs(args.out, exist_ok=True)
+        json.dump(report(dtype), open(os.path.join(args.out, "report.json"), "w"), indent=1)
+        return
     if args.sweep:
         os.makedirs(args.out, exist_ok=True)
         json.dump(sweep(dtype), open(os.path.join(args.out, "sweep.json"), "w"))
