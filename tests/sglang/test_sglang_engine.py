@@ -7,6 +7,8 @@ results:
   (StreamingLLM); Llama and Qwen2; TOVA with every prompt in one chunk;
 - right after each pruned prefill the pool's free-slot count rose by exactly the pruned tokens, and after the
   engine idled (SGLang's idle leak / double-free checks) it still serves a request;
+- with SGLang's retraction test mode on, pruned requests are retracted, freed, prefilled and pruned again with no
+  leak or double free;
 - no config: outputs equal SGLang without the plugin (SGLANG_PLUGINS=none);
 - a bad config or unsupported setting stops the engine with the message before any subprocess starts.
 """
@@ -93,11 +95,11 @@ def engine_runs(models, tmp_path_factory):
     ps = prompts()
     runs = []
 
-    def add(name, config, model="llama", engine=None, env=None):
-        env = dict(env or {})
+    def add(name, config, model="llama", engine=None, env=None, max_new=MAX_NEW):
+        env = {"SGLANG_TEST_RETRACT": None, **(env or {})}
         env["KVPRUNE_CONFIG"] = None if config is None else _write(cfg_dir / f"{name}.yaml", config)
         runs.append(dict(name=name, env=env, engine=dict(ENGINE, model_path=models[model], **(engine or {})),
-                         prompts=ps, max_new_tokens=MAX_NEW))
+                         prompts=ps, max_new_tokens=max_new))
 
     add("snapkv", CONFIGS["snapkv"])            # first: the plugin is loaded with a config in the runner process
     for name, (config, engine, _) in REFUSALS.items():
@@ -106,6 +108,11 @@ def engine_runs(models, tmp_path_factory):
     for name in CONFIGS:
         if name != "snapkv":
             add(name, CONFIGS[name], model=MODEL_OF[name], engine=ENGINE_OF.get(name))
+    # SGLang's retraction test mode: every 3rd step a running request is retracted (its KV freed) and later
+    # prefilled again from its prompt + outputs so far — a pruned request's shortened KV lengths must free exactly
+    # what it holds, and the new prefill is pruned again
+    add("retract", CONFIGS["snapkv"], env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"},
+        max_new=24)
     add("no_config", None)
     add("vanilla", None, env={"SGLANG_PLUGINS": "none"})
     proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_runner.py"), json.dumps(runs)],
@@ -162,6 +169,19 @@ def test_freed_slots_and_pool_whole_when_idle(engine_runs, name):
         assert e["index_rewrite"] == (name == "streamingllm")
     # served one more request after idling with SGLang's strict idle checks (leak, double free) on
     assert len(run["probe"]) == 2
+
+
+def test_retracted_pruned_requests_are_freed_and_pruned_again(engine_runs):
+    run = _ok(engine_runs["retract"])
+    assert [len(o) for o in run["outputs"]] == [24] * len(LENGTHS)
+    first = sorted(n for n in LENGTHS if keep_count(CONFIGS["snapkv"], n) < n)
+    events = run["events"]
+    assert len(events) > len(first)                                  # re-prefills after retraction were pruned
+    for e in events:
+        keep = keep_count(CONFIGS["snapkv"], e["prompt_tokens"])
+        assert e["kept_tokens"] == keep
+        assert e["free_after"] - e["free_before"] == e["prompt_tokens"] - keep
+    assert len(run["probe"]) == 2                                     # strict leak / double-free checks passed
 
 
 def test_no_config_equals_sglang_without_plugin(engine_runs):
