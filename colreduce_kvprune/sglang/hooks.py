@@ -69,8 +69,10 @@ def _rows(forward_batch):
     rows = getattr(forward_batch, ROWS_ATTR, None)
     if rows is None:
         pool_rows = forward_batch.req_pool_indices.tolist()
-        lens = list(forward_batch.extend_seq_lens_cpu)
-        prefix = list(forward_batch.extend_prefix_lens_cpu)
+        lens, prefix = forward_batch.extend_seq_lens_cpu, forward_batch.extend_prefix_lens_cpu
+        if lens is None or prefix is None:       # SGLang's device-only extend path leaves the host copies unset
+            lens, prefix = forward_batch.extend_seq_lens.tolist(), forward_batch.extend_prefix_lens.tolist()
+        lens, prefix = list(lens), list(prefix)
         starts = [sum(lens[:i]) for i in range(len(lens))]
         rows = list(zip(pool_rows, starts, lens, [p == 0 for p in prefix]))
         setattr(forward_batch, ROWS_ATTR, rows)
