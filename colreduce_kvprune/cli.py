@@ -1,6 +1,7 @@
-"""`colreduce-kvprune run`: an offline vLLM run without pruning and one with a pruning config, side by side.
+"""`colreduce-kvprune run`: an offline vLLM (or SGLang) run without pruning and one with a pruning config, side by side.
 
     colreduce-kvprune run                                    # tiny random Llama built into ~/.cache, synthetic prompts
+    colreduce-kvprune run --engine sglang                    # the same on SGLang (SGLANG_PLUGINS=none vs KVPRUNE_CONFIG)
     colreduce-kvprune run --model ./my-model --config configs/h2o.yaml --prompts prompts.jsonl --kv-blocks 2000
     colreduce-kvprune run --json report.json --plot kv.png
 
@@ -19,20 +20,22 @@ from pathlib import Path
 from .config import ConfigError, PruneConfig, load_config
 from .serving import (InputError, RunError, compare, load_prompts, make_job, model_limits, read_model_config,
                       run_in_subprocess, synthetic_prompts)
+from .serving_sglang import make_sglang_job
 
 PROG = "colreduce-kvprune"
 DEFAULT_CONFIG = "snapkv.yaml"
 # The embedded default: tiny random Llama, long synthetic prompts, a KV pool that holds about 7 of them unpruned.
 DEFAULTS = dict(num_prompts=16, prompt_len=2048, max_tokens=32, kv_blocks=512)
 PLUGIN_ENTRY_POINT = "colreduce_kvprune"
+ENGINES = ("vllm", "sglang")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="KV-cache pruning after prefill for vLLM and "
+    parser = argparse.ArgumentParser(prog=PROG, description="KV-cache pruning after prefill for vLLM, SGLang and "
                                      "transformers: offline serving runs with and without pruning.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the same prompts through vLLM without and with pruning; compare",
+    run = sub.add_parser("run", help="run the same prompts through vLLM or SGLang without and with pruning; compare",
                          description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(run)
     return parser
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_run_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """The options of `run` (benchmarks/serving.py reuses them with its own defaults)."""
     d = dict(DEFAULTS, **(defaults or {}))
+    p.add_argument("--engine", choices=ENGINES, default="vllm", help="serving engine of both runs (default vllm). "
+                   "sglang: SGLang 0.5.23, page size 1, KV pool of --kv-blocks × --block-size token slots "
+                   "(max_total_tokens); baseline with SGLANG_PLUGINS=none, pruned with KVPRUNE_CONFIG=<config>")
     p.add_argument("--model", help="local model folder (config.json; without weight files vLLM uses random "
                    "weights, load_format=dummy). Default: a tiny random Llama built into ~/.cache/colreduce-kvprune")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="pruning config YAML: a path, or the name of a "
@@ -59,7 +65,8 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: dict | None = None) 
     p.add_argument("--dtype", default=None, help="model dtype (default: float32 for the embedded model, else auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts and of vLLM")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra vLLM EngineArgs field for both runs, VALUE parsed as JSON when it can be (repeatable)")
+                   help="extra vLLM EngineArgs field (sglang: sglang.Engine argument) for both runs, VALUE parsed as "
+                   "JSON when it can be (repeatable)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the report as JSON to PATH, or to stdout instead of the table when no PATH is given")
     p.add_argument("--plot", metavar="PNG", help="chart of KV blocks in use and requests running over time, both runs")
@@ -116,13 +123,13 @@ def resolve_config(name: str) -> Path:
     raise InputError(f"config file {name!r} not found")
 
 
-def load_run_config(name: str) -> tuple[PruneConfig, Path]:
-    """The validated config and its file; ConfigError when invalid or not realisable by vLLM."""
+def load_run_config(name: str, engine: str = "vllm") -> tuple[PruneConfig, Path]:
+    """The validated config and its file; ConfigError when invalid or not realisable by `engine`."""
     from .policies import check_engine
 
     path = resolve_config(name)
     config = load_config(path)
-    check_engine(config, "vllm")
+    check_engine(config, engine)
     return config, path
 
 
@@ -151,6 +158,18 @@ def check_vllm() -> None:
                          "missing): install the package with pip install -e . (or pip install colreduce-kvprune)")
 
 
+def check_sglang() -> None:
+    """SGLang importable and our plugin registered as an SGLang plugin (without importing SGLang)."""
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or spec.origin is None:          # origin None: a folder named sglang, not the package
+        raise InputError("SGLang is not installed in this Python: pip install 'colreduce-kvprune[sglang]' "
+                         "(SGLang 0.5.23; on CPU see scripts/ci_sglang.sh)")
+    names = {ep.name for ep in metadata.entry_points(group="sglang.srt.plugins")}
+    if PLUGIN_ENTRY_POINT not in names:
+        raise InputError("the colreduce_kvprune SGLang plugin is not registered (sglang.srt.plugins entry point "
+                         "missing): install the package with pip install -e . (or pip install colreduce-kvprune)")
+
+
 def prepare(args, defaults: dict | None = None, fixed_pool: bool = False) -> tuple[dict, PruneConfig, Path, str]:
     """Every check that can fail on user input, then the job: (job, config, config path, model label).
 
@@ -162,7 +181,8 @@ def prepare(args, defaults: dict | None = None, fixed_pool: bool = False) -> tup
     if args.prompts and args.prompt_len:
         raise InputError("--prompt-len sets the length of synthetic prompts; it cannot be used with --prompts")
     extra = parse_engine_args(args.engine_arg)
-    config, config_path = load_run_config(args.config)
+    engine = getattr(args, "engine", "vllm")
+    config, config_path = load_run_config(args.config, engine)
     if args.model is not None:
         read_model_config(args.model)                      # the folder check comes before the prompts file
     prompts = load_prompts(args.prompts) if args.prompts else None
@@ -181,9 +201,16 @@ def prepare(args, defaults: dict | None = None, fixed_pool: bool = False) -> tup
                                     seed=args.seed)
     elif args.num_prompts:
         prompts = prompts[:args.num_prompts]
-    job = make_job(model, prompts, max_tokens=args.max_tokens, kv_blocks=kv_blocks, block_size=args.block_size,
-                   max_num_seqs=args.max_num_seqs, dtype=dtype or "auto", seed=args.seed, engine_args=extra)
-    check_vllm()
+    if engine == "sglang":
+        job = make_sglang_job(model, prompts, max_tokens=args.max_tokens,
+                              kv_tokens=None if kv_blocks is None else kv_blocks * args.block_size,
+                              max_running_requests=args.max_num_seqs, dtype=dtype or "auto", seed=args.seed,
+                              engine_args=extra)
+        check_sglang()
+    else:
+        job = make_job(model, prompts, max_tokens=args.max_tokens, kv_blocks=kv_blocks, block_size=args.block_size,
+                       max_num_seqs=args.max_num_seqs, dtype=dtype or "auto", seed=args.seed, engine_args=extra)
+        check_vllm()
     return job, config, config_path, label
 
 
@@ -246,12 +273,17 @@ def format_report(report: dict) -> str:
                                    report["agreement"])
     lens = (f"{s['prompt_len_min']}" if s["prompt_len_min"] == s["prompt_len_max"]
             else f"{s['prompt_len_min']}–{s['prompt_len_max']}")
-    pool = (f"KV pool {s['kv_blocks'] - 1} blocks" if s["kv_blocks"] else f"KV pool {base['num_blocks']} blocks "
-            "(vLLM's sizing)")
+    sglang = s.get("engine") == "sglang"
+    unit = "tokens" if sglang else "blocks"                 # SGLang: page size 1, the pool counts token slots
+    if sglang:
+        pool = (f"SGLang, KV pool {base['num_blocks']} token slots" + ("" if s["kv_blocks"] else " (SGLang's sizing)")
+                + " (page size 1)")
+    else:
+        pool = (f"KV pool {s['kv_blocks'] - 1} blocks" if s["kv_blocks"] else f"KV pool {base['num_blocks']} blocks "
+                "(vLLM's sizing)") + f" × {s['block_size']} tokens"
     budget = ", ".join(f"{k} {v}" for k, v in (cfg.get("budget") or {}).items())
     head = [f"model: {s['model']}" + (" (random weights: load_format=dummy)" if s["load_format"] == "dummy" else ""),
-            f"{s['requests']} requests × {lens} prompt tokens, {s['max_tokens']} new tokens each (greedy); "
-            f"{pool} × {s['block_size']} tokens",
+            f"{s['requests']} requests × {lens} prompt tokens, {s['max_tokens']} new tokens each (greedy); {pool}",
             f"config: {report.get('config_source') or ''} ({cfg.get('policy', '?')}: {budget}, "
             f"window {cfg.get('window', '?')}, min_prompt_tokens {cfg.get('min_prompt_tokens', '?')})", ""]
 
@@ -268,13 +300,14 @@ def format_report(report: dict) -> str:
         ("prefills pruned", 0, ps.get("requests_pruned", "?"), ""),
         ("their prompt tokens → kept", "", f"{ps['prompt_tokens']} → {ps['kept_tokens']}" if ps else "?",
          f"{ps['kept_tokens'] / ps['prompt_tokens']:.2f}×" if ps.get("prompt_tokens") else ""),
-        ("KV blocks freed after prefill", 0, ps.get("blocks_freed", "?"), ""),
-        ("peak KV blocks in use", f"{base['peak_kv_blocks']} / {base['num_blocks']}",
+        (f"KV {unit} freed after prefill", 0, ps.get("blocks_freed", "?"), ""),
+        (f"peak KV {unit} in use" + (" (decode steps)" if sglang else ""),
+         f"{base['peak_kv_blocks']} / {base['num_blocks']}",
          f"{pruned['peak_kv_blocks']} / {pruned['num_blocks']}", ratio("peak_kv_blocks")),
-        ("KV blocks per running request", f"{base['mean_blocks_per_running_request']:.1f}",
+        (f"KV {unit} per running request", f"{base['mean_blocks_per_running_request']:.1f}",
          f"{pruned['mean_blocks_per_running_request']:.1f}", ratio("mean_blocks_per_running_request")),
         ("peak requests running at once", base["peak_running"], pruned["peak_running"], ratio("peak_running")),
-        ("preemptions", base["preemptions"], pruned["preemptions"], ""),
+        ("retractions" if sglang else "preemptions", base["preemptions"], pruned["preemptions"], ""),
         ("engine steps", base["steps"], pruned["steps"], ""),
         ("engine start (s)", f"{base['engine_start_s']:.1f}", f"{pruned['engine_start_s']:.1f}", ""),
         ("wall time (s)", f"{base['wall_s']:.2f}", f"{pruned['wall_s']:.2f}", ratio("wall_s")),
@@ -290,8 +323,11 @@ def format_report(report: dict) -> str:
               f"{agree['identical']}/{n}, tokens equal position by position {agree['tokens_equal']}/"
               f"{agree['tokens_total']} ({pct:.0f}%), mean common prefix "
               f"{sum(prefix) / max(len(prefix), 1):.1f} tokens",
-              "(KV blocks per running request: mean over engine steps of blocks in use / requests running; "
-              "ratio = pruned / no pruning)"]
+              (f"(KV {unit} per running request: mean over engine steps of {unit} in use / requests running; "
+               "ratio = pruned / no pruning)"),
+              ] + (["(SGLang: per-step numbers from its scheduler's log at every prefill and decode batch; KV "
+                    "tokens and requests running at decode steps, so a prefill's moment before pruning is not "
+                    "in the peak)"] if sglang else [])
     return "\n".join(head + lines)
 
 
@@ -312,8 +348,9 @@ def plot_report(report: dict, path: str) -> None:
         ax_kv.step(tl["t"], tl["kv_blocks"], where="post", color=color, label=label)
         ax_run.step(tl["t"], tl["running"], where="post", color=color, label=label)
     pool = runs["baseline"]["num_blocks"]
-    ax_kv.axhline(pool, color="gray", linestyle="--", linewidth=1, label=f"KV pool ({pool} blocks)")
-    ax_kv.set_ylabel("KV blocks in use")
+    unit = "tokens" if report["settings"].get("engine") == "sglang" else "blocks"
+    ax_kv.axhline(pool, color="gray", linestyle="--", linewidth=1, label=f"KV pool ({pool} {unit})")
+    ax_kv.set_ylabel(f"KV {unit} in use")
     ax_kv.set_ylim(0, pool * 1.05)
     ax_run.set_ylabel("requests running")
     ax_run.set_xlabel("time since the first request (s)")

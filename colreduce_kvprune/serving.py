@@ -298,17 +298,36 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
     """Run `job` in a fresh Python process (see `run_engine`); return its result.
 
     on_event gets the child's "started" / "progress" events; log gets every other output line (vLLM's log). The
-    full log is kept in `log_dir` (a temp folder by default); RunError carries the failing line and that path."""
+    full log is kept in `log_dir` (a temp folder by default); RunError carries the failing line and that path.
+    A job of make_sglang_job (engine_name "sglang") runs serving_sglang's child instead: the config is written next
+    to the log as YAML for $KVPRUNE_CONFIG, and the per-step numbers are read from SGLang's log lines."""
     label = "pruned" if prune is not None else "baseline"
-    log_path = Path(log_dir or tempfile.mkdtemp(prefix="colreduce-kvprune-")) / f"{label}.log"
-    cmd = [sys.executable, "-m", "colreduce_kvprune.serving"]
+    folder = Path(log_dir or tempfile.mkdtemp(prefix="colreduce-kvprune-"))
+    log_path = folder / f"{label}.log"
+    sglang = job.get("engine_name") == "sglang"
+    if sglang:
+        from . import serving_sglang
+
+        sampler = serving_sglang.StepSampler()
+        payload, events_path = None, None
+        if prune is not None:
+            from .config import dump_config, load_config
+
+            payload, events_path = str(folder / "pruned-config.yaml"), folder / "pruned-events.jsonl"
+            Path(payload).write_text(dump_config(load_config(prune)))
+            events_path.unlink(missing_ok=True)
+        env = serving_sglang.child_env(payload, None if events_path is None else str(events_path))
+        cmd = [sys.executable, "-m", "colreduce_kvprune.serving_sglang"]
+    else:
+        sampler, payload, env = None, prune, child_env(prune is not None)
+        cmd = [sys.executable, "-m", "colreduce_kvprune.serving"]
     tail: deque[str] = deque(maxlen=40)
     result, error = None, None
     deadline = None if timeout is None else time.monotonic() + timeout
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=child_env(prune is not None), bufsize=1)
-        proc.stdin.write(json.dumps({"job": job, "prune": prune}))
+                                text=True, env=env, bufsize=1)
+        proc.stdin.write(json.dumps({"job": job, "prune": payload}))
         proc.stdin.close()
         for line in proc.stdout:
             if deadline is not None and time.monotonic() > deadline:
@@ -321,16 +340,21 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
                     result = event["result"]
                 elif event["event"] == "error":
                     error = event["message"]
+                elif event["event"] == "generating":
+                    if sampler is not None:
+                        sampler.start()
                 elif on_event is not None:
                     on_event(event)
                 continue
             logf.write(line)
+            if sampler is not None:
+                sampler(line)
             tail.append(line.rstrip())
             if log is not None:
                 log(line.rstrip())
         rc = proc.wait()
     if result is not None and rc == 0:
-        return result
+        return result if sampler is None else dict(result, **sampler.stats())
     if error is None:
         errors = [t for t in tail if "Error" in t or "error" in t]
         error = (errors or list(tail) or [f"exit status {rc}"])[-1]
@@ -372,16 +396,18 @@ def compare(job: dict, base: dict, pruned: dict, *, config=None, config_source: 
     ratios = {k: (pruned[k] / base[k] if base[k] else None) for k in RATIO_KEYS}
     lengths = [len(p) for p in job["prompts"]]
     engine = job["engine"]
+    sglang = job.get("engine_name") == "sglang"
     return {
         "settings": {
-            "model": model_label or engine["model"],
+            "engine": "sglang" if sglang else "vllm",
+            "model": model_label or engine["model_path" if sglang else "model"],
             "load_format": engine["load_format"],
             "requests": len(lengths),
             "prompt_len_min": min(lengths), "prompt_len_max": max(lengths),
             "max_tokens": job["max_tokens"],
-            "block_size": engine["block_size"],
-            "kv_blocks": engine.get("num_gpu_blocks_override"),
-            "max_num_seqs": engine["max_num_seqs"],
+            "block_size": 1 if sglang else engine["block_size"],            # SGLang: page size 1, KV in tokens
+            "kv_blocks": engine.get("max_total_tokens" if sglang else "num_gpu_blocks_override"),
+            "max_num_seqs": engine["max_running_requests" if sglang else "max_num_seqs"],
         },
         "config": config.to_dict() if config is not None else None,
         "config_source": config_source,
