@@ -327,7 +327,7 @@ def format_report(report: dict) -> str:
                "ratio = pruned / no pruning)"),
               ] + (["(SGLang: per-step numbers from its scheduler's log at every prefill and decode batch; KV "
                     "tokens and requests running at decode steps, so a prefill's moment before pruning is not "
-                    "in the peak)"] if sglang else [])
+                    "in the peak; retractions: requests SGLang took back when the pool was full)"] if sglang else [])
     return "\n".join(head + lines)
 
 

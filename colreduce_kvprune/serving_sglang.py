@@ -28,7 +28,7 @@ from pathlib import Path
 from .serving import EVENT_PREFIX, InputError, has_weights, model_limits, read_model_config, tokenize_prompts
 
 PLUGIN_NAME = "colreduce_kvprune"
-DECODE_RE = re.compile(r"Decode batch(?: \[\d+\])?, #running-req: (\d+), #token: (\d+)")
+DECODE_RE = re.compile(r"Decode batch(?: \[\d+\])?, #running-req: (\d+), #token: (\d+)(?:.*#queue-req: (\d+))?")
 PREFILL_RE = re.compile(r"Prefill batch(?: \[\d+\])?, .*#running-req: (\d+), #queue-req: (\d+)")
 RETRACT_RE = re.compile(r"Retract requests\. #retracted_reqs: (\d+)")
 
@@ -180,12 +180,14 @@ def child_env(prune_path: str | None, events_path: str | None, base: dict | None
 
 class StepSampler:
     """Per-step samples from SGLang's scheduler log lines, timed when the parent reads them (after the child's
-    "generating" event: `start()`). Decode lines give (requests decoding, KV tokens in use); prefill lines are
-    counted as steps; retraction lines add to `retracted`."""
+    "generating" event: `start()`). Decode lines give (requests decoding, KV tokens in use, requests waiting);
+    prefill lines are counted as steps; retraction lines add to `retracted`. SGLang logs a decode step after
+    freeing the requests it finished, so its KV count can be lower than its request count suggests; steps that
+    leave the pool empty (#token 0) are left out of the per-request mean."""
 
     def __init__(self):
         self.t0: float | None = None
-        self.decode: list[tuple[float, int, int]] = []        # (t, running, KV tokens in use)
+        self.decode: list[tuple[float, int, int, int | None]] = []   # (t, running, KV tokens in use, waiting)
         self.prefill: list[tuple[float, int, int]] = []       # (t, running, waiting)
         self.retracted = 0
 
@@ -197,7 +199,7 @@ class StepSampler:
             return
         t = time.perf_counter() - self.t0
         if m := DECODE_RE.search(line):
-            self.decode.append((t, int(m[1]), int(m[2])))
+            self.decode.append((t, int(m[1]), int(m[2]), None if m[3] is None else int(m[3])))
         elif m := PREFILL_RE.search(line):
             self.prefill.append((t, int(m[1]), int(m[2])))
         elif m := RETRACT_RE.search(line):
@@ -206,7 +208,7 @@ class StepSampler:
     def stats(self) -> dict:
         """The per-step fields of a run result (as serving.run_engine's; `preemptions` = SGLang's retractions)."""
         d = self.decode
-        per_request = [tokens / running for _, running, tokens in d if running > 0]
+        per_request = [tokens / running for _, running, tokens, _ in d if running > 0 and tokens > 0]
         return {
             "peak_kv_blocks": max((s[2] for s in d), default=0),
             "mean_blocks_per_running_request": sum(per_request) / len(per_request) if per_request else 0.0,
@@ -214,7 +216,7 @@ class StepSampler:
             "preemptions": self.retracted,
             "steps": len(d) + len(self.prefill),
             "timeline": {"t": [s[0] for s in d], "kv_blocks": [s[2] for s in d], "running": [s[1] for s in d],
-                         "waiting": [None for _ in d]},
+                         "waiting": [s[3] for s in d]},
         }
 
 

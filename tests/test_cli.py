@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from colreduce_kvprune import cli, serving
+from colreduce_kvprune import cli, serving, serving_sglang
 from colreduce_kvprune.config import load_config
 from colreduce_kvprune.serving import InputError, RunError
 
@@ -287,3 +287,141 @@ def test_json_and_plot_outputs(report, tmp_path, capsys):
     args = cli.build_parser().parse_args(["run", "--json"])
     cli.write_outputs(rep, args)
     assert json.loads(capsys.readouterr().out) == rep                   # --json alone: only JSON on stdout
+
+
+# ---------------------------------------------------------------------------------------------- --engine sglang
+
+_SGLANG_SPEC = importlib.util.find_spec("sglang")
+HAS_SGLANG = _SGLANG_SPEC is not None and _SGLANG_SPEC.origin is not None   # not tests/sglang (namespace package)
+
+
+def test_engine_option_default_and_choices(capsys):
+    assert cli.build_parser().parse_args(["run"]).engine == "vllm"
+    assert cli.build_parser().parse_args(["run", "--engine", "sglang"]).engine == "sglang"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--engine", "trtllm"])
+    assert e.value.code == 2 and "invalid choice: 'trtllm'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAS_SGLANG, reason="checks the message shown where SGLang is missing")
+def test_valid_input_without_sglang_says_so(capsys, model_dir):
+    status, out, err = run_main(capsys, "run", "--engine", "sglang", "--model", str(model_dir), "--num-prompts", "2",
+                                "--prompt-len", "64")
+    assert status == 2 and out == "" and "SGLang is not installed" in one_error_line(err)
+
+
+@pytest.mark.parametrize("policy", ["pyramidkv", "adakv"])
+def test_sglang_refuses_what_it_cannot_realise(capsys, model_dir, policy):
+    status, _, err = run_main(capsys, "run", "--engine", "sglang", "--model", str(model_dir), "--config", policy)
+    line = one_error_line(err)
+    assert status == 2 and policy in line and "sglang" in line.lower() and "Engines that can: transformers" in line
+
+
+def test_sglang_input_errors_before_any_engine(capsys, model_dir):
+    argv = ["run", "--engine", "sglang", "--model", str(model_dir)]
+    status, _, err = run_main(capsys, *argv, "--prompt-len", "100", "--max-tokens", "8", "--kv-blocks", "3")
+    assert status == 2 and "KV pool of 96 tokens is too small" in one_error_line(err) and "100 + 8" in err
+    status, _, err = run_main(capsys, *argv, "--prompt-len", "500", "--max-tokens", "20")
+    assert status == 2 and "exceeds the model's 512 positions" in one_error_line(err)
+    status, _, err = run_main(capsys, *argv, "--engine-arg", "=1")
+    assert status == 2 and "KEY=VALUE" in one_error_line(err)
+
+
+def test_sglang_job_settings(model_dir, monkeypatch):
+    monkeypatch.setattr(cli, "check_sglang", lambda: None)           # the job is built before the install check
+    args = cli.build_parser().parse_args(["run", "--engine", "sglang", "--model", str(model_dir), "--num-prompts",
+                                          "3", "--prompt-len", "70", "--max-tokens", "9", "--kv-blocks", "10",
+                                          "--block-size", "16", "--max-num-seqs", "5", "--engine-arg",
+                                          "chunked_prefill_size=64", "--seed", "3"])
+    job, config, _, _ = cli.prepare(args)
+    e = job["engine"]
+    assert job["engine_name"] == "sglang" and config.policy == "snapkv"
+    assert job["prompts"] == [p["prompt_token_ids"] for p in serving.synthetic_prompts(3, 70, 100, seed=3)]
+    assert e["max_total_tokens"] == 160 and e["page_size"] == 1 and e["max_running_requests"] == 5
+    assert e["disable_radix_cache"] and e["disable_overlap_schedule"] and e["chunked_prefill_size"] == 64
+    assert e["context_length"] == 512 and e["load_format"] == "dummy" and e["random_seed"] == 3
+    assert e["model_path"] == str(model_dir.resolve()) and e["decode_log_interval"] == 1
+    rep = serving.compare(job, fake_run(random.Random(1), 3, False), fake_run(random.Random(2), 3, True))
+    assert rep["settings"]["engine"] == "sglang" and rep["settings"]["kv_blocks"] == 160
+    assert rep["settings"]["block_size"] == 1 and rep["settings"]["max_num_seqs"] == 5
+    assert "max_total_tokens" not in serving_sglang.make_sglang_job(str(model_dir), [{"prompt_token_ids": [1]}]
+                                                                    )["engine"]
+
+
+def test_sglang_child_environment():
+    base = {"KVPRUNE_CONFIG": "x.yaml", "KVPRUNE_SGLANG_EVENTS": "old.jsonl", "SGLANG_PLUGINS": "other", "PATH": "/b"}
+    env = serving_sglang.child_env(None, None, base)
+    assert env["SGLANG_PLUGINS"] == "none" and "KVPRUNE_CONFIG" not in env and "KVPRUNE_SGLANG_EVENTS" not in env
+    env = serving_sglang.child_env("c.yaml", "ev.jsonl", base)
+    assert env["KVPRUNE_CONFIG"] == "c.yaml" and env["KVPRUNE_SGLANG_EVENTS"] == "ev.jsonl" and env["PATH"] == "/b"
+    assert env["SGLANG_PLUGINS"] == "other,colreduce_kvprune"
+    assert serving_sglang.child_env("c", None, dict(base, SGLANG_PLUGINS="none"))["SGLANG_PLUGINS"] == "colreduce_kvprune"
+    assert "SGLANG_PLUGINS" not in serving_sglang.child_env("c", None, {"PATH": "/b"})
+
+
+def _decode_line(running, tokens, waiting):
+    return (f"[2026-11-24 22:34:59] Decode batch, #running-req: {running}, #token: {tokens}, token usage: 0.88, "
+            f"cpu graph: False, gen throughput (token/s): 9.08, #queue-req: {waiting}\n")
+
+
+def test_step_sampler_reads_sglang_log_lines():
+    """Random decode / prefill / retraction lines in SGLang 0.5.23's format; the stats against a direct count."""
+    rng = random.Random(5)
+    for _ in range(20):
+        sampler = serving_sglang.StepSampler()
+        sampler(_decode_line(9, 999, 0))                              # before start(): engine warm-up, ignored
+        sampler.start()
+        decode, prefills, retracted = [], 0, 0
+        for _ in range(rng.randrange(1, 40)):
+            kind = rng.random()
+            if kind < 0.7:
+                d = (rng.randrange(0, 9), rng.choice([0, rng.randrange(1, 5000)]), rng.randrange(0, 9))
+                decode.append(d)
+                sampler(_decode_line(*d))
+            elif kind < 0.85:
+                prefills += 1
+                sampler(f"[x] Prefill batch, #new-seq: 3, #new-token: 900, #cached-token: 0, token usage: 0.88, "
+                        f"#running-req: {rng.randrange(9)}, #queue-req: 1, #pending-token: 300, cpu graph: False\n")
+            elif kind < 0.95:
+                n = rng.randrange(1, 4)
+                retracted += n
+                sampler(f"[x] KV cache pool is full. Retract requests. #retracted_reqs: {n}, #new_tokens_gained: 7, "
+                        "#new_token_ratio: 0.5000 -> 0.6000\n")
+            else:
+                sampler("[x] some other log line, #running-req: 99, #token: 99\n")
+        st = sampler.stats()
+        per = [t / r for r, t, _ in decode if r and t]
+        assert st["peak_kv_blocks"] == max((t for _, t, _ in decode), default=0)
+        assert st["peak_running"] == max((r for r, _, _ in decode), default=0)
+        assert st["mean_blocks_per_running_request"] == pytest.approx(sum(per) / len(per) if per else 0.0)
+        assert st["preemptions"] == retracted and st["steps"] == len(decode) + prefills
+        assert st["timeline"]["kv_blocks"] == [t for _, t, _ in decode]
+        assert st["timeline"]["waiting"] == [w for _, _, w in decode]
+        assert st["timeline"]["t"] == sorted(st["timeline"]["t"])
+
+
+def test_sglang_report_table_units(model_dir):
+    job = serving_sglang.make_sglang_job(str(model_dir), serving.synthetic_prompts(5, 100, 100), max_tokens=8,
+                                         kv_tokens=2000)
+    rng = random.Random(3)
+    base, pruned = fake_run(rng, 5, False), fake_run(rng, 5, True)
+    for run in (base, pruned):
+        run.update(num_blocks=2000, block_size=1, kv_unit="tokens", engine="sglang")
+    config = load_config({"policy": "h2o", "budget": {"keep_tokens": 40}, "min_prompt_tokens": 16})
+    table = cli.format_report(serving.compare(job, base, pruned, config=config, config_source="h.yaml"))
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines())}
+    assert "SGLang, KV pool 2000 token slots (page size 1)" in table and "blocks" not in table
+    assert rows["peak KV tokens in use (decode steps)"][:2] == [f"{base['peak_kv_blocks']} / 2000",
+                                                               f"{pruned['peak_kv_blocks']} / 2000"]
+    assert rows["KV tokens freed after prefill"] == ["0", str(pruned["prune_stats"]["blocks_freed"])]
+    assert rows["retractions"] == [str(base["preemptions"]), str(pruned["preemptions"])] and "preemptions" not in rows
+
+
+@pytest.mark.skipif(HAS_SGLANG, reason="checks how a failing SGLang run is reported, by running where SGLang is missing")
+def test_failed_sglang_run_is_reported_with_its_log(model_dir, tmp_path):
+    job = serving_sglang.make_sglang_job(str(model_dir), serving.synthetic_prompts(1, 8, 100))
+    config = load_config({"policy": "snapkv", "budget": {"keep_ratio": 0.5}, "window": 4, "min_prompt_tokens": 4})
+    with pytest.raises(RunError, match=r"pruned run failed: ModuleNotFoundError: No module named 'sglang'.*full log"):
+        serving.run_in_subprocess(job, config.to_dict(), log_dir=str(tmp_path))
+    assert load_config(tmp_path / "pruned-config.yaml") == config              # what $KVPRUNE_CONFIG pointed at
+    assert (tmp_path / "pruned.log").is_file()
