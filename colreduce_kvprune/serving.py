@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EVENT_PREFIX = "@@colreduce-kvprune "
+_DECODER = json.JSONDecoder()
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 MIN_BATCHED_TOKENS = 2048
 
@@ -335,7 +336,10 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
                 error = f"timed out after {timeout:.0f} s"
                 break
             if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX):])
+                # raw_decode: another process writing to the same pipe (SGLang's scheduler) may have put its own
+                # line right after the event, before the event's newline; that rest is log output
+                event, end = _DECODER.raw_decode(line, len(EVENT_PREFIX))
+                line = line[end:]
                 if event["event"] == "result":
                     result = event["result"]
                 elif event["event"] == "error":
@@ -345,7 +349,8 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
                         sampler.start()
                 elif on_event is not None:
                     on_event(event)
-                continue
+                if not line.strip():
+                    continue
             logf.write(line)
             if sampler is not None:
                 sampler(line)

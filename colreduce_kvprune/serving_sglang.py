@@ -144,8 +144,11 @@ def run_engine(job: dict, prune: str | None, emit: Callable[[dict], None]) -> di
 def _child_main() -> int:
     """`python -m colreduce_kvprune.serving_sglang`: job JSON on stdin, events on stdout (as serving._child_main)."""
     def emit(event: dict) -> None:
+        """One write per event: SGLang's scheduler process logs to the same pipe at the same time."""
         sys.stdout.flush()
-        print(EVENT_PREFIX + json.dumps(event), flush=True)
+        data = (EVENT_PREFIX + json.dumps(event) + "\n").encode()
+        while data:
+            data = data[os.write(sys.stdout.fileno(), data):]
 
     request = json.loads(sys.stdin.read())
     try:
