@@ -5,7 +5,8 @@
 Prints the side-by-side table of `colreduce-kvprune run`, then the two ratios pruned / unpruned: peak requests
 running at once (what the freed blocks buy) and output throughput. On CPU the block and concurrency ratios are the
 meaningful ones; the throughput ratio is reported as measured (scoring runs in plain torch there).
-Options: those of `colreduce-kvprune run` (--json, --plot, ...); the default KV pool applies to any --model here.
+Options: those of `colreduce-kvprune run` (--engine sglang, --json, --plot, ...); the default KV pool applies to any
+--model here.
 """
 import argparse
 import sys
@@ -44,12 +45,14 @@ def main(argv=None) -> int:
     report = compare(job, base, pruned, config=config, config_source=str(config_path), model_label=label)
     report["benchmark"] = s = summary(report)
     cli.write_outputs(report, args)
-    lines = [f"KV pool {s['kv_pool_blocks']} blocks; ratios {config.policy} / no pruning:",
+    sglang = report["settings"]["engine"] == "sglang"                  # SGLang: the pool counts token slots
+    lines = [f"KV pool {s['kv_pool_blocks']} {'token slots' if sglang else 'blocks'}; ratios {config.policy} / "
+             "no pruning:",
              f"  peak requests running at once  {s['peak_running'][0]} -> {s['peak_running'][1]}"
              f"   ({s['concurrency_ratio']:.2f}x)",
              f"  output tokens/s                {s['output_tokens_per_s'][0]:.1f} -> {s['output_tokens_per_s'][1]:.1f}"
              f"   ({s['throughput_ratio']:.2f}x, as measured)",
-             f"  preemptions                    {s['preemptions'][0]} -> {s['preemptions'][1]}"]
+             f"  {'retractions' if sglang else 'preemptions':<31}{s['preemptions'][0]} -> {s['preemptions'][1]}"]
     print("\n" + "\n".join(lines), file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
