@@ -11,6 +11,8 @@ own scheduler stats after every step through a stat logger: KV blocks in use (`k
 requests running and waiting, preemptions. It reports on its stdout in lines that start with `EVENT_PREFIX`
 (progress, then the result); everything else there is vLLM's log.
 Greedy decoding with ignore_eos, so both runs produce the same number of tokens and the outputs can be compared.
+SGLang runs (`--engine sglang`): serving_sglang.make_sglang_job builds the job; run_in_subprocess and compare take
+it as they take a vLLM job.
 """
 from __future__ import annotations
 
