@@ -425,3 +425,33 @@ def test_failed_sglang_run_is_reported_with_its_log(model_dir, tmp_path):
         serving.run_in_subprocess(job, config.to_dict(), log_dir=str(tmp_path))
     assert load_config(tmp_path / "pruned-config.yaml") == config              # what $KVPRUNE_CONFIG pointed at
     assert (tmp_path / "pruned.log").is_file()
+
+
+def test_sglang_run_output_parsing(model_dir, tmp_path, monkeypatch):
+    """run_in_subprocess on a scripted SGLang child output: an event with a scheduler log line glued before its
+    newline, log lines before "generating" (ignored), the step stats merged into the result, the log kept."""
+    job = serving_sglang.make_sglang_job(str(model_dir), serving.synthetic_prompts(2, 8, 100))
+    ev = lambda e: serving.EVENT_PREFIX + json.dumps(e)                                          # noqa: E731
+    result = {"requests": 2, "outputs": [[1], [2]]}
+    lines = [_decode_line(5, 500, 0), ev({"event": "started", "engine_start_s": 1.0, "num_blocks": 64}) + "\n",
+             ev({"event": "generating"}) + "\n", _decode_line(2, 40, 1),
+             ev({"event": "progress", "done": 1, "total": 2}) + _decode_line(1, 30, 0), _decode_line(1, 0, 0),
+             ev({"event": "result", "result": result}) + "\n"]
+
+    class FakeProc:
+        def __init__(self, cmd, **kw):
+            assert cmd[-1] == "colreduce_kvprune.serving_sglang" and kw["env"]["SGLANG_PLUGINS"] == "none"
+            self.stdin, self.stdout = open(os.devnull, "w"), iter(lines)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(serving.subprocess, "Popen", FakeProc)
+    events = []
+    got = serving.run_in_subprocess(job, None, events.append, log_dir=str(tmp_path))
+    assert [e["event"] for e in events] == ["started", "progress"]
+    assert got["requests"] == 2 and got["peak_kv_blocks"] == 40 and got["peak_running"] == 2 and got["steps"] == 3
+    assert got["mean_blocks_per_running_request"] == pytest.approx((20 + 30) / 2)
+    assert got["timeline"]["running"] == [2, 1, 1] and got["timeline"]["waiting"] == [1, 0, 0]
+    log = (tmp_path / "baseline.log").read_text()
+    assert log.count("Decode batch") == 4 and serving.EVENT_PREFIX not in log
