@@ -1,7 +1,9 @@
 """Pruning quality on the trained retrieval model (tests/data/retrieval-llama, task in benchmarks/quality/data.py):
 a fixed CPU subset asserts what the full table (benchmarks/quality/README.md) established.
 
-Thresholds (set from the measured table, with room for a 16-sample subset; see SUBSET_* below):
+The model tests skip while tests/data/retrieval-llama holds no model (no training run has reached the target yet;
+see benchmarks/quality/README.md); the generator tests always run. The thresholds below are placeholders from the
+issue's targets until a trained model's table replaces them:
 - unpruned exact match >= UNPRUNED_MIN;
 - SnapKV keeping 25% of the prompt KV is within SNAPKV_MARGIN of unpruned;
 - random keeping 10% is at least RANDOM_GAP below unpruned.
@@ -23,6 +25,9 @@ import eval as quality_eval  # noqa: E402
 sys.path.pop(0)
 
 MODEL = os.path.join(ROOT, "tests", "data", "retrieval-llama")
+needs_model = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL, "model.safetensors")),
+                                 reason="no trained retrieval model in tests/data/retrieval-llama "
+                                        "(train it with benchmarks/quality/gpu_train.sh)")
 SUBSET_SEED, SUBSET_NUM, SUBSET_LENS = 2024, 16, (1024,)
 UNPRUNED_MIN = 0.9
 SNAPKV_MARGIN = 0.15
@@ -90,9 +95,27 @@ def test_phrase_filler_repeats_and_random_does_not():
             assert distinct < 0.6 if kind == "phrases" else distinct > 0.9, (kind, distinct)
 
 
+def test_copy_batch_repeats_a_span_at_a_random_offset():
+    rng = np.random.default_rng(1)
+    ids, labels = data.copy_batch(rng, 64, 96)
+    assert ids.shape == labels.shape == (64, 96)
+    gaps = set()
+    for row, lab in zip(ids, labels):
+        where = np.flatnonzero(lab != data.IGNORE)
+        assert len(where) >= 7 and np.all(np.diff(where) == 1)
+        np.testing.assert_array_equal(row[where], lab[where])
+        span = row[where[0] - 1:where[-1] + 1]                      # the repeated span, first token included
+        earlier = [s for s in range(where[0] - len(span) + 1) if np.array_equal(row[s:s + len(span)], span)]
+        assert earlier, "the labelled span must occur earlier in the row"
+        gaps.add(where[0] - 1 - earlier[-1])
+    assert len(gaps) > 20                                           # offsets vary: no fixed-distance shortcut
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="do not fit"):
         data.make_sample(np.random.default_rng(0), 12, 3)
+    with pytest.raises(ValueError, match="shorter than two spans"):
+        data.copy_batch(np.random.default_rng(0), 2, 40)
     with pytest.raises(ValueError, match="filler kind"):
         data.filler(np.random.default_rng(0), 10, "words")
 
@@ -113,15 +136,18 @@ def run_case():
     return run
 
 
+@needs_model
 def test_unpruned_accuracy(run_case):
     assert run_case("snapkv", 1.0) >= UNPRUNED_MIN
 
 
+@needs_model
 def test_snapkv_quarter_budget_close_to_unpruned(run_case):
     full, snap = run_case("snapkv", 1.0), run_case("snapkv", 0.25)
     assert snap >= full - SNAPKV_MARGIN, (full, snap)
 
 
+@needs_model
 def test_random_tenth_budget_clearly_below(run_case):
     full, rand = run_case("snapkv", 1.0), run_case("random", 0.1)
     assert rand <= full - RANDOM_GAP, (full, rand)

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-VOCAB_SIZE = 1024
+VOCAB_SIZE = 256          # small on purpose: every token is seen often, so copying is learned in fewer steps
 PAD, BOS, EOS, REC, QRY = 0, 1, 2, 3, 4
-FILLER = (16, 256)        # [lo, hi) token ids of filler
-KEYS = (256, 640)         # key token ids
-VALUES = (640, 1024)      # value token ids
+FILLER = (8, 96)          # [lo, hi) token ids of filler
+KEYS = (96, 176)          # key token ids
+VALUES = (176, 256)       # value token ids (a 3-token value is one of 80**3 = 512000)
 KEY_LEN = 1
 VALUE_LEN = 3
 RECORD_LEN = 1 + KEY_LEN + VALUE_LEN
@@ -103,6 +103,24 @@ def eval_samples(seed: int, num: int, context_lens=(1024, 2048, 3072, 4096), num
     rng = np.random.default_rng(seed)
     return [make_sample(rng, context_lens[i % len(context_lens)], num_records, max_depth, filler)
             for i in range(num)]
+
+
+def copy_batch(rng: np.random.Generator, batch: int, length: int, span: tuple[int, int] = (8, 32)):
+    """Auxiliary training batch that only in-context copying can predict: random tokens (ids FILLER[0]..VOCAB_SIZE)
+    in which one span (length drawn in `span`) reappears later at a random offset; labels are the repeated span's
+    tokens after its first (IGNORE elsewhere). Random offsets rule out a fixed-distance positional shortcut.
+    Returns ids, labels (batch, length) int64."""
+    if length < 2 * span[1]:
+        raise ValueError(f"copy batch length {length} is shorter than two spans of {span[1]} tokens")
+    ids = rng.integers(FILLER[0], VOCAB_SIZE, size=(batch, length))
+    labels = np.full((batch, length), IGNORE, dtype=np.int64)
+    for r in range(batch):
+        n = int(rng.integers(span[0], span[1] + 1))
+        src = int(rng.integers(0, length - 2 * n + 1))
+        dst = int(rng.integers(src + n, length - n + 1))
+        ids[r, dst:dst + n] = ids[r, src:src + n]
+        labels[r, dst + 1:dst + n] = ids[r, dst + 1:dst + n]
+    return ids, labels
 
 
 def train_batch(rng: np.random.Generator, batch: int, context_len: int, num_records: tuple[int, int],

@@ -4,7 +4,7 @@
 # transformers-path accuracy table on the GPU as a cross-check of the CPU table. Lands in $OUT: model/ (the chosen
 # variant, with task.json), variants.json (every variant's result), train.log (all logs), train_log.jsonl (the chosen
 # one's), eval_hf_gpu.json. Checkpoints are saved every 2 minutes, so a run cut short still returns a model.
-# Usage: TRAIN_SECONDS=380 EVAL_SECONDS=110 bash benchmarks/quality/gpu_train.sh
+# Usage: TRAIN_SECONDS=420 EVAL_SECONDS=100 bash benchmarks/quality/gpu_train.sh
 set -uo pipefail
 export OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -13,10 +13,11 @@ export PYTHONPATH=/tmp/pkg PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 V=/tmp/variants
-declare -A ARGS=([a]="--filler phrases --lm-loss --lr 1e-3" [b]="--filler phrases --lm-loss --lr 2e-3"
-                 [c]="--filler random --no-lm-loss --lr 1e-3")
+declare -A ARGS=([a]="--filler phrases --lm-loss --copy-aux 1 --lr 2e-3"
+                 [b]="--filler random --no-lm-loss --copy-aux 1 --lr 2e-3"
+                 [c]="--filler random --no-lm-loss --lr 3e-3")
 for v in a b c; do
-    python3 benchmarks/quality/train.py --out $V/$v --train-seconds "${TRAIN_SECONDS:-380}" ${ARGS[$v]} ${EXTRA_TRAIN_ARGS:-} \
+    python3 benchmarks/quality/train.py --out $V/$v --train-seconds "${TRAIN_SECONDS:-420}" ${ARGS[$v]} ${EXTRA_TRAIN_ARGS:-} \
         > $V.$v.log 2>&1 &
 done
 wait

@@ -17,13 +17,16 @@ import eval as quality_eval  # noqa: E402
 sys.path.pop(0)
 
 MODEL = os.path.join(ROOT, "tests", "data", "retrieval-llama")
+if not os.path.exists(os.path.join(MODEL, "model.safetensors")):
+    pytest.skip("no trained retrieval model in tests/data/retrieval-llama (benchmarks/quality/gpu_train.sh)",
+                allow_module_level=True)
 SUBSET_SEED, SUBSET_NUM, SUBSET_LENS = 2024, 16, (1024,)      # as tests/test_quality.py
 CASES = [("none", 1.0), ("snapkv", 0.25), ("random", 0.1), ("streamingllm", 0.1), ("tova", 0.1)]
 
 
 @pytest.fixture(scope="module")
 def samples():
-    return data.eval_samples(SUBSET_SEED, SUBSET_NUM, SUBSET_LENS)
+    return quality_eval.subset(MODEL, SUBSET_SEED, SUBSET_NUM, SUBSET_LENS)
 
 
 @pytest.fixture(scope="module")
