@@ -198,7 +198,10 @@ def accuracy_table(results: list[dict]) -> dict:
         for r in res["rows"]:
             if r["policy"] != "none":
                 cells[(r["policy"], r["keep_ratio"])] = r["accuracy"]
-                cells[(r["policy"], 1.0)] = base
+                if r["accuracy"] is not None:           # an engine that cannot run the policy: n/a throughout
+                    cells[(r["policy"], 1.0)] = base
+                else:
+                    cells.setdefault((r["policy"], 1.0), None)
         table[res["engine"]] = cells
     return table
 
