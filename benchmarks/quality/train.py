@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=MODEL_CONFIG["hidden_size"])
     p.add_argument("--layers", type=int, default=MODEL_CONFIG["num_hidden_layers"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--init", help="continue from the weights of this model folder (a checkpoint's model/); the "
+                                  "optimizer starts fresh; its task.json must match --filler")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
 
@@ -122,7 +124,16 @@ def main(argv=None) -> int:
                         num_attention_heads=a.hidden // 32, head_dim=32)
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_model(a.seed).to(device).train()
+    if a.init:
+        from transformers import LlamaForCausalLM
+
+        with open(os.path.join(a.init, "task.json")) as f:
+            if json.load(f)["filler"] != a.filler:
+                raise SystemExit(f"--init {a.init} was trained with another --filler than {a.filler!r}")
+        model = LlamaForCausalLM.from_pretrained(a.init, dtype=torch.float32, attn_implementation="sdpa")
+        model = model.to(device).train()
+    else:
+        model = build_model(a.seed).to(device).train()
     print(f"parameters: {sum(x.numel() for x in model.parameters()) / 1e6:.2f} M", flush=True)
     decay = [x for n, x in model.named_parameters() if x.ndim >= 2]
     no_decay = [x for n, x in model.named_parameters() if x.ndim < 2]
