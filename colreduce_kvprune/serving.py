@@ -260,20 +260,29 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
     }
 
 
-def _child_main() -> int:
-    """`python -m colreduce_kvprune.serving` (used by run_in_subprocess): job JSON on stdin, events on stdout."""
-    def emit(event: dict) -> None:
-        sys.stdout.flush()
-        print(EVENT_PREFIX + json.dumps(event), flush=True)
+def emit_event(event: dict) -> None:
+    """One event line on stdout in a single write: an engine's own processes may log to the same pipe."""
+    sys.stdout.flush()
+    data = (EVENT_PREFIX + json.dumps(event) + "\n").encode()
+    while data:
+        data = data[os.write(sys.stdout.fileno(), data):]
 
+
+def child_main(run: Callable) -> int:
+    """A run's process: job JSON on stdin → `run(job, prune, emit)`; events (then the result) on stdout."""
     request = json.loads(sys.stdin.read())
     try:
-        result = run_engine(request["job"], request["prune"], emit)
+        result = run(request["job"], request["prune"], emit_event)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which prints one line
-        emit({"event": "error", "message": f"{type(e).__name__}: {e}"})
+        emit_event({"event": "error", "message": f"{type(e).__name__}: {e}"})
         raise
-    emit({"event": "result", "result": result})
+    emit_event({"event": "result", "result": result})
     return 0
+
+
+def _child_main() -> int:
+    """`python -m colreduce_kvprune.serving` (used by run_in_subprocess)."""
+    return child_main(run_engine)
 
 
 # ------------------------------------------------------------------------------------------ one run (parent)

@@ -20,12 +20,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .serving import EVENT_PREFIX, InputError, has_weights, model_limits, read_model_config, tokenize_prompts
+from .serving import InputError, child_main, has_weights, model_limits, read_model_config, tokenize_prompts
 
 PLUGIN_NAME = "colreduce_kvprune"
 DECODE_RE = re.compile(r"Decode batch(?: \[\d+\])?, #running-req: (\d+), #token: (\d+)(?:.*#queue-req: (\d+))?")
@@ -142,22 +141,8 @@ def run_engine(job: dict, prune: str | None, emit: Callable[[dict], None]) -> di
 
 
 def _child_main() -> int:
-    """`python -m colreduce_kvprune.serving_sglang`: job JSON on stdin, events on stdout (as serving._child_main)."""
-    def emit(event: dict) -> None:
-        """One write per event: SGLang's scheduler process logs to the same pipe at the same time."""
-        sys.stdout.flush()
-        data = (EVENT_PREFIX + json.dumps(event) + "\n").encode()
-        while data:
-            data = data[os.write(sys.stdout.fileno(), data):]
-
-    request = json.loads(sys.stdin.read())
-    try:
-        result = run_engine(request["job"], request["prune"], emit)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which prints one line
-        emit({"event": "error", "message": f"{type(e).__name__}: {e}"})
-        raise
-    emit({"event": "result", "result": result})
-    return 0
+    """`python -m colreduce_kvprune.serving_sglang`: as serving's run processes, with SGLang's engine."""
+    return child_main(run_engine)
 
 
 # ------------------------------------------------------------------------------------------ one run (parent)
