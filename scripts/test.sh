@@ -24,4 +24,3 @@ if [ "${SKIP_SGLANG:-0}" != "1" ]; then
     echo "== SGLang plugin tests ($(( $(date +%s) - start )) s so far)"
     bash scripts/ci_sglang.sh
 fi
-echo "== all tests done in $(( $(date +%s) - start )) s"
