@@ -7,8 +7,10 @@ unchanged. Engine settings it needs: enable_prefix_caching=False, enable_chunked
 max_num_batched_tokens >= max_model_len), async_scheduling=False — anything else is refused at engine start.
 
 Pieces: settings.py (config discovery, engine-start checks), backend_*.py (attention backends: score, compact,
-remap), guards.py (MLA backends that refuse a configured run), compaction.py (the backend-independent tensor work), manager.py (scheduler: free tail blocks, count in
-compacted tokens), stats.py (`get_stats(llm)`).
+remap), guards.py (MLA backends that refuse a configured run), compaction.py (the backend-independent tensor work),
+prompt_lengths.py (a logits processor, entry point `vllm.logits_processors`, that tells the builder each row's
+prompt length, so that a request recomputed after preemption is pruned as before), manager.py (scheduler: free tail
+blocks, count in compacted tokens), stats.py (`get_stats(llm)`).
 """
 from __future__ import annotations
 
@@ -59,8 +61,8 @@ def register() -> None:
 
 
 def get_stats(llm=None):
-    """Pruning summary (PruneStats: requests_pruned, prompt_tokens, kept_tokens, blocks_freed, peak_blocks_in_use,
-    num_blocks) of an in-process `LLM`; see stats.py for multiprocessing."""
+    """Pruning summary (PruneStats: requests_pruned, requests_recomputed, prompt_tokens, kept_tokens, blocks_freed,
+    peak_blocks_in_use, num_blocks) of an in-process `LLM`; see stats.py for multiprocessing."""
     from .stats import get_stats as _get_stats
 
     return _get_stats(llm)

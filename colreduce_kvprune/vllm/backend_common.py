@@ -2,11 +2,14 @@
 mixins over vLLM's own classes. With no pruning config every method is the base class's, unchanged.
 
 Builder.build: for the fresh prefills of the step, plan the pruning (host ints from the CPU copies of
-query_start_loc / seq_lens, then device index tensors); for every row, look up the request's pruned layout
-(RowState) and rewrite seq_lens, the block table and, in place, the slot mapping (vectorised, no host sync).
+query_start_loc / seq_lens and each row's prompt length from prompt_lengths.py, then device index tensors); for
+every row, look up the request's pruned layout (RowState) and rewrite seq_lens, the block table and, in place, the
+slot mapping (vectorised, no host sync).
 Impl.forward: the base attention over the full prefill, then, per layer, scores → selection → gather of the kept
 K/V from the step's key/value tensors → write to compacted slots with the backend's own `do_kv_cache_update`
-(reads come from the step's tensors, never from the cache being written, so no slot is read after it is written).
+(reads come from the step's tensors, never from the cache being written, so no slot is read after it is written);
+for a request recomputed after preemption, the attention rows of its outputs are then recomputed over the kept
+tokens (compaction.recompute_outputs), so it continues exactly as if it had not been preempted.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import dataclasses
 import torch
 
 from ..policies import get_policy
+from ..config import ConfigError
 from . import compaction
+from .prompt_lengths import tracker_for
 from .settings import config_to_json, resolve
 
 _last_config_json: str | None = None   # config resolved by this process's last engine (for customize_spec)
@@ -38,7 +43,6 @@ def prunable_spec(spec):
     """customize_spec hook: FullAttentionSpec → PrunableFullAttentionSpec carrying the config (scheduler side)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from ..config import ConfigError
     from .manager import PrunableFullAttentionSpec
 
     if _last_config_json is None or isinstance(spec, PrunableFullAttentionSpec):
@@ -61,6 +65,15 @@ class PruneBuilderMixin:
             self.prune_block_size = kv_cache_spec.block_size
             self.prune_rows = None            # RowState, sized at the first build (the pool exists by then)
             self.prune_num_blocks = vllm_config.cache_config.num_gpu_blocks
+            self.prune_prompts = tracker_for(vllm_config)
+            if self.prune_prompts is None:
+                raise ConfigError(
+                    "colreduce_kvprune: the worker's prompt-length tracker (logits processor "
+                    "colreduce_kvprune.vllm.prompt_lengths:PromptLengthTracker, entry point group "
+                    "'vllm.logits_processors') is not active in this engine, so a request recomputed after "
+                    "preemption could not be pruned as before; reinstall colreduce-kvprune (pip install -e . "
+                    "registers the entry point) or pass logits_processors=['colreduce_kvprune.vllm.prompt_lengths:"
+                    "PromptLengthTracker'] (this vLLM build may also construct its input batch differently)")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if self.prune_config is None:
@@ -80,7 +93,7 @@ class PruneBuilderMixin:
                 raise RuntimeError("colreduce_kvprune: the KV cache block count is unknown when attention runs")
             self.prune_rows = compaction.RowState(self.prune_num_blocks, bt.device)
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
-        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n)
+        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n, self.prune_prompts.prompt_length)
         fresh_rows, fresh_values, plan = compaction.plan_prefills(
             self.prune_config, self.prune_policy, prefills, bt, self.prune_block_size)
         state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)
@@ -104,15 +117,21 @@ class PruneImplMixin:
         _remember(self.prune_config)
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
+            extras = [name for name in ("alibi_slopes", "sinks") if getattr(self, name, None) is not None]
+            if getattr(self, "logits_soft_cap", None):
+                extras.append("logits_soft_cap")
+            if extras:
+                raise ConfigError(f"colreduce_kvprune: attention with {', '.join(extras)} is not supported (the "
+                                  "exact recompute of preempted requests' outputs is plain softmax attention)")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         plan = getattr(attn_metadata, "kvprune", None)
         if plan is not None and key is not None:
-            self._prune_compact(layer, query, key, value, kv_cache, plan)
+            self._prune_compact(layer, query, key, value, kv_cache, plan, output)
         return out
 
-    def _prune_compact(self, layer, query, key, value, kv_cache, plan):
+    def _prune_compact(self, layer, query, key, value, kv_cache, plan, output):
         from vllm.model_executor.models.utils import extract_layer_index
 
         layer_idx = extract_layer_index(layer.layer_name)
@@ -120,3 +139,5 @@ class PruneImplMixin:
             idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale)
             k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
             self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
+            if any(plan.num_outputs):
+                compaction.recompute_outputs(plan, query, k_sel, v_sel, output, self.scale)

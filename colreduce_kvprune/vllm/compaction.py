@@ -1,11 +1,16 @@
 """Worker side, backend independent: which rows of a step to prune, the remapped block tables of pruned requests,
-scoring + selection per layer, and the gather of the kept K/V. Pure torch on the step's tensors; no vLLM import.
+scoring + selection per layer, the gather of the kept K/V, and the exact attention of recomputed outputs. Pure torch
+on the step's tensors; no vLLM import.
 
-Layout after pruning a request whose prefill had L tokens and keeps `keep` per kv head (off = L − keep):
-compacted token c (0 ≤ c < keep: the kept prompt tokens in ascending order, per kv head; c ≥ keep: the tokens
-after the prefill) lives in block row[c // bs] at offset c % bs, where row = the request's block-table row with
-the blocks [cdiv(keep, bs), cdiv(L, bs)) removed (the scheduler freed them). Attention sees seq_len − off keys;
-positions stay logical, so RoPE of new tokens is unchanged.
+Layout after pruning a request whose prompt had P tokens and keeps `keep` per kv head (off = P − keep): compacted
+token c (0 ≤ c < keep: the kept prompt tokens in ascending order, per kv head; c ≥ keep: the tokens after the
+prompt) lives in block row[c // bs] at offset c % bs, where row = the request's block-table row with the blocks
+[cdiv(L − off, bs), cdiv(L, bs)) removed (the scheduler freed them), L being the length of the prefill that pruned
+it: L = P for a fresh prompt, L = P + g when vLLM recomputes a preempted request (prompt + its g outputs prefilled
+from position 0). A recompute is pruned exactly like the first prefill: the prompt alone is scored, keep(P) prompt
+tokens are kept, then all g outputs; and the outputs' attention rows are recomputed over the kept prompt tokens +
+earlier outputs (`recompute_outputs`), as their decode steps saw them. Attention sees seq_len − off keys; positions
+stay logical, so RoPE of new tokens is unchanged.
 
 Per-request state lives in a table indexed by the request's first physical block id (unique per live request
 without prefix caching; each request's first step is a prefill from position 0, which resets the entry), so the
@@ -28,17 +33,22 @@ def cdiv(a: int, b: int) -> int:
 class PrefillPlan:
     """The rows of one step whose prefill is pruned after attention (shared by every layer of the step).
 
-    rows/starts/lengths/keeps: host ints per pruned row (row index in the batch, first token in the packed step,
-    prefill length L, kept count). Device tensors: key_index (ΣL,) packed token ids of the rows' tokens, cu_k (B+1,)
-    int32; window_index (ΣW,) the last W tokens of each row, cu_q (B+1,) int32 (empty when the policy needs no
-    queries); kept_row/kept_pos (Σkeep,) int64 — row (in this plan) and compacted position c of every kept entry;
-    slots (Σkeep,) int64 — destination cache slot of each kept entry.
+    Host ints per pruned row: rows (row index in the batch), starts (first token in the packed step), lengths
+    (prompt length P: the tokens scored), keeps (prompt tokens kept), num_outputs (g: output tokens after the prompt,
+    > 0 only for a recompute after preemption), num_queries, kept_starts (first entry of the row in the kept
+    entries). Device tensors: key_index (ΣP,) packed token ids of the rows' prompts, cu_k (B+1,) int32; window_index
+    (ΣW,) the last W prompt tokens of each row, cu_q (B+1,) int32 (empty when the policy needs no queries);
+    kept_row/kept_pos (Σ(keep+g),) int64 — row (in this plan) and compacted position c of every kept entry;
+    kept_out_tok (Σ(keep+g),) int64 — packed token id of an output entry (c ≥ keep), −1 for a prompt entry;
+    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry.
     """
     rows: list[int]
     starts: list[int]
     lengths: list[int]
     keeps: list[int]
+    num_outputs: list[int]
     num_queries: list[int]
+    kept_starts: list[int]
     key_index: torch.Tensor
     cu_k: torch.Tensor
     window_index: torch.Tensor
@@ -46,6 +56,7 @@ class PrefillPlan:
     starts_dev: torch.Tensor
     kept_row: torch.Tensor
     kept_pos: torch.Tensor
+    kept_out_tok: torch.Tensor
     slots: torch.Tensor
 
 
@@ -71,48 +82,65 @@ class RowState:
         return vals
 
 
-def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int):
-    """Rows whose step prefills their sequence from position 0 (query length == sequence length): [(row, start, L)]."""
+def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int, prompt_length=None):
+    """Rows whose step prefills their sequence from position 0 (query length == sequence length L):
+    [(row, start, L, P)], P = prompt_length(row) (the request's prompt length; L − P outputs are recomputed after a
+    preemption), or L where prompt_length is None or returns None (rows of no tracked request)."""
     qs = query_start_cpu[: num_reqs + 1].tolist()
     sl = seq_lens_cpu[:num_reqs].tolist()
-    return [(r, qs[r], sl[r]) for r in range(num_reqs) if sl[r] > 0 and qs[r + 1] - qs[r] == sl[r]]
+    out = []
+    for r in range(num_reqs):
+        if sl[r] > 0 and qs[r + 1] - qs[r] == sl[r]:
+            p = prompt_length(r) if prompt_length is not None else None
+            p = sl[r] if p is None else p
+            if not 0 < p <= sl[r]:
+                raise RuntimeError(f"colreduce_kvprune: batch row {r} prefills {sl[r]} tokens from position 0 but "
+                                   f"its prompt has {p}: the prompt lengths tracked per row disagree with vLLM's "
+                                   "batch (unsupported vLLM change?)")
+            out.append((r, qs[r], sl[r], p))
+    return out
 
 
 def plan_prefills(config, policy, prefills, block_table: torch.Tensor, block_size: int):
-    """Host-side plan for the fresh prefills [(row, start, L)] of a step.
+    """Host-side plan for the fresh prefills [(row, start, L, P)] of a step.
 
     Returns (fresh_rows, fresh_values, PrefillPlan | None): the RowState entries to set for every fresh row, and
-    the plan of the rows actually pruned (keep < L)."""
+    the plan of the rows actually pruned (keep(P) < P)."""
     fresh_rows, fresh_values, pruned = [], [], []
-    for row, start, length in prefills:
-        keep = keep_count(config, length)
+    for row, start, length, prompt in prefills:
+        keep = keep_count(config, prompt)
         fresh_rows.append(row)
-        if keep < length:
-            fresh_values.append((length - keep, cdiv(keep, block_size), cdiv(length, block_size)))
-            pruned.append((row, start, length, keep))
+        if keep < prompt:
+            off = prompt - keep
+            fresh_values.append((off, cdiv(length - off, block_size), cdiv(length, block_size)))
+            pruned.append((row, start, prompt, keep, length - prompt))
         else:
             fresh_values.append((0, 0, 0))
     if not pruned:
         return fresh_rows, fresh_values, None
     dev = block_table.device
-    rows, starts, lengths, keeps = (list(x) for x in zip(*pruned))
+    rows, starts, lengths, keeps, outs = (list(x) for x in zip(*pruned))
     req = policy.score_request(max(lengths))
     nq = [min(policy.score_request(n).num_queries, n) if req.kind == "attention" else 0 for n in lengths]
     key_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
     window_index = torch.cat([torch.arange(s + n - m, s + n) for s, n, m in zip(starts, lengths, nq)])
     cu_k = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_q = torch.tensor([0] + nq, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    kept_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(keeps))
-    kept_pos = torch.cat([torch.arange(k) for k in keeps])
+    totals = [k + g for k, g in zip(keeps, outs)]
+    kept_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(totals))
+    kept_pos = torch.cat([torch.arange(t) for t in totals])
+    kept_out_tok = torch.cat([torch.cat([torch.full((k,), -1), torch.arange(s + n, s + n + g)])
+                              for s, n, k, g in zip(starts, lengths, keeps, outs)])
     to = dict(device=dev, non_blocking=True)
     kept_row_d, kept_pos_d = kept_row.to(**to), kept_pos.to(**to)
     rows_d = torch.tensor(rows, dtype=torch.long).to(**to)
     slots = (block_table[rows_d[kept_row_d], kept_pos_d // block_size].long() * block_size
              + kept_pos_d % block_size)
-    plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_queries=nq,
+    plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_outputs=outs, num_queries=nq,
+                       kept_starts=[0] + list(_cumsum(totals))[:-1],
                        key_index=key_index.to(**to), cu_k=cu_k.to(**to), window_index=window_index.to(**to),
                        cu_q=cu_q.to(**to), starts_dev=torch.tensor(starts, dtype=torch.long).to(**to),
-                       kept_row=kept_row_d, kept_pos=kept_pos_d, slots=slots)
+                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok.to(**to), slots=slots)
     return fresh_rows, fresh_values, plan
 
 
@@ -165,10 +193,36 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
 
 
 def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-    """The kept K/V of every pruned row, in compacted order: (Σkeep, Hkv, D) each, matching plan.slots."""
-    tok = plan.starts_dev[plan.kept_row][:, None] + idx[plan.kept_row, :, plan.kept_pos]   # (Σkeep, Hkv)
+    """The kept K/V of every pruned row, in compacted order (kept prompt tokens, then the recomputed outputs):
+    (Σ(keep+g), Hkv, D) each, matching plan.slots. idx (B, Hkv, K_max) from select_kept."""
+    pos = plan.kept_pos.clamp(max=idx.shape[2] - 1)                       # output entries: any valid column
+    tok = plan.starts_dev[plan.kept_row][:, None] + idx[plan.kept_row, :, pos]   # (Σ, Hkv)
+    tok = torch.where(plan.kept_out_tok[:, None] >= 0, plan.kept_out_tok[:, None], tok)
     heads = torch.arange(key.shape[1], device=key.device)
     return key[tok, heads], value[tok, heads]
+
+
+def recompute_outputs(plan: PrefillPlan, query: torch.Tensor, k_kept: torch.Tensor, v_kept: torch.Tensor,
+                      output: torch.Tensor, scale: float) -> None:
+    """Overwrite the attention output of the recomputed output tokens of each row (rows with g > 0: a request
+    prefilled again after preemption). Output token j of a row attends to the row's kept prompt tokens and outputs
+    0..j (its kept entries c ≤ keep + j), exactly what its decode step saw, instead of the whole prompt the base
+    attention gave it. query (T, Hq, D); k_kept/v_kept from gather_kept; output (T, Hq, Dv), written in place.
+    Plain torch in float32 (recompute after preemption is rare); host ints only, no sync."""
+    for b, g in enumerate(plan.num_outputs):
+        if not g:
+            continue
+        keep, e0, q0 = plan.keeps[b], plan.kept_starts[b], plan.starts[b] + plan.lengths[b]
+        q = query[q0: q0 + g].float()                                            # (g, Hq, D)
+        group = q.shape[1] // k_kept.shape[1]
+        k = k_kept[e0: e0 + keep + g].float().repeat_interleave(group, dim=1)    # (keep+g, Hq, D)
+        v = v_kept[e0: e0 + keep + g].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q, k) * scale
+        c = torch.arange(keep + g, device=q.device)
+        j = torch.arange(g, device=q.device)
+        s = s.masked_fill((c[None, :] > keep + j[:, None])[None], float("-inf"))
+        out = torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
+        output[q0: q0 + g] = out.to(output.dtype)
 
 
 def _cumsum(xs):

@@ -1,11 +1,13 @@
 """Scheduler side: a KV cache manager that frees a pruned request's tail blocks once its prefill is computed.
 
-The worker compacts a request's kept tokens into the first cdiv(keep, block_size) blocks of its block table right
-after the prefill (see `compaction.py`). The scheduler never hears back from the worker: the kept count is
-`keep_count(config, L)`, a pure function of the prefill length L and the config (which reaches this process inside
-the KV cache spec), so both sides agree by construction. Rule shared with the worker: a request is pruned after the
-one step that prefills its tokens from position 0 (a fresh prompt, or a prompt + outputs recomputed after
-preemption: then L counts both); chunked prefill and prefix caching are refused at engine start.
+The worker compacts a request's kept tokens into the first blocks of its block table right after the prefill (see
+`compaction.py`). The scheduler never hears back from the worker: the kept count is `keep_count(config, P)`, a pure
+function of the prompt length P and the config (which reaches this process inside the KV cache spec), so both sides
+agree by construction. Rule shared with the worker: a request is pruned after the one step that prefills its tokens
+from position 0. For a fresh prompt that prefill is the P prompt tokens; for a request recomputed after preemption it
+is the prompt + its g outputs so far (L = P + g), pruned exactly as the first time: keep(P) prompt tokens, then all
+g outputs, so the request holds cdiv(keep + g, block_size) blocks and continues as if never preempted. Chunked
+prefill and prefix caching are refused at engine start.
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ class PrunableFullAttentionSpec(FullAttentionSpec):
 class PruneManager(FullAttentionManager):
     """FullAttentionManager that counts a pruned request's blocks in compacted tokens.
 
-    offsets[request_id] = L − keep once the request's prefill of L tokens is computed (0 when not pruned);
-    logical token counts from the scheduler are shifted by it before the base class sizes allocations.
+    offsets[request_id] = P − keep(P) once the request's prefill (of its prompt, or of prompt + outputs after a
+    preemption) is computed (0 when not pruned); logical token counts from the scheduler are shifted by it before the
+    base class sizes allocations.
     """
 
     def __init__(self, kv_cache_spec: PrunableFullAttentionSpec, **kwargs):
@@ -60,27 +63,30 @@ class PruneManager(FullAttentionManager):
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
         if (request_id not in self.offsets and num_prompt_tokens is not None
                 and processed_computed_tokens >= num_prompt_tokens and self.req_to_blocks.get(request_id)):
-            self._prune(request_id, processed_computed_tokens)
+            self._prune(request_id, processed_computed_tokens, num_prompt_tokens)
         return super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
 
-    def _prune(self, request_id: str, prefill_len: int) -> None:
-        keep = keep_count(self.prune_config, prefill_len)
-        self.offsets[request_id] = prefill_len - keep
-        if keep >= prefill_len:
+    def _prune(self, request_id: str, prefill_len: int, prompt_len: int) -> None:
+        keep = keep_count(self.prune_config, prompt_len)
+        self.offsets[request_id] = prompt_len - keep
+        if keep >= prompt_len:
             return
+        outputs = prefill_len - prompt_len              # > 0: recomputed after preemption, the outputs stay
         blocks = self.req_to_blocks[request_id]
-        kept_blocks, prefill_blocks = cdiv(keep, self.block_size), cdiv(prefill_len, self.block_size)
+        kept_blocks, prefill_blocks = cdiv(keep + outputs, self.block_size), cdiv(prefill_len, self.block_size)
         tail = blocks[kept_blocks:prefill_blocks]       # blocks after the prefill's (if any) stay, shifted down
         del blocks[kept_blocks:prefill_blocks]
         self.block_pool.free_blocks(reversed(tail))
         s = self.prune_stats
         s.requests_pruned += 1
-        s.prompt_tokens += prefill_len
+        s.requests_recomputed += int(outputs > 0)
+        s.prompt_tokens += prompt_len
         s.kept_tokens += keep
         s.blocks_freed += len(tail)
         logger.debug("kv prune: request %s prefill %d tokens -> kept %d per kv head, freed %d of %d blocks "
-                     "(pool free %d)", request_id, prefill_len, keep, len(tail), prefill_blocks,
-                     self.block_pool.get_num_free_blocks())
+                     "(pool free %d)%s", request_id, prompt_len, keep, len(tail), prefill_blocks,
+                     self.block_pool.get_num_free_blocks(),
+                     f"; recomputed after preemption with {outputs} outputs, all kept" if outputs else "")
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False,

@@ -80,6 +80,9 @@ def unsupported_settings(vllm_config) -> list[str]:
         if window is not None or any("sliding" in str(t) or "chunk" in str(t) for t in layer_types):
             problems.append(f"sliding-window models are not supported (sliding_window={window}): "
                             "a window already evicts tokens by position")
+        if getattr(mc, "enable_prompt_embeds", False):
+            problems.append("prompt embeddings (enable_prompt_embeds=True) are not supported: the plugin needs each "
+                            "request's prompt token count to re-prune a request recomputed after preemption")
         if getattr(mc, "attention_chunk_size", None):
             problems.append("chunked local attention models are not supported")
         from vllm.platforms import current_platform

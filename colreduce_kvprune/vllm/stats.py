@@ -15,11 +15,14 @@ from dataclasses import asdict, dataclass
 class PruneStats:
     """Counters of one engine (one KV cache group).
 
-    requests_pruned: prefills whose KV was compacted; prompt_tokens / kept_tokens: their tokens before / after;
+    requests_pruned: prefills whose KV was compacted (a request preempted and recomputed counts once more);
+    requests_recomputed: those of them that recomputed a preempted request with outputs (pruned as before, outputs
+    kept); prompt_tokens / kept_tokens: their prompt tokens before / after;
     blocks_freed: KV blocks returned to the pool right after those prefills; peak_blocks_in_use: the most blocks
     of the pool (null block excluded) held at once, sampled after every allocation; num_blocks: pool size.
     """
     requests_pruned: int = 0
+    requests_recomputed: int = 0
     prompt_tokens: int = 0
     kept_tokens: int = 0
     blocks_freed: int = 0
@@ -62,7 +65,7 @@ def get_stats(llm=None) -> PruneStats:
     total = PruneStats()
     for m in managers:
         s = m.prune_stats
-        for name in ("requests_pruned", "prompt_tokens", "kept_tokens", "blocks_freed"):
+        for name in ("requests_pruned", "requests_recomputed", "prompt_tokens", "kept_tokens", "blocks_freed"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
         total.peak_blocks_in_use = max(total.peak_blocks_in_use, s.peak_blocks_in_use)
         total.num_blocks = max(total.num_blocks, s.num_blocks)

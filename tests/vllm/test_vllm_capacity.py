@@ -70,28 +70,43 @@ def test_small_pool_outputs(llama_path, prompts, vanilla, pruned):
     assert p_out == reference(llama_path, prompts, CONFIG, max_tokens=MAX_TOKENS)
 
 
-def test_preemption_and_recompute_reprune(llama_path):
-    """Long decodes in a tiny pool: pruned requests get preempted and recomputed (prompt + outputs prefilled again,
-    and pruned again as one prefill). The run completes, every block comes back, and each request is pruned
-    once per prefill."""
+def run_with_preemptions(llm, prompts, max_tokens):
+    """Run all prompts together to completion; return (outputs, number of preemptions), the latter from vLLM's own
+    per-request counters (Request.num_preemptions; the scheduler keys requests by internal ids)."""
     from vllm import SamplingParams
 
-    prompts = random_prompts((200, 190, 230, 170), seed=6)
-    with engine(llama_path, CONFIG, num_gpu_blocks_override=20, max_model_len=512,
+    core, sched = llm.llm_engine, scheduler(llm)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    ids = [f"{id(prompts)}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        core.add_request(rid, {"prompt_token_ids": p}, sp)
+    outs, preemptions = {}, {}
+    while core.has_unfinished_requests():
+        for o in core.step():
+            if o.finished:
+                outs[o.request_id] = list(o.outputs[0].token_ids)
+        for rid, req in sched.requests.items():
+            preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
+    return [outs[rid] for rid in ids], sum(preemptions.values())
+
+
+@pytest.mark.parametrize("config", [CONFIG, dict(CONFIG, policy="h2o")], ids=["snapkv", "h2o"])
+def test_preemption_and_recompute_reprune(llama_path, config):
+    """Long decodes in a tiny pool: pruned requests get preempted and recomputed (prompt + outputs prefilled again
+    from position 0). Each is pruned again exactly as the first time (same kept prompt tokens, outputs kept, outputs'
+    attention over the kept tokens only), so its greedy output equals the one of a run without preemption (each
+    request alone in the same pool), token for token; and every block comes back."""
+    prompts, max_tokens, num_blocks = random_prompts((160, 150, 170), seed=6), 120, 14
+    with engine(llama_path, config, num_gpu_blocks_override=num_blocks, max_model_len=384,
                 disable_log_stats=False) as llm:
-        core, sched = llm.llm_engine, scheduler(llm)
-        sp = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True, detokenize=False)
-        for i, p in enumerate(prompts):
-            core.add_request(str(i), {"prompt_token_ids": p}, sp)
-        preemptions, lengths = {}, {}
-        while core.has_unfinished_requests():
-            for o in core.step():
-                if o.finished:
-                    lengths[o.request_id] = len(o.outputs[0].token_ids)
-            for rid, req in sched.requests.items():
-                preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
+        pool = scheduler(llm).kv_cache_manager.block_pool
+        stats0 = get_stats(llm)
+        together, preempted = run_with_preemptions(llm, prompts, max_tokens)
         stats = get_stats(llm)
-        assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 19
-    assert sum(preemptions.values()) > 0
-    assert lengths == {str(i): 250 for i in range(len(prompts))}
-    assert stats.requests_pruned == len(prompts) + sum(preemptions.values())
+        alone = [run_with_preemptions(llm, [p], max_tokens) for p in prompts]
+        assert pool.get_num_free_blocks() == num_blocks - 1
+    assert preempted > 0 and stats.requests_recomputed - stats0.requests_recomputed > 0
+    assert stats.requests_pruned - stats0.requests_pruned == len(prompts) + preempted
+    assert [n for _, n in alone] == [0] * len(prompts)      # the reference runs: no preemption
+    assert together == [out[0] for out, _ in alone]
+    assert all(len(o) == max_tokens for o in together)

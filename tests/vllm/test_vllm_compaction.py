@@ -1,7 +1,9 @@
 """The plugin's backend-independent tensor work (colreduce_kvprune.vllm.compaction) against plain Python loops on
-random batches: the vectorised remap of pruned rows, the RowState table, and the gather of kept K/V."""
+random batches: the vectorised remap of pruned rows, the RowState table, the gather of kept K/V, and the re-pruning
+of a request recomputed after preemption (prompt + outputs prefilled again)."""
 import random
 
+import pytest
 import torch
 
 from colreduce_kvprune.config import load_config
@@ -61,7 +63,7 @@ def test_plan_and_gather_match_per_request_selection():
     q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
     starts = [0, 30, 37]
     bt = torch.arange(1, 3 * 10 + 1).view(3, 10).int()
-    prefills = [(r, s, n) for r, (s, n) in enumerate(zip(starts, lengths))]
+    prefills = [(r, s, n, n) for r, (s, n) in enumerate(zip(starts, lengths))]
     fresh_rows, fresh_values, plan = compaction.plan_prefills(config, policy, prefills, bt, BS)
     keeps = [keep_count(config, n) for n in lengths]
     assert fresh_rows == [0, 1, 2] and plan.rows == [0, 2] and keeps[1] == 7
@@ -82,3 +84,54 @@ def test_plan_and_gather_match_per_request_selection():
             assert int(plan.slots[e]) == int(bt[r, c // BS]) * BS + c % BS
             e += 1
     assert e == ks.shape[0]
+
+
+def test_fresh_prefills_take_prompt_lengths():
+    qs, seq = torch.tensor([0, 40, 41, 101, 103]), torch.tensor([40, 77, 60, 2])
+    prompt = {0: 40, 2: 50}.get                                       # row 2: a recompute of 50 + 10 outputs
+    assert compaction.fresh_prefills(qs, seq, 4, prompt) == [(0, 0, 40, 40), (2, 41, 60, 50), (3, 101, 2, 2)]
+    assert compaction.fresh_prefills(qs, seq, 4) == [(0, 0, 40, 40), (2, 41, 60, 60), (3, 101, 2, 2)]
+    with pytest.raises(RuntimeError, match="prompt has 70"):
+        compaction.fresh_prefills(qs, seq, 4, {2: 70}.get)
+
+
+def test_recompute_is_pruned_like_the_prompt_alone():
+    """A row prefilling prompt (P) + g outputs after preemption: scored on the prompt alone (same kept tokens as the
+    prompt's own prefill), the g outputs kept after them, their attention recomputed over the kept tokens only."""
+    torch.manual_seed(1)
+    config = load_config(dict(policy="h2o", budget={"keep_tokens": 10}, window=4, sink_tokens=2, min_prompt_tokens=8))
+    policy = get_policy(config)
+    hq, hkv, d, scale = 4, 2, 8, 8 ** -0.5
+    prompt, g, other = 23, 9, 14                               # row 0: recompute; row 1: a fresh prompt
+    total = prompt + g + other
+    q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
+    bt = torch.arange(1, 2 * 12 + 1).view(2, 12).int()
+    keep = keep_count(config, prompt)
+    fresh_rows, fresh_values, plan = compaction.plan_prefills(
+        config, policy, [(0, 0, prompt + g, prompt), (1, prompt + g, other, other)], bt, BS)
+    assert fresh_values[0] == (prompt - keep, -(-(keep + g) // BS), -(-(prompt + g) // BS))
+    assert plan.lengths == [prompt, other] and plan.num_outputs == [g, 0]
+    idx = compaction.select_kept(policy, plan, q, k, layer=0, scale=scale, backend="torch")
+    # the same selection as the prompt's own prefill (plan of the prompt alone, outputs absent)
+    _, _, alone = compaction.plan_prefills(config, policy, [(0, 0, prompt, prompt)], bt, BS)
+    idx_alone = compaction.select_kept(policy, alone, q[:prompt], k[:prompt], layer=0, scale=scale, backend="torch")
+    assert torch.equal(idx[0, :, :keep], idx_alone[0, :, :keep])
+    ks, vs = compaction.gather_kept(plan, idx, k, v)
+    assert ks.shape[0] == keep + g + keep_count(config, other)
+    sel = idx_alone[0, :, :keep]
+    for c in range(keep + g):
+        assert int(plan.slots[c]) == int(bt[0, c // BS]) * BS + c % BS
+        for h in range(hkv):
+            src = int(sel[h, c]) if c < keep else prompt + c - keep
+            assert torch.equal(ks[c, h], k[src, h]) and torch.equal(vs[c, h], v[src, h])
+    out = torch.randn(total, hq, d)
+    before = out.clone()
+    compaction.recompute_outputs(plan, q, ks, vs, out, scale)
+    assert torch.equal(out[:prompt], before[:prompt]) and torch.equal(out[prompt + g:], before[prompt + g:])
+    for j in range(g):                                        # output j: kept prompt tokens + outputs 0..j
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            toks = sel[kv].tolist() + list(range(prompt, prompt + j + 1))
+            w = torch.softmax(torch.stack([q[prompt + j, h] @ k[t, kv] for t in toks]) * scale, 0)
+            want = sum(wi * v[t, kv] for wi, t in zip(w, toks))
+            torch.testing.assert_close(out[prompt + j, h], want, rtol=1e-5, atol=1e-6)
