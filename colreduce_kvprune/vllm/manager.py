@@ -40,8 +40,9 @@ class PrunableFullAttentionSpec(FullAttentionSpec):
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         """Worker block-table width: one entry more than vLLM's. The worker's row keeps the ids of the blocks freed
-        after pruning (it only ever appends), so a request of logical length L + g holds cdiv(L) + cdiv(keep + g)
-        − cdiv(keep) <= cdiv(L) + cdiv(g) <= cdiv(L + g) + 1 entries."""
+        after pruning (it only ever appends), so a request pruned at a prefill of L tokens (offset off = P − keep)
+        holds at logical length N cdiv(L) + cdiv(N − off) − cdiv(L − off) <= cdiv(L) + cdiv(N − L) <= cdiv(N) + 1
+        entries."""
         return super().max_num_blocks_per_req(vllm_config, max_len) + 1
 
 
