@@ -15,6 +15,7 @@ CASES = [
     ("adakv", dict(GOOD, policy="adakv"), {}, r"adakv gives kv heads different kept counts"),
     ("prefix caching", GOOD, dict(enable_prefix_caching=True), r"enable_prefix_caching=False"),
     ("chunked prefill", GOOD, dict(enable_chunked_prefill=True), r"enable_chunked_prefill=False"),
+    ("prompt embeds", GOOD, dict(enable_prompt_embeds=True), r"enable_prompt_embeds=True"),
 ]
 
 
@@ -37,6 +38,15 @@ def test_refused_at_engine_start(llama_path, name, config, overrides, pattern):
 def test_sliding_window_model_refused(tmp_path):
     model = build_model("mistral", tmp_path / "mistral_swa", sliding_window=128)
     _refused(model, GOOD, {}, r"sliding-window models are not supported")
+
+
+def test_missing_prompt_length_tracker_refused(llama_path, monkeypatch):
+    """Without the package's logits processor (entry point vllm.logits_processors) the worker cannot learn prompt
+    lengths, needed to re-prune requests recomputed after preemption: refused at engine start, saying why."""
+    import vllm.v1.sample.logits_processor as lp
+
+    monkeypatch.setattr(lp, "_load_custom_logitsprocs", lambda logits_processors: [])
+    _refused(llama_path, GOOD, {}, r"prompt-length tracker .* is not active")
 
 
 def test_missing_config_file_from_env(llama_path, tmp_path, monkeypatch):
