@@ -135,3 +135,45 @@ def test_recompute_is_pruned_like_the_prompt_alone():
             w = torch.softmax(torch.stack([q[prompt + j, h] @ k[t, kv] for t in toks]) * scale, 0)
             want = sum(wi * v[t, kv] for wi, t in zip(w, toks))
             torch.testing.assert_close(out[prompt + j, h], want, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_length_tracker_follows_batch_updates():
+    """The tracker's {row: prompt length} follows vLLM's persistent-batch updates (removed, added, moved/swapped),
+    compared with a plain list simulation of the batch; inert without a pruning config."""
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from colreduce_kvprune.vllm.prompt_lengths import PromptLengthTracker, tracker_for
+
+    cfg = NS(additional_config={"kv_prune": {"policy": "snapkv"}})
+    tracker = PromptLengthTracker(cfg, torch.device("cpu"), False)
+    assert tracker_for(cfg) is tracker and tracker_for(NS(additional_config={})) is None
+    rng = random.Random(3)
+    rows: list[int | None] = [None] * 8                       # the batch, simulated: prompt length per row
+    for _ in range(200):
+        removed = [r for r in range(8) if rows[r] is not None and rng.random() < 0.2]
+        for r in removed:
+            rows[r] = None
+        added = []
+        for r in range(8):
+            if rows[r] is None and rng.random() < 0.3:
+                rows[r] = rng.randrange(1, 500)
+                added.append((r, None, [0] * rows[r], []))
+        removed = [r for r in removed if rows[r] is None]    # vLLM reuses a removed row for an added request
+        moved = []
+        for _ in range(rng.randrange(3)):
+            a, b = rng.sample(range(8), 2)
+            if rng.random() < 0.5:
+                rows[a], rows[b] = rows[b], rows[a]
+                moved.append((a, b, MoveDirectionality.SWAP))
+            elif rows[a] is not None:
+                rows[b], rows[a] = rows[a], None
+                moved.append((a, b, MoveDirectionality.UNIDIRECTIONAL))
+        tracker.update_state(BatchUpdate(batch_size=8, removed=removed, added=added, moved=moved))
+        assert [tracker.prompt_length(r) for r in range(8)] == rows
+    tracker.update_state(None)
+    assert [tracker.prompt_length(r) for r in range(8)] == rows
+    inert = PromptLengthTracker(NS(additional_config={}), torch.device("cpu"), False)
+    inert.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, None, [0] * 5, [])], moved=[]))
+    assert inert.prompt_length(0) is None
