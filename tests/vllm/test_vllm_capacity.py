@@ -1,6 +1,7 @@
 """Capacity: with a small KV pool and long prompts, vanilla vLLM queues (and may preempt) while the plugin, which
 frees most of each prompt's blocks after prefill, runs more requests at once. Measured with vLLM's own scheduler
-stats (SchedulerStats.num_running_reqs / num_waiting_reqs after every step) and its requests' preemption counts."""
+stats (SchedulerStats.num_running_reqs / num_waiting_reqs after every step) and its requests' preemption counts.
+Preemption: a pruned request that vLLM preempts and recomputes continues exactly as if it had not been preempted."""
 import pytest
 
 from colreduce_kvprune.vllm import get_stats
