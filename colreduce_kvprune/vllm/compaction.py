@@ -101,6 +101,28 @@ def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, nu
     return out
 
 
+def check_prompt_lengths(prompt_length, query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
+                         is_prefilling_cpu: torch.Tensor | None, num_reqs: int) -> None:
+    """Cross-check the tracked prompt lengths against vLLM's own per-row flag is_prefilling (num_computed_tokens <
+    num_prompt_tokens, computed by the runner from its input batch): a row whose tracked P disagrees means the
+    tracker's rows are not the attention rows (an unsupported vLLM change), and pruning would use wrong lengths.
+    Host tensors only; rows of no tracked request are skipped."""
+    if is_prefilling_cpu is None:
+        return
+    rows = [r for r in range(num_reqs) if prompt_length(r) is not None]
+    if not rows:
+        return
+    idx = torch.tensor(rows)
+    prompt = torch.tensor([prompt_length(r) for r in rows])
+    computed = seq_lens_cpu[idx] - (query_start_cpu[idx + 1] - query_start_cpu[idx])
+    bad = (computed < prompt) != is_prefilling_cpu[idx].bool()
+    if bool(bad.any()):
+        r = rows[int(bad.nonzero()[0, 0])]
+        raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {prompt_length(r)} tokens, "
+                           "which disagrees with vLLM's is_prefilling flag for that row: the prompt lengths tracked "
+                           "per row do not follow vLLM's batch (unsupported vLLM change?)")
+
+
 def plan_prefills(config, policy, prefills, block_table: torch.Tensor, block_size: int):
     """Host-side plan for the fresh prefills [(row, start, L, P)] of a step.
 

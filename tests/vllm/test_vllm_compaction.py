@@ -95,6 +95,16 @@ def test_fresh_prefills_take_prompt_lengths():
         compaction.fresh_prefills(qs, seq, 4, {2: 70}.get)
 
 
+
+def test_prompt_lengths_checked_against_vllm_is_prefilling():
+    qs, seq = torch.tensor([0, 40, 41, 101, 103]), torch.tensor([40, 77, 60, 2])   # computed: 0, 76, 0, 0
+    prompt = {0: 40, 1: 70, 2: 50}.get
+    compaction.check_prompt_lengths(prompt, qs, seq, torch.tensor([True, False, True, True]), 4)
+    compaction.check_prompt_lengths(prompt, qs, seq, None, 4)
+    with pytest.raises(RuntimeError, match="batch row 1 has a tracked prompt of 70"):   # row 1 really has P > 76
+        compaction.check_prompt_lengths(prompt, qs, seq, torch.tensor([True, True, True, True]), 4)
+
+
 def test_recompute_is_pruned_like_the_prompt_alone():
     """A row prefilling prompt (P) + g outputs after preemption: scored on the prompt alone (same kept tokens as the
     prompt's own prefill), the g outputs kept after them, their attention recomputed over the kept tokens only."""
