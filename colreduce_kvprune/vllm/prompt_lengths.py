@@ -13,8 +13,9 @@ added or resumed request and the row moves. Its row indices are the persistent b
 step's attention metadata. This class tracks P per row that way and never touches the logits.
 
 Assumptions, guarded: the tracker is installed (entry point) and shares the runner's VllmConfig object with the
-builder — `tracker_for` returns None otherwise and the builder refuses to start; a fresh prefill is never shorter
-than its prompt (checked per step). Not available with speculative decoding or pooling models (vLLM builds no custom
+builder — `tracker_for` returns None otherwise and the builder refuses to start; the tracked rows are the attention
+rows — checked every step against vLLM's own per-row `is_prefilling` (num_computed < num_prompt_tokens) and, for
+fresh prefills, P <= L; a mismatch raises instead of pruning with a wrong length. Not available with speculative decoding or pooling models (vLLM builds no custom
 logits processors there; both are refused when pruning is configured).
 """
 from __future__ import annotations
