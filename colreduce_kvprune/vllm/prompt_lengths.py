@@ -15,8 +15,8 @@ step's attention metadata. This class tracks P per row that way and never touche
 Assumptions, guarded: the tracker is installed (entry point) and shares the runner's VllmConfig object with the
 builder — `tracker_for` returns None otherwise and the builder refuses to start; the tracked rows are the attention
 rows — checked every step against vLLM's own per-row `is_prefilling` (num_computed < num_prompt_tokens) and, for
-fresh prefills, P <= L; a mismatch raises instead of pruning with a wrong length. Not available with speculative decoding or pooling models (vLLM builds no custom
-logits processors there; both are refused when pruning is configured).
+fresh prefills, P <= L; a mismatch raises instead of pruning with a wrong length. Not available with speculative
+decoding or pooling models (vLLM builds no custom logits processors there; the builder then refuses to start).
 """
 from __future__ import annotations
 
