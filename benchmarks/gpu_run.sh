@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels and this package, run the kernel benchmark (and the config sweep with
-# SWEEP=1), then the kernel tests on the GPU.
-# Usage (device tool, repo root, carry .whl): [SWEEP=1] bash benchmarks/gpu_run.sh [pytest-args...]
+# One device call: install carried wheels and this package, run the kernel benchmark (and the floors/resources
+# report with REPORT=1, the config sweep with SWEEP=1), then the kernel tests on the GPU.
+# Usage (device tool, repo root, carry .whl): [REPORT=1] [SWEEP=1] bash benchmarks/gpu_run.sh [pytest-args...]
 set -euo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -12,7 +12,8 @@ nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 REPO=$PWD
 (cd /tmp && python3 "$REPO/benchmarks/kernels.py" --out "$OUT" ${BENCH_ARGS:-})
+[ "${REPORT:-0}" = 1 ] && (cd /tmp && python3 "$REPO/benchmarks/kernels.py" --report --out "$OUT")
 [ "${SWEEP:-0}" = 1 ] && (cd /tmp && python3 "$REPO/benchmarks/kernels.py" --sweep --out "$OUT" | tee "$OUT/sweep.log")
 # extra arguments go to pytest (e.g. -k gpu); the kernel test files always run from the repo's tests/
 cd /tmp && python3 -m pytest "$REPO/tests/test_colreduce.py" "$REPO/tests/test_colreduce_varlen.py" \
-    "$REPO/tests/test_colreduce_paged.py" -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25
+    "$REPO/tests/test_colreduce_paged.py" "$REPO/tests/test_colreduce_kernels.py" -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25

@@ -138,9 +138,10 @@ def run_varlen(dtype, window=64, Hq=32, Hkv=8, D=128):
     return row
 
 
-# column pass: BLOCK_M, BLOCK_N, warps, stages
-COLUMN_CONFIGS = [(32, 128, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 1),
-                  (64, 128, 4, 1), (32, 64, 4, 1), (32, 128, 8, 2), (64, 64, 4, 1), (16, 256, 8, 1)]
+# column pass: WINDOW (True: _window_column_kernel, False: _long_column_kernel), BLOCK_M, BLOCK_N, warps, stages
+COLUMN_CONFIGS = [(True, 32, 128, 4, 2), (True, 32, 128, 4, 3), (True, 64, 128, 4, 2), (True, 64, 128, 4, 3),
+                  (True, 16, 128, 4, 3), (True, 32, 256, 8, 2), (True, 64, 64, 4, 3),
+                  (False, 64, 128, 4, 2), (False, 64, 128, 4, 3), (False, 64, 64, 4, 3), (False, 128, 64, 8, 2)]
 ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3),
                (64, 128, 8, 3)]                                              # BLOCK_R, BLOCK_N1, warps1, stages1
 SWEEP_WORKLOADS = ["window GQA 32/8 W=64 N=128k", "full causal 16k H=32", "batch 16x1024 causal H=32",
@@ -166,15 +167,16 @@ def sweep(dtype):
             return colreduce_triton(q, k, "sum", is_causal=causal, scale=scale, group_reduce=None,
                                     lse=lse if with_lse else None, config=cfg)
         best = (float("inf"), base)
-        for bm, bn, w, st in COLUMN_CONFIGS:
-            cfg = dict(base, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st)
+        for window, bm, bn, w, st in COLUMN_CONFIGS:
+            cfg = dict(base, WINDOW=window, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st)
+            tag = ("window" if window else "long", bm, bn, w, st)
             try:
                 err = ((call(cfg, True) - ref).norm() / ref.norm()).item()
                 ms = bench(lambda: call(cfg, True), warmup=10, rep=40)["ms"]
             except Exception as e:  # out of resources for this tile
-                rows.append((name, "col", (bm, bn, w, st), None, repr(e)[:80]))
+                rows.append((name, "col", tag, None, repr(e)[:80]))
                 continue
-            rows.append((name, "col", (bm, bn, w, st), ms, f"err {err:.1e}"))
+            rows.append((name, "col", tag, ms, f"err {err:.1e}"))
             best = min(best, (ms, cfg), key=lambda t: t[0])
         for br, bn, w, st in ROW_CONFIGS:
             cfg = dict(best[1], BLOCK_R=br, BLOCK_N1=bn, warps1=w, stages1=st)
@@ -228,7 +230,7 @@ def compiled_kernels():
     """Registers, spills and shared memory of every compiled variant of the two kernels (Triton's own cache)."""
     from colreduce_kvprune.kernels import colreduce as kmod
     rows = []
-    for fn in (kmod._row_stats_kernel, kmod._column_kernel):
+    for fn in (kmod._row_stats_kernel, kmod._window_column_kernel, kmod._long_column_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
             for key, k in kernels.items():

@@ -5,8 +5,10 @@ Two passes over K, each program owning its outputs (no atomics: bitwise determin
    programs so that a short query window still fills the GPU; the rows of all query heads of a kv group are one
    tile, so each K tile is loaded once per group. Each program writes a partial row max and sum of exponentials;
    ``_combine_row_stats`` merges the splits in a fixed order into the row log-sum-exp.
-2. ``_column_kernel``: each program owns BLOCK_N key columns of one kv head, loads that K tile once, and loops over
+2. the column pass: each program owns BLOCK_N key columns of one kv head, loads that K tile once, and loops over
    the query heads of the group and their query blocks, reducing exp2(s − lse) over rows (sum or max).
+   ``_window_column_kernel`` (query windows ≤ 128 rows) keeps the K tile in registers and reduces each k·qᵀ tile at
+   once; ``_long_column_kernel`` (longer queries) keeps it in shared memory and accumulates q·kᵀ tiles in 2-D.
 
 Dense (B, H, L, D) and packed varlen (total, H, D) tensors share the kernels through strides: a varlen call passes
 batch stride 0 and cumulative sequence starts. Causal masking is bottom-right aligned per sequence: query i sees
@@ -148,12 +150,46 @@ def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part,
 
 
 @triton.jit
-def _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
+def _column_program(cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a column-pass program (key tile program_id(0), sequence × kv head program_id(1)) works on: b, hk, the
+    sequence bounds (q0, Mb, k0, Nb), shift = Nb − Mb, m_lo (first query block that sees any of its key columns),
+    m_full (first query block that sees all of them; blocks in [m_lo, m_full) need the causal mask; both 0 when not
+    causal), its key positions n (BLOCK_N,), which are in range, and their row offsets in K."""
+    b = tl.program_id(1) // HKV
+    hk = tl.program_id(1) % HKV
+    n_first = tl.program_id(0) * BLOCK_N
+    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
+    shift = Nb - Mb
+    m_lo = 0
+    m_full = 0
+    if IS_CAUSAL:
+        m_lo = tl.maximum(n_first - shift, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.maximum(m_lo, tl.minimum(n_first + BLOCK_N - 1 - shift, Mb))
+        m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.maximum(Mb, m_lo))
+    n = n_first + tl.arange(0, BLOCK_N)
+    n_ok = n < Nb
+    rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
+    return b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows
+
+
+@triton.jit
+def _column_counts(n, shift, Mb, IS_CAUSAL: tl.constexpr):
+    """Number of query rows that see each key column n (the divisor of the mean)."""
+    if IS_CAUSAL:
+        return tl.minimum(tl.maximum(Mb - tl.maximum(n - shift, 0), 0), Mb)
+    else:
+        return tl.zeros_like(n) + Mb
+
+
+@triton.jit
+def _window_tile(k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
                  REDUCTION: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_M) += (or max=) exp2(k·qᵀ·scale − lse) for the query rows [ms, ms + BLOCK_M).
+    """(BLOCK_N,) sum (or max) of exp2(k·qᵀ·scale − lse) over the query rows [ms, ms + BLOCK_M).
 
-    The tile is transposed (keys on rows) so that the final reduction over queries stays within each row."""
+    The tile is k·qᵀ (keys on rows), so the reduction over queries stays within each row's warp."""
     m = ms + tl.arange(0, BLOCK_M)
     m_ok = m < Mb
     qt = tl.load(Q_head + m[None, :] * sqm + d[:, None], mask=m_ok[None, :] & (d[:, None] < D), other=0.0)
@@ -164,72 +200,139 @@ def _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb,
     if MASKED:
         p = tl.where(n[:, None] <= m[None, :] + shift, p, 0.0)
     if REDUCTION == 2:
+        return tl.max(p, 1)
+    else:
+        return tl.sum(p, 1)
+
+
+@triton.jit
+def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
+                          sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
+                          max_m, max_n, qk_scale,
+                          HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                          REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Column pass for short query windows: reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for
+    the G query heads of one kv head.
+
+    The K tile stays in registers (the dot's A operand); one flat loop over (head, query block) pairs lets the
+    compiler prefetch the next head's queries; each tile's rows are reduced at once into a (BLOCK_N, G) accumulator.
+    LSE2: row log-sum-exp in log2 units, +inf for rows that see no key. Writes Out[b, head, n] (head = query head,
+    or kv head when GROUP_REDUCE combines the group).
+    """
+    b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if tl.program_id(0) * BLOCK_N >= Nb:
+        return
+    d = tl.arange(0, BLOCK_D)
+    k = tl.load(K + hk * skh + rows[:, None] + d[None, :], mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    GP: tl.constexpr = triton.next_power_of_2(G)
+    gi = tl.arange(0, GP)
+    cols = tl.zeros([BLOCK_N, GP], tl.float32)
+    Q_group = Q + b * sqb + hk * G * sqh + q0 * sqm
+    LSE_group = LSE2 + b * slb + hk * G * slh + q0 * lse_q0 * slm
+    n_masked = tl.cdiv(m_full - m_lo, BLOCK_M)
+    for it in range(0, G * n_masked):                 # the diagonal: causal mask
+        g = it // n_masked
+        col = _window_tile(k, Q_group + g * sqh, LSE_group + g * slh, m_lo + (it % n_masked) * BLOCK_M, n, shift,
+                           sqm, slm, qk_scale, Mb, d, D, REDUCTION, UPCAST, DOT_PRECISION, True, BLOCK_M)
+        if REDUCTION == 2:
+            cols = tl.where(gi[None, :] == g, tl.maximum(cols, col[:, None]), cols)
+        else:
+            cols = tl.where(gi[None, :] == g, cols + col[:, None], cols)
+    n_full = tl.cdiv(Mb - m_full, BLOCK_M)
+    for it in range(0, G * n_full):                   # query blocks that see every column: no mask
+        g = it // n_full
+        col = _window_tile(k, Q_group + g * sqh, LSE_group + g * slh, m_full + (it % n_full) * BLOCK_M, n, shift,
+                           sqm, slm, qk_scale, Mb, d, D, REDUCTION, UPCAST, DOT_PRECISION, False, BLOCK_M)
+        if REDUCTION == 2:
+            cols = tl.where(gi[None, :] == g, tl.maximum(cols, col[:, None]), cols)
+        else:
+            cols = tl.where(gi[None, :] == g, cols + col[:, None], cols)
+    if REDUCTION == 1:
+        count = _column_counts(n, shift, Mb, IS_CAUSAL)
+        cols = tl.where(count[:, None] > 0, cols / tl.maximum(count, 1).to(tl.float32)[:, None], 0.0)
+    if GROUP_REDUCE == 0:
+        tl.store(Out + b * sob + (hk * G + gi)[None, :] * soh + (k0 + n)[:, None] * son, cols,
+                 mask=n_ok[:, None] & (gi[None, :] < G))
+    else:
+        if GROUP_REDUCE == 3:
+            group = tl.max(tl.where(gi[None, :] < G, cols, float("-inf")), 1)
+        else:
+            group = tl.sum(tl.where(gi[None, :] < G, cols, 0.0), 1)
+        if GROUP_REDUCE == 2:
+            group = group / G
+        tl.store(Out + b * sob + hk * soh + (k0 + n) * son, group, mask=n_ok)
+
+
+@triton.jit
+def _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
+               REDUCTION: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) += (or max=) exp2(q·kᵀ·scale − lse) for the query rows [ms, ms + BLOCK_M)."""
+    m = ms + tl.arange(0, BLOCK_M)
+    m_ok = m < Mb
+    q = tl.load(Q_head + m[:, None] * sqm + d[None, :], mask=m_ok[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    lse2 = tl.load(LSE_head + m * slm, mask=m_ok, other=float("inf"))
+    p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
+    if REDUCTION == 2:
         return tl.maximum(acc, p)
     else:
         return acc + p
 
 
 @triton.jit
-def _column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
-                   sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
-                   max_m, max_n, qk_scale,
-                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                   REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for the G query heads of one kv head.
+def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
+                        sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
+                        max_m, max_n, qk_scale,
+                        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                        REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Column pass for long query ranges: same result as _window_column_kernel, tiles q·kᵀ (queries on rows).
 
-    LSE2: row log-sum-exp in log2 units, +inf for rows that see no key. Writes Out[b, head, n] (head = query head,
-    or kv head when GROUP_REDUCE combines the group). FUSE_HEADS: the group combine equals the row combine (sum of
-    sums, max of maxes), so one accumulator serves all G heads.
+    The K tile is the dot's B operand (shared memory); a 2-D accumulator is reduced over rows once per head (once
+    in all with FUSE_HEADS: the group combine equals the row combine, sum of sums or max of maxes).
     """
-    nb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
-    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
-    n_first = nb * BLOCK_N
-    if n_first >= Nb:
+    b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if tl.program_id(0) * BLOCK_N >= Nb:
         return
-    n = n_first + tl.arange(0, BLOCK_N)
-    n_ok = n < Nb
     d = tl.arange(0, BLOCK_D)
-    rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
-    k = tl.load(K + hk * skh + rows[:, None] + d[None, :], mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
+    kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D), other=0.0)
     if UPCAST:
-        k = k.to(tl.float32)
-    shift = Nb - Mb
-    m_lo = 0
-    m_full = 0
-    if IS_CAUSAL:
-        m_lo = tl.maximum(n_first - shift, 0) // BLOCK_M * BLOCK_M                 # first block seeing any column
-        m_full = tl.maximum(m_lo, tl.minimum(n_first + BLOCK_N - 1 - shift, Mb))  # first row seeing all of them
-        m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.maximum(Mb, m_lo))
+        kt = kt.to(tl.float32)
     if REDUCTION == 1:
-        if IS_CAUSAL:
-            count = tl.minimum(tl.maximum(Mb - tl.maximum(n - shift, 0), 0), Mb)
-        else:
-            count = tl.zeros([BLOCK_N], tl.int32) + Mb
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        count = _column_counts(n, shift, Mb, IS_CAUSAL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     group = tl.zeros([BLOCK_N], tl.float32)
     for g in range(G):
         h = hk * G + g
         Q_head = Q + b * sqb + h * sqh + q0 * sqm
         LSE_head = LSE2 + b * slb + h * slh + q0 * lse_q0 * slm
         for ms in range(m_lo, m_full, BLOCK_M):
-            acc = _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
-                               REDUCTION, UPCAST, DOT_PRECISION, True, BLOCK_M)
+            acc = _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
+                             REDUCTION, UPCAST, DOT_PRECISION, True, BLOCK_M)
         for ms in range(m_full, Mb, BLOCK_M):
-            acc = _column_tile(acc, k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
-                               REDUCTION, UPCAST, DOT_PRECISION, False, BLOCK_M)
+            acc = _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
+                             REDUCTION, UPCAST, DOT_PRECISION, False, BLOCK_M)
         if not FUSE_HEADS:
             if REDUCTION == 2:
-                col = tl.max(acc, 1)
+                col = tl.max(acc, 0)
             else:
-                col = tl.sum(acc, 1)
-            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                col = tl.sum(acc, 0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if REDUCTION == 1:
                 col = tl.where(count > 0, col / tl.maximum(count, 1).to(tl.float32), 0.0)
             if GROUP_REDUCE == 0:
@@ -240,9 +343,9 @@ def _column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                 group += col
     if FUSE_HEADS:
         if REDUCTION == 2:
-            group = tl.max(acc, 1)
+            group = tl.max(acc, 0)
         else:
-            group = tl.sum(acc, 1)
+            group = tl.sum(acc, 0)
         if REDUCTION == 1:
             group = tl.where(count > 0, group / tl.maximum(count, 1).to(tl.float32), 0.0)
     if GROUP_REDUCE != 0:
@@ -254,19 +357,24 @@ def _column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
 def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     """Tile sizes and launch settings, a fixed function of the shape (so results never depend on tuning order).
 
-    Keys: BLOCK_R/BLOCK_N1/warps1/stages1 for the row pass, BLOCK_M/BLOCK_N/warps/stages for the column pass.
-    From `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/h100_sweep.json): short windows want
-    32-row query blocks and wide key tiles; long prompts 64-row blocks, key tiles of 128 at D=128, 64 below.
+    Keys: BLOCK_R/BLOCK_N1/warps1/stages1 for the row pass; WINDOW (which column kernel: _window_column_kernel for
+    query windows of at most 128 rows, else _long_column_kernel) and BLOCK_M/BLOCK_N/warps/stages for the column
+    pass. From the sweeps of `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/h100_sweep.json and
+    benchmarks/NOTES.md): short windows want 32-row query blocks and 128-key tiles held in registers; long prompts
+    64-row query blocks against 128-key tiles in shared memory.
     """
+    window = m <= 128
     if _interpreting():
-        return dict(BLOCK_R=32, BLOCK_N1=32, warps1=4, stages1=1, BLOCK_M=32, BLOCK_N=32, warps=4, stages=1)
+        return dict(BLOCK_R=32, BLOCK_N1=32, warps1=4, stages1=1, WINDOW=window, BLOCK_M=32, BLOCK_N=32, warps=4,
+                    stages=1)
     if triton.next_power_of_2(d) > 128:
-        return dict(BLOCK_R=64, BLOCK_N1=64, warps1=8, stages1=2, BLOCK_M=32, BLOCK_N=64, warps=8, stages=2)
-    window, long = m <= 128, m >= 4096
+        return dict(BLOCK_R=64, BLOCK_N1=64, warps1=8, stages1=2, WINDOW=window, BLOCK_M=32 if window else 64,
+                    BLOCK_N=64, warps=8 if window else 4, stages=2)
+    long = m >= 4096
     row = (128, 4, 3) if window else (64, 4, 3) if long else (128, 8, 2)          # BLOCK_R, warps1, stages1
-    return dict(BLOCK_R=row[0], BLOCK_N1=64, warps1=row[1], stages1=row[2],
-                BLOCK_M=32 if window else 64, BLOCK_N=128 if window or (d > 64 and long) else 64,
-                warps=4, stages=3 if d <= 64 else 2)
+    col = (32, 128, 4, 3) if window else (64, 128, 4, 3 if d <= 64 else 2)        # BLOCK_M, BLOCK_N, warps, stages
+    return dict(BLOCK_R=row[0], BLOCK_N1=64, warps1=row[1], stages1=row[2], WINDOW=window,
+                BLOCK_M=col[0], BLOCK_N=col[1], warps=col[2], stages=col[3])
 
 
 def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:
@@ -379,12 +487,15 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             slb, slh, slm, lse_q0 = 0, lse2.stride(0), lse2.stride(1), 1
         else:
             slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
-    _column_kernel[(triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
-        sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale,
-        REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce],
-        FUSE_HEADS=_fuse_heads(reduction, group_reduce), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["warps"], num_stages=cfg["stages"], **common)
+    args = (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
+            sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale)
+    grid = (triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)
+    tiles = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
+                 BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"], **common)
+    if cfg.get("WINDOW", max_m <= 128):
+        _window_column_kernel[grid](*args, **tiles)
+    else:
+        _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), **tiles)
     return out
 
 
