@@ -97,8 +97,8 @@ def test_preemption_and_recompute_reprune(llama_path, config):
     from position 0). Each is pruned again exactly as the first time (same kept prompt tokens, outputs kept, outputs'
     attention over the kept tokens only), so its greedy output equals the one of a run without preemption (each
     request alone in the same pool), token for token; and every block comes back."""
-    prompts, max_tokens, num_blocks = random_prompts((160, 150, 170), seed=6), 120, 14
-    with engine(llama_path, config, num_gpu_blocks_override=num_blocks, max_model_len=384,
+    prompts, max_tokens, num_blocks = random_prompts((150, 140), seed=6), 100, 10   # 9 usable blocks of 32
+    with engine(llama_path, config, num_gpu_blocks_override=num_blocks, max_model_len=288,
                 disable_log_stats=False) as llm:
         pool = scheduler(llm).kv_cache_manager.block_pool
         stats0 = get_stats(llm)
