@@ -25,6 +25,12 @@ def test_plain_install_ships_kernels_inside_the_package(tmp_path):
     shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("colreduce_kvprune/configs/")}
     assert shipped >= {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package would shadow others"
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for group, target in (("vllm.general_plugins", "colreduce_kvprune.vllm:register"),
+                          ("vllm.logits_processors", "colreduce_kvprune.vllm.prompt_lengths:PromptLengthTracker"),
+                          ("sglang.srt.plugins", "colreduce_kvprune.sglang:register")):
+        section = entry_points.split(f"[{group}]", 1)[1].split("[", 1)[0]
+        assert target in section, (group, entry_points)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
