@@ -93,10 +93,12 @@ class PruneBuilderMixin:
                 raise RuntimeError("colreduce_kvprune: the KV cache block count is unknown when attention runs")
             self.prune_rows = compaction.RowState(self.prune_num_blocks, bt.device)
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
-        prompt_length = self.prune_prompts.prompt_length
-        is_prefilling = cm.is_prefilling if cm.is_prefilling is not None and cm.is_prefilling.device.type == "cpu" else None
-        compaction.check_prompt_lengths(prompt_length, cm.query_start_loc_cpu, seq_cpu, is_prefilling, n)
-        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n, prompt_length)
+        prompts = [self.prune_prompts.prompt_length(r) for r in range(n)]
+        is_prefilling = cm.is_prefilling
+        if is_prefilling is not None and is_prefilling.device.type != "cpu":
+            is_prefilling = None                        # a device tensor: reading it would sync
+        compaction.check_prompt_lengths(prompts, cm.query_start_loc_cpu, seq_cpu, is_prefilling, n)
+        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n, prompts)
         fresh_rows, fresh_values, plan = compaction.plan_prefills(
             self.prune_config, self.prune_policy, prefills, bt, self.prune_block_size)
         state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)

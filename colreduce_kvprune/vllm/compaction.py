@@ -82,16 +82,17 @@ class RowState:
         return vals
 
 
-def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int, prompt_length=None):
+def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int,
+                   prompts: list[int | None] | None = None):
     """Rows whose step prefills their sequence from position 0 (query length == sequence length L):
-    [(row, start, L, P)], P = prompt_length(row) (the request's prompt length; L − P outputs are recomputed after a
-    preemption), or L where prompt_length is None or returns None (rows of no tracked request)."""
+    [(row, start, L, P)], P = prompts[row] (the request's prompt length; L − P outputs are recomputed after a
+    preemption), or L where prompts is None or holds None (rows of no tracked request)."""
     qs = query_start_cpu[: num_reqs + 1].tolist()
     sl = seq_lens_cpu[:num_reqs].tolist()
     out = []
     for r in range(num_reqs):
         if sl[r] > 0 and qs[r + 1] - qs[r] == sl[r]:
-            p = prompt_length(r) if prompt_length is not None else None
+            p = prompts[r] if prompts is not None else None
             p = sl[r] if p is None else p
             if not 0 < p <= sl[r]:
                 raise RuntimeError(f"colreduce_kvprune: batch row {r} prefills {sl[r]} tokens from position 0 but "
@@ -101,24 +102,24 @@ def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, nu
     return out
 
 
-def check_prompt_lengths(prompt_length, query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
+def check_prompt_lengths(prompts: list[int | None], query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
                          is_prefilling_cpu: torch.Tensor | None, num_reqs: int) -> None:
-    """Cross-check the tracked prompt lengths against vLLM's own per-row flag is_prefilling (num_computed_tokens <
+    """Cross-check the tracked prompt lengths (prompts[row], None for rows of no tracked request) against vLLM's own per-row flag is_prefilling (num_computed_tokens <
     num_prompt_tokens, computed by the runner from its input batch): a row whose tracked P disagrees means the
     tracker's rows are not the attention rows (an unsupported vLLM change), and pruning would use wrong lengths.
     Host tensors only; rows of no tracked request are skipped."""
     if is_prefilling_cpu is None:
         return
-    rows = [r for r in range(num_reqs) if prompt_length(r) is not None]
+    rows = [r for r in range(num_reqs) if prompts[r] is not None]
     if not rows:
         return
     idx = torch.tensor(rows)
-    prompt = torch.tensor([prompt_length(r) for r in rows])
+    prompt = torch.tensor([prompts[r] for r in rows])
     computed = seq_lens_cpu[idx] - (query_start_cpu[idx + 1] - query_start_cpu[idx])
     bad = (computed < prompt) != is_prefilling_cpu[idx].bool()
     if bool(bad.any()):
         r = rows[int(bad.nonzero()[0, 0])]
-        raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {prompt_length(r)} tokens, "
+        raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {prompts[r]} tokens, "
                            "which disagrees with vLLM's is_prefilling flag for that row: the prompt lengths tracked "
                            "per row do not follow vLLM's batch (unsupported vLLM change?)")
 

@@ -88,17 +88,17 @@ def test_plan_and_gather_match_per_request_selection():
 
 def test_fresh_prefills_take_prompt_lengths():
     qs, seq = torch.tensor([0, 40, 41, 101, 103]), torch.tensor([40, 77, 60, 2])
-    prompt = {0: 40, 2: 50}.get                                       # row 2: a recompute of 50 + 10 outputs
+    prompt = [40, None, 50, None]                                     # row 2: a recompute of 50 + 10 outputs
     assert compaction.fresh_prefills(qs, seq, 4, prompt) == [(0, 0, 40, 40), (2, 41, 60, 50), (3, 101, 2, 2)]
     assert compaction.fresh_prefills(qs, seq, 4) == [(0, 0, 40, 40), (2, 41, 60, 60), (3, 101, 2, 2)]
     with pytest.raises(RuntimeError, match="prompt has 70"):
-        compaction.fresh_prefills(qs, seq, 4, {2: 70}.get)
+        compaction.fresh_prefills(qs, seq, 4, [None, None, 70, None])
 
 
 
 def test_prompt_lengths_checked_against_vllm_is_prefilling():
     qs, seq = torch.tensor([0, 40, 41, 101, 103]), torch.tensor([40, 77, 60, 2])   # computed: 0, 76, 0, 0
-    prompt = {0: 40, 1: 70, 2: 50}.get
+    prompt = [40, 70, 50, None]
     compaction.check_prompt_lengths(prompt, qs, seq, torch.tensor([True, False, True, True]), 4)
     compaction.check_prompt_lengths(prompt, qs, seq, None, 4)
     with pytest.raises(RuntimeError, match="batch row 1 has a tracked prompt of 70"):   # row 1 really has P > 76
