@@ -417,7 +417,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     Paged (block_table given): q (total_q, Hq, D) with cu_seqlens_q, k the key cache viewed as
     (num_blocks, block_size, Hkv, D), block_table (B, max_blocks), seqlens_k (B,) → (B, Hq|Hkv, max_seqlen_k),
     zero past each sequence's keys.
-    The last dimension of q and k must have stride 1. ``config`` overrides the tile choice (benchmark sweeps).
+    The last dimension of q and k must have stride 1. ``config`` replaces the tile choice: a full dict of
+    _pick_config's keys (benchmark sweeps, tests).
     """
     varlen = cu_seqlens_q is not None
     paged = block_table is not None
@@ -492,7 +493,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     grid = (triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)
     tiles = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"], **common)
-    if cfg.get("WINDOW", max_m <= 128):
+    if cfg["WINDOW"]:
         _window_column_kernel[grid](*args, **tiles)
     else:
         _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), **tiles)
