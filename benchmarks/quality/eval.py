@@ -95,13 +95,18 @@ def generate_transformers(model, prompts: list[list[int]], config, max_new_token
     return out
 
 
-def vllm_engine(model_dir: str, prune, max_len: int):
-    """An in-process vLLM engine (CPU build) with the settings pruning needs; prune=None: plugin inactive."""
+def vllm_engine(model_dir: str, prune, max_len: int, dtype: str = "float32", attention_backend: str | None = None):
+    """An in-process vLLM engine (CPU or CUDA build) with the settings pruning needs; prune=None: plugin inactive.
+    On CUDA the KV pool is 2 GiB (plenty for these prompts) instead of 90% of the GPU."""
     from vllm import LLM
 
-    kw = dict(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=max_len, enforce_eager=True,
+    kw = dict(model=model_dir, skip_tokenizer_init=True, dtype=dtype, max_model_len=max_len, enforce_eager=True,
               block_size=32, max_num_seqs=16, seed=0, max_num_batched_tokens=max_len, enable_prefix_caching=False,
               enable_chunked_prefill=False, async_scheduling=False)
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cuda":
+        kw["kv_cache_memory_bytes"] = 2 << 30
+    if attention_backend:
+        kw["attention_backend"] = attention_backend
     if prune is not None:
         kw["additional_config"] = {"kv_prune": prune}
     return LLM(**kw)
@@ -160,7 +165,7 @@ def run(a) -> dict:
             outputs = generate_transformers(model, prompts, cfg, n_new, batch=a.batch, backend=a.backend)
         else:
             llm = vllm_engine(a.model, None if policy == "none" else policy_config(policy, ratio),
-                              max(map(len, prompts)) + n_new)
+                              max(map(len, prompts)) + n_new, a.dtype, a.attention_backend)
             try:
                 outputs = generate_vllm(llm, prompts, n_new)
             finally:
@@ -178,7 +183,8 @@ def _write(a, samples, rows) -> dict:
     result = dict(engine=a.engine, model=os.path.relpath(os.path.abspath(a.model), ROOT), seed=a.seed,
                   samples=a.samples, lens=a.lens, records=a.records, depths=[s.depth for s in samples],
                   context_lens=[s.context_len for s in samples], device=a.device if a.engine == "transformers"
-                  else "cpu", host=platform.node(), rows=rows)
+                  else os.environ.get("VLLM_TARGET_DEVICE", "cpu"), dtype=a.dtype,
+                  attention_backend=a.attention_backend, host=platform.node(), rows=rows)
     with open(a.out + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(a.out + ".tmp", a.out)
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
     r.add_argument("--device", default="cpu", help="transformers only")
     r.add_argument("--backend", default="auto", help="colreduce backend, transformers only")
     r.add_argument("--batch", type=int, default=8, help="prompts per transformers forward")
+    r.add_argument("--dtype", default="float32", help="vLLM only: model dtype (bfloat16 runs FlashAttention on CUDA)")
+    r.add_argument("--attention-backend", default=None, help="vLLM only: attention backend (default: vLLM's)")
     q = sub.add_parser("report")
     q.add_argument("results", nargs="+")
     q.add_argument("--md")

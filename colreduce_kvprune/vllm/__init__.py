@@ -7,7 +7,7 @@ unchanged. Engine settings it needs: enable_prefix_caching=False, enable_chunked
 max_num_batched_tokens >= max_model_len), async_scheduling=False — anything else is refused at engine start.
 
 Pieces: settings.py (config discovery, engine-start checks), backend_*.py (attention backends: score, compact,
-remap), guards.py (MLA backends that refuse a configured run), compaction.py (the backend-independent tensor work),
+remap), guards.py (the other backends, which refuse a configured run), compaction.py (the backend-independent tensor work),
 prompt_lengths.py (a logits processor, entry point `vllm.logits_processors`, that tells the builder each row's
 prompt length, so that a request recomputed after preemption is pruned as before), manager.py (scheduler: free tail
 blocks, count in compacted tokens), stats.py (`get_stats(llm)`).
@@ -49,13 +49,15 @@ def register() -> None:
 
     from .manager import PrunableFullAttentionSpec, PruneManager
 
+    from .guards import guard_all
+
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.backend_cpu.PruneCPUAttentionBackend")
-        register_backend(AttentionBackendEnum.CPU_MLA, f"{__name__}.guards.GuardedCPUMLABackend")
-        register_backend(AttentionBackendEnum.AMX_MLA, f"{__name__}.guards.GuardedAMXMLABackend")
+        guard_all("cpu")
     elif current_platform.is_cuda():
         register_backend(AttentionBackendEnum.FLASH_ATTN, f"{__name__}.backend_cuda.PruneFlashAttentionBackend")
         register_backend(AttentionBackendEnum.TRITON_ATTN, f"{__name__}.backend_cuda.PruneTritonAttentionBackend")
+        guard_all("cuda")
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(PrunableFullAttentionSpec, PruneManager, uniform_type_base_spec=FullAttentionSpec)
 

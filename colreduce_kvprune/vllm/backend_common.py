@@ -55,7 +55,13 @@ def prunable_spec(spec):
 
 
 class PruneBuilderMixin:
-    """Mixin for an AttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)."""
+    """Mixin for an AttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device).
+
+    remap_in_place: write the pruned rows' block tables and seq_lens into the tensors the runner passes (its per-step
+    input buffers, which captured CUDA graphs read: vLLM's CUDA runners refill them every step); False where the
+    block table tensor is the runner's host source of truth (vLLM's CPU runner), which must not change."""
+
+    remap_in_place = True
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -93,18 +99,19 @@ class PruneBuilderMixin:
                 raise RuntimeError("colreduce_kvprune: the KV cache block count is unknown when attention runs")
             self.prune_rows = compaction.RowState(self.prune_num_blocks, bt.device)
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
-        prompts = [self.prune_prompts.prompt_length(r) for r in range(n)]
+        prompts, targets = self.prune_prompts.row_lengths(cm, n)
         is_prefilling = cm.is_prefilling
         if is_prefilling is not None and is_prefilling.device.type != "cpu":
             is_prefilling = None                        # a device tensor: reading it would sync
-        compaction.check_prompt_lengths(prompts, cm.query_start_loc_cpu, seq_cpu, is_prefilling, n)
-        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n, prompts)
+        compaction.check_prompt_lengths(targets, cm.query_start_loc_cpu, seq_cpu, is_prefilling, n)
+        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n, prompts, is_prefilling)
         fresh_rows, fresh_values, plan = compaction.plan_prefills(
             self.prune_config, self.prune_policy, prefills, bt, self.prune_block_size)
         state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)
         num_tokens = int(cm.query_start_loc_cpu[n])
         new_bt, new_seq = compaction.remap_rows(state, bt, cm.seq_lens, cm.positions, cm.query_start_loc,
-                                                num_tokens, cm.slot_mapping, self.prune_block_size)
+                                                num_tokens, cm.slot_mapping, self.prune_block_size,
+                                                in_place=self.remap_in_place)
         extra = {}
         if cm.seq_lens_cpu_upper_bound is not None:   # stays an upper bound: pruning only shortens
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound

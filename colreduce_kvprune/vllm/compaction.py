@@ -83,15 +83,18 @@ class RowState:
 
 
 def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int,
-                   prompts: list[int | None] | None = None):
+                   prompts: list[int | None] | None = None, is_prefilling_cpu: torch.Tensor | None = None):
     """Rows whose step prefills their sequence from position 0 (query length == sequence length L):
     [(row, start, L, P)], P = prompts[row] (the request's prompt length; L − P outputs are recomputed after a
-    preemption), or L where prompts is None or holds None (rows of no tracked request)."""
+    preemption), or L where prompts is None or holds None (rows of no tracked request). With vLLM's per-row
+    is_prefilling flag (host tensor), rows it does not call prefilling are skipped: dummy and padding rows of
+    profiling and CUDA-graph capture runs, whose query and sequence lengths can be equal too."""
     qs = query_start_cpu[: num_reqs + 1].tolist()
     sl = seq_lens_cpu[:num_reqs].tolist()
+    flags = is_prefilling_cpu[:num_reqs].tolist() if is_prefilling_cpu is not None else [True] * num_reqs
     out = []
     for r in range(num_reqs):
-        if sl[r] > 0 and qs[r + 1] - qs[r] == sl[r]:
+        if sl[r] > 0 and qs[r + 1] - qs[r] == sl[r] and flags[r]:
             p = prompts[r] if prompts is not None else None
             p = sl[r] if p is None else p
             if not 0 < p <= sl[r]:
@@ -102,24 +105,25 @@ def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, nu
     return out
 
 
-def check_prompt_lengths(prompts: list[int | None], query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
+def check_prompt_lengths(targets: list[int | None], query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
                          is_prefilling_cpu: torch.Tensor | None, num_reqs: int) -> None:
-    """Cross-check the tracked prompt lengths (prompts[row], None for rows of no tracked request) against vLLM's own per-row flag is_prefilling (num_computed_tokens <
-    num_prompt_tokens, computed by the runner from its input batch): a row whose tracked P disagrees means the
-    tracker's rows are not the attention rows (an unsupported vLLM change), and pruning would use wrong lengths.
+    """Cross-check the tracked lengths against vLLM's own per-row flag is_prefilling (computed by the runner from its
+    input batch: num_computed_tokens < targets[row], the prompt length P on the V1 runner, the tokens of the latest
+    (re)fill on V2; None for rows of no tracked request): a row whose tracked length disagrees means the tracker's
+    rows are not the attention rows (an unsupported vLLM change), and pruning would use wrong lengths.
     Host tensors only; rows of no tracked request are skipped."""
     if is_prefilling_cpu is None:
         return
-    rows = [r for r in range(num_reqs) if prompts[r] is not None]
+    rows = [r for r in range(num_reqs) if targets[r] is not None]
     if not rows:
         return
     idx = torch.tensor(rows)
-    prompt = torch.tensor([prompts[r] for r in rows])
+    target = torch.tensor([targets[r] for r in rows])
     computed = seq_lens_cpu[idx] - (query_start_cpu[idx + 1] - query_start_cpu[idx])
-    bad = (computed < prompt) != is_prefilling_cpu[idx].bool()
+    bad = (computed < target) != is_prefilling_cpu[idx].bool()
     if bool(bad.any()):
         r = rows[int(bad.nonzero()[0, 0])]
-        raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {prompts[r]} tokens, "
+        raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {targets[r]} tokens, "
                            "which disagrees with vLLM's is_prefilling flag for that row: the prompt lengths tracked "
                            "per row do not follow vLLM's batch (unsupported vLLM change?)")
 
@@ -168,20 +172,24 @@ def plan_prefills(config, policy, prefills, block_table: torch.Tensor, block_siz
 
 
 def remap_rows(state: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,
-               query_start: torch.Tensor, num_tokens: int, slot_mapping: torch.Tensor, block_size: int):
+               query_start: torch.Tensor, num_tokens: int, slot_mapping: torch.Tensor, block_size: int,
+               in_place: bool = False):
     """Apply the pruned layout to every row (vectorised, no host sync). state (n, 3) from RowState; block_table
     (≥n, W); seq_lens (≥n,); positions (≥num_tokens,) logical; query_start (n+1,) device; slot_mapping is rewritten
     in place for the tokens of pruned rows (the runner passes the same tensor to the KV-cache write).
-    Returns (new block table, new seq_lens) — fresh tensors; rows with offset 0 are unchanged."""
+    Returns (block table, seq_lens) with the pruned rows remapped: written into the given tensors when in_place
+    (the runner's per-step input buffers, which CUDA graphs were captured with), else fresh tensors (a runner whose
+    block table tensor is its host source of truth, vLLM's CPU runner). Rows with offset 0 are unchanged."""
     n = state.shape[0]
     off, kept_blocks, prefill_blocks = (x.long() for x in state.unbind(1))
     width = block_table.shape[1]
     j = torch.arange(width, device=block_table.device)
     src = torch.where(j < kept_blocks[:, None], j, j - kept_blocks[:, None] + prefill_blocks[:, None])
-    new_bt = block_table.clone()
-    new_bt[:n] = block_table[:n].gather(1, src.clamp_(max=width - 1))
-    new_seq = seq_lens.clone()
-    new_seq[:n] = seq_lens[:n] - off.to(seq_lens.dtype)
+    rows = block_table[:n].gather(1, src.clamp_(max=width - 1))
+    new_bt = block_table if in_place else block_table.clone()
+    new_bt[:n] = rows
+    new_seq = seq_lens if in_place else seq_lens.clone()
+    new_seq[:n] -= off.to(seq_lens.dtype)
     if num_tokens:
         qlen = query_start[1: n + 1] - query_start[:n]
         row = torch.repeat_interleave(torch.arange(n, device=qlen.device), qlen.long(), output_size=num_tokens)

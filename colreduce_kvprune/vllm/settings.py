@@ -85,11 +85,11 @@ def unsupported_settings(vllm_config) -> list[str]:
                             "request's prompt token count to re-prune a request recomputed after preemption")
         if getattr(mc, "attention_chunk_size", None):
             problems.append("chunked local attention models are not supported")
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cuda_alike() and not mc.enforce_eager:
-            problems.append("CUDA graphs would replay the block tables captured before pruning; pass "
-                            "enforce_eager=True (vllm serve: --enforce-eager)")
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is not None and (mc is None or not mc.enforce_eager) and mode.mixed_mode() == type(mode).FULL:
+        problems.append(f"cudagraph_mode={mode} replays full CUDA graphs for prefill batches too, where the plugin "
+                        "scores and compacts in Python after the attention; use vLLM's default FULL_AND_PIECEWISE "
+                        "(full graphs for decode batches only), FULL_DECODE_ONLY or PIECEWISE")
     cc = vllm_config.cache_config
     if cc.enable_prefix_caching:
         problems.append("prefix caching is on: compacted blocks no longer match their hashes; pass "

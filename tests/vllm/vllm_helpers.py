@@ -20,10 +20,15 @@ if _spec is None or _spec.origin in (None, "namespace"):
     pytest.skip("vLLM is not installed (run scripts/ci_vllm.sh)", allow_module_level=True)
 pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/ci_vllm.sh)")
 
-BLOCK_SIZE = 32
+BLOCK_SIZE = 32                     # a multiple of 32 (vLLM's CPU attention); CUDA backends take it too
+DEVICE = os.environ["VLLM_TARGET_DEVICE"]          # set by conftest.py from the installed vLLM build
 ENGINE_KW = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=1024, enforce_eager=True,
                  block_size=BLOCK_SIZE, max_num_seqs=16, seed=0, max_num_batched_tokens=1024,
                  enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False)
+if DEVICE == "cuda":
+    # A 1 GiB KV pool, as VLLM_CPU_KVCACHE_SPACE=1 on CPU: 90% of an H200 would be millions of tiny-model blocks,
+    # seconds of scheduler set-up per engine. float32 runs on TRITON_ATTN (FlashAttention takes 16-bit only).
+    ENGINE_KW["kv_cache_memory_bytes"] = 1 << 30
 
 
 def build_model(kind: str, path, **overrides) -> str:

@@ -1,0 +1,311 @@
+"""vLLM plugin vs the transformers path on one device: greedy tokens, kept indices per (layer, kv head), and the
+compacted cache contents. The GPU evidence of the "vLLM on CUDA" issue; runs on the CPU build too.
+
+    python benchmarks/vllm_agreement.py --dtype float32 --out agree_fp32.json          # TRITON_ATTN on CUDA
+(tiny random Llama: hidden 256, 4 layers, 8 query / 2 kv heads of dim 64, built on first use; prompts of 1k-8k)
+    python benchmarks/vllm_agreement.py --dtype bfloat16 --backend FLASH_ATTN --out agree_bf16.json
+
+For each policy: one vLLM engine (in-process, so the worker's calls can be observed) prunes the prompts; every
+layer's selection is recorded together with the selection that float64 scores of the same query/key tensors give
+(vLLM's own tensors, scored by the pure-torch reference), and after each layer's compaction the cache rows at the
+kept slots are compared bitwise with the step's K/V rows of the kept tokens. The transformers path
+(colreduce_kvprune.hf.generate, same device, same dtype) gives the reference tokens and selections. Printed and
+written as JSON: per policy and prompt, the first generated token where vLLM and transformers differ (None = equal),
+the number of (layer, head) selections that differ, how many kept indices differ, and for each differing selection
+the float64 score margin between the tokens swapped (a near-tie when it is tiny against the score scale).
+Prompt lengths must be distinct (they identify the prompt inside the worker).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")    # the worker in this process: observable
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+POLICIES = {
+    "snapkv": dict(policy="snapkv", window=32, pooling={"kind": "max", "kernel": 7}),
+    "h2o": dict(policy="h2o", window=32),
+    "tova": dict(policy="tova", window=32),
+    "streamingllm": dict(policy="streamingllm", window=32),
+    "knorm": dict(policy="knorm", window=32),
+}
+
+
+def build_model(path: str, max_len: int) -> str:
+    from colreduce_kvprune.tiny_model import make_tiny_model
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_tiny_model("llama", path, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                        max_position_embeddings=max(4096, max_len))
+    return path
+
+
+class Recorder:
+    """Observes the worker: selections per (prompt length, layer), float64 selections, cache checks."""
+
+    def __init__(self):
+        self.selections: dict[tuple[int, int], list] = {}     # (P, layer) -> [idx (Hkv, keep), idx64, scores64]
+        self.cache_checks = {"layers_checked": 0, "mismatched_layers": 0, "rows_checked": 0}
+        self._installed = False
+
+    def install(self):
+        import torch
+
+        from colreduce_kvprune.vllm import backend_common, compaction
+
+        if self._installed:
+            return
+        self._installed = True
+        rec = self
+        original_select = compaction.select_kept
+        original_compact = backend_common.PruneImplMixin._prune_compact
+
+        def select_kept(policy, plan, query, key, *, layer, scale, backend="auto"):
+            idx = original_select(policy, plan, query, key, layer=layer, scale=scale, backend=backend)
+            idx64 = original_select(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
+                                    backend="torch")
+            scores64 = _scores64(policy, plan, query, key, layer, scale)
+            for b, (length, keep) in enumerate(zip(plan.lengths, plan.keeps)):
+                rec.selections[(length, layer)] = [idx[b, :, :keep].cpu(), idx64[b, :, :keep].cpu(),
+                                                   scores64[b].cpu()]
+            return idx
+
+        def prune_compact(self, layer, query, key, value, kv_cache, plan, output):
+            original_compact(self, layer, query, key, value, kv_cache, plan, output)
+            with torch.no_grad():
+                rec._check_cache(self, layer, key, value, kv_cache, plan)
+
+        compaction.select_kept = select_kept
+        backend_common.PruneImplMixin._prune_compact = prune_compact
+
+    def _check_cache(self, impl, layer, key, value, kv_cache, plan):
+        """The cache rows at the kept slots == the step's K/V rows of the kept tokens, bitwise."""
+        import torch
+
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        li = extract_layer_index(layer.layer_name)
+        hkv, d = key.shape[1], key.shape[2]
+        if kv_cache.device.type == "cpu":       # the CPU cache's layout is ISA-specific (packed tiles): not read
+            self.cache_checks["layers_checked"] = None
+            return
+        kc, vc = kv_cache[0].reshape(-1, hkv, d), kv_cache[1].reshape(-1, hkv, value.shape[2])   # (2, nb, bs, Hkv, D)
+        bad = 0
+        for b, (start, length, keep) in enumerate(zip(plan.starts, plan.lengths, plan.keeps)):
+            idx = self.selections[(length, li)][0].to(key.device)                      # (Hkv, keep)
+            e0 = plan.kept_starts[b]
+            slots = plan.slots[e0: e0 + keep]
+            heads = torch.arange(hkv, device=key.device)
+            want_k = key[start + idx.t(), heads]                                       # (keep, Hkv, D)
+            want_v = value[start + idx.t(), heads]
+            got_k, got_v = kc[slots], vc[slots]
+            bad += int(not (torch.equal(got_k, want_k) and torch.equal(got_v, want_v)))
+            self.cache_checks["rows_checked"] += keep
+        self.cache_checks["layers_checked"] += 1
+        self.cache_checks["mismatched_layers"] += int(bad > 0)
+
+
+def _scores64(policy, plan, query, key, layer, scale):
+    """float64 scores (B, Hkv, P_max) of every pruned row, padded with nan (what the policy ranks)."""
+    import torch
+
+    req = policy.score_request(max(plan.lengths))
+    out = torch.full((len(plan.lengths), key.shape[1], max(plan.lengths)), float("nan"), dtype=torch.float64,
+                     device=key.device)
+    offsets = [0]
+    for n in plan.lengths:
+        offsets.append(offsets[-1] + n)
+    if req.kind == "attention":
+        from colreduce_kvprune import colreduce_varlen
+
+        raw = colreduce_varlen(query[plan.window_index].double(), key[plan.key_index].double(), plan.cu_q,
+                               plan.cu_k, req.reduction, max_seqlen_q=max(plan.num_queries),
+                               max_seqlen_k=max(plan.lengths), is_causal=True, scale=scale,
+                               group_reduce=req.group_reduce, backend="torch")
+        for b in range(len(plan.lengths)):
+            out[b, :, :plan.lengths[b]] = policy.postprocess_scores(raw[offsets[b]:offsets[b + 1]].t())
+    else:
+        keys = key[plan.key_index].double()
+        for b in range(len(plan.lengths)):
+            s = policy.scores(None, keys[offsets[b]:offsets[b + 1]].transpose(0, 1), layer=layer)
+            out[b, :, :plan.lengths[b]] = s
+    return out
+
+
+def compare_selection(vidx, hidx, scores64):
+    """(differing kept indices, worst margin): for one (layer, head), the tokens only vLLM kept vs only the
+    reference kept, and the float64 score gap between them relative to the score scale."""
+    a, b = set(vidx.tolist()), set(hidx.tolist())
+    only_v, only_h = sorted(a - b), sorted(b - a)
+    if not only_v:
+        return 0, 0.0
+    s = scores64
+    scale = float(s[~s.isnan()].abs().max()) or 1.0
+    gap = abs(float(s[only_v].min()) - float(s[only_h].max())) / scale
+    return len(only_v), gap
+
+
+def run(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+    from colreduce_kvprune.hf import generate
+    from colreduce_kvprune.policies import keep_count
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = [int(x) for x in args.lengths.split(",")]
+    assert len(set(lengths)) == len(lengths), "prompt lengths must be distinct"
+    rng = random.Random(args.seed)
+    prompts = [[1] + [rng.randrange(3, 512) for _ in range(n - 1)] for n in lengths]
+    model_dir = build_model(args.model, max(lengths) + args.max_tokens)
+    dtype = getattr(torch, args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=args.hf_attn).to(device)
+    hf.eval()
+    rec = Recorder()
+    rec.install()
+    max_len = max(lengths) + args.max_tokens
+    engine_kw = dict(model=model_dir, skip_tokenizer_init=True, dtype=args.dtype, max_model_len=max_len,
+                     max_num_batched_tokens=max(max_len, 8192), seed=0)
+    if device == "cuda":
+        engine_kw["kv_cache_memory_bytes"] = int(args.kv_cache_gib * (1 << 30))
+    if args.backend:
+        engine_kw["attention_backend"] = args.backend
+    for kv in args.engine_arg:
+        k, v = kv.split("=", 1)
+        engine_kw[k] = json.loads(v)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "dtype": args.dtype,
+              "backend": args.backend, "lengths": lengths, "max_tokens": args.max_tokens,
+              "v2_model_runner": os.environ.get("VLLM_USE_V2_MODEL_RUNNER"), "engine_kw": {
+                  k: v for k, v in engine_kw.items() if k != "model"}, "policies": {}}
+    import vllm
+    report["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
+
+    def engine_tokens(prune):
+        kw = dict(engine_kw)
+        if prune is not None:
+            kw["additional_config"] = {"kv_prune": prune}
+        llm = LLM(**kw)
+        try:
+            runner = _runner_name(llm)
+            t = time.time()
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs], runner, time.time() - t
+        finally:
+            _shutdown(llm)
+
+    if not args.skip_vanilla:
+        got, runner, secs = engine_tokens(None)
+        want = generate(hf, prompts, dict(policy="streamingllm", budget={"keep_ratio": 1.0}),
+                        max_new_tokens=args.max_tokens, eos_token_id=[]).sequences
+        report["vanilla"] = {"runner": runner, "first_diff": [_first_diff(g, w) for g, w in zip(got, want)],
+                             "vllm_tokens": got, "hf_tokens": want}
+        print(f"vanilla vLLM ({runner}) vs transformers unpruned: first differing token per prompt "
+              f"{report['vanilla']['first_diff']}", flush=True)
+    for name in args.policies.split(","):
+        config = dict(POLICIES[name], budget={"keep_ratio": args.keep_ratio}, sink_tokens=4, min_prompt_tokens=64)
+        rec.selections.clear()
+        got, runner, secs = engine_tokens(config)
+        res = generate(hf, prompts, config, max_new_tokens=args.max_tokens, eos_token_id=[])
+        per_prompt = []
+        for i, n in enumerate(lengths):
+            keep = keep_count(_cfg(config), n)
+            diff_sel = diff_idx = diff_sel64 = 0
+            margins = []
+            for li in range(hf.config.num_hidden_layers):
+                if (n, li) not in rec.selections:
+                    continue
+                vidx, vidx64, s64 = rec.selections[(n, li)]
+                hidx = res.kept[i][li]
+                for h in range(vidx.shape[0]):
+                    d, gap = compare_selection(vidx[h], hidx[h], s64[h])
+                    if d:
+                        diff_sel += 1
+                        diff_idx += d
+                        margins.append(gap)
+                    diff_sel64 += int(not torch.equal(vidx[h], vidx64[h]))
+            recorded = sum((n, li) in rec.selections for li in range(hf.config.num_hidden_layers))
+            per_prompt.append({"prompt_len": n, "keep": keep, "layers_recorded": recorded,
+                               "first_diff": _first_diff(got[i], res.sequences[i]),
+                               "selections_differing_from_hf": diff_sel, "kept_indices_differing": diff_idx,
+                               "max_relative_margin": max(margins) if margins else None,
+                               "selections_differing_from_own_fp64": diff_sel64})
+        equal = sum(p["first_diff"] is None for p in per_prompt)
+        report["policies"][name] = {"runner": runner, "generate_s": secs, "prompts_equal": equal,
+                                    "prompts": per_prompt, "cache_checks": dict(rec.cache_checks),
+                                    "vllm_tokens": got, "hf_tokens": res.sequences}
+        print(f"{name} ({runner}): tokens equal on {equal}/{len(lengths)}; "
+              + "; ".join(f"P={p['prompt_len']} diff@{p['first_diff']} sel!={p['selections_differing_from_hf']}"
+                          f"/{p['kept_indices_differing']} margin={p['max_relative_margin']}"
+                          f" own64!={p['selections_differing_from_own_fp64']}" for p in per_prompt)
+              + f"; cache {rec.cache_checks}", flush=True)
+        rec.cache_checks.update(layers_checked=0, mismatched_layers=0, rows_checked=0)
+    return report
+
+
+def _cfg(config):
+    from colreduce_kvprune.config import load_config
+
+    return load_config(config)
+
+
+def _first_diff(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _runner_name(llm) -> str:
+    try:
+        worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+        return type(worker.model_runner).__module__ + "." + type(worker.model_runner).__name__
+    except AttributeError:
+        return "unknown"
+
+
+def _shutdown(llm):
+    import gc
+
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=os.path.join(os.path.expanduser("~"), ".cache", "colreduce-kvprune",
+                                                   "agreement-llama-256x4"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default=None, help="vLLM attention backend (default: vLLM's choice)")
+    p.add_argument("--policies", default="snapkv,h2o,tova,streamingllm,knorm")
+    p.add_argument("--lengths", default="1024,1536,2048,3000,4096,5000,6144,8000")
+    p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CUDA: the KV pool (vLLM's kv_cache_memory_bytes)")
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--skip-vanilla", action="store_true")
+    p.add_argument("--engine-arg", action="append", default=[], help="extra LLM keyword, KEY=JSON")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    report = run(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    ok = all(v["prompts_equal"] == len(report["lengths"]) for v in report["policies"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU evidence for the vLLM plugin on the device machine (after the staging of ../shared/gpu-vllm, install.sh
+# sourced): plugin vs transformers path (benchmarks/vllm_agreement.py) and the quality table through vLLM on CUDA
+# (benchmarks/quality/eval.py). Each PART writes $OUT/PART.json and $OUT/PART.log:
+#   agree-fp32      float32 on TRITON_ATTN, 5 policies x 8 prompts of 1k-8k, vLLM's default model runner (V2)
+#   agree-fp32-v1   the same under the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)
+#   agree-bf16      bfloat16 on FLASH_ATTN (FA3 on Hopper): selections and compacted cache contents
+#   agree-fp32-graphs / agree-bf16-graphs   the same two with CUDA graphs (vLLM's default cudagraph mode): their
+#                   tokens against the eager runs' (graphs == eager)
+#   quality         the quality benchmark's 60 samples through vLLM (bf16, FLASH_ATTN), keep 1 / 0.25 / 0.1
+#   usage: bash scripts/gpu_vllm_evidence.sh PART [PART ...]
+set -uo pipefail
+out=${OUT:-/tmp/gpu-vllm-out}
+mkdir -p "$out"
+export VLLM_TARGET_DEVICE=cuda PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+# the engine settings the plugin needs today (refused otherwise)
+PLUGIN=(--engine-arg enforce_eager=true --engine-arg enable_prefix_caching=false
+        --engine-arg enable_chunked_prefill=false --engine-arg async_scheduling=false)
+quiet() { grep -v -E " (INFO|DEBUG) |^\s*warnings.warn|DeprecationWarning" ; }
+rc=0
+for part in "$@"; do
+    start=$(date +%s)
+    case "$part" in
+        agree-fp32)
+            python3 -P benchmarks/vllm_agreement.py --dtype float32 --backend TRITON_ATTN "${PLUGIN[@]}" \
+                --out "$out/$part.json" ;;
+        agree-fp32-v1)
+            VLLM_USE_V2_MODEL_RUNNER=0 python3 -P benchmarks/vllm_agreement.py --dtype float32 \
+                --backend TRITON_ATTN "${PLUGIN[@]}" --out "$out/$part.json" ;;
+        agree-bf16)
+            python3 -P benchmarks/vllm_agreement.py --dtype bfloat16 --backend FLASH_ATTN "${PLUGIN[@]}" \
+                --out "$out/$part.json" ;;
+        agree-fp32-graphs)
+            python3 -P benchmarks/vllm_agreement.py --dtype float32 --backend TRITON_ATTN "${PLUGIN[@]:2}" \
+                --skip-vanilla --out "$out/$part.json" ;;
+        agree-bf16-graphs)
+            python3 -P benchmarks/vllm_agreement.py --dtype bfloat16 --backend FLASH_ATTN "${PLUGIN[@]:2}" \
+                --skip-vanilla --out "$out/$part.json" ;;
+        quality)
+            python3 -P benchmarks/quality/eval.py run --engine vllm --dtype bfloat16 --attention-backend FLASH_ATTN \
+                --ratios 1.0 0.25 0.1 --policies snapkv h2o tova knorm streamingllm random --out "$out/$part.json" ;;
+        *) echo "unknown part $part"; exit 2 ;;
+    esac 2>&1 | quiet | tee "$out/$part.log"
+    status=${PIPESTATUS[0]}
+    echo "== $part: exit $status, $(( $(date +%s) - start )) s" | tee -a "$out/$part.log"
+    [ "$status" = 0 ] || rc=$status
+done
+exit $rc
