@@ -9,10 +9,15 @@
 #                   tokens against the eager runs' (graphs == eager)
 #   quality         the quality benchmark's 60 samples through vLLM (bf16, FLASH_ATTN), keep 1 / 0.25 / 0.1
 #   usage: bash scripts/gpu_vllm_evidence.sh PART [PART ...]
+#   AGREE_ARGS: extra arguments to every vllm_agreement.py run (e.g. "--policies snapkv,h2o --skip-vanilla")
 set -uo pipefail
 out=${OUT:-/tmp/gpu-vllm-out}
 mkdir -p "$out"
 export VLLM_TARGET_DEVICE=cuda PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+# vLLM's Triton attention leaves tl.dot at Triton's float32 default, TF32 (10-bit mantissa): float32 engines are
+# then not float32, and greedy tokens drift from a float32 reference (seen: vanilla vLLM vs transformers differed on
+# 2 of 8 prompts). IEEE float32 dots for token-for-token comparisons.
+export TRITON_F32_DEFAULT=${TRITON_F32_DEFAULT:-ieee}
 # the engine settings the plugin needs today (refused otherwise)
 PLUGIN=(--engine-arg enforce_eager=true --engine-arg enable_prefix_caching=false
         --engine-arg enable_chunked_prefill=false --engine-arg async_scheduling=false)
@@ -23,19 +28,19 @@ for part in "$@"; do
     case "$part" in
         agree-fp32)
             python3 -P benchmarks/vllm_agreement.py --dtype float32 --backend TRITON_ATTN "${PLUGIN[@]}" \
-                --out "$out/$part.json" ;;
+                ${AGREE_ARGS:-} --out "$out/$part.json" ;;
         agree-fp32-v1)
             VLLM_USE_V2_MODEL_RUNNER=0 python3 -P benchmarks/vllm_agreement.py --dtype float32 \
-                --backend TRITON_ATTN "${PLUGIN[@]}" --out "$out/$part.json" ;;
+                --backend TRITON_ATTN "${PLUGIN[@]}" ${AGREE_ARGS:-} --out "$out/$part.json" ;;
         agree-bf16)
             python3 -P benchmarks/vllm_agreement.py --dtype bfloat16 --backend FLASH_ATTN "${PLUGIN[@]}" \
-                --out "$out/$part.json" ;;
+                ${AGREE_ARGS:-} --out "$out/$part.json" ;;
         agree-fp32-graphs)
             python3 -P benchmarks/vllm_agreement.py --dtype float32 --backend TRITON_ATTN "${PLUGIN[@]:2}" \
-                --skip-vanilla --out "$out/$part.json" ;;
+                --skip-vanilla ${AGREE_ARGS:-} --out "$out/$part.json" ;;
         agree-bf16-graphs)
             python3 -P benchmarks/vllm_agreement.py --dtype bfloat16 --backend FLASH_ATTN "${PLUGIN[@]:2}" \
-                --skip-vanilla --out "$out/$part.json" ;;
+                --skip-vanilla ${AGREE_ARGS:-} --out "$out/$part.json" ;;
         quality)
             python3 -P benchmarks/quality/eval.py run --engine vllm --dtype bfloat16 --attention-backend FLASH_ATTN \
                 --ratios 1.0 0.25 0.1 --policies snapkv h2o tova knorm streamingllm random --out "$out/$part.json" ;;

@@ -18,6 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 echo "model runner: VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-unset (vLLM default)}"
 # -P: the installed package (/tmp/proj, with colreduce_kvprune.kernels mapped from kernels/) is imported, not the
 # source tree in the working directory.
+# --timeout: one hung test fails alone instead of taking the whole call (pytest-timeout is on the device image)
 timeout -s INT -k 20 "${GPU_TEST_LIMIT:-500}" python3 -P -m pytest -v -rfEs --tb=short -p no:cacheprovider \
+    --timeout "${GPU_TEST_TIMEOUT:-150}" \
     "${@:-tests/vllm}" 2>&1 | tee "$out/pytest-$name.txt"
 exit "${PIPESTATUS[0]}"

@@ -57,11 +57,9 @@ def prunable_spec(spec):
 class PruneBuilderMixin:
     """Mixin for an AttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device).
 
-    remap_in_place: write the pruned rows' block tables and seq_lens into the tensors the runner passes (its per-step
-    input buffers, which captured CUDA graphs read: vLLM's CUDA runners refill them every step); False where the
-    block table tensor is the runner's host source of truth (vLLM's CPU runner), which must not change."""
-
-    remap_in_place = True
+    The attention reads the remapped block table and seq_lens from two buffers the builder owns (allocated once:
+    a CUDA graph captured with them reads what each step's build writes there); the runner's own tensors are never
+    changed (vLLM's CPU runner's block table tensor is its host source of truth; V2's sampler reads seq_lens)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -71,6 +69,7 @@ class PruneBuilderMixin:
             self.prune_block_size = kv_cache_spec.block_size
             self.prune_rows = None            # RowState, sized at the first build (the pool exists by then)
             self.prune_num_blocks = vllm_config.cache_config.num_gpu_blocks
+            self.prune_max_rows = vllm_config.scheduler_config.max_num_seqs
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -88,6 +87,17 @@ class PruneBuilderMixin:
         md = super().build(common_prefix_len, cm, fast_build)
         md.kvprune = plan
         return md
+
+    def _prune_buffers(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
+        """The builder's persistent (block table, seq_lens) buffers, at least the given shapes."""
+        rows = max(block_table.shape[0], seq_lens.shape[0], self.prune_max_rows)
+        buf = getattr(self, "_prune_bufs", None)
+        if (buf is None or buf[0].shape[0] < rows or buf[0].shape[1] != block_table.shape[1]
+                or buf[0].dtype != block_table.dtype or buf[1].dtype != seq_lens.dtype):
+            buf = (torch.zeros(rows, block_table.shape[1], dtype=block_table.dtype, device=block_table.device),
+                   torch.zeros(rows, dtype=seq_lens.dtype, device=seq_lens.device))
+            self._prune_bufs = buf
+        return buf
 
     def _prune_prepare(self, cm):
         n = cm.num_reqs
@@ -109,9 +119,9 @@ class PruneBuilderMixin:
             self.prune_config, self.prune_policy, prefills, bt, self.prune_block_size)
         state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)
         num_tokens = int(cm.query_start_loc_cpu[n])
+        out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
         new_bt, new_seq = compaction.remap_rows(state, bt, cm.seq_lens, cm.positions, cm.query_start_loc,
-                                                num_tokens, cm.slot_mapping, self.prune_block_size,
-                                                in_place=self.remap_in_place)
+                                                num_tokens, cm.slot_mapping, self.prune_block_size, out_bt, out_seq)
         extra = {}
         if cm.seq_lens_cpu_upper_bound is not None:   # stays an upper bound: pruning only shortens
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound

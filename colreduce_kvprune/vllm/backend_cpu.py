@@ -9,7 +9,7 @@ from .backend_common import PruneBuilderMixin, PruneImplMixin, prunable_spec
 
 
 class PruneCPUAttentionMetadataBuilder(PruneBuilderMixin, CPUAttentionMetadataBuilder):
-    remap_in_place = False      # the CPU runner's block table "device" tensor is its host copy (_postprocess_tensors)
+    pass
 
 
 class PruneCPUAttentionImpl(PruneImplMixin, CPUAttentionBackendImpl):

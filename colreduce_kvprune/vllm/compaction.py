@@ -173,23 +173,25 @@ def plan_prefills(config, policy, prefills, block_table: torch.Tensor, block_siz
 
 def remap_rows(state: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,
                query_start: torch.Tensor, num_tokens: int, slot_mapping: torch.Tensor, block_size: int,
-               in_place: bool = False):
+               out_block_table: torch.Tensor, out_seq_lens: torch.Tensor):
     """Apply the pruned layout to every row (vectorised, no host sync). state (n, 3) from RowState; block_table
     (≥n, W); seq_lens (≥n,); positions (≥num_tokens,) logical; query_start (n+1,) device; slot_mapping is rewritten
     in place for the tokens of pruned rows (the runner passes the same tensor to the KV-cache write).
-    Returns (block table, seq_lens) with the pruned rows remapped: written into the given tensors when in_place
-    (the runner's per-step input buffers, which CUDA graphs were captured with), else fresh tensors (a runner whose
-    block table tensor is its host source of truth, vLLM's CPU runner). Rows with offset 0 are unchanged."""
+    The remapped block table and seq_lens are written into out_block_table / out_seq_lens (≥ the input shapes; the
+    builder's own persistent buffers, which CUDA graphs capture) and returned as views of the input shapes; the
+    inputs are left untouched (the runners read their seq_lens after the forward: V2's sampler tells chunked
+    prefills by seq_lens < prefill_len). Rows with offset 0 are copied unchanged."""
     n = state.shape[0]
     off, kept_blocks, prefill_blocks = (x.long() for x in state.unbind(1))
-    width = block_table.shape[1]
+    rows_bt, width = block_table.shape
     j = torch.arange(width, device=block_table.device)
     src = torch.where(j < kept_blocks[:, None], j, j - kept_blocks[:, None] + prefill_blocks[:, None])
-    rows = block_table[:n].gather(1, src.clamp_(max=width - 1))
-    new_bt = block_table if in_place else block_table.clone()
-    new_bt[:n] = rows
-    new_seq = seq_lens if in_place else seq_lens.clone()
-    new_seq[:n] -= off.to(seq_lens.dtype)
+    new_bt = out_block_table[:rows_bt, :width]
+    new_bt[n:] = block_table[n:]
+    new_bt[:n] = block_table[:n].gather(1, src.clamp_(max=width - 1))
+    new_seq = out_seq_lens[: seq_lens.shape[0]]
+    new_seq[n:] = seq_lens[n:]
+    torch.sub(seq_lens[:n], off.to(seq_lens.dtype), out=new_seq[:n])
     if num_tokens:
         qlen = query_start[1: n + 1] - query_start[:n]
         row = torch.repeat_interleave(torch.arange(n, device=qlen.device), qlen.long(), output_size=num_tokens)

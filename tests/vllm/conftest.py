@@ -28,6 +28,10 @@ def _installed_device() -> str:
 os.environ.setdefault("VLLM_TARGET_DEVICE", _installed_device())
 if os.environ["VLLM_TARGET_DEVICE"] == "cpu":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+else:
+    # float32 token-for-token comparisons: vLLM's Triton attention leaves tl.dot at Triton's float32 default, TF32
+    # (greedy tokens then drift from a float32 reference, with or without pruning); IEEE float32 instead.
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.pop("KVPRUNE_CONFIG", None)          # tests pass configs explicitly
