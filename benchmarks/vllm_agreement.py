@@ -161,6 +161,14 @@ def compare_selection(vidx, hidx, scores64):
     return len(only_v), gap
 
 
+def _write(report: dict, path: str | None) -> None:
+    """The report so far (after every policy: a run stopped by a time limit keeps what it measured)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -219,6 +227,7 @@ def run(args) -> dict:
                              "vllm_tokens": got, "hf_tokens": want}
         print(f"vanilla vLLM ({runner}) vs transformers unpruned: first differing token per prompt "
               f"{report['vanilla']['first_diff']}", flush=True)
+        _write(report, args.out)
     for name in args.policies.split(","):
         config = dict(POLICIES[name], budget={"keep_ratio": args.keep_ratio}, sink_tokens=4, min_prompt_tokens=64)
         rec.selections.clear()
@@ -257,6 +266,7 @@ def run(args) -> dict:
                           f" own64!={p['selections_differing_from_own_fp64']}" for p in per_prompt)
               + f"; cache {rec.cache_checks}", flush=True)
         rec.cache_checks.update(layers_checked=0, mismatched_layers=0, rows_checked=0)
+        _write(report, args.out)
     return report
 
 
@@ -310,9 +320,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     report = run(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    _write(report, args.out)
     ok = all(v["prompts_equal"] == len(report["lengths"]) for v in report["policies"].values())
     return 0 if ok else 1
 

@@ -1,11 +1,9 @@
-"""vLLM 0.32's CUDA attention backends (FLASH_ATTN, TRITON_ATTN) with pruning after prefill.
-
-UNTESTED ON GPU: no CUDA build of vLLM could be run where this was written. The classes are the same mixins as the
-CPU backend (tested), whose GPU paths were written to need no per-request host sync: the builder reads host
-copies (query_start_loc_cpu, seq_lens_cpu_upper_bound) and does the per-row remap with device gathers; scores use
+"""vLLM 0.32's CUDA attention backends (FLASH_ATTN, TRITON_ATTN) with pruning after prefill: the same mixins as the
+CPU backend over vLLM's classes. The builder reads host copies (query_start_loc_cpu, seq_lens_cpu_upper_bound, the
+runner's is_prefilling) and does the per-row remap with device gathers into its own persistent buffers; scores use
 colreduce_varlen (Triton on CUDA); the kept K/V are written with the backend's own do_kv_cache_update
-(reshape_and_cache_flash). Known limits: the builder returns a new block-table tensor, so run with
-enforce_eager=True (CUDA graphs would replay the captured buffers).
+(reshape_and_cache_flash). Run on an H200 under both model runners (V1, V2), TRITON_ATTN in float32 and FLASH_ATTN
+(FA3) in bfloat16: benchmarks/results/h200_vllm/README.md.
 """
 from __future__ import annotations
 
