@@ -130,6 +130,24 @@ class PruneBuilderMixin:
         return cm, plan
 
 
+def _tensor_parallel_heads(num_kv_heads: int):
+    """(model-wide index of this rank's first kv head, all-gather over the tensor-parallel group or None, position
+    of this rank's heads in the gathered tensor). With more ranks than kv heads vLLM replicates each head over
+    size / total ranks."""
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                                  get_tp_group)
+
+    size = get_tensor_model_parallel_world_size()
+    if size == 1:
+        return 0, None, 0
+    rank = get_tensor_model_parallel_rank()
+    total = get_current_vllm_config().model_config.get_total_num_kv_heads()
+    first = rank * num_kv_heads if size <= total else rank * total // size
+    group = get_tp_group()
+    return first, (lambda t: group.all_gather(t, dim=0)), rank * num_kv_heads
+
+
 class PruneImplMixin:
     """Mixin for an AttentionImpl: prune after the prefill's attention of each layer."""
 
@@ -139,6 +157,7 @@ class PruneImplMixin:
         _remember(self.prune_config)
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
+            self.prune_tp = _tensor_parallel_heads(self.num_kv_heads)
             extras = [name for name in ("alibi_slopes", "sinks") if getattr(self, name, None) is not None]
             if getattr(self, "logits_soft_cap", None):
                 extras.append("logits_soft_cap")
@@ -149,7 +168,10 @@ class PruneImplMixin:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         plan = getattr(attn_metadata, "kvprune", None)
-        if plan is not None and key is not None:
+        if plan is not None:
+            if key is None:      # a model that wrote its K/V to the cache itself and passed none: nothing to score
+                raise RuntimeError("colreduce_kvprune: the attention layer was called without key/value tensors "
+                                   "(a fused KV-cache write bypassing the backend), so the prefill cannot be pruned")
             self._prune_compact(layer, query, key, value, kv_cache, plan, output)
         return out
 
@@ -157,8 +179,10 @@ class PruneImplMixin:
         from vllm.model_executor.models.utils import extract_layer_index
 
         layer_idx = extract_layer_index(layer.layer_name)
+        head_offset, gather, rank_heads = self.prune_tp
         with torch.no_grad():
-            idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale)
+            idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
+                                         head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads)
             k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
             self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
             if any(plan.num_outputs):

@@ -204,10 +204,15 @@ def remap_rows(state: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.T
 
 
 def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0) -> torch.Tensor:
     """Scores and selection for every pruned row of the step at one layer.
 
-    query (T, Hq, D) after RoPE, key (T, Hkv, D) after RoPE (the step's packed tensors).
+    query (T, Hq, D) after RoPE, key (T, Hkv, D) after RoPE (the step's packed tensors; under tensor parallelism a
+    rank's slice of the heads). head_offset: the model-wide index of key's first kv head (the random policy draws
+    per model-wide head). gather_heads: None on one rank; under tensor parallelism a callable concatenating a
+    (Hkv, X) tensor of every rank along dim 0, in rank order, and rank_heads the position of this rank's heads in
+    it. per_head=false shares one token set over all kv heads, so its scores are gathered from every rank first
+    and each rank keeps its own rows of the common selection (then every rank selects as one device would).
     Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
     req = policy.score_request(max(plan.lengths))
     bounds = list(zip([0] + list(_cumsum(plan.lengths))[:-1], _cumsum(plan.lengths)))
@@ -218,11 +223,17 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
                                max_seqlen_q=max(plan.num_queries), max_seqlen_k=max(plan.lengths),
                                is_causal=True, scale=scale, group_reduce=req.group_reduce, backend=backend)
         scores = [policy.postprocess_scores(raw[a:b].t()) for a, b in bounds]
+    elif req.kind == "random":
+        scores = [policy.random_scores(key.shape[1], b - a, layer, head_offset).to(key.device) for a, b in bounds]
     else:
         keys = key[plan.key_index]
         scores = [policy.scores(None, keys[a:b].transpose(0, 1), layer=layer) for a, b in bounds]
-    idx, _ = policy.select_batched(scores, layer=layer)
-    return idx
+    if gather_heads is None or policy.config.per_head:
+        idx, _ = policy.select_batched(scores, layer=layer)
+        return idx
+    every = gather_heads(torch.cat(scores, dim=1).contiguous())              # (Hkv of all ranks, ΣP)
+    idx, _ = policy.select_batched([every[:, a:b] for a, b in bounds], layer=layer)
+    return idx[:, rank_heads: rank_heads + key.shape[1]]
 
 
 def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor):

@@ -107,10 +107,14 @@ def unsupported_settings(vllm_config) -> list[str]:
         problems.append("async scheduling is on: the scheduler must see the prefill finish before the next step "
                         "is planned; pass async_scheduling=False (vllm serve: --no-async-scheduling)")
     pc = vllm_config.parallel_config
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
-                 "prefill_context_parallel_size"):
+    if getattr(pc, "pipeline_parallel_size", 1) > 1:
+        problems.append(f"pipeline_parallel_size={pc.pipeline_parallel_size} is not supported: the pruning step "
+                        "runs in every attention layer's rank, and no test covers stages handing on a pruned batch "
+                        "(tensor parallelism is supported)")
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(pc, name, 1) > 1:
-            problems.append(f"{name}={getattr(pc, name)} is not supported (single-GPU/CPU engines only)")
+            problems.append(f"{name}={getattr(pc, name)} is not supported: context parallelism splits a request's "
+                            "tokens over ranks, and the plugin compacts each request's blocks on one rank")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is not supported")
     if vllm_config.kv_transfer_config is not None:

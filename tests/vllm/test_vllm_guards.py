@@ -68,21 +68,23 @@ def test_env_config_prunes_and_engine_starts_after_failures(llama_path, tmp_path
 
 
 def test_unsupported_settings_listed():
-    """Settings the CPU build cannot even reach (it turns async scheduling off itself; no TP on CPU)."""
+    """Settings the CPU build cannot reach (it turns async scheduling off itself; no pipeline parallelism on CPU):
+    each refused by name. Tensor parallelism is not among them (tests/vllm/test_vllm_tensor_parallel.py)."""
     from types import SimpleNamespace as NS
 
     from colreduce_kvprune.vllm.settings import unsupported_settings
 
     cfg = NS(model_config=None, cache_config=NS(enable_prefix_caching=False),
              scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0, async_scheduling=True),
-             parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1), speculative_config=None,
-             kv_transfer_config=None)
+             parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=2, decode_context_parallel_size=2),
+             speculative_config=None, kv_transfer_config=None)
     problems = unsupported_settings(cfg)
-    assert len(problems) == 2
-    assert "async_scheduling=False" in problems[0] and "tensor_parallel_size=2" in problems[1]
+    assert len(problems) == 3
+    assert "async_scheduling=False" in problems[0] and "pipeline_parallel_size=2" in problems[1]
+    assert "decode_context_parallel_size=2" in problems[2]
     cfg.scheduler_config.async_scheduling = False
-    cfg.parallel_config.tensor_parallel_size = 1
-    assert unsupported_settings(cfg) == []
+    cfg.parallel_config.pipeline_parallel_size = cfg.parallel_config.decode_context_parallel_size = 1
+    assert unsupported_settings(cfg) == []                     # tensor_parallel_size=2 stays: supported
 
 
 def test_unsupported_backend_refused_by_name(monkeypatch):
