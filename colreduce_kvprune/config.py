@@ -147,11 +147,15 @@ def load_config(path_or_mapping: str | os.PathLike | Mapping | PruneConfig) -> P
     if not isinstance(path_or_mapping, (str, os.PathLike)):
         raise ConfigError(f"load_config expects a YAML file path or a mapping, got {type(path_or_mapping).__name__}")
     path = os.fspath(path_or_mapping)
+    if not os.path.exists(path) and os.path.basename(path) == path:
+        path = _shipped_config(path) or path
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        shipped = ", ".join(shipped_configs())
+        raise ConfigError(f"{path}: config file not found (a bare name also finds the configs shipped with the "
+                          f"package: {shipped})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
     try:
@@ -168,6 +172,31 @@ def load_config(path_or_mapping: str | os.PathLike | Mapping | PruneConfig) -> P
     if data is None:
         raise ConfigError(f"{path}: the config file is empty; it needs at least `policy` and `budget`")
     return _from_mapping(data, source=path)
+
+
+def _shipped_dir():
+    """The folder of the configs shipped with the package: colreduce_kvprune.configs when installed, the source tree's
+    configs/ in an editable install (which does not map that data-only package)."""
+    from importlib import resources
+
+    try:
+        return resources.files("colreduce_kvprune.configs")
+    except ModuleNotFoundError:
+        from pathlib import Path
+
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """File names of the configs shipped with the package ("snapkv.yaml", ...)."""
+    folder = _shipped_dir()
+    return sorted(f.name for f in folder.iterdir() if f.name.endswith(".yaml")) if folder.is_dir() else []
+
+
+def _shipped_config(name: str) -> str | None:
+    """The path of a shipped config by file name, or None. A file of that name in the working directory wins
+    (load_config reads it before asking here)."""
+    return os.fspath(_shipped_dir() / name) if name in shipped_configs() else None
 
 
 def dump_config(config: PruneConfig) -> str:

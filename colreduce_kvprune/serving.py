@@ -156,8 +156,8 @@ def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks
              engine_args: dict | None = None) -> dict:
     """Everything a run needs, checked: the model folder, the prompts as token ids, engine settings.
 
-    Engine settings both runs share (the ones the pruning plugin needs): prefix caching, chunked prefill and async
-    scheduling off, max_model_len = longest prompt + max_tokens (rounded up to a block), max_num_batched_tokens
+    Engine settings both runs share (the ones the pruning plugin needs): chunked prefill and async scheduling off
+    (prefix caching at vLLM's default), max_model_len = longest prompt + max_tokens (rounded up to a block), max_num_batched_tokens
     = max(max_model_len, 2048), eager mode, greedy sampling. `kv_blocks` fixes the KV pool
     (num_gpu_blocks_override; one block is vLLM's null block). `engine_args` adds/overrides EngineArgs fields."""
     model_config = read_model_config(model)
@@ -177,7 +177,7 @@ def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks
     engine = dict(model=str(Path(model).resolve()), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                   max_model_len=max_model_len, max_num_batched_tokens=max(max_model_len, MIN_BATCHED_TOKENS),
                   max_num_seqs=max_num_seqs, block_size=block_size, enforce_eager=True,
-                  enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False,
+                  enable_chunked_prefill=False, async_scheduling=False,
                   load_format="auto" if has_weights(model) else "dummy", disable_log_stats=False)
     if kv_blocks is not None:
         engine["num_gpu_blocks_override"] = kv_blocks
@@ -226,6 +226,8 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
     prompts = job["prompts"]
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
     outputs: list[list[int] | None] = [None] * len(prompts)
+    first_token_s: list[float | None] = [None] * len(prompts)     # since all requests were added
+    finish_s: list[float | None] = [None] * len(prompts)
     samples.clear()
     clock["t0"] = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -233,8 +235,13 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
     done = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
+            i = int(out.request_id.removeprefix("req-"))
+            now = time.perf_counter() - clock["t0"]
+            if first_token_s[i] is None and out.outputs and out.outputs[0].token_ids:
+                first_token_s[i] = now
             if out.finished:
-                outputs[int(out.request_id.removeprefix("req-"))] = list(out.outputs[0].token_ids)
+                outputs[i] = list(out.outputs[0].token_ids)
+                finish_s[i] = now
                 done += 1
                 emit({"event": "progress", "done": done, "total": len(prompts)})
     wall_s = time.perf_counter() - clock["t0"]
@@ -252,7 +259,7 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
         "prompt_tokens": sum(len(p) for p in prompts),
         "output_tokens": output_tokens,
         "num_blocks": num_blocks,
-        "block_size": kw["block_size"],
+        "block_size": engine.vllm_config.cache_config.block_size,
         "peak_kv_blocks": max(blocks, default=0),
         "mean_blocks_per_running_request": sum(per_request) / len(per_request) if per_request else 0.0,
         "peak_running": max((s[2] for s in samples), default=0),
@@ -261,6 +268,10 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
         "engine_start_s": engine_start_s,
         "wall_s": wall_s,
         "output_tokens_per_s": output_tokens / wall_s if wall_s > 0 else 0.0,
+        "requests_per_s": len(prompts) / wall_s if wall_s > 0 else 0.0,
+        "ttft_s": first_token_s,
+        "tpot_s": [(f - t) / (len(o) - 1) if len(o) > 1 else None
+                   for t, f, o in zip(first_token_s, finish_s, outputs)],
         "timeline": {"t": [s[0] for s in samples], "kv_blocks": blocks, "running": [s[2] for s in samples],
                      "waiting": [s[3] for s in samples]},
         "prune_stats": prune_stats,

@@ -15,9 +15,10 @@ from colreduce_kvprune.vllm import get_stats
 if __name__ == "__main__":
     model = sys.argv[1] if len(sys.argv) > 1 else default_model()
     llm = LLM(model=model, dtype="float32", max_model_len=4096, max_num_batched_tokens=4096, block_size=32,
-              enforce_eager=True,
-              # what pruning needs: whole prompts in one prefill step, no prefix cache, synchronous scheduling
-              enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False,
+              enforce_eager=True,     # CUDA: graphs with pruning are not verified yet
+              # what pruning still needs: whole prompts in one prefill step, synchronous scheduling (prefix caching
+              # stays at vLLM's default: pruned requests bypass it, the others use it)
+              enable_chunked_prefill=False, async_scheduling=False,
               additional_config={"kv_prune": {"policy": "snapkv", "budget": {"keep_ratio": 0.25}, "window": 32,
                                               "min_prompt_tokens": 1024}})   # or a YAML path: "configs/snapkv.yaml"
     rng = random.Random(0)

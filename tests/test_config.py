@@ -214,3 +214,21 @@ def test_ratio_count_no_float_rounding_up():
     assert 0.07 * 100 > 7                    # the float product rounds up ...
     assert ratio_count(0.07, 100) == 7       # ... the count does not
     assert ratio_count(0.25, 10) == 3 and ratio_count(1.0, 7) == 7 and ratio_count(0.5, 0) == 0
+
+
+def test_bare_name_finds_shipped_config(tmp_path, monkeypatch):
+    """`{"kv_prune": "snapkv.yaml"}` works from any directory: a bare file name that is not in the working
+    directory is one of the configs shipped with the package; a file of that name in the working directory wins."""
+    import os
+
+    from colreduce_kvprune.config import shipped_configs
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    shipped = load_config(os.path.join(here, "..", "configs", "snapkv.yaml"))
+    monkeypatch.chdir(tmp_path)
+    assert "snapkv.yaml" in shipped_configs() and "h2o.yaml" in shipped_configs()
+    assert load_config("snapkv.yaml") == shipped
+    (tmp_path / "snapkv.yaml").write_text("policy: h2o\nbudget: {keep_tokens: 64}\n")
+    assert load_config("snapkv.yaml").policy == "h2o"
+    with pytest.raises(ConfigError, match=r"snapkv_typo\.yaml: config file not found .*snapkv\.yaml"):
+        load_config("snapkv_typo.yaml")

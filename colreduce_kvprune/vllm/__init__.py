@@ -3,9 +3,9 @@
 Loaded by vLLM through the `vllm.general_plugins` entry point (`register`). Configure it with
 `additional_config={"kv_prune": "snapkv.yaml"}` (or a mapping) on `LLM(...)`, `--additional-config
 '{"kv_prune": "snapkv.yaml"}'` on `vllm serve`, or `KVPRUNE_CONFIG=snapkv.yaml`; without a config vLLM runs
-unchanged. Engine settings it needs: enable_prefix_caching=False, enable_chunked_prefill=False (with
-max_num_batched_tokens >= max_model_len), async_scheduling=False, and on CUDA enforce_eager=True — anything else is
-refused at engine start.
+unchanged. Engine settings it needs: enable_chunked_prefill=False (with max_num_batched_tokens >= max_model_len),
+async_scheduling=False, and on CUDA enforce_eager=True — anything else is refused at engine start. Prefix caching
+may stay on: pruned requests bypass it (manager.py), the others use it.
 
 Pieces: settings.py (config discovery, engine-start checks), backend_*.py (attention backends: score, compact,
 remap), guards.py (the other backends, which refuse a configured run), compaction.py (the backend-independent tensor work),

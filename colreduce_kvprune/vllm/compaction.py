@@ -12,9 +12,11 @@ tokens are kept, then all g outputs; and the outputs' attention rows are recompu
 earlier outputs (`recompute_outputs`), as their decode steps saw them. Attention sees seq_len − off keys; positions
 stay logical, so RoPE of new tokens is unchanged.
 
-Per-request state lives in a table indexed by the request's first physical block id (unique per live request
-without prefix caching; each request's first step is a prefill from position 0, which resets the entry), so the
-builder needs no request ids and no host sync on GPU: `RowState.lookup` is a device gather.
+Per-request state lives in a table indexed by the request's first physical block id, so the builder needs no
+request ids and no host sync on GPU: `RowState.lookup` is a device gather. A pruned request's first block is its own
+(pruned requests never take prefix-cache hits, manager.py) and its first step is a prefill from position 0, which
+sets the entry; requests that are not pruned reset it to zeros at their own prefill from position 0, and requests
+that share a cached first block are never pruned, so that block's entry stays the zeros its first owner wrote.
 """
 from __future__ import annotations
 

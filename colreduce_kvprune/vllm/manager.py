@@ -7,11 +7,18 @@ agree by construction. Rule shared with the worker: a request is pruned after th
 from position 0. For a fresh prompt that prefill is the P prompt tokens; for a request recomputed after preemption it
 is the prompt + its g outputs so far (L = P + g), pruned exactly as the first time: keep(P) prompt tokens, then all
 g outputs, so the request holds cdiv(keep + g, block_size) blocks and continues as if never preempted. Chunked
-prefill and prefix caching are refused at engine start.
+prefill is refused at engine start.
+
+Prefix caching: a request that is pruned (keep_count(P) < P, known when it is scheduled) neither reads cached blocks
+(its prefill must start at position 0 to be scored, and its compaction writes into its first blocks, which a cache
+hit would share with other requests) nor publishes its own (after compaction their contents no longer match their
+hashes). Requests that are not pruned read and publish as usual, so shared prompts shorter than min_prompt_tokens, or
+within the budget, keep using the prefix cache.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from vllm.logger import init_logger
@@ -56,10 +63,32 @@ class PruneManager(FullAttentionManager):
 
     def __init__(self, kv_cache_spec: PrunableFullAttentionSpec, **kwargs):
         super().__init__(kv_cache_spec, **kwargs)
+        if self.enable_caching and kwargs.get("kv_cache_group_id", 0) != 0:
+            raise ValueError("colreduce_kvprune: prefix caching with pruned layers in more than one KV cache group "
+                             "is not supported (the cache lookup of a pruned request would not be refused)")
         self.prune_config = config_from_json(kv_cache_spec.prune_config)
         self.offsets: dict[str, int] = {}
         self.prune_stats = PruneStats(num_blocks=self.block_pool.num_gpu_blocks - 1)
         track(self)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, *args,
+                               **kwargs):
+        """No cache hit for a request that will be pruned. vLLM looks up a request with max_length = its token count
+        − 1 (P, or P + g when it resumes after a preemption; the lookup runs before any per-request call reaches this
+        manager). keep_count(P) < P implies keep_count(P + g) < P + g, so every pruned request is refused; a resumed
+        request that is not pruned may be refused too, and is then recomputed in full (correct, only slower)."""
+        n = max_length + 1
+        if keep_count(_spec_config(kv_cache_spec.prune_config), n) < n:
+            return tuple([] for _ in kv_cache_group_ids), 0
+        return super().find_longest_cache_hit(block_hashes, max_length, kv_cache_group_ids, block_pool,
+                                              kv_cache_spec, *args, **kwargs)
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs):
+        """A pruned request never publishes its blocks (compacted contents under the prompt's hashes)."""
+        if keep_count(self.prune_config, request.num_prompt_tokens) < request.num_prompt_tokens:
+            return None
+        return super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
         if (request_id not in self.offsets and num_prompt_tokens is not None
@@ -111,3 +140,9 @@ class PruneManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id):
         self.offsets.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
+
+
+@functools.lru_cache(maxsize=16)
+def _spec_config(text: str):
+    """The pruning config carried by a PrunableFullAttentionSpec (parsed once per distinct JSON)."""
+    return config_from_json(text)

@@ -92,10 +92,6 @@ def unsupported_settings(vllm_config) -> list[str]:
             # (backend_common.PruneBuilderMixin), but no GPU run has verified graphs == eager yet.
             problems.append("CUDA graphs with KV pruning are not verified on a GPU yet; pass enforce_eager=True "
                             "(vllm serve: --enforce-eager)")
-    cc = vllm_config.cache_config
-    if cc.enable_prefix_caching:
-        problems.append("prefix caching is on: compacted blocks no longer match their hashes; pass "
-                        "enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
     sc = vllm_config.scheduler_config
     if sc.enable_chunked_prefill:
         problems.append("chunked prefill is on: each prompt must be prefilled in one step to be scored; pass "
@@ -104,8 +100,8 @@ def unsupported_settings(vllm_config) -> list[str]:
     if getattr(sc, "long_prefill_token_threshold", 0):
         problems.append("long_prefill_token_threshold > 0 splits prompts into chunks; leave it at 0")
     if sc.async_scheduling:
-        problems.append("async scheduling is on: the scheduler must see the prefill finish before the next step "
-                        "is planned; pass async_scheduling=False (vllm serve: --no-async-scheduling)")
+        problems.append("async scheduling with KV pruning is not verified yet (vLLM's CPU build cannot run it, and no "
+                        "GPU run has covered it); pass async_scheduling=False (vllm serve: --no-async-scheduling)")
     pc = vllm_config.parallel_config
     if getattr(pc, "pipeline_parallel_size", 1) > 1:
         problems.append(f"pipeline_parallel_size={pc.pipeline_parallel_size} is not supported: the pruning step "

@@ -13,7 +13,6 @@ CASES = [
     ("unknown key", dict(GOOD, windw=8), {}, r"windw"),
     ("pyramidkv", dict(GOOD, policy="pyramidkv"), {}, r"pyramidkv gives layers different kept counts"),
     ("adakv", dict(GOOD, policy="adakv"), {}, r"adakv gives kv heads different kept counts"),
-    ("prefix caching", GOOD, dict(enable_prefix_caching=True), r"enable_prefix_caching=False"),
     ("chunked prefill", GOOD, dict(enable_chunked_prefill=True), r"enable_chunked_prefill=False"),
     ("prompt embeds", GOOD, dict(enable_prompt_embeds=True), r"enable_prompt_embeds=True"),
 ]

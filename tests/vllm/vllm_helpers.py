@@ -25,6 +25,8 @@ DEVICE = os.environ["VLLM_TARGET_DEVICE"]          # set by conftest.py from the
 ENGINE_KW = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=1024, enforce_eager=True,
                  block_size=BLOCK_SIZE, max_num_seqs=16, seed=0, max_num_batched_tokens=1024,
                  enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False)
+# prefix caching off by default here so that tests measure pruning alone (block counts, outputs); it is on in
+# test_vllm_prefix_caching.py and test_vllm_passthrough.py
 if DEVICE == "cuda":
     # A 1 GiB KV pool, as VLLM_CPU_KVCACHE_SPACE=1 on CPU: 90% of an H200 would be millions of tiny-model blocks,
     # seconds of scheduler set-up per engine. float32 runs on TRITON_ATTN (FlashAttention takes 16-bit only).

@@ -1,0 +1,148 @@
+"""Serving benchmark against vanilla vLLM: capacity, throughput and latency, offline (all requests submitted at once).
+
+    python benchmarks/serving_gpu.py --workload long --out long.json          # on the GPU (after the vLLM staging)
+    python benchmarks/serving_gpu.py --shape tiny --workload smoke --out smoke.json   # the same code on vLLM's CPU build
+
+Model: random weights (load_format="dummy") of a Llama-3.1-8B shape (32 layers, hidden 4096, 32 query / 8 kv heads,
+head dim 128, vocabulary 128256, intermediate 14336), bf16, or `--shape tiny` for a smoke run. Workloads (random
+token prompts, fixed seeds, ignore_eos, fixed output lengths):
+  long   256 requests x 16k prompt tokens, 128 output tokens
+  mixed  256 requests, prompt lengths 2k-32k log-uniform, 256 output tokens
+  short  512 requests x 1k prompt tokens, 128 output tokens (pruning inactive through min_prompt_tokens 2048)
+  smoke  8 requests x 512 tokens, 8 output tokens (for --shape tiny)
+Runs (each in a fresh process, same gpu_memory_utilization):
+  vanilla          vLLM at its defaults, package disabled (VLLM_PLUGINS=none)
+  vanilla-eager    vanilla with the engine settings the plugin needs today (what they cost on their own)
+  snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio, with those settings
+Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
+and TPOT p50/p99 (TTFT counts the queueing of an all-at-once submission). Not measured here yet: the online
+(Poisson arrivals through the OpenAI server) workload, and the share of prefill time spent in scoring + selection +
+compaction (benchmarks/kernels.py times the kernels alone).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096),
+}
+WORKLOADS = {
+    "long": dict(num=256, lengths=(16384, 16384), max_tokens=128),
+    "mixed": dict(num=256, lengths=(2048, 32768), max_tokens=256),
+    "short": dict(num=512, lengths=(1024, 1024), max_tokens=128),
+    "smoke": dict(num=8, lengths=(512, 512), max_tokens=8),
+}
+PLUGIN_SETTINGS = dict(enforce_eager=True, enable_chunked_prefill=False, async_scheduling=False)
+
+
+def model_folder(shape: str, root: str) -> str:
+    """A config-only model folder (weights are vLLM's dummy load)."""
+    from transformers import LlamaConfig
+
+    path = os.path.join(root, shape)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16").save_pretrained(path)
+    return path
+
+
+def prompts(workload: str, vocab: int, seed: int) -> tuple[list[list[int]], int]:
+    w = WORKLOADS[workload]
+    rng = random.Random(seed)
+    lo, hi = w["lengths"]
+    lengths = [lo if lo == hi else int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+               for _ in range(w["num"])]
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths], w["max_tokens"]
+
+
+def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: str, gpu_mem: float | None) -> dict:
+    max_len = longest + max_tokens
+    e = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, seed=0,
+             max_model_len=max_len, disable_log_stats=False)
+    if gpu_mem is not None:
+        e["gpu_memory_utilization"] = gpu_mem
+    if run != "vanilla":
+        e.update(PLUGIN_SETTINGS, max_num_batched_tokens=max(max_len, 8192))
+    return e
+
+
+def prune_config(run: str, min_prompt_tokens: int) -> dict | None:
+    if not run.startswith("snapkv-"):
+        return None
+    from colreduce_kvprune.config import load_config
+
+    cfg = load_config("snapkv.yaml").to_dict()
+    cfg["budget"] = {"keep_ratio": float(run.split("-", 1)[1])}
+    cfg["min_prompt_tokens"] = min_prompt_tokens
+    return cfg
+
+
+def percentile(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, int(math.ceil(q / 100 * len(xs))) - 1)]
+
+
+def summarize(result: dict) -> dict:
+    running = result["timeline"]["running"]
+    return {k: result[k] for k in ("requests", "prompt_tokens", "output_tokens", "num_blocks", "peak_running",
+                                   "preemptions", "wall_s", "output_tokens_per_s", "requests_per_s",
+                                   "engine_start_s", "peak_kv_blocks", "prune_stats")} | {
+        "mean_running": sum(running) / len(running) if running else 0.0,
+        "ttft_p50_s": percentile(result["ttft_s"], 50), "ttft_p99_s": percentile(result["ttft_s"], 99),
+        "tpot_p50_s": percentile(result["tpot_s"], 50), "tpot_p99_s": percentile(result["tpot_s"], 99),
+        "timeline": result["timeline"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", choices=list(WORKLOADS), default="long")
+    p.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
+    p.add_argument("--runs", default="vanilla,vanilla-eager,snapkv-0.25,snapkv-0.1")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--gpu-mem", type=float, default=None, help="gpu_memory_utilization of every run")
+    p.add_argument("--min-prompt-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "colreduce-serving-models"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    a = p.parse_args(argv)
+
+    from colreduce_kvprune.serving import RunError, run_in_subprocess
+
+    model = model_folder(a.shape, a.model_root)
+    ids, max_tokens = prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed)
+    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "runs": {}}
+    for run in a.runs.split(","):
+        job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem),
+               "prompts": ids, "max_tokens": max_tokens}
+        try:
+            res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout)
+            report["runs"][run] = summarize(res)
+        except RunError as e:
+            report["runs"][run] = {"error": str(e)}
+        r = report["runs"][run]
+        print(f"{run:14s} " + (r["error"] if "error" in r else
+              f"{r['output_tokens_per_s']:9.1f} tok/s  peak running {r['peak_running']:4d}  preemptions "
+              f"{r['preemptions']:4d}  TTFT p50 {r['ttft_p50_s']:.2f} s  TPOT p50 {r['tpot_p50_s']:.4f} s"),
+              flush=True)
+        with open(a.out, "w") as f:
+            json.dump(report, f)
+    return 0 if all("error" not in r for r in report["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
