@@ -70,6 +70,7 @@ class PruneBuilderMixin:
             self.prune_rows = None            # RowState, sized at the first build (the pool exists by then)
             self.prune_num_blocks = vllm_config.cache_config.num_gpu_blocks
             self.prune_max_rows = vllm_config.scheduler_config.max_num_seqs
+            self.prune_bufs = None            # (block table, seq_lens) the attention reads, see _prune_buffers
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -91,12 +92,12 @@ class PruneBuilderMixin:
     def _prune_buffers(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
         """The builder's persistent (block table, seq_lens) buffers, at least the given shapes."""
         rows = max(block_table.shape[0], seq_lens.shape[0], self.prune_max_rows)
-        buf = getattr(self, "_prune_bufs", None)
+        buf = self.prune_bufs
         if (buf is None or buf[0].shape[0] < rows or buf[0].shape[1] != block_table.shape[1]
                 or buf[0].dtype != block_table.dtype or buf[1].dtype != seq_lens.dtype):
             buf = (torch.zeros(rows, block_table.shape[1], dtype=block_table.dtype, device=block_table.device),
                    torch.zeros(rows, dtype=seq_lens.dtype, device=seq_lens.device))
-            self._prune_bufs = buf
+            self.prune_bufs = buf
         return buf
 
     def _prune_prepare(self, cm):
