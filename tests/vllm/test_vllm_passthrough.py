@@ -7,7 +7,7 @@ from vllm_helpers import baseline_without_plugins, engine, greedy, random_prompt
 
 LENGTHS = (300, 57, 200, 129, 96, 40, 511)
 VLLM_DEFAULTS = dict(enable_prefix_caching=None, enable_chunked_prefill=None, async_scheduling=None,
-                     max_num_batched_tokens=None)
+                     max_num_batched_tokens=None, enforce_eager=None)     # on CUDA: torch.compile + CUDA graphs
 
 
 @pytest.fixture(scope="module")

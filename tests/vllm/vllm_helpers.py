@@ -51,6 +51,7 @@ def make_llm(model: str, prune=None, **overrides):
     from vllm import LLM
 
     kw = dict(ENGINE_KW, model=model, **overrides)
+    kw = {k: v for k, v in kw.items() if v is not None}      # an override of None: vLLM's own default
     if prune is not None:
         kw["additional_config"] = {"kv_prune": prune}
     return LLM(**kw)
