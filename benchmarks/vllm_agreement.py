@@ -76,10 +76,11 @@ class Recorder:
                                                    scores64[b].cpu()]
             return idx
 
-        def prune_compact(self, layer, query, key, value, kv_cache, plan, output):
-            original_compact(self, layer, query, key, value, kv_cache, plan, output)
-            with torch.no_grad():
-                rec._check_cache(self, layer, key, value, kv_cache, plan)
+        def prune_compact(self, layer, layer_idx, query, key, value, kv_cache, plan, output):
+            original_compact(self, layer, layer_idx, query, key, value, kv_cache, plan, output)
+            if plan.sources is None:           # the K/V rows of the kept tokens are the step's (no chunks)
+                with torch.no_grad():
+                    rec._check_cache(self, layer, key, value, kv_cache, plan)
 
         compaction.select_kept = select_kept
         backend_common.PruneImplMixin._prune_compact = prune_compact

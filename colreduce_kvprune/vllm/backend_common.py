@@ -115,9 +115,10 @@ class PruneBuilderMixin:
         if is_prefilling is not None and is_prefilling.device.type != "cpu":
             is_prefilling = None                        # a device tensor: reading it would sync
         compaction.check_prompt_lengths(targets, cm.query_start_loc_cpu, seq_cpu, is_prefilling, n)
-        prefills = compaction.fresh_prefills(cm.query_start_loc_cpu, seq_cpu, n, prompts, is_prefilling)
-        fresh_rows, fresh_values, plan = compaction.plan_prefills(
-            self.prune_config, self.prune_policy, prefills, bt, self.prune_block_size)
+        steps = compaction.prompt_steps(cm.query_start_loc_cpu, seq_cpu, n, prompts, is_prefilling)
+        carries = self.prune_prompts.row_carries(cm, n)
+        fresh_rows, fresh_values, plan, stash = compaction.plan_prefills(
+            self.prune_config, self.prune_policy, steps, bt, self.prune_block_size, [carries[s[0]] for s in steps])
         state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)
         num_tokens = int(cm.query_start_loc_cpu[n])
         out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
@@ -128,7 +129,7 @@ class PruneBuilderMixin:
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound
         cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=new_bt,
                                  _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
-        return cm, plan
+        return cm, (compaction.StepPlan(plan, stash) if plan is not None or stash else None)
 
 
 def _tensor_parallel_heads(num_kv_heads: int):
@@ -168,23 +169,32 @@ class PruneImplMixin:
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        plan = getattr(attn_metadata, "kvprune", None)
-        if plan is not None:
+        step = getattr(attn_metadata, "kvprune", None)
+        if step is not None:
             if key is None:      # a model that wrote its K/V to the cache itself and passed none: nothing to score
                 raise RuntimeError("colreduce_kvprune: the attention layer was called without key/value tensors "
                                    "(a fused KV-cache write bypassing the backend), so the prefill cannot be pruned")
-            self._prune_compact(layer, query, key, value, kv_cache, plan, output)
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            layer_idx = extract_layer_index(layer.layer_name)
+            if step.stash:
+                compaction.stash_chunks(step.stash, layer_idx, query, key, value)
+            if step.plan is not None:
+                self._prune_compact(layer, layer_idx, query, key, value, kv_cache, step.plan, output)
         return out
 
-    def _prune_compact(self, layer, query, key, value, kv_cache, plan, output):
-        from vllm.model_executor.models.utils import extract_layer_index
-
-        layer_idx = extract_layer_index(layer.layer_name)
+    def _prune_compact(self, layer, layer_idx, query, key, value, kv_cache, plan, output):
         head_offset, gather, rank_heads = self.prune_tp
         with torch.no_grad():
+            step_output = output
+            if plan.sources is not None:          # a last chunk among the rows: score the whole prompts
+                query, key, value = compaction.assemble(plan, layer_idx, query, key, value)
+                output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
             idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
                                          head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads)
             k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
             self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
             if any(plan.num_outputs):
                 compaction.recompute_outputs(plan, query, k_sel, v_sel, output, self.scale)
+                if plan.sources is not None:
+                    compaction.scatter_outputs(plan, output, step_output)

@@ -42,7 +42,9 @@ class PrefillPlan:
     (ΣW,) the last W prompt tokens of each row, cu_q (B+1,) int32 (empty when the policy needs no queries);
     kept_row/kept_pos (Σ(keep+g),) int64 — row (in this plan) and compacted position c of every kept entry;
     kept_out_tok (Σ(keep+g),) int64 — packed token id of an output entry (c ≥ keep), −1 for a prompt entry;
-    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry.
+    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry. With a last chunk of a chunked prefill
+    among the rows, `sources` is set and the packed token ids index the tensors of `assemble` instead of the
+    step's.
     """
     rows: list[int]
     starts: list[int]
@@ -60,6 +62,15 @@ class PrefillPlan:
     kept_pos: torch.Tensor
     kept_out_tok: torch.Tensor
     slots: torch.Tensor
+    sources: list | None = None      # chunked prefill: per row (step start, c0, qlen, carry); starts index assemble()
+
+
+@dataclass
+class StepPlan:
+    """What the attention layers do after a step's attention: prune the rows of `plan` (None: none), stash the chunks
+    of `stash` [(start, qlen, carry)] (prompts prefilled in chunks, pruned at their last chunk)."""
+    plan: PrefillPlan | None
+    stash: list
 
 
 class RowState:
@@ -84,26 +95,31 @@ class RowState:
         return vals
 
 
-def fresh_prefills(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int,
-                   prompts: list[int | None] | None = None, is_prefilling_cpu: torch.Tensor | None = None):
-    """Rows whose step prefills their sequence from position 0 (query length == sequence length L):
-    [(row, start, L, P)], P = prompts[row] (the request's prompt length; L − P outputs are recomputed after a
-    preemption), or L where prompts is None or holds None (rows of no tracked request). With vLLM's per-row
-    is_prefilling flag (host tensor), rows it does not call prefilling are skipped: dummy and padding rows of
-    profiling and CUDA-graph capture runs, whose query and sequence lengths can be equal too."""
+def prompt_steps(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int,
+                 prompts: list[int | None] | None = None, is_prefilling_cpu: torch.Tensor | None = None):
+    """Rows whose step computes part of their prompt: [(row, start, c0, qlen, P)] — start: the row's first token in
+    the packed step, c0: tokens computed before this step, qlen: this step's tokens (c0 + qlen = L, the row's length
+    after the step), P = prompts[row] (the request's prompt length). A whole prompt in one step has c0 = 0 and
+    L >= P (L − P outputs are recomputed after a preemption); with chunked prefill a prompt comes in several steps,
+    the one with c0 < P <= L being its last. Rows of no tracked request (prompts None or holding None) count only
+    when they prefill from position 0, with P = L. With vLLM's per-row is_prefilling flag (host tensor), rows it
+    does not call prefilling are skipped: dummy and padding rows of profiling and CUDA-graph capture runs."""
     qs = query_start_cpu[: num_reqs + 1].tolist()
     sl = seq_lens_cpu[:num_reqs].tolist()
     flags = is_prefilling_cpu[:num_reqs].tolist() if is_prefilling_cpu is not None else [True] * num_reqs
     out = []
     for r in range(num_reqs):
-        if sl[r] > 0 and qs[r + 1] - qs[r] == sl[r] and flags[r]:
-            p = prompts[r] if prompts is not None else None
-            p = sl[r] if p is None else p
-            if not 0 < p <= sl[r]:
-                raise RuntimeError(f"colreduce_kvprune: batch row {r} prefills {sl[r]} tokens from position 0 but "
-                                   f"its prompt has {p}: the prompt lengths tracked per row disagree with vLLM's "
-                                   "batch (unsupported vLLM change?)")
-            out.append((r, qs[r], sl[r], p))
+        qlen = qs[r + 1] - qs[r]
+        c0 = sl[r] - qlen
+        p = prompts[r] if prompts is not None else None
+        if not (sl[r] > 0 and qlen > 0 and flags[r]) or (p is None and c0 != 0):
+            continue
+        p = sl[r] if p is None else p
+        if p <= 0:
+            raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {p} tokens: the prompt "
+                               "lengths tracked per row disagree with vLLM's batch (unsupported vLLM change?)")
+        if c0 < p:
+            out.append((r, qs[r], c0, qlen, p))
     return out
 
 
@@ -130,25 +146,47 @@ def check_prompt_lengths(targets: list[int | None], query_start_cpu: torch.Tenso
                            "per row do not follow vLLM's batch (unsupported vLLM change?)")
 
 
-def plan_prefills(config, policy, prefills, block_table: torch.Tensor, block_size: int):
-    """Host-side plan for the fresh prefills [(row, start, L, P)] of a step.
+def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: int, carries=None):
+    """Host-side plan for the prompt steps [(row, start, c0, qlen, P)] of a step (see prompt_steps).
 
-    Returns (fresh_rows, fresh_values, PrefillPlan | None): the RowState entries to set for every fresh row, and
-    the plan of the rows actually pruned (keep(P) < P)."""
-    fresh_rows, fresh_values, pruned = [], [], []
-    for row, start, length, prompt in prefills:
+    A prompt that is pruned (keep(P) < P) is scored and compacted at the step that completes it (c0 < P <= L =
+    c0 + qlen). A step that holds only part of it (chunked prefill, L < P) is stashed: its queries, keys and values
+    of every layer are kept in the request's carry (a dict from the prompt-length tracker) until the last chunk,
+    which then scores the prompt exactly as one whole prefill would (`assemble`).
+    Returns (fresh_rows, fresh_values, PrefillPlan | None, stash): the RowState entries to set (zeros at a prompt's
+    first step, the pruned layout at its last), the plan of the rows pruned now, and [(start, qlen, carry)] of the
+    chunks to stash."""
+    fresh_rows, fresh_values, pruned, stash = [], [], [], []
+    for i, (row, start, c0, qlen, prompt) in enumerate(steps):
         keep = keep_count(config, prompt)
+        length = c0 + qlen
+        carry = carries[i] if carries is not None else None
+        if c0 > 0 or length < prompt:
+            if keep < prompt and carry is None:
+                raise RuntimeError(f"colreduce_kvprune: batch row {row} prefills its prompt in chunks, and no "
+                                   "per-request carry is known for it (the prompt-length tracker's row)")
+        if keep >= prompt or length < prompt:
+            if c0 == 0:                             # the prompt's first step: this request's entry starts at zero
+                fresh_rows.append(row)
+                fresh_values.append((0, 0, 0))
+                if carry is not None:
+                    carry.clear()                   # left by an attempt before a preemption
+            if keep < prompt:
+                stash.append((start, qlen, carry))
+            continue
+        off = prompt - keep
         fresh_rows.append(row)
-        if keep < prompt:
-            off = prompt - keep
-            fresh_values.append((off, cdiv(length - off, block_size), cdiv(length, block_size)))
-            pruned.append((row, start, prompt, keep, length - prompt))
-        else:
-            fresh_values.append((0, 0, 0))
+        fresh_values.append((off, cdiv(length - off, block_size), cdiv(length, block_size)))
+        pruned.append((row, start, c0, qlen, prompt, keep, length - prompt, carry if c0 else None))
     if not pruned:
-        return fresh_rows, fresh_values, None
+        return fresh_rows, fresh_values, None, stash
     dev = block_table.device
-    rows, starts, lengths, keeps, outs = (list(x) for x in zip(*pruned))
+    rows, steps_at, c0s, qlens, lengths, keeps, outs, carried = (list(x) for x in zip(*pruned))
+    if any(c0s):          # a last chunk: every pruned row is assembled into one packed tensor, rows back to back
+        starts = [0] + list(_cumsum([c + q for c, q in zip(c0s, qlens)]))[:-1]
+        sources = list(zip(steps_at, c0s, qlens, carried))
+    else:
+        starts, sources = steps_at, None
     req = policy.score_request(max(lengths))
     nq = [min(policy.score_request(n).num_queries, n) if req.kind == "attention" else 0 for n in lengths]
     key_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
@@ -169,8 +207,42 @@ def plan_prefills(config, policy, prefills, block_table: torch.Tensor, block_siz
                        kept_starts=[0] + list(_cumsum(totals))[:-1],
                        key_index=key_index.to(**to), cu_k=cu_k.to(**to), window_index=window_index.to(**to),
                        cu_q=cu_q.to(**to), starts_dev=torch.tensor(starts, dtype=torch.long).to(**to),
-                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok.to(**to), slots=slots)
-    return fresh_rows, fresh_values, plan
+                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok.to(**to), slots=slots,
+                       sources=sources)
+    return fresh_rows, fresh_values, plan, stash
+
+
+def stash_chunks(stash, layer: int, *tensors: torch.Tensor) -> None:
+    """Keep this step's chunk of every stashed prompt (queries, keys, values of `layer`) in its carry, copied (the
+    step's tensors are reused by the next step)."""
+    for start, qlen, carry in stash:
+        carry.setdefault(layer, []).append(tuple(t[start: start + qlen].clone() for t in tensors))
+
+
+def assemble(plan: "PrefillPlan", layer: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """For a plan with chunked rows (plan.sources): each tensor (query, key, value: the step's packed rows) rebuilt
+    with every pruned row's tokens 0..L−1 back to back (stashed chunks, then this step's), the layout plan.starts
+    describes. The row's stash of `layer` is released."""
+    parts = [[] for _ in tensors]
+    for start, c0, qlen, carry in plan.sources:
+        chunks = carry.pop(layer, []) if carry is not None else []
+        if sum(c[0].shape[0] for c in chunks) != c0:
+            raise RuntimeError(f"colreduce_kvprune: a chunked prompt reached its last chunk with "
+                               f"{sum(c[0].shape[0] for c in chunks)} stashed tokens at layer {layer}, expected {c0}")
+        for i, t in enumerate(tensors):
+            parts[i].extend([c[i] for c in chunks] + [t[start: start + qlen]])
+    return [torch.cat(p) for p in parts]
+
+
+def scatter_outputs(plan: "PrefillPlan", assembled: torch.Tensor, output: torch.Tensor) -> None:
+    """Copy the recomputed output rows (positions P..L−1 of each row, all in this step's chunk) of an assembled plan
+    back to the step's output tensor."""
+    for b, (start, c0, qlen, _) in enumerate(plan.sources):
+        g = plan.num_outputs[b]
+        if g:
+            a = plan.starts[b] + plan.lengths[b]
+            s = start + plan.lengths[b] - c0
+            output[s: s + g] = assembled[a: a + g]
 
 
 def remap_rows(state: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,

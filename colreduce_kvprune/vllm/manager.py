@@ -3,11 +3,12 @@
 The worker compacts a request's kept tokens into the first blocks of its block table right after the prefill (see
 `compaction.py`). The scheduler never hears back from the worker: the kept count is `keep_count(config, P)`, a pure
 function of the prompt length P and the config (which reaches this process inside the KV cache spec), so both sides
-agree by construction. Rule shared with the worker: a request is pruned after the one step that prefills its tokens
-from position 0. For a fresh prompt that prefill is the P prompt tokens; for a request recomputed after preemption it
-is the prompt + its g outputs so far (L = P + g), pruned exactly as the first time: keep(P) prompt tokens, then all
-g outputs, so the request holds cdiv(keep + g, block_size) blocks and continues as if never preempted. Chunked
-prefill is refused at engine start.
+agree by construction. Rule shared with the worker: a request is pruned at the step that completes its prompt, the
+one after which L >= P tokens are computed: a whole prompt in one step (L = P), the last chunk of a chunked prefill
+(CPU build), or, for a request recomputed after preemption (prompt + its g outputs prefilled again from position 0),
+the step whose tokens reach past the prompt (L = P + g' with g' <= g outputs in it). It is pruned exactly as the first
+time: keep(P) prompt tokens, then the g' outputs, so the request holds cdiv(keep + g', block_size) blocks; the rest
+of a recompute then follows in the compacted layout, and the request continues as if never preempted.
 
 Prefix caching: a request that is pruned (keep_count(P) < P, known when it is scheduled) neither reads cached blocks
 (its prefill must start at position 0 to be scored, and its compaction writes into its first blocks, which a cache

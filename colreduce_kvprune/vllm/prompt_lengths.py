@@ -60,7 +60,8 @@ class PromptLengthTracker(V2LogitsProcessor, V1LogitsProcessor):
         else:
             raise TypeError("PromptLengthTracker(vllm_config, device, is_pin_memory) (V1 model runner) or "
                             f"PromptLengthTracker(vllm_config, req_states) (V2), got {1 + len(args)} arguments")
-        self.lengths: dict[int, int] = {}                   # V1: {batch row: P}
+        self.rows: dict[int, _Row] = {}                     # V1: {batch row: its request's prompt length, carry}
+        self.slots: dict[int, dict] = {}                    # V2: {request slot: carry}
         self.active = config_source(vllm_config)[0] is not None
         if self.active:
             self._vllm_config = vllm_config        # keeps id(vllm_config) from being reused while registered
@@ -76,10 +77,12 @@ class PromptLengthTracker(V2LogitsProcessor, V1LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if self.active:
-            process_dict_updates(self.lengths, batch_update, _prompt_length)
+            process_dict_updates(self.rows, batch_update, _new_row)
 
     # ---- V2 interface ---------------------------------------------------------------------------------------
     def add_request(self, req_idx: int, sampling_params) -> bool:
+        if self.active:
+            self.slots[req_idx] = {}                        # a new (or resumed) request: a fresh carry
         return False                                        # never modifies a request's logits
 
     # ---- the builder's view ---------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ class PromptLengthTracker(V2LogitsProcessor, V1LogitsProcessor):
         runner's `is_prefilling` flag calls the row prefilling (V1: P; V2: the tokens fed at the latest (re)fill,
         P + g after a preemption)."""
         if self.runner == "v1":
-            prompts = [self.lengths.get(r) for r in range(num_rows)]
+            prompts = [self.rows[r].prompt if r in self.rows else None for r in range(num_rows)]
             return prompts, prompts
         slots = common_attn_metadata.req_idx
         if slots is None:
@@ -102,11 +105,31 @@ class PromptLengthTracker(V2LogitsProcessor, V1LogitsProcessor):
         return [p or None for p in prompt] + pad, [p or None for p in prefill] + pad
 
 
-def _prompt_length(params, prompt_token_ids, output_token_ids) -> int | None:
+    def row_carries(self, common_attn_metadata, num_rows: int) -> list[dict | None]:
+        """Per batch row, the dict its request carries between the steps of a chunked prefill (compaction
+        .plan_prefills: the stashed chunks of a prompt being pruned), or None for a row of no tracked request. A
+        request gets a fresh one when it enters the batch (or resumes after a preemption)."""
+        if self.runner == "v1":
+            return [self.rows[r].carry if r in self.rows else None for r in range(num_rows)]
+        slots = common_attn_metadata.req_idx
+        return [self.slots.setdefault(int(slot), {}) for slot in slots[:num_rows]] + \
+            [None] * max(0, num_rows - len(slots))
+
+
+class _Row:
+    """A V1 batch row's request: prompt length P and its chunked-prefill carry (moves with the row)."""
+    __slots__ = ("prompt", "carry")
+
+    def __init__(self, prompt: int):
+        self.prompt = prompt
+        self.carry: dict = {}
+
+
+def _new_row(params, prompt_token_ids, output_token_ids) -> _Row:
     if prompt_token_ids is None:
         raise RuntimeError("colreduce_kvprune: a request without prompt token ids (prompt embeddings) reached a "
                            "pruning engine; its prompt length is unknown to the plugin")
-    return len(prompt_token_ids)
+    return _Row(len(prompt_token_ids))
 
 
 def tracker_for(vllm_config) -> PromptLengthTracker | None:

@@ -93,12 +93,16 @@ def unsupported_settings(vllm_config) -> list[str]:
             problems.append("CUDA graphs with KV pruning are not verified on a GPU yet; pass enforce_eager=True "
                             "(vllm serve: --enforce-eager)")
     sc = vllm_config.scheduler_config
-    if sc.enable_chunked_prefill:
-        problems.append("chunked prefill is on: each prompt must be prefilled in one step to be scored; pass "
-                        "enable_chunked_prefill=False (vllm serve: --no-enable-chunked-prefill) and "
-                        "max_num_batched_tokens >= max_model_len")
-    if getattr(sc, "long_prefill_token_threshold", 0):
-        problems.append("long_prefill_token_threshold > 0 splits prompts into chunks; leave it at 0")
+    from vllm.platforms import current_platform
+
+    chunks = sc.enable_chunked_prefill or getattr(sc, "long_prefill_token_threshold", 0)
+    if chunks and not current_platform.is_cpu():
+        # The CPU build keeps a prompt's earlier chunks (queries, keys, values) until its last chunk is scored
+        # (compaction.plan_prefills); on a GPU that copy would be as large as the prompt's KV cache, outside vLLM's
+        # memory budget: the earlier chunks' keys have to be read back from the paged cache, not written yet.
+        problems.append("chunked prefill with KV pruning runs on vLLM's CPU build only so far; pass "
+                        "enable_chunked_prefill=False (vllm serve: --no-enable-chunked-prefill), "
+                        "max_num_batched_tokens >= max_model_len and long_prefill_token_threshold=0")
     if sc.async_scheduling:
         problems.append("async scheduling with KV pruning is not verified yet (vLLM's CPU build cannot run it, and no "
                         "GPU run has covered it); pass async_scheduling=False (vllm serve: --no-async-scheduling)")

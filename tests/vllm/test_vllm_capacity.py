@@ -5,7 +5,7 @@ Preemption: a pruned request that vLLM preempts and recomputes continues exactly
 import pytest
 
 from colreduce_kvprune.vllm import get_stats
-from vllm_helpers import engine, random_prompts, reference, scheduler
+from vllm_helpers import DEVICE, engine, random_prompts, reference, scheduler
 
 NUM_BLOCKS = 48                     # 47 usable blocks of 32 tokens; one 480-token prompt needs 15
 LENGTHS = (480,) * 8
@@ -91,15 +91,23 @@ def run_with_preemptions(llm, prompts, max_tokens):
     return [outs[rid] for rid in ids], sum(preemptions.values())
 
 
-@pytest.mark.parametrize("config", [CONFIG, dict(CONFIG, policy="h2o")], ids=["snapkv", "h2o"])
-def test_preemption_and_recompute_reprune(llama_path, config):
+CHUNKED = dict(enable_chunked_prefill=True, max_num_batched_tokens=64)
+
+
+@pytest.mark.parametrize("config,chunked", [
+    (CONFIG, {}), (dict(CONFIG, policy="h2o"), {}),
+    pytest.param(dict(CONFIG, policy="h2o"), CHUNKED, marks=pytest.mark.skipif(
+        DEVICE != "cpu", reason="chunked prefill with pruning runs on the CPU build only"))],
+    ids=["snapkv", "h2o", "h2o-chunked"])
+def test_preemption_and_recompute_reprune(llama_path, config, chunked):
     """Long decodes in a tiny pool: pruned requests get preempted and recomputed (prompt + outputs prefilled again
-    from position 0). Each is pruned again exactly as the first time (same kept prompt tokens, outputs kept, outputs'
-    attention over the kept tokens only), so its greedy output equals the one of a run without preemption (each
-    request alone in the same pool), token for token; and every block comes back."""
+    from position 0; with chunked prefill over several steps, the prompt's last chunk pruning it). Each is pruned
+    again exactly as the first time (same kept prompt tokens, outputs kept, outputs' attention over the kept tokens
+    only), so its greedy output equals the one of a run without preemption (each request alone in the same pool),
+    token for token; and every block comes back."""
     prompts, max_tokens, num_blocks = random_prompts((150, 140), seed=6), 100, 10   # 9 usable blocks of 32
     with engine(llama_path, config, num_gpu_blocks_override=num_blocks, max_model_len=288,
-                disable_log_stats=False) as llm:
+                disable_log_stats=False, **chunked) as llm:
         pool = scheduler(llm).kv_cache_manager.block_pool
         stats0 = get_stats(llm)
         together, preempted = run_with_preemptions(llm, prompts, max_tokens)

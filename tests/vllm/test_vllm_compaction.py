@@ -70,8 +70,9 @@ def test_plan_and_gather_match_per_request_selection():
     q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
     starts = [0, 30, 37]
     bt = torch.arange(1, 3 * 10 + 1).view(3, 10).int()
-    prefills = [(r, s, n, n) for r, (s, n) in enumerate(zip(starts, lengths))]
-    fresh_rows, fresh_values, plan = compaction.plan_prefills(config, policy, prefills, bt, BS)
+    prefills = [(r, s, 0, n, n) for r, (s, n) in enumerate(zip(starts, lengths))]
+    fresh_rows, fresh_values, plan, stash = compaction.plan_prefills(config, policy, prefills, bt, BS)
+    assert stash == [] and plan.sources is None
     keeps = [keep_count(config, n) for n in lengths]
     assert fresh_rows == [0, 1, 2] and plan.rows == [0, 2] and keeps[1] == 7
     assert fresh_values[0] == (30 - 12, 3, 8) and fresh_values[1] == (0, 0, 0)
@@ -93,17 +94,22 @@ def test_plan_and_gather_match_per_request_selection():
     assert e == ks.shape[0]
 
 
-def test_fresh_prefills_take_prompt_lengths():
+def test_prompt_steps_take_prompt_lengths():
     qs, seq = torch.tensor([0, 40, 41, 101, 103]), torch.tensor([40, 77, 60, 2])
     prompt = [40, None, 50, None]                                     # row 2: a recompute of 50 + 10 outputs
-    assert compaction.fresh_prefills(qs, seq, 4, prompt) == [(0, 0, 40, 40), (2, 41, 60, 50), (3, 101, 2, 2)]
-    assert compaction.fresh_prefills(qs, seq, 4) == [(0, 0, 40, 40), (2, 41, 60, 60), (3, 101, 2, 2)]
-    with pytest.raises(RuntimeError, match="prompt has 70"):
-        compaction.fresh_prefills(qs, seq, 4, [None, None, 70, None])
+    assert compaction.prompt_steps(qs, seq, 4, prompt) == [(0, 0, 0, 40, 40), (2, 41, 0, 60, 50), (3, 101, 0, 2, 2)]
+    assert compaction.prompt_steps(qs, seq, 4) == [(0, 0, 0, 40, 40), (2, 41, 0, 60, 60), (3, 101, 0, 2, 2)]
+    # chunked prefill: row 2 computes tokens 0..59 of a 70-token prompt (a first chunk); row 1 (76 computed, 1 new)
+    # is past its 70-token prompt: a decode
+    assert compaction.prompt_steps(qs, seq, 4, [None, 70, 70, None]) == [(0, 0, 0, 40, 40), (2, 41, 0, 60, 70),
+                                                                          (3, 101, 0, 2, 2)]
+    # a later chunk: 20 tokens after 40 computed, of a 100-token prompt
+    assert compaction.prompt_steps(torch.tensor([0, 20]), torch.tensor([60]), 1, [100]) == [(0, 0, 40, 20, 100)]
+    with pytest.raises(RuntimeError, match="tracked prompt of 0 tokens"):
+        compaction.prompt_steps(qs, seq, 4, [0, None, None, None])
     # rows vLLM does not call prefilling (dummy / padding rows of profiling and graph capture) are never pruned
     flags = torch.tensor([True, False, False, True])
-    assert compaction.fresh_prefills(qs, seq, 4, prompt, flags) == [(0, 0, 40, 40), (3, 101, 2, 2)]
-
+    assert compaction.prompt_steps(qs, seq, 4, prompt, flags) == [(0, 0, 0, 40, 40), (3, 101, 0, 2, 2)]
 
 
 def test_prompt_lengths_checked_against_vllm_is_prefilling():
@@ -127,13 +133,13 @@ def test_recompute_is_pruned_like_the_prompt_alone():
     q, k, v = torch.randn(total, hq, d), torch.randn(total, hkv, d), torch.randn(total, hkv, d)
     bt = torch.arange(1, 2 * 12 + 1).view(2, 12).int()
     keep = keep_count(config, prompt)
-    fresh_rows, fresh_values, plan = compaction.plan_prefills(
-        config, policy, [(0, 0, prompt + g, prompt), (1, prompt + g, other, other)], bt, BS)
+    fresh_rows, fresh_values, plan, _ = compaction.plan_prefills(
+        config, policy, [(0, 0, 0, prompt + g, prompt), (1, prompt + g, 0, other, other)], bt, BS)
     assert fresh_values[0] == (prompt - keep, -(-(keep + g) // BS), -(-(prompt + g) // BS))
     assert plan.lengths == [prompt, other] and plan.num_outputs == [g, 0]
     idx = compaction.select_kept(policy, plan, q, k, layer=0, scale=scale, backend="torch")
     # the same selection as the prompt's own prefill (plan of the prompt alone, outputs absent)
-    _, _, alone = compaction.plan_prefills(config, policy, [(0, 0, prompt, prompt)], bt, BS)
+    _, _, alone, _ = compaction.plan_prefills(config, policy, [(0, 0, 0, prompt, prompt)], bt, BS)
     idx_alone = compaction.select_kept(policy, alone, q[:prompt], k[:prompt], layer=0, scale=scale, backend="torch")
     assert torch.equal(idx[0, :, :keep], idx_alone[0, :, :keep])
     ks, vs = compaction.gather_kept(plan, idx, k, v)
@@ -233,3 +239,51 @@ def test_tracker_loads_under_both_model_runners():
         tracker.row_lengths(NS(req_idx=None), 1)
     with pytest.raises(TypeError, match="V1 model runner"):
         PromptLengthTracker(cfg)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o"])
+def test_chunked_prompt_equals_whole_prompt(policy):
+    """A prompt prefilled in chunks (stashed, then assembled at its last chunk, beside a whole prompt of another row
+    and with a recomputed output in the last chunk) gets the same selection, kept K/V, slots and recomputed
+    outputs as the same prompt prefilled in one step."""
+    torch.manual_seed(2)
+    config = load_config(dict(policy=policy, budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol = get_policy(config)
+    hq, hkv, d, scale = 4, 2, 8, 8 ** -0.5
+    prompt, g, other = 37, 3, 21                   # row 0: 37-token prompt + 3 recomputed outputs, in chunks
+    q, k, v = (torch.randn(prompt + g + other, h, d) for h in (hq, hkv, hkv))
+    bt = torch.arange(1, 2 * 12 + 1).view(2, 12).int()
+    whole = [(0, 0, 0, prompt + g, prompt), (1, prompt + g, 0, other, other)]
+    _, values_w, plan_w, _ = compaction.plan_prefills(config, pol, whole, bt, BS)
+    idx_w = compaction.select_kept(pol, plan_w, q, k, layer=3, scale=scale, backend="torch")
+    ks_w, vs_w = compaction.gather_kept(plan_w, idx_w, k, v)
+    out_w = torch.zeros_like(q)
+    compaction.recompute_outputs(plan_w, q, ks_w, vs_w, out_w, scale)
+
+    carry = {"stale": 1}
+    chunks = [(0, 16), (16, 15), (31, prompt + g - 31)]      # the last chunk ends past the prompt (outputs)
+    for c0, qlen in chunks[:-1]:                                # each chunk: its own step, row 0 alone
+        fresh, values, plan, stash = compaction.plan_prefills(config, pol, [(0, 0, c0, qlen, prompt)], bt, BS,
+                                                              [carry])
+        assert plan is None and stash == [(0, qlen, carry)]
+        assert (fresh, values) == (([0], [(0, 0, 0)]) if c0 == 0 else ([], []))
+        assert "stale" not in carry                             # reset at the prompt's first step
+        compaction.stash_chunks(stash, 3, q[c0: c0 + qlen], k[c0: c0 + qlen], v[c0: c0 + qlen])
+    c0, qlen = chunks[-1]
+    step_q, step_k, step_v = (torch.cat([t[c0: c0 + qlen], t[prompt + g:]]) for t in (q, k, v))
+    steps = [(0, 0, c0, qlen, prompt), (1, qlen, 0, other, other)]
+    fresh, values, plan, stash = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
+    assert stash == [] and fresh == [0, 1] and values == values_w and plan.sources is not None
+    aq, ak, av = compaction.assemble(plan, 3, step_q, step_k, step_v)
+    assert torch.equal(aq, q) and torch.equal(ak, k) and carry == {}            # released
+    idx = compaction.select_kept(pol, plan, aq, ak, layer=3, scale=scale, backend="torch")
+    ks, vs = compaction.gather_kept(plan, idx, ak, av)
+    assert torch.equal(idx, idx_w) and torch.equal(ks, ks_w) and torch.equal(vs, vs_w)
+    assert torch.equal(plan.slots, plan_w.slots)
+    out_a = torch.zeros_like(aq)
+    compaction.recompute_outputs(plan, aq, ks, vs, out_a, scale)
+    step_out = torch.zeros_like(step_q)
+    compaction.scatter_outputs(plan, out_a, step_out)
+    torch.testing.assert_close(step_out[qlen - g: qlen], out_w[prompt: prompt + g], rtol=0, atol=0)
+    assert not step_out[: qlen - g].any() and not step_out[qlen:].any()

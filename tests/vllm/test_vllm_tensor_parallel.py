@@ -64,7 +64,7 @@ def test_rank_selection_equals_one_device(policy, per_head):
     total = sum(lengths)
     q, k = torch.randn(total, hq, d), torch.randn(total, hkv, d)
     bt = torch.arange(1, 2 * 8 + 1).view(2, 8).int()
-    _, _, plan = compaction.plan_prefills(config, pol, [(0, 0, 57, 57), (1, 57, 90, 90)], bt, 16)
+    _, _, plan, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 57, 57), (1, 57, 0, 90, 90)], bt, 16)
     one = compaction.select_kept(pol, plan, q, k, layer=1, scale=d ** -0.5, backend="torch")
     sent = {}
 
