@@ -66,10 +66,10 @@ class Recorder:
         original_select = compaction.select_kept
         original_compact = backend_common.PruneImplMixin._prune_compact
 
-        def select_kept(policy, plan, query, key, *, layer, scale, backend="auto"):
-            idx = original_select(policy, plan, query, key, layer=layer, scale=scale, backend=backend)
+        def select_kept(policy, plan, query, key, *, layer, scale, backend="auto", **tp):
+            idx = original_select(policy, plan, query, key, layer=layer, scale=scale, backend=backend, **tp)
             idx64 = original_select(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
-                                    backend="torch")
+                                    backend="torch", **tp)
             scores64 = _scores64(policy, plan, query, key, layer, scale)
             for b, (length, keep) in enumerate(zip(plan.lengths, plan.keeps)):
                 rec.selections[(length, layer)] = [idx[b, :, :keep].cpu(), idx64[b, :, :keep].cpu(),
