@@ -4,7 +4,8 @@
     python benchmarks/serving_gpu.py --shape tiny --workload smoke --out smoke.json   # the same code on vLLM's CPU build
 
 Model: random weights (load_format="dummy") of a Llama-3.1-8B shape (32 layers, hidden 4096, 32 query / 8 kv heads,
-head dim 128, vocabulary 128256, intermediate 14336), bf16, or `--shape tiny` for a smoke run. Workloads (random
+head dim 128, vocabulary 128256, intermediate 14336), bf16; `--shape llama-3.1-70b --tp 2` for two GPUs; `--shape
+tiny` for a smoke run. Workloads (random
 token prompts, fixed seeds, ignore_eos, fixed output lengths):
   long   256 requests x 16k prompt tokens, 128 output tokens
   mixed  256 requests, prompt lengths 2k-32k log-uniform, 256 output tokens
@@ -36,6 +37,9 @@ SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                          rope_theta=500000.0),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                          rope_theta=500000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096),
 }
@@ -67,10 +71,11 @@ def prompts(workload: str, vocab: int, seed: int) -> tuple[list[list[int]], int]
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths], w["max_tokens"]
 
 
-def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: str, gpu_mem: float | None) -> dict:
+def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: str, gpu_mem: float | None,
+                    tp: int = 1) -> dict:
     max_len = longest + max_tokens
     e = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, seed=0,
-             max_model_len=max_len, disable_log_stats=False)
+             max_model_len=max_len, disable_log_stats=False, tensor_parallel_size=tp)
     if gpu_mem is not None:
         e["gpu_memory_utilization"] = gpu_mem
     if run != "vanilla":
@@ -114,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="vanilla,vanilla-eager,snapkv-0.25,snapkv-0.1")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gpu-mem", type=float, default=None, help="gpu_memory_utilization of every run")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (llama-3.1-70b in bf16 needs 2 H200s)")
     p.add_argument("--min-prompt-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "colreduce-serving-models"))
@@ -125,9 +131,9 @@ def main(argv=None) -> int:
 
     model = model_folder(a.shape, a.model_root)
     ids, max_tokens = prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed)
-    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "runs": {}}
+    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "tensor_parallel_size": a.tp, "runs": {}}
     for run in a.runs.split(","):
-        job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem),
+        job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem, a.tp),
                "prompts": ids, "max_tokens": max_tokens}
         try:
             res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout)
