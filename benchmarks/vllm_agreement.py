@@ -194,6 +194,7 @@ def run(args) -> dict:
                      max_num_batched_tokens=max(max_len, 8192), seed=0)
     if device == "cuda":
         engine_kw["kv_cache_memory_bytes"] = int(args.kv_cache_gib * (1 << 30))
+        engine_kw["gpu_memory_utilization"] = 0.15    # the pool is fixed: this only gates vLLM's free-memory check
     if args.backend:
         engine_kw["attention_backend"] = args.backend
     for kv in args.engine_arg:
@@ -303,8 +304,33 @@ def _shutdown(llm):
     cleanup_dist_env_and_memory()
 
 
+def compare_runs(paths: list[str]) -> dict:
+    """Pairs (reference run, other run) of this script's JSON reports, e.g. eager vs CUDA graphs: per pair, how many
+    prompts got the same vLLM tokens, for vanilla vLLM and for each policy both ran."""
+    out = {}
+    for ref_path, other_path in zip(paths[::2], paths[1::2]):
+        ref, other = (json.load(open(p)) for p in (ref_path, other_path))
+        pair = {"reference": ref_path, "other": other_path, "reference_engine": ref.get("engine_kw"),
+                "other_engine": other.get("engine_kw"), "runs": {}}
+        runs = [("vanilla", ref.get("vanilla"), other.get("vanilla"))]
+        runs += [(k, v, other["policies"].get(k)) for k, v in ref["policies"].items()]
+        for name, a, b in runs:
+            if a is None or b is None:
+                continue
+            firsts = [_first_diff(x, y) for x, y in zip(a["vllm_tokens"], b["vllm_tokens"])]
+            pair["runs"][name] = {"prompts_equal": sum(f is None for f in firsts), "prompts": len(firsts),
+                                  "first_diff": firsts}
+            print(f"{os.path.basename(ref_path)} vs {os.path.basename(other_path)}: {name}: "
+                  f"{pair['runs'][name]['prompts_equal']}/{len(firsts)} prompts with equal tokens "
+                  f"(first differing token per prompt {firsts})", flush=True)
+        out[f"{os.path.basename(ref_path)} vs {os.path.basename(other_path)}"] = pair
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="compare earlier reports instead of running: pairs REFERENCE OTHER (e.g. eager, graphs)")
     p.add_argument("--model", default=os.path.join(os.path.expanduser("~"), ".cache", "colreduce-kvprune",
                                                    "agreement-llama-256x4"))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -320,6 +346,12 @@ def main(argv=None):
     p.add_argument("--engine-arg", action="append", default=[], help="extra LLM keyword, KEY=JSON")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.compare:
+        if len(args.compare) % 2:
+            p.error("--compare takes pairs of reports")
+        pairs = compare_runs(args.compare)
+        _write(pairs, args.out)
+        return 0 if all(r["prompts_equal"] == r["prompts"] for v in pairs.values() for r in v["runs"].values()) else 1
     report = run(args)
     _write(report, args.out)
     ok = all(v["prompts_equal"] == len(report["lengths"]) for v in report["policies"].values())

@@ -105,6 +105,7 @@ def vllm_engine(model_dir: str, prune, max_len: int, dtype: str = "float32", att
               enable_chunked_prefill=False, async_scheduling=False)
     if os.environ.get("VLLM_TARGET_DEVICE") == "cuda":
         kw["kv_cache_memory_bytes"] = 2 << 30
+        kw["gpu_memory_utilization"] = 0.15     # the pool is fixed: this only gates vLLM's free-memory check
     if attention_backend:
         kw["attention_backend"] = attention_backend
     if prune is not None:

@@ -31,6 +31,9 @@ if DEVICE == "cuda":
     # A 1 GiB KV pool, as VLLM_CPU_KVCACHE_SPACE=1 on CPU: 90% of an H200 would be millions of tiny-model blocks,
     # seconds of scheduler set-up per engine. float32 runs on TRITON_ATTN (FlashAttention takes 16-bit only).
     ENGINE_KW["kv_cache_memory_bytes"] = 1 << 30
+    # With the pool fixed, gpu_memory_utilization only gates vLLM's start-up check of free GPU memory (0.9 of the GPU
+    # by default): 0.15 lets test processes share the GPU (scripts/gpu_vllm_tests.sh runs groups concurrently).
+    ENGINE_KW["gpu_memory_utilization"] = 0.15
 
 
 def build_model(kind: str, path, **overrides) -> str:
