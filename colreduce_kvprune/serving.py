@@ -30,7 +30,6 @@ from pathlib import Path
 EVENT_PREFIX = "@@colreduce-kvprune "
 _DECODER = json.JSONDecoder()
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-MIN_BATCHED_TOKENS = 2048
 
 
 class InputError(ValueError):
@@ -156,9 +155,9 @@ def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks
              engine_args: dict | None = None) -> dict:
     """Everything a run needs, checked: the model folder, the prompts as token ids, engine settings.
 
-    Engine settings both runs share (the ones the pruning plugin needs): chunked prefill and async scheduling off
-    (prefix caching at vLLM's default), max_model_len = longest prompt + max_tokens (rounded up to a block), max_num_batched_tokens
-    = max(max_model_len, 2048), eager mode, greedy sampling. `kv_blocks` fixes the KV pool
+    Engine settings both runs share: vLLM's defaults (CUDA graphs / torch.compile, chunked prefill, prefix caching,
+    async scheduling where the platform has it), max_model_len = longest prompt + max_tokens (rounded up to a
+    block), greedy sampling. `kv_blocks` fixes the KV pool
     (num_gpu_blocks_override; one block is vLLM's null block). `engine_args` adds/overrides EngineArgs fields."""
     model_config = read_model_config(model)
     if max_tokens < 1:
@@ -175,9 +174,7 @@ def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks
             raise InputError(f"--kv-blocks {kv_blocks} is too small: the longest request ({longest} + {max_tokens} "
                              f"tokens) needs {need - 1} blocks of {block_size} tokens, plus vLLM's null block")
     engine = dict(model=str(Path(model).resolve()), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                  max_model_len=max_model_len, max_num_batched_tokens=max(max_model_len, MIN_BATCHED_TOKENS),
-                  max_num_seqs=max_num_seqs, block_size=block_size, enforce_eager=True,
-                  enable_chunked_prefill=False, async_scheduling=False,
+                  max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=block_size,
                   load_format="auto" if has_weights(model) else "dummy", disable_log_stats=False)
     if kv_blocks is not None:
         engine["num_gpu_blocks_override"] = kv_blocks

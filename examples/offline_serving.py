@@ -14,11 +14,9 @@ from colreduce_kvprune.vllm import get_stats
 
 if __name__ == "__main__":
     model = sys.argv[1] if len(sys.argv) > 1 else default_model()
-    llm = LLM(model=model, dtype="float32", max_model_len=4096, max_num_batched_tokens=4096, block_size=32,
-              enforce_eager=True,     # CUDA: graphs with pruning are not verified yet
-              # what pruning still needs: whole prompts in one prefill step, synchronous scheduling (prefix caching
-              # stays at vLLM's default: pruned requests bypass it, the others use it)
-              enable_chunked_prefill=False, async_scheduling=False,
+    # vLLM's defaults otherwise (CUDA graphs, chunked prefill, prefix caching, async scheduling where the platform
+    # has them); block_size 32 suits vLLM's CPU build
+    llm = LLM(model=model, dtype="float32", max_model_len=4096, block_size=32,
               additional_config={"kv_prune": {"policy": "snapkv", "budget": {"keep_ratio": 0.25}, "window": 32,
                                               "min_prompt_tokens": 1024}})   # or a YAML path: "configs/snapkv.yaml"
     rng = random.Random(0)

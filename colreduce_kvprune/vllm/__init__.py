@@ -3,10 +3,11 @@
 Loaded by vLLM through the `vllm.general_plugins` entry point (`register`). Configure it with
 `additional_config={"kv_prune": "snapkv.yaml"}` (or a mapping) on `LLM(...)`, `--additional-config
 '{"kv_prune": "snapkv.yaml"}'` on `vllm serve`, or `KVPRUNE_CONFIG=snapkv.yaml`; without a config vLLM runs
-unchanged. Engine settings it needs: async_scheduling=False, and on CUDA enforce_eager=True and
-enable_chunked_prefill=False (with max_num_batched_tokens >= max_model_len) — anything else is refused at engine
-start. Prefix caching may stay on: pruned requests bypass it (manager.py), the others use it. Chunked prefill runs on
-the CPU build: a prompt's chunks are kept until its last one, which scores and compacts it as a whole prompt.
+unchanged. It runs at vLLM's defaults: CUDA graphs (the builder writes the pruned layout into persistent
+buffers the captured graphs read), async scheduling, prefix caching (pruned requests bypass it, manager.py; the
+others use it) and chunked prefill (each chunk keeps what the last one needs, which reads the earlier chunks' keys
+back from the paged cache and scores the prompt as a whole). What it cannot run is refused at engine start
+(settings.py, guards.py).
 
 Pieces: settings.py (config discovery, engine-start checks), backend_*.py (attention backends: score, compact,
 remap), guards.py (the other backends, which refuse a configured run), compaction.py (the backend-independent tensor work),

@@ -114,7 +114,8 @@ class PruneBuilderMixin:
         is_prefilling = cm.is_prefilling
         if is_prefilling is not None and is_prefilling.device.type != "cpu":
             is_prefilling = None                        # a device tensor: reading it would sync
-        compaction.check_prompt_lengths(targets, cm.query_start_loc_cpu, seq_cpu, is_prefilling, n)
+        prompts, targets = compaction.check_prompt_lengths(prompts, targets, cm.query_start_loc_cpu, seq_cpu,
+                                                           is_prefilling, n)
         steps = compaction.prompt_steps(cm.query_start_loc_cpu, seq_cpu, n, prompts, is_prefilling)
         carries = self.prune_prompts.row_carries(cm, n)
         fresh_rows, fresh_values, plan, stash = compaction.plan_prefills(
@@ -129,7 +130,7 @@ class PruneBuilderMixin:
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound
         cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=new_bt,
                                  _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
-        return cm, (compaction.StepPlan(plan, stash) if plan is not None or stash else None)
+        return cm, (compaction.StepPlan(plan, stash, bt) if plan is not None or stash else None)
 
 
 def _tensor_parallel_heads(num_kv_heads: int):
@@ -177,24 +178,34 @@ class PruneImplMixin:
             from vllm.model_executor.models.utils import extract_layer_index
 
             layer_idx = extract_layer_index(layer.layer_name)
-            if step.stash:
-                compaction.stash_chunks(step.stash, layer_idx, query, key, value)
-            if step.plan is not None:
-                self._prune_compact(layer, layer_idx, query, key, value, kv_cache, step.plan, output)
+            with torch.no_grad():
+                if step.stash:
+                    compaction.stash_chunks(step, layer_idx, self.prune_policy, query, key, value,
+                                            self.prune_kv_views(kv_cache), self.scale)
+                if step.plan is not None:
+                    self._prune_compact(layer, layer_idx, query, key, value, kv_cache, step, output)
         return out
 
-    def _prune_compact(self, layer, layer_idx, query, key, value, kv_cache, plan, output):
+    def prune_kv_views(self, kv_cache):
+        """(key_cache, value_cache) of this backend's layer cache as (num_blocks, block_size, Hkv, D) views, through
+        which the last chunk of a chunked prefill reads the earlier chunks' keys and values; None where the layout
+        cannot be read here (then they are kept aside chunk by chunk). Each backend says (backend_*.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to read its KV cache layout")
+
+    def _prune_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output):
         head_offset, gather, rank_heads = self.prune_tp
-        with torch.no_grad():
-            step_output = output
-            if plan.sources is not None:          # a last chunk among the rows: score the whole prompts
-                query, key, value = compaction.assemble(plan, layer_idx, query, key, value)
-                output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
-            idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
-                                         head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads)
-            k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
-            self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
-            if any(plan.num_outputs):
-                compaction.recompute_outputs(plan, query, k_sel, v_sel, output, self.scale)
-                if plan.sources is not None:
-                    compaction.scatter_outputs(plan, output, step_output)
+        plan, partials, step_output = step.plan, None, output
+        if plan.sources is not None:          # a last chunk among the rows: score the whole prompts
+            query, key, value, partials = compaction.assemble(plan, layer_idx, query, key, value,
+                                                              self.prune_kv_views(kv_cache), step.block_table,
+                                                              kv_cache.shape[2])
+            output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
+        idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
+                                     head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads,
+                                     partials=partials)
+        k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
+        self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
+        if any(plan.num_outputs):
+            compaction.recompute_outputs(plan, query, k_sel, v_sel, output, self.scale)
+            if plan.sources is not None:
+                compaction.scatter_outputs(plan, output, step_output)

@@ -13,7 +13,10 @@ class PruneCPUAttentionMetadataBuilder(PruneBuilderMixin, CPUAttentionMetadataBu
 
 
 class PruneCPUAttentionImpl(PruneImplMixin, CPUAttentionBackendImpl):
-    pass
+    def prune_kv_views(self, kv_cache):
+        # None: CPU_ATTN's key cache layout depends on the ISA kernels (cpu_attn_reshape_and_cache packs keys for
+        # vec / vec16 / amx / neon), so a chunked prefill keeps its earlier chunks' keys and values in host memory
+        return None
 
 
 class PruneCPUAttentionBackend(CPUAttentionBackend):

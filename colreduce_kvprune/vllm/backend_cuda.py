@@ -15,11 +15,18 @@ from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, Trit
 from .backend_common import PruneBuilderMixin, PruneImplMixin, prunable_spec
 
 
+class _CudaCacheLayout:
+    def prune_kv_views(self, kv_cache):
+        # FLASH_ATTN and TRITON_ATTN (unquantized): (num_blocks, Hkv, block_size, 2·D) in logical order, keys then
+        # values along the last dim (their forward: kv_cache.transpose(1, 2).split(head_size, dim=-1))
+        return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+
+
 class PruneFlashAttentionMetadataBuilder(PruneBuilderMixin, FlashAttentionMetadataBuilder):
     pass
 
 
-class PruneFlashAttentionImpl(PruneImplMixin, FlashAttentionImpl):
+class PruneFlashAttentionImpl(_CudaCacheLayout, PruneImplMixin, FlashAttentionImpl):
     pass
 
 
@@ -41,7 +48,7 @@ class PruneTritonAttentionMetadataBuilder(PruneBuilderMixin, TritonAttentionMeta
     pass
 
 
-class PruneTritonAttentionImpl(PruneImplMixin, TritonAttentionImpl):
+class PruneTritonAttentionImpl(_CudaCacheLayout, PruneImplMixin, TritonAttentionImpl):
     pass
 
 

@@ -42,9 +42,15 @@ class PrefillPlan:
     (ΣW,) the last W prompt tokens of each row, cu_q (B+1,) int32 (empty when the policy needs no queries);
     kept_row/kept_pos (Σ(keep+g),) int64 — row (in this plan) and compacted position c of every kept entry;
     kept_out_tok (Σ(keep+g),) int64 — packed token id of an output entry (c ≥ keep), −1 for a prompt entry;
-    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry. With a last chunk of a chunked prefill
-    among the rows, `sources` is set and the packed token ids index the tensors of `assemble` instead of the
-    step's.
+    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry; out_starts: the query row of each row's
+    first output (recomputed attention rows).
+
+    With the last chunk of a chunked prefill among the rows, `sources` is set (per row: step start, c0, qlen,
+    carry, block-table row) and the plan indexes the tensors of `assemble`: keys/values of every row's tokens
+    0..L−1 back to back (`starts`; the earlier chunks read back from the paged cache), queries of positions
+    query_from..L−1 (`query_starts`; the earlier chunks' window queries come from the carry). When the policy scores
+    with every prompt query (`accumulate`, H2O), earlier chunks left their column sums in the carry (`partials`
+    of assemble) and the last chunk adds its own queries' (window_index: its prompt queries only).
     """
     rows: list[int]
     starts: list[int]
@@ -62,15 +68,35 @@ class PrefillPlan:
     kept_pos: torch.Tensor
     kept_out_tok: torch.Tensor
     slots: torch.Tensor
-    sources: list | None = None      # chunked prefill: per row (step start, c0, qlen, carry); starts index assemble()
+    out_starts: list[int]
+    sources: list | None = None
+    query_starts: list[int] | None = None
+    query_from: list[int] | None = None
+    accumulate: bool = False
+
+
+@dataclass
+class Chunk:
+    """A row of this step that prefills part of a prompt being pruned, not its last part: what each layer keeps of
+    it until the last chunk (stash_chunks)."""
+    row: int
+    start: int            # first token in the packed step
+    c0: int               # tokens of the prompt computed before this step
+    qlen: int             # this step's tokens
+    prompt: int           # P
+    num_queries: int      # the policy's scoring queries for P (the last ones of the prompt)
+    carry: dict
 
 
 @dataclass
 class StepPlan:
-    """What the attention layers do after a step's attention: prune the rows of `plan` (None: none), stash the chunks
-    of `stash` [(start, qlen, carry)] (prompts prefilled in chunks, pruned at their last chunk)."""
+    """What the attention layers do after a step's attention: prune the rows of `plan` (None: none), keep what the
+    last chunk will need of the chunks of `stash` ([Chunk]: prompts prefilled in chunks, pruned at their last
+    chunk). block_table: the step's (unremapped) device block table, through which earlier chunks' keys are read
+    back from the paged cache."""
     plan: PrefillPlan | None
     stash: list
+    block_table: torch.Tensor | None = None
 
 
 class RowState:
@@ -123,39 +149,51 @@ def prompt_steps(query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_
     return out
 
 
-def check_prompt_lengths(targets: list[int | None], query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
-                         is_prefilling_cpu: torch.Tensor | None, num_reqs: int) -> None:
+def check_prompt_lengths(prompts: list[int | None], targets: list[int | None], query_start_cpu: torch.Tensor,
+                         seq_lens_cpu: torch.Tensor, is_prefilling_cpu: torch.Tensor | None, num_reqs: int):
     """Cross-check the tracked lengths against vLLM's own per-row flag is_prefilling (computed by the runner from its
     input batch: num_computed_tokens < targets[row], the prompt length P on the V1 runner, the tokens of the latest
     (re)fill on V2; None for rows of no tracked request): a row whose tracked length disagrees means the tracker's
     rows are not the attention rows (an unsupported vLLM change), and pruning would use wrong lengths.
-    Host tensors only; rows of no tracked request are skipped."""
+
+    Rows the flag calls not prefilling although none of their tokens were computed before this step cannot be a
+    request's (a request's first step prefills its prompt): they are rows of a dummy batch (CUDA-graph capture,
+    warm-up), whose slots may still hold an earlier request's lengths (V2's req_idx of a dummy batch is 0..n-1).
+    Their tracked lengths are dropped. Returns (prompts, targets) with those rows None. Host tensors only."""
     if is_prefilling_cpu is None:
-        return
+        return prompts, targets
     rows = [r for r in range(num_reqs) if targets[r] is not None]
     if not rows:
-        return
+        return prompts, targets
     idx = torch.tensor(rows)
     target = torch.tensor([targets[r] for r in rows])
     computed = seq_lens_cpu[idx] - (query_start_cpu[idx + 1] - query_start_cpu[idx])
-    bad = (computed < target) != is_prefilling_cpu[idx].bool()
+    flag = is_prefilling_cpu[idx].bool()
+    dummy = (computed == 0) & ~flag
+    if bool(dummy.any()):
+        prompts, targets = list(prompts), list(targets)
+        for i in dummy.nonzero()[:, 0].tolist():
+            prompts[rows[i]] = targets[rows[i]] = None
+    bad = ((computed < target) != flag) & ~dummy
     if bool(bad.any()):
         r = rows[int(bad.nonzero()[0, 0])]
         raise RuntimeError(f"colreduce_kvprune: batch row {r} has a tracked prompt of {targets[r]} tokens, "
                            "which disagrees with vLLM's is_prefilling flag for that row: the prompt lengths tracked "
                            "per row do not follow vLLM's batch (unsupported vLLM change?)")
+    return prompts, targets
 
 
 def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: int, carries=None):
     """Host-side plan for the prompt steps [(row, start, c0, qlen, P)] of a step (see prompt_steps).
 
     A prompt that is pruned (keep(P) < P) is scored and compacted at the step that completes it (c0 < P <= L =
-    c0 + qlen). A step that holds only part of it (chunked prefill, L < P) is stashed: its queries, keys and values
-    of every layer are kept in the request's carry (a dict from the prompt-length tracker) until the last chunk,
-    which then scores the prompt exactly as one whole prefill would (`assemble`).
+    c0 + qlen). A step that holds only part of it (chunked prefill, L < P) is stashed (stash_chunks): its keys and
+    values stay in the paged cache, where vLLM wrote them, and are read back at the last chunk; what the cache does
+    not hold — the queries of the policy's scoring window, or for a policy scoring with every query (H2O) the column
+    sums of this chunk's queries — goes into the request's carry (a dict from the prompt-length tracker). The last
+    chunk then scores the prompt as one whole prefill would (`assemble`).
     Returns (fresh_rows, fresh_values, PrefillPlan | None, stash): the RowState entries to set (zeros at a prompt's
-    first step, the pruned layout at its last), the plan of the rows pruned now, and [(start, qlen, carry)] of the
-    chunks to stash."""
+    first step, the pruned layout at its last), the plan of the rows pruned now, and the [Chunk] to stash."""
     fresh_rows, fresh_values, pruned, stash = [], [], [], []
     for i, (row, start, c0, qlen, prompt) in enumerate(steps):
         keep = keep_count(config, prompt)
@@ -172,7 +210,7 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
                 if carry is not None:
                     carry.clear()                   # left by an attempt before a preemption
             if keep < prompt:
-                stash.append((start, qlen, carry))
+                stash.append(Chunk(row, start, c0, qlen, prompt, _num_queries(policy, prompt), carry))
             continue
         off = prompt - keep
         fresh_rows.append(row)
@@ -182,17 +220,27 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
         return fresh_rows, fresh_values, None, stash
     dev = block_table.device
     rows, steps_at, c0s, qlens, lengths, keeps, outs, carried = (list(x) for x in zip(*pruned))
-    if any(c0s):          # a last chunk: every pruned row is assembled into one packed tensor, rows back to back
-        starts = [0] + list(_cumsum([c + q for c, q in zip(c0s, qlens)]))[:-1]
-        sources = list(zip(steps_at, c0s, qlens, carried))
+    full = [c + q for c, q in zip(c0s, qlens)]                  # L per row
+    nq = [_num_queries(policy, n) for n in lengths]
+    accumulate = any(m == n and m > 0 for m, n in zip(nq, lengths))   # every query scores (H2O)
+    if any(c0s):          # a last chunk: every pruned row is assembled (keys 0..L-1, queries query_from..L-1)
+        starts = [0] + list(_cumsum(full))[:-1]
+        qfrom = [c if accumulate else min(c, n - m) for c, n, m in zip(c0s, lengths, nq)]
+        qstarts = [0] + list(_cumsum([f - a for f, a in zip(full, qfrom)]))[:-1]
+        sources = list(zip(steps_at, c0s, qlens, carried, rows))
+        # scoring queries in the query layout: the window (last nq prompt queries) or, accumulating, the prompt
+        # queries of this chunk (earlier chunks' are in the partial sums)
+        wins = [(q + (c - a if accumulate else n - m - a), q + n - a)
+                for q, a, c, n, m in zip(qstarts, qfrom, c0s, lengths, nq)]
+        out_starts = [q + n - a for q, a, n in zip(qstarts, qfrom, lengths)]
     else:
-        starts, sources = steps_at, None
-    req = policy.score_request(max(lengths))
-    nq = [min(policy.score_request(n).num_queries, n) if req.kind == "attention" else 0 for n in lengths]
+        starts, sources, qstarts, qfrom = steps_at, None, None, None
+        wins = [(s + n - m, s + n) for s, n, m in zip(starts, lengths, nq)]
+        out_starts = [s + n for s, n in zip(starts, lengths)]
     key_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
-    window_index = torch.cat([torch.arange(s + n - m, s + n) for s, n, m in zip(starts, lengths, nq)])
+    window_index = torch.cat([torch.arange(a, b) for a, b in wins])
     cu_k = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu_q = torch.tensor([0] + nq, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_q = torch.tensor([0] + [b - a for a, b in wins], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     totals = [k + g for k, g in zip(keeps, outs)]
     kept_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(totals))
     kept_pos = torch.cat([torch.arange(t) for t in totals])
@@ -203,44 +251,139 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
     rows_d = torch.tensor(rows, dtype=torch.long).to(**to)
     slots = (block_table[rows_d[kept_row_d], kept_pos_d // block_size].long() * block_size
              + kept_pos_d % block_size)
-    plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_outputs=outs, num_queries=nq,
-                       kept_starts=[0] + list(_cumsum(totals))[:-1],
+    plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_outputs=outs,
+                       num_queries=[b - a for a, b in wins], kept_starts=[0] + list(_cumsum(totals))[:-1],
                        key_index=key_index.to(**to), cu_k=cu_k.to(**to), window_index=window_index.to(**to),
                        cu_q=cu_q.to(**to), starts_dev=torch.tensor(starts, dtype=torch.long).to(**to),
                        kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok.to(**to), slots=slots,
-                       sources=sources)
+                       out_starts=out_starts, sources=sources, query_starts=qstarts, query_from=qfrom,
+                       accumulate=accumulate)
     return fresh_rows, fresh_values, plan, stash
 
 
-def stash_chunks(stash, layer: int, *tensors: torch.Tensor) -> None:
-    """Keep this step's chunk of every stashed prompt (queries, keys, values of `layer`) in its carry, copied (the
-    step's tensors are reused by the next step)."""
-    for start, qlen, carry in stash:
-        carry.setdefault(layer, []).append(tuple(t[start: start + qlen].clone() for t in tensors))
+def _num_queries(policy, n: int) -> int:
+    """The prompt queries the policy scores a prompt of n tokens with (its last ones; 0: no queries)."""
+    req = policy.score_request(n)
+    return min(req.num_queries, n) if req.kind == "attention" else 0
 
 
-def assemble(plan: "PrefillPlan", layer: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """For a plan with chunked rows (plan.sources): each tensor (query, key, value: the step's packed rows) rebuilt
-    with every pruned row's tokens 0..L−1 back to back (stashed chunks, then this step's), the layout plan.starts
-    describes. The row's stash of `layer` is released."""
-    parts = [[] for _ in tensors]
-    for start, c0, qlen, carry in plan.sources:
-        chunks = carry.pop(layer, []) if carry is not None else []
-        if sum(c[0].shape[0] for c in chunks) != c0:
-            raise RuntimeError(f"colreduce_kvprune: a chunked prompt reached its last chunk with "
-                               f"{sum(c[0].shape[0] for c in chunks)} stashed tokens at layer {layer}, expected {c0}")
-        for i, t in enumerate(tensors):
-            parts[i].extend([c[i] for c in chunks] + [t[start: start + qlen]])
-    return [torch.cat(p) for p in parts]
+def _partial_reduction(req) -> tuple[str, str | None]:
+    """(reduction, group_reduce) of one chunk's column sums, combined over chunks by sum (max for max): the query
+    reduction without the division of mean, and the group reduction only where it commutes with that combination
+    (otherwise per query head, reduced at the end: finish_partial)."""
+    if req.reduction == "max":
+        return "max", req.group_reduce if req.group_reduce in (None, "max") else None
+    return "sum", req.group_reduce if req.group_reduce in (None, "sum", "mean") else None
 
 
-def scatter_outputs(plan: "PrefillPlan", assembled: torch.Tensor, output: torch.Tensor) -> None:
+def _finish_partial(req, scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Column sums over all P prompt queries (H, P), from _partial_reduction's → the policy's raw scores
+    (Hkv, P): mean divides by the queries that see each column (P − j, causal), then the group reduction."""
+    n = scores.shape[1]
+    if req.reduction == "mean":
+        scores = scores / torch.arange(n, 0, -1, device=scores.device, dtype=scores.dtype)
+    if req.group_reduce is not None and _partial_reduction(req)[1] is None:
+        grouped = scores.view(num_kv_heads, -1, n)
+        scores = {"sum": grouped.sum(1), "mean": grouped.mean(1), "max": grouped.amax(1)}[req.group_reduce]
+    return scores
+
+
+def stash_chunks(step: StepPlan, layer: int, policy, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 cache_views, scale: float) -> None:
+    """What the last chunk of each stashed prompt will need from this step at `layer` and cannot read back from
+    the paged cache, into the request's carry: the queries of the scoring window that fall in this chunk (copied:
+    the step's tensors are reused), or, for a policy scoring with every query, this chunk's column sums over the
+    keys so far added to the sums of the earlier chunks. cache_views: (key_cache, value_cache) as
+    (num_blocks, block_size, Hkv, D) views of the layer's cache, where vLLM wrote this chunk's keys before the
+    attention; None for a backend whose cache layout cannot be read here (vLLM's CPU backend packs keys per ISA):
+    then the chunk's keys and values are kept in the carry as well (host memory)."""
+    for ch in step.stash:
+        rows = slice(ch.start, ch.start + ch.qlen)
+        if cache_views is None:
+            ch.carry.setdefault(("kv", layer), []).append((key[rows].clone(), value[rows].clone()))
+        if ch.num_queries == ch.prompt:
+            part = _chunk_column_sums(step, ch, layer, policy, query[rows], cache_views, scale)
+            acc = ch.carry.get(layer)
+            if acc is None:
+                acc = ch.carry[layer] = part.new_zeros(part.shape[0], ch.prompt)
+            cols = acc[:, : ch.c0 + ch.qlen]
+            if _partial_reduction(policy.score_request(ch.prompt))[0] == "max":
+                torch.maximum(cols, part, out=cols)
+            else:
+                cols += part
+        elif ch.num_queries:
+            a, b = max(ch.c0, ch.prompt - ch.num_queries), min(ch.c0 + ch.qlen, ch.prompt)
+            if a < b:
+                ch.carry.setdefault(layer, []).append(query[ch.start + a - ch.c0: ch.start + b - ch.c0].clone())
+
+
+def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, policy, q: torch.Tensor, cache_views, scale: float):
+    """(H, c0 + qlen) float32: the chunk's queries' causal column sums (or maxima) over the prompt's keys so far."""
+    from .. import colreduce_paged, colreduce_varlen
+
+    reduction, group = _partial_reduction(policy.score_request(ch.prompt))
+    n, dev = ch.c0 + ch.qlen, q.device
+    cu_q = torch.tensor([0, ch.qlen], dtype=torch.int32, device=dev)
+    if cache_views is None:
+        keys = torch.cat([k for k, _ in ch.carry[("kv", layer)]])
+        return colreduce_varlen(q, keys, cu_q, torch.tensor([0, n], dtype=torch.int32, device=dev), reduction,
+                                max_seqlen_q=ch.qlen, max_seqlen_k=n, is_causal=True, scale=scale,
+                                group_reduce=group).t()
+    return colreduce_paged(q, cache_views[0], step.block_table[ch.row: ch.row + 1], cu_q,
+                           torch.tensor([n], dtype=torch.int32, device=dev), reduction, max_seqlen_q=ch.qlen,
+                           max_seqlen_k=n, is_causal=True, scale=scale, group_reduce=group)[0]
+
+
+def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             cache_views, block_table: torch.Tensor, block_size: int):
+    """For a plan with chunked rows (plan.sources): (query, key, value, partials) in the layout the plan indexes.
+    key/value: every pruned row's tokens 0..L−1 back to back, positions before this step (c0) gathered from the
+    paged cache (cache_views: (key_cache, value_cache) as (num_blocks, block_size, Hkv, D) views) through the row's
+    block table, or from the carry (cache_views None, see stash_chunks), then this step's rows. query: positions
+    query_from..L−1 of each row, the stashed window queries then this step's. partials: per row, the column sums
+    of the earlier chunks' queries (accumulating policies) or None. The row's carry of `layer` is released.
+    Everything is read before any compacted row is written (the caller writes after this returns)."""
+    qs, ks, vs, partials = [], [], [], []
+    for (start, c0, qlen, carry, row), qfrom, n in zip(plan.sources, plan.query_from, plan.lengths):
+        stashed = carry.pop(layer, None) if carry is not None else None
+        if plan.accumulate:
+            have = 0 if stashed is None else stashed.shape[1]
+            if c0 and have != n:
+                raise RuntimeError(f"colreduce_kvprune: a chunked prompt of {n} tokens reached its last chunk at "
+                                   f"layer {layer} without the column sums of its earlier chunks")
+            partials.append(stashed if c0 else None)
+        else:
+            got = sum(t.shape[0] for t in stashed or ())
+            if got != c0 - qfrom:
+                raise RuntimeError(f"colreduce_kvprune: a chunked prompt reached its last chunk with {got} stashed "
+                                   f"window queries at layer {layer}, expected {c0 - qfrom}")
+            qs.extend(stashed or ())
+            partials.append(None)
+        qs.append(query[start: start + qlen])
+        if c0 and cache_views is None:
+            kv = carry.pop(("kv", layer), [])
+            if sum(k.shape[0] for k, _ in kv) != c0:
+                raise RuntimeError(f"colreduce_kvprune: a chunked prompt reached its last chunk with "
+                                   f"{sum(k.shape[0] for k, _ in kv)} stashed tokens at layer {layer}, expected {c0}")
+            ks.extend(k for k, _ in kv)
+            vs.extend(v for _, v in kv)
+        elif c0:
+            pos = torch.arange(c0, device=block_table.device)
+            blocks = block_table[row, pos // block_size].long()
+            ks.append(cache_views[0][blocks, pos % block_size])
+            vs.append(cache_views[1][blocks, pos % block_size])
+        ks.append(key[start: start + qlen])
+        vs.append(value[start: start + qlen])
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), partials
+
+
+def scatter_outputs(plan: PrefillPlan, assembled: torch.Tensor, output: torch.Tensor) -> None:
     """Copy the recomputed output rows (positions P..L−1 of each row, all in this step's chunk) of an assembled plan
     back to the step's output tensor."""
-    for b, (start, c0, qlen, _) in enumerate(plan.sources):
+    for b, (start, c0, qlen, _, _) in enumerate(plan.sources):
         g = plan.num_outputs[b]
         if g:
-            a = plan.starts[b] + plan.lengths[b]
+            a = plan.out_starts[b]
             s = start + plan.lengths[b] - c0
             output[s: s + g] = assembled[a: a + g]
 
@@ -278,19 +421,35 @@ def remap_rows(state: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.T
 
 
 def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
-                backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0) -> torch.Tensor:
+                backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0,
+                partials: list | None = None) -> torch.Tensor:
     """Scores and selection for every pruned row of the step at one layer.
 
     query (T, Hq, D) after RoPE, key (T, Hkv, D) after RoPE (the step's packed tensors; under tensor parallelism a
     rank's slice of the heads). head_offset: the model-wide index of key's first kv head (the random policy draws
     per model-wide head). gather_heads: None on one rank; under tensor parallelism a callable concatenating a
     (Hkv, X) tensor of every rank along dim 0, in rank order, and rank_heads the position of this rank's heads in
-    it. per_head=false shares one token set over all kv heads, so its scores are gathered from every rank first
+    it. partials: from assemble (a chunked prompt's earlier column sums, accumulating policies). per_head=false
+    shares one token set over all kv heads, so its scores are gathered from every rank first
     and each rank keeps its own rows of the common selection (then every rank selects as one device would).
     Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
     req = policy.score_request(max(plan.lengths))
     bounds = list(zip([0] + list(_cumsum(plan.lengths))[:-1], _cumsum(plan.lengths)))
-    if req.kind == "attention":
+    if req.kind == "attention" and plan.accumulate and plan.sources is not None:
+        # chunked, every query scoring: this chunk's prompt queries' column sums + the earlier chunks' (partials)
+        from .. import colreduce_varlen
+
+        reduction, group = _partial_reduction(req)
+        raw = colreduce_varlen(query[plan.window_index], key[plan.key_index], plan.cu_q, plan.cu_k, reduction,
+                               max_seqlen_q=max(plan.num_queries), max_seqlen_k=max(plan.lengths),
+                               is_causal=True, scale=scale, group_reduce=group, backend=backend)
+        scores = []
+        for (a, b), part in zip(bounds, partials or [None] * len(bounds)):
+            s = raw[a:b].t()
+            if part is not None:
+                s = torch.maximum(s, part) if reduction == "max" else s + part
+            scores.append(policy.postprocess_scores(_finish_partial(req, s, key.shape[1])))
+    elif req.kind == "attention":
         from .. import colreduce_varlen
 
         raw = colreduce_varlen(query[plan.window_index], key[plan.key_index], plan.cu_q, plan.cu_k, req.reduction,
@@ -330,7 +489,7 @@ def recompute_outputs(plan: PrefillPlan, query: torch.Tensor, k_kept: torch.Tens
     for b, g in enumerate(plan.num_outputs):
         if not g:
             continue
-        keep, e0, q0 = plan.keeps[b], plan.kept_starts[b], plan.starts[b] + plan.lengths[b]
+        keep, e0, q0 = plan.keeps[b], plan.kept_starts[b], plan.out_starts[b]
         q = query[q0: q0 + g].float()                                            # (g, Hq, D)
         group = q.shape[1] // k_kept.shape[1]
         k = k_kept[e0: e0 + keep + g].float().repeat_interleave(group, dim=1)    # (keep+g, Hq, D)

@@ -85,27 +85,15 @@ def unsupported_settings(vllm_config) -> list[str]:
                             "request's prompt token count to re-prune a request recomputed after preemption")
         if getattr(mc, "attention_chunk_size", None):
             problems.append("chunked local attention models are not supported")
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cuda_alike() and not mc.enforce_eager:
-            # The builder already writes the pruned layout into persistent buffers that captured graphs read
-            # (backend_common.PruneBuilderMixin), but no GPU run has verified graphs == eager yet.
-            problems.append("CUDA graphs with KV pruning are not verified on a GPU yet; pass enforce_eager=True "
-                            "(vllm serve: --enforce-eager)")
     sc = vllm_config.scheduler_config
-    from vllm.platforms import current_platform
-
     chunks = sc.enable_chunked_prefill or getattr(sc, "long_prefill_token_threshold", 0)
-    if chunks and not current_platform.is_cpu():
-        # The CPU build keeps a prompt's earlier chunks (queries, keys, values) until its last chunk is scored
-        # (compaction.plan_prefills); on a GPU that copy would be as large as the prompt's KV cache, outside vLLM's
-        # memory budget: the earlier chunks' keys have to be read back from the paged cache, not written yet.
-        problems.append("chunked prefill with KV pruning runs on vLLM's CPU build only so far; pass "
-                        "enable_chunked_prefill=False (vllm serve: --no-enable-chunked-prefill), "
-                        "max_num_batched_tokens >= max_model_len and long_prefill_token_threshold=0")
-    if sc.async_scheduling:
-        problems.append("async scheduling with KV pruning is not verified yet (vLLM's CPU build cannot run it, and no "
-                        "GPU run has covered it); pass async_scheduling=False (vllm serve: --no-async-scheduling)")
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto")
+    if chunks and cache_dtype not in ("auto", "float16", "bfloat16", "float32", "half", "float"):
+        # the last chunk reads the earlier chunks' keys and values back from the cache (compaction.assemble)
+        problems.append(f"chunked prefill with a quantized KV cache (kv_cache_dtype={cache_dtype}) is not supported: "
+                        "a prompt's earlier chunks would be read back quantized when it is scored; pass "
+                        "enable_chunked_prefill=False (vllm serve: --no-enable-chunked-prefill) or an unquantized "
+                        "cache")
     pc = vllm_config.parallel_config
     if getattr(pc, "pipeline_parallel_size", 1) > 1:
         problems.append(f"pipeline_parallel_size={pc.pipeline_parallel_size} is not supported: the pruning step "

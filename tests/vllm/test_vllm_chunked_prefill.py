@@ -1,14 +1,13 @@
-"""Chunked prefill with pruning (vLLM's CPU build; refused on CUDA so far): prompts of 1-8x max_num_batched_tokens
-are prefilled over several steps, beside other requests' decodes, stashed chunk by chunk, scored and compacted at
-their last chunk exactly as a whole prompt; the scheduler frees the tail blocks after that chunk. Greedy float32
-outputs equal the transformers path token for token."""
+"""Chunked prefill with pruning (CPU build and CUDA): prompts of 1-8x max_num_batched_tokens are prefilled over
+several steps, beside other requests' decodes; each chunk leaves what the cache does not hold (window queries, or
+H2O's column sums) in the request's carry, and the last chunk reads the earlier chunks' keys and values back from
+the paged cache, scores and compacts the prompt exactly as a whole one; the scheduler frees the tail blocks after
+that chunk. Greedy float32 outputs equal the transformers path token for token."""
 import pytest
 
 from colreduce_kvprune.policies import keep_count
 from colreduce_kvprune.vllm import get_stats
-from vllm_helpers import BLOCK_SIZE, DEVICE, engine, greedy, random_prompts, reference, scheduler
-
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="chunked prefill with pruning runs on the CPU build only")
+from vllm_helpers import BLOCK_SIZE, engine, greedy, random_prompts, reference, scheduler
 
 LENGTHS = (300, 57, 200, 129, 96, 40, 511)            # max_num_batched_tokens 64: up to 8 chunks
 BASE = dict(budget={"keep_tokens": 64}, window=16, sink_tokens=4, min_prompt_tokens=64)

@@ -115,10 +115,24 @@ def test_prompt_steps_take_prompt_lengths():
 def test_prompt_lengths_checked_against_vllm_is_prefilling():
     qs, seq = torch.tensor([0, 40, 41, 101, 103]), torch.tensor([40, 77, 60, 2])   # computed: 0, 76, 0, 0
     prompt = [40, 70, 50, None]
-    compaction.check_prompt_lengths(prompt, qs, seq, torch.tensor([True, False, True, True]), 4)
-    compaction.check_prompt_lengths(prompt, qs, seq, None, 4)
+    flags = torch.tensor([True, False, True, True])
+    assert compaction.check_prompt_lengths(prompt, prompt, qs, seq, flags, 4) == (prompt, prompt)
+    assert compaction.check_prompt_lengths(prompt, prompt, qs, seq, None, 4) == (prompt, prompt)
     with pytest.raises(RuntimeError, match="batch row 1 has a tracked prompt of 70"):   # row 1 really has P > 76
-        compaction.check_prompt_lengths(prompt, qs, seq, torch.tensor([True, True, True, True]), 4)
+        compaction.check_prompt_lengths(prompt, prompt, qs, seq, torch.tensor([True, True, True, True]), 4)
+
+
+def test_dummy_batch_rows_drop_stale_lengths():
+    """A dummy batch (CUDA-graph capture, warm-up: V2 builds it with is_prefilling all False, seq_lens = query lens,
+    req_idx 0..n-1) whose slots still hold an earlier request's lengths: no error, those rows untracked, no prompt
+    step among them; a real row beside them keeps its length."""
+    qs, seq = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 90])     # rows 0, 1: dummy; row 2: a decode
+    prompts, targets = compaction.check_prompt_lengths([2, 1500, 80], [2, 1500, 80], qs, seq,
+                                                       torch.tensor([False, False, False]), 3)
+    assert prompts == [None, None, 80] and targets == [None, None, 80]
+    assert compaction.prompt_steps(qs, seq, 3, prompts, torch.tensor([False, False, False])) == []
+    with pytest.raises(RuntimeError, match="batch row 2 has a tracked prompt of 95"):   # decode row, 89 < 95
+        compaction.check_prompt_lengths([2, 1500, 95], [2, 1500, 95], qs, seq, torch.tensor([False] * 3), 3)
 
 
 def test_recompute_is_pruned_like_the_prompt_alone():
@@ -241,13 +255,25 @@ def test_tracker_loads_under_both_model_runners():
         PromptLengthTracker(cfg)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o"])
-def test_chunked_prompt_equals_whole_prompt(policy):
-    """A prompt prefilled in chunks (stashed, then assembled at its last chunk, beside a whole prompt of another row
-    and with a recomputed output in the last chunk) gets the same selection, kept K/V, slots and recomputed
-    outputs as the same prompt prefilled in one step."""
+CHUNK_CASES = {
+    "snapkv": dict(policy="snapkv"),
+    "tova": dict(policy="tova"),
+    "knorm": dict(policy="knorm"),
+    "h2o": dict(policy="h2o"),                                          # column sums accumulated chunk by chunk
+    "h2o-mean-max": dict(policy="h2o", reduction="mean", group_reduce="max"),   # per query head, then grouped
+}
+
+
+@pytest.mark.parametrize("read_cache", [True, False], ids=["paged-cache", "kv-in-carry"])
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_chunked_prompt_equals_whole_prompt(case, read_cache):
+    """A prompt prefilled in chunks (its keys and values in the paged cache, read back at the last chunk — or, for a
+    backend whose layout cannot be read, kept in the carry —, the window queries or the column sums of each chunk's
+    queries in the carry; then assembled at its last chunk beside a whole prompt of another row, with a recomputed
+    output in the last chunk) gets the same selection, kept K/V, slots and recomputed outputs as the same prompt
+    prefilled in one step."""
     torch.manual_seed(2)
-    config = load_config(dict(policy=policy, budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+    config = load_config(dict(CHUNK_CASES[case], budget={"keep_tokens": 12}, window=4, sink_tokens=2,
                               min_prompt_tokens=10))
     pol = get_policy(config)
     hq, hkv, d, scale = 4, 2, 8, 8 ** -0.5
@@ -261,23 +287,47 @@ def test_chunked_prompt_equals_whole_prompt(policy):
     out_w = torch.zeros_like(q)
     compaction.recompute_outputs(plan_w, q, ks_w, vs_w, out_w, scale)
 
+    # the paged cache as vLLM leaves it: each step's K/V written at the row's logical slots before the attention
+    key_cache, value_cache = (torch.full((26, BS, hkv, d), float("nan")) for _ in range(2))
+    views = (key_cache, value_cache) if read_cache else None
+
+    def write(c0, qlen):
+        pos = torch.arange(c0, c0 + qlen)
+        blocks = bt[0, pos // BS].long()
+        key_cache[blocks, pos % BS], value_cache[blocks, pos % BS] = k[c0: c0 + qlen], v[c0: c0 + qlen]
+
     carry = {"stale": 1}
-    chunks = [(0, 16), (16, 15), (31, prompt + g - 31)]      # the last chunk ends past the prompt (outputs)
+    # the last chunk holds the last 2 prompt tokens and the outputs; SnapKV's 4-query window spans two chunks
+    chunks = [(0, 16), (16, 19), (35, prompt + g - 35)]
     for c0, qlen in chunks[:-1]:                                # each chunk: its own step, row 0 alone
         fresh, values, plan, stash = compaction.plan_prefills(config, pol, [(0, 0, c0, qlen, prompt)], bt, BS,
                                                               [carry])
-        assert plan is None and stash == [(0, qlen, carry)]
+        assert plan is None and [(c.row, c.start, c.c0, c.qlen, c.carry) for c in stash] == [(0, 0, c0, qlen, carry)]
         assert (fresh, values) == (([0], [(0, 0, 0)]) if c0 == 0 else ([], []))
         assert "stale" not in carry                             # reset at the prompt's first step
-        compaction.stash_chunks(stash, 3, q[c0: c0 + qlen], k[c0: c0 + qlen], v[c0: c0 + qlen])
+        write(c0, qlen)
+        compaction.stash_chunks(compaction.StepPlan(None, stash, bt), 3, pol, q[c0: c0 + qlen], k[c0: c0 + qlen],
+                                v[c0: c0 + qlen], views, scale)
+    assert (("kv", 3) in carry) == (not read_cache)
+    stashed = carry.get(3)
+    if case.startswith("h2o"):                                 # column sums over the keys so far: (heads, P)
+        assert stashed.shape == (hkv if case == "h2o" else hq, prompt)
+    elif case == "knorm":                                      # nothing the cache does not hold
+        assert stashed is None
+    else:                                                      # the window queries before the last chunk
+        n = sum(t.shape[0] for t in stashed or ())
+        assert n == max(0, chunks[-1][0] - (prompt - pol.score_request(prompt).num_queries))
     c0, qlen = chunks[-1]
+    write(c0, qlen)
     step_q, step_k, step_v = (torch.cat([t[c0: c0 + qlen], t[prompt + g:]]) for t in (q, k, v))
     steps = [(0, 0, c0, qlen, prompt), (1, qlen, 0, other, other)]
     fresh, values, plan, stash = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
     assert stash == [] and fresh == [0, 1] and values == values_w and plan.sources is not None
-    aq, ak, av = compaction.assemble(plan, 3, step_q, step_k, step_v)
-    assert torch.equal(aq, q) and torch.equal(ak, k) and carry == {}            # released
-    idx = compaction.select_kept(pol, plan, aq, ak, layer=3, scale=scale, backend="torch")
+    aq, ak, av, partials = compaction.assemble(plan, 3, step_q, step_k, step_v, views, bt, BS)
+    assert torch.equal(ak, k) and torch.equal(av, v) and carry == {}             # released
+    qfrom = plan.query_from[0]
+    assert torch.equal(aq, torch.cat([q[qfrom: prompt + g], q[prompt + g:]]))
+    idx = compaction.select_kept(pol, plan, aq, ak, layer=3, scale=scale, backend="torch", partials=partials)
     ks, vs = compaction.gather_kept(plan, idx, ak, av)
     assert torch.equal(idx, idx_w) and torch.equal(ks, ks_w) and torch.equal(vs, vs_w)
     assert torch.equal(plan.slots, plan_w.slots)

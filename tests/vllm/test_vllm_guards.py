@@ -14,8 +14,7 @@ CASES = [
     ("pyramidkv", dict(GOOD, policy="pyramidkv"), {}, r"pyramidkv gives layers different kept counts"),
     ("adakv", dict(GOOD, policy="adakv"), {}, r"adakv gives kv heads different kept counts"),
     ("prompt embeds", GOOD, dict(enable_prompt_embeds=True), r"enable_prompt_embeds=True"),
-] + ([("chunked prefill on CUDA", GOOD, dict(enable_chunked_prefill=True), r"CPU build only")]
-     if DEVICE == "cuda" else [])
+]
 
 
 def _refused(model, config, overrides, pattern):
@@ -67,23 +66,23 @@ def test_env_config_prunes_and_engine_starts_after_failures(llama_path, tmp_path
 
 
 def test_unsupported_settings_listed():
-    """Settings the CPU build cannot reach (it turns async scheduling off itself; no pipeline parallelism on CPU):
-    each refused by name. Tensor parallelism is not among them (tests/vllm/test_vllm_tensor_parallel.py)."""
+    """Settings the CPU build cannot reach (no pipeline or context parallelism on CPU): each refused by name. Tensor
+    parallelism (tests/vllm/test_vllm_tensor_parallel.py) and async scheduling are not among them."""
     from types import SimpleNamespace as NS
 
     from colreduce_kvprune.vllm.settings import unsupported_settings
 
-    cfg = NS(model_config=None, cache_config=NS(enable_prefix_caching=False),
-             scheduler_config=NS(enable_chunked_prefill=False, long_prefill_token_threshold=0, async_scheduling=True),
+    cfg = NS(model_config=None, cache_config=NS(enable_prefix_caching=False, cache_dtype="fp8"),
+             scheduler_config=NS(enable_chunked_prefill=True, long_prefill_token_threshold=0, async_scheduling=True),
              parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=2, decode_context_parallel_size=2),
              speculative_config=None, kv_transfer_config=None)
     problems = unsupported_settings(cfg)
     assert len(problems) == 3
-    assert "async_scheduling=False" in problems[0] and "pipeline_parallel_size=2" in problems[1]
-    assert "decode_context_parallel_size=2" in problems[2]
-    cfg.scheduler_config.async_scheduling = False
+    assert "chunked prefill with a quantized KV cache (kv_cache_dtype=fp8)" in problems[0]
+    assert "pipeline_parallel_size=2" in problems[1] and "decode_context_parallel_size=2" in problems[2]
+    cfg.cache_config.cache_dtype = "auto"                     # chunked prefill itself is supported
     cfg.parallel_config.pipeline_parallel_size = cfg.parallel_config.decode_context_parallel_size = 1
-    assert unsupported_settings(cfg) == []                     # tensor_parallel_size=2 stays: supported
+    assert unsupported_settings(cfg) == []             # tensor_parallel_size=2 and async scheduling: supported
 
 
 def test_unsupported_backend_refused_by_name(monkeypatch):
