@@ -16,9 +16,10 @@ prefix caching, async scheduling):
   vanilla          vLLM, package disabled (VLLM_PLUGINS=none)
   snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio
 Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
-and TPOT p50/p99 (TTFT counts the queueing of an all-at-once submission). Not measured here yet: the online
-(Poisson arrivals through the OpenAI server) workload, and the share of prefill time spent in scoring + selection +
-compaction (benchmarks/kernels.py times the kernels alone).
+and TPOT p50/p99 (TTFT counts the queueing of an all-at-once submission); with --timing, the plugin's work per
+prefill (scores, selection, gather, cache write) against vLLM's attention of the same layers and against the time
+of the prefill's decoder layers (colreduce_kvprune/vllm/timing.py). Not written yet: the online workload (Poisson
+arrivals through the OpenAI server).
 """
 from __future__ import annotations
 
@@ -139,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "colreduce-serving-models"))
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    p.add_argument("--timing", action="store_true",
+                   help="pruned runs: time the plugin's work per layer against vLLM's attention and the prefill's "
+                        "decoder layers (KVPRUNE_TIMING=1, CUDA events)")
     a = p.parse_args(argv)
 
     from colreduce_kvprune.serving import RunError, run_in_subprocess
@@ -150,12 +154,18 @@ def main(argv=None) -> int:
     for run in a.runs.split(","):
         job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem, a.tp),
                "prompts": ids, "max_tokens": max_tokens}
+        os.environ["KVPRUNE_TIMING"] = "1" if a.timing else "0"
         try:
             res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout)
             report["runs"][run] = summarize(res)
         except RunError as e:
             report["runs"][run] = {"error": str(e)}
         r = report["runs"][run]
+        t = (r.get("prune_stats") or {}).get("timing")
+        if t:
+            print(f"{run:14s} pruning work: {t['pruning_ms']:.1f} ms over {t['steps']} prefill steps = "
+                  f"{100 * t['pruning_per_attention']:.1f}% of their attention, "
+                  f"{100 * t['pruning_share_of_decoder_span']:.2f}% of their decoder layers' time", flush=True)
         print(f"{run:14s} " + (r["error"] if "error" in r else
               f"{r['output_tokens_per_s']:9.1f} tok/s  peak running {r['peak_running']:4d}  preemptions "
               f"{r['preemptions']:4d}  TTFT p50 {r['ttft_p50_s']:.2f} s  TPOT p50 {r['tpot_p50_s']:.4f} s"),

@@ -248,6 +248,9 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
         from colreduce_kvprune.vllm import get_stats
 
         prune_stats = get_stats().as_dict()
+        from colreduce_kvprune.vllm import timing
+
+        prune_stats["timing"] = timing.summary()          # KVPRUNE_TIMING=1: the pruning work's share of prefill
     blocks = [round(u * num_blocks) for _, u, *_ in samples]
     per_request = [b / s[2] for b, s in zip(blocks, samples) if s[2] > 0]
     output_tokens = sum(len(o) for o in outputs)

@@ -19,7 +19,7 @@ import torch
 
 from ..policies import get_policy
 from ..config import ConfigError
-from . import compaction
+from . import compaction, timing
 from .prompt_lengths import tracker_for
 from .settings import config_to_json, resolve
 
@@ -169,9 +169,14 @@ class PruneImplMixin:
                                   "exact recompute of preempted requests' outputs is plain softmax attention)")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         step = getattr(attn_metadata, "kvprune", None)
+        timed = step is not None and timing.ENABLED
+        if timed:
+            start = timing.mark(query.device)
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if step is not None:
+            if timed:
+                after_attention = timing.mark(query.device)
             if key is None:      # a model that wrote its K/V to the cache itself and passed none: nothing to score
                 raise RuntimeError("colreduce_kvprune: the attention layer was called without key/value tensors "
                                    "(a fused KV-cache write bypassing the backend), so the prefill cannot be pruned")
@@ -184,6 +189,8 @@ class PruneImplMixin:
                                             self.prune_kv_views(kv_cache), self.scale)
                 if step.plan is not None:
                     self._prune_compact(layer, layer_idx, query, key, value, kv_cache, step, output)
+            if timed:
+                timing.record(step, start, after_attention, timing.mark(query.device))
         return out
 
     def prune_kv_views(self, kv_cache):

@@ -1,0 +1,22 @@
+"""KVPRUNE_TIMING=1: every attention layer of a step that prunes records its attention and its pruning work, and
+summary() adds them up (steps without pruning record nothing)."""
+from colreduce_kvprune.vllm import timing
+from vllm_helpers import engine, greedy, random_prompts
+
+CONFIG = dict(policy="snapkv", budget={"keep_tokens": 64}, window=16, sink_tokens=4, min_prompt_tokens=64)
+
+
+def test_timing_records_each_pruning_step(llama_path, monkeypatch):
+    monkeypatch.setattr(timing, "ENABLED", True)
+    timing.reset()
+    try:
+        with engine(llama_path, CONFIG) as llm:
+            greedy(llm, random_prompts((300,), seed=3), max_tokens=4)        # one prefill step prunes
+            greedy(llm, random_prompts((40,), seed=4), max_tokens=4)         # below min_prompt_tokens: nothing
+            layers = llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+        s = timing.summary()
+    finally:
+        timing.reset()
+    assert s["steps"] == 1 and s["layer_calls"] == layers
+    assert s["attention_ms"] > 0 and s["pruning_ms"] > 0 and s["decoder_span_ms"] >= s["attention_ms"] + s["pruning_ms"]
+    assert 0 < s["pruning_share_of_decoder_span"] < 1
