@@ -70,17 +70,20 @@ class Recorder:
             idx = original_select(policy, plan, query, key, layer=layer, scale=scale, backend=backend, **tp)
             idx64 = original_select(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
                                     backend="torch", **tp)
-            scores64 = _scores64(policy, plan, query, key, layer, scale)
+            scores64 = _scores64(policy, plan, query, key, layer, scale, tp.get("partials"))
             for b, (length, keep) in enumerate(zip(plan.lengths, plan.keeps)):
                 rec.selections[(length, layer)] = [idx[b, :, :keep].cpu(), idx64[b, :, :keep].cpu(),
                                                    scores64[b].cpu()]
             return idx
 
-        def prune_compact(self, layer, layer_idx, query, key, value, kv_cache, plan, output):
-            original_compact(self, layer, layer_idx, query, key, value, kv_cache, plan, output)
-            if plan.sources is None:           # the K/V rows of the kept tokens are the step's (no chunks)
+        def prune_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output):
+            original_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output)
+            if step.plan.sources is None:      # the K/V rows of the kept tokens are the step's (no chunks)
                 with torch.no_grad():
-                    rec._check_cache(self, layer, key, value, kv_cache, plan)
+                    rec._check_cache(self, layer, key, value, kv_cache, step.plan)
+            else:                              # a last chunk: kept rows come from the cache too (not checked here)
+                rec.cache_checks["chunked_layers_not_checked"] = rec.cache_checks.get(
+                    "chunked_layers_not_checked", 0) + 1
 
         compaction.select_kept = select_kept
         backend_common.PruneImplMixin._prune_compact = prune_compact
@@ -122,30 +125,18 @@ class Recorder:
         self.cache_checks["mismatched_layers"] += int(bad > 0)
 
 
-def _scores64(policy, plan, query, key, layer, scale):
+def _scores64(policy, plan, query, key, layer, scale, partials=None):
     """float64 scores (B, Hkv, P_max) of every pruned row, padded with nan (what the policy ranks)."""
     import torch
 
-    req = policy.score_request(max(plan.lengths))
+    from colreduce_kvprune.vllm import compaction
+
     out = torch.full((len(plan.lengths), key.shape[1], max(plan.lengths)), float("nan"), dtype=torch.float64,
                      device=key.device)
-    offsets = [0]
-    for n in plan.lengths:
-        offsets.append(offsets[-1] + n)
-    if req.kind == "attention":
-        from colreduce_kvprune import colreduce_varlen
-
-        raw = colreduce_varlen(query[plan.window_index].double(), key[plan.key_index].double(), plan.cu_q,
-                               plan.cu_k, req.reduction, max_seqlen_q=max(plan.num_queries),
-                               max_seqlen_k=max(plan.lengths), is_causal=True, scale=scale,
-                               group_reduce=req.group_reduce, backend="torch")
-        for b in range(len(plan.lengths)):
-            out[b, :, :plan.lengths[b]] = policy.postprocess_scores(raw[offsets[b]:offsets[b + 1]].t())
-    else:
-        keys = key[plan.key_index].double()
-        for b in range(len(plan.lengths)):
-            s = policy.scores(None, keys[offsets[b]:offsets[b + 1]].transpose(0, 1), layer=layer)
-            out[b, :, :plan.lengths[b]] = s
+    scores = compaction.row_scores(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
+                                   backend="torch", partials=partials)
+    for b, s in enumerate(scores):
+        out[b, :, :plan.lengths[b]] = s
     return out
 
 

@@ -420,19 +420,9 @@ def remap_rows(state: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.T
     return new_bt, new_seq
 
 
-def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
-                backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0,
-                partials: list | None = None) -> torch.Tensor:
-    """Scores and selection for every pruned row of the step at one layer.
-
-    query (T, Hq, D) after RoPE, key (T, Hkv, D) after RoPE (the step's packed tensors; under tensor parallelism a
-    rank's slice of the heads). head_offset: the model-wide index of key's first kv head (the random policy draws
-    per model-wide head). gather_heads: None on one rank; under tensor parallelism a callable concatenating a
-    (Hkv, X) tensor of every rank along dim 0, in rank order, and rank_heads the position of this rank's heads in
-    it. partials: from assemble (a chunked prompt's earlier column sums, accumulating policies). per_head=false
-    shares one token set over all kv heads, so its scores are gathered from every rank first
-    and each rank keeps its own rows of the common selection (then every rank selects as one device would).
-    Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
+def row_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
+               backend: str = "auto", head_offset: int = 0, partials: list | None = None) -> list[torch.Tensor]:
+    """The policy's scores of every pruned row at one layer: [(Hkv, P_b)] (see select_kept for the arguments)."""
     req = policy.score_request(max(plan.lengths))
     bounds = list(zip([0] + list(_cumsum(plan.lengths))[:-1], _cumsum(plan.lengths)))
     if req.kind == "attention" and plan.accumulate and plan.sources is not None:
@@ -461,6 +451,25 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
     else:
         keys = key[plan.key_index]
         scores = [policy.scores(None, keys[a:b].transpose(0, 1), layer=layer) for a, b in bounds]
+    return scores
+
+
+def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
+                backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0,
+                partials: list | None = None) -> torch.Tensor:
+    """Scores and selection for every pruned row of the step at one layer.
+
+    query (T, Hq, D) after RoPE, key (T, Hkv, D) after RoPE (the step's packed tensors; under tensor parallelism a
+    rank's slice of the heads). head_offset: the model-wide index of key's first kv head (the random policy draws
+    per model-wide head). gather_heads: None on one rank; under tensor parallelism a callable concatenating a
+    (Hkv, X) tensor of every rank along dim 0, in rank order, and rank_heads the position of this rank's heads in
+    it. partials: from assemble (a chunked prompt's earlier column sums, accumulating policies). per_head=false
+    shares one token set over all kv heads, so its scores are gathered from every rank first
+    and each rank keeps its own rows of the common selection (then every rank selects as one device would).
+    Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
+    scores = row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                        head_offset=head_offset, partials=partials)
+    bounds = list(zip([0] + list(_cumsum(plan.lengths))[:-1], _cumsum(plan.lengths)))
     if gather_heads is None or policy.config.per_head:
         idx, _ = policy.select_batched(scores, layer=layer)
         return idx
