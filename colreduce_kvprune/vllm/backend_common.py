@@ -67,8 +67,8 @@ class PruneBuilderMixin:
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
             self.prune_block_size = kv_cache_spec.block_size
-            self.prune_rows = None            # RowState, sized at the first build (the pool exists by then)
-            self.prune_num_blocks = vllm_config.cache_config.num_gpu_blocks
+            self.prune_rows = None            # RowState, sized at the first build once the KV pool exists
+            self.prune_cache_config = vllm_config.cache_config
             self.prune_max_rows = vllm_config.scheduler_config.max_num_seqs
             self.prune_bufs = None            # (block table, seq_lens) the attention reads, see _prune_buffers
             self.prune_prompts = tracker_for(vllm_config)
@@ -82,12 +82,23 @@ class PruneBuilderMixin:
                     "PromptLengthTracker'] (this vLLM build may also construct its input batch differently)")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        if self.prune_config is None:
+        if self.prune_config is None or self._prune_row_state(common_attn_metadata.block_table_tensor) is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm, plan = self._prune_prepare(common_attn_metadata)
         md = super().build(common_prefix_len, cm, fast_build)
         md.kvprune = plan
         return md
+
+    def _prune_row_state(self, block_table: torch.Tensor):
+        """The RowState table, created at the first build after the KV pool is sized; None before that: vLLM's
+        memory profiling runs dummy batches (and, with CUDA graphs, a profiling capture) before any KV cache exists,
+        and there is nothing to prune then (the batch is left as vLLM built it)."""
+        if self.prune_rows is None:
+            blocks = self.prune_cache_config.num_gpu_blocks     # set on this config when the pool is allocated
+            if not blocks:
+                return None
+            self.prune_rows = compaction.RowState(blocks, block_table.device)
+        return self.prune_rows
 
     def _prune_buffers(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
         """The builder's persistent (block table, seq_lens) buffers, at least the given shapes."""
@@ -105,10 +116,6 @@ class PruneBuilderMixin:
         bt = cm.block_table_tensor
         if cm.positions is None:
             raise RuntimeError("colreduce_kvprune needs CommonAttentionMetadata.positions (set by vLLM 0.32's runner)")
-        if self.prune_rows is None:
-            if not self.prune_num_blocks:
-                raise RuntimeError("colreduce_kvprune: the KV cache block count is unknown when attention runs")
-            self.prune_rows = compaction.RowState(self.prune_num_blocks, bt.device)
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         prompts, targets = self.prune_prompts.row_lengths(cm, n)
         is_prefilling = cm.is_prefilling

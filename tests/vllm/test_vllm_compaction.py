@@ -337,3 +337,19 @@ def test_chunked_prompt_equals_whole_prompt(case, read_cache):
     compaction.scatter_outputs(plan, out_a, step_out)
     torch.testing.assert_close(step_out[qlen - g: qlen], out_w[prompt: prompt + g], rtol=0, atol=0)
     assert not step_out[: qlen - g].any() and not step_out[qlen:].any()
+
+
+def test_builder_passes_through_before_the_kv_pool_exists():
+    """vLLM's memory profiling (on CUDA without a fixed KV pool; with CUDA graphs it captures graphs too) builds
+    attention metadata before the KV cache exists: the builder then leaves the batch as vLLM built it, and creates
+    its RowState table at the first build after the worker sized the pool (cache_config.num_gpu_blocks)."""
+    from types import SimpleNamespace as NS
+
+    from colreduce_kvprune.vllm.backend_common import PruneBuilderMixin
+
+    builder = NS(prune_rows=None, prune_cache_config=NS(num_gpu_blocks=None))
+    bt = torch.zeros(2, 4, dtype=torch.int32)
+    assert PruneBuilderMixin._prune_row_state(builder, bt) is None
+    builder.prune_cache_config.num_gpu_blocks = 50
+    state = PruneBuilderMixin._prune_row_state(builder, bt)
+    assert tuple(state.table.shape) == (50, 3) and PruneBuilderMixin._prune_row_state(builder, bt) is state
