@@ -258,7 +258,7 @@ def run(args) -> dict:
                           f"/{p['kept_indices_differing']} margin={p['max_relative_margin']}"
                           f" own64!={p['selections_differing_from_own_fp64']}" for p in per_prompt)
               + f"; cache {rec.cache_checks}", flush=True)
-        rec.cache_checks.update(layers_checked=0, mismatched_layers=0, rows_checked=0)
+        rec.cache_checks = {"layers_checked": 0, "mismatched_layers": 0, "rows_checked": 0}
         _write(report, args.out)
     return report
 
