@@ -206,6 +206,7 @@ def run(args) -> dict:
         llm = LLM(**kw)
         try:
             runner = _runner_name(llm)
+            report.setdefault("engine_settings", _engine_settings(llm))   # what vLLM resolved its defaults to
             t = time.time()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs], runner, time.time() - t
@@ -274,6 +275,18 @@ def _first_diff(a, b):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _engine_settings(llm) -> dict:
+    """The settings vLLM resolved (its defaults included) that the plugin's paths depend on."""
+    cfg = llm.llm_engine.vllm_config
+    return {"cudagraph_mode": str(cfg.compilation_config.cudagraph_mode),
+            "enforce_eager": cfg.model_config.enforce_eager,
+            "async_scheduling": cfg.scheduler_config.async_scheduling,
+            "enable_chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
+            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+            "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
+            "block_size": cfg.cache_config.block_size}
 
 
 def _runner_name(llm) -> str:

@@ -1,0 +1,111 @@
+"""Table (markdown) and chart (PNG) of serving benchmark results: benchmarks/serving_gpu.py (offline workloads) and
+benchmarks/serving_online.py (Poisson arrivals) JSON files.
+
+    python benchmarks/serving_report.py long.json short.json online.json --md h200_serving.md --png h200_serving.png
+
+The chart has one column per offline workload: KV blocks in use (top) and requests running (bottom) against time,
+one line per run. Ratios are against the file's vanilla run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _fmt(x, digits=2):
+    return "–" if x is None else (f"{x:,.{digits}f}" if isinstance(x, float) else f"{x:,}")
+
+
+def offline_table(report: dict) -> list[str]:
+    runs = report["runs"]
+    base = runs.get("vanilla", {})
+    v = report.get("versions", {})
+    lines = [f"### Workload {report['workload']}: {report.get('requests', '?')} requests, {report['shape']}, "
+             f"{report['dtype']}, TP {report.get('tensor_parallel_size', 1)} ({v.get('gpu', '?')}, vLLM "
+             f"{v.get('vllm', '?')}, torch {v.get('torch', '?')})", "",
+             "| run | output tok/s | × vanilla | requests/s | peak running | mean running | preemptions | peak KV "
+             "blocks | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | pruning work / attention | pruning share of "
+             "decoder layers |", "|" + "---|" * 12]
+    for name, r in runs.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 11)
+            continue
+        t = (r.get("prune_stats") or {}).get("timing") or {}
+        ratio = (r["output_tokens_per_s"] / base["output_tokens_per_s"]
+                 if base.get("output_tokens_per_s") else None)
+        lines.append(
+            f"| {name} | {_fmt(r['output_tokens_per_s'], 1)} | {_fmt(ratio)} | {_fmt(r['requests_per_s'])} | "
+            f"{r['peak_running']} | {_fmt(r['mean_running'], 1)} | {r['preemptions']} | "
+            f"{_fmt(r['peak_kv_blocks'])} of {_fmt(r['num_blocks'])} | {_fmt(r['ttft_p50_s'])} / "
+            f"{_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p50_s'], 4)} / {_fmt(r['tpot_p99_s'], 4)} | "
+            f"{_pct(t.get('pruning_per_attention'))} | {_pct(t.get('pruning_share_of_decoder_span'))} |")
+    return lines
+
+
+def online_table(report: dict) -> list[str]:
+    lines = [f"### Online: Poisson arrivals, {report['requests_per_rate']} requests per rate, workload "
+             f"{report['workload']}, {report['shape']}, {report['dtype']}", "",
+             "| run | rate (req/s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | latency p50 / p99 (s) | output tok/s |",
+             "|" + "---|" * 6]
+    for name, r in report["runs"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | |")
+            continue
+        for rate, x in r["rates"].items():
+            lines.append(f"| {name} | {rate} | {_fmt(x['ttft_p50_s'])} / {_fmt(x['ttft_p99_s'])} | "
+                         f"{_fmt(x['tpot_p50_s'], 4)} / {_fmt(x['tpot_p99_s'], 4)} | {_fmt(x['e2e_p50_s'])} / "
+                         f"{_fmt(x['e2e_p99_s'])} | {_fmt(x['output_tokens_per_s'], 1)} |")
+    return lines
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def chart(reports: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offline = [r for r in reports if "rates" not in r]
+    fig, axes = plt.subplots(2, max(1, len(offline)), figsize=(6 * max(1, len(offline)), 7), squeeze=False)
+    for col, rep in enumerate(offline):
+        for name, r in rep["runs"].items():
+            if "error" in r:
+                continue
+            tl = r["timeline"]
+            axes[0][col].plot(tl["t"], tl["kv_blocks"], label=name)
+            axes[1][col].plot(tl["t"], tl["running"], label=name)
+            axes[0][col].axhline(r["num_blocks"], linestyle="--", linewidth=0.8, color="grey")
+        axes[0][col].set_title(f"{rep['workload']}: KV blocks in use")
+        axes[1][col].set_title(f"{rep['workload']}: requests running")
+        axes[1][col].set_xlabel("seconds")
+        axes[0][col].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+")
+    p.add_argument("--md")
+    p.add_argument("--png")
+    a = p.parse_args(argv)
+    reports = [json.load(open(f)) for f in a.results]
+    lines = []
+    for rep in reports:
+        lines += (online_table(rep) if "rates" in rep else offline_table(rep)) + [""]
+    text = "\n".join(lines)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(text)
+    print(text)
+    if a.png:
+        chart(reports, a.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
