@@ -21,7 +21,7 @@ from ..policies import get_policy
 from ..config import ConfigError
 from . import compaction, timing
 from .prompt_lengths import tracker_for
-from .settings import config_to_json, resolve
+from .settings import chunked_prefill, config_to_json, cudagraph_support, resolve
 
 _last_config_json: str | None = None   # config resolved by this process's last engine (for customize_spec)
 
@@ -80,6 +80,11 @@ class PruneBuilderMixin:
                     "preemption could not be pruned as before; reinstall colreduce-kvprune (pip install -e . "
                     "registers the entry point) or pass logits_processors=['colreduce_kvprune.vllm.prompt_lengths:"
                     "PromptLengthTracker'] (this vLLM build may also construct its input batch differently)")
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        return cudagraph_support(super().get_cudagraph_support(vllm_config, kv_cache_spec),
+                                 resolve(vllm_config) is not None, chunked_prefill(vllm_config))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if self.prune_config is None or self._prune_row_state(common_attn_metadata.block_table_tensor) is None:

@@ -86,7 +86,7 @@ def unsupported_settings(vllm_config) -> list[str]:
         if getattr(mc, "attention_chunk_size", None):
             problems.append("chunked local attention models are not supported")
     sc = vllm_config.scheduler_config
-    chunks = sc.enable_chunked_prefill or getattr(sc, "long_prefill_token_threshold", 0)
+    chunks = chunked_prefill(vllm_config)
     cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto")
     if chunks and cache_dtype not in ("auto", "float16", "bfloat16", "float32", "half", "float"):
         # the last chunk reads the earlier chunks' keys and values back from the cache (compaction.assemble)
@@ -108,6 +108,29 @@ def unsupported_settings(vllm_config) -> list[str]:
     if vllm_config.kv_transfer_config is not None:
         problems.append("KV transfer / disaggregated prefill connectors are not supported")
     return problems
+
+
+def chunked_prefill(vllm_config) -> bool:
+    """Whether vLLM may prefill a prompt over several steps (chunked prefill, or a long-prefill token threshold)."""
+    sc = vllm_config.scheduler_config
+    return bool(sc.enable_chunked_prefill or getattr(sc, "long_prefill_token_threshold", 0))
+
+
+def cudagraph_support(support, pruning: bool, chunked: bool):
+    """The CUDA-graph support a pruning backend declares to vLLM, from its base backend's (AttentionCGSupport).
+
+    The plugin's work after a prefill step's attention (scores, selection, compaction, the stash of a chunk) is
+    Python in the attention layer's forward: it runs only where attention runs eagerly, never in a replayed full
+    graph. So with pruning: no full graphs of mixed prefill-decode batches (at most UNIFORM_SINGLE_TOKEN_DECODE:
+    vLLM keeps full graphs for decode-only batches, FULL_AND_PIECEWISE); and with chunked prefill no full graphs at
+    all (NEVER: vLLM falls back to PIECEWISE), because vLLM runs a prompt's 1-token chunk beside decodes as a decode,
+    in a full graph. vLLM resolves the cudagraph mode from this and warns, or refuses an explicit full mode."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    if not pruning:
+        return support
+    cap = AttentionCGSupport.NEVER if chunked else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    return support if support.value <= cap.value else cap
 
 
 def config_to_json(config: PruneConfig) -> str:

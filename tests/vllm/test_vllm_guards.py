@@ -109,3 +109,18 @@ def test_unsupported_backend_refused_by_name(monkeypatch):
     monkeypatch.setattr(backend_common, "_current_config", lambda: object())
     with pytest.raises(ConfigError, match=rf"{ours}.* attention backend, but this engine selected {name}"):
         backend.get_impl_cls()()
+
+
+def test_cudagraph_support_declared_with_pruning():
+    """A pruning backend never lets vLLM replay a full CUDA graph over a step whose attention the plugin must follow
+    with its own work: no full graphs of mixed batches, and none at all with chunked prefill (vLLM runs a prompt's
+    1-token chunk beside decodes as a decode). Without a config the base backend's support is unchanged."""
+    from vllm.v1.attention.backend import AttentionCGSupport as S
+
+    from colreduce_kvprune.vllm.settings import cudagraph_support
+
+    for base in S:
+        assert cudagraph_support(base, pruning=False, chunked=True) is base
+        assert cudagraph_support(base, pruning=True, chunked=True) is S.NEVER
+        assert cudagraph_support(base, pruning=True, chunked=False) is (
+            base if base.value <= S.UNIFORM_SINGLE_TOKEN_DECODE.value else S.UNIFORM_SINGLE_TOKEN_DECODE)
