@@ -85,7 +85,6 @@ def unsupported_settings(vllm_config) -> list[str]:
                             "request's prompt token count to re-prune a request recomputed after preemption")
         if getattr(mc, "attention_chunk_size", None):
             problems.append("chunked local attention models are not supported")
-    sc = vllm_config.scheduler_config
     chunks = chunked_prefill(vllm_config)
     cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto")
     if chunks and cache_dtype not in ("auto", "float16", "bfloat16", "float32", "half", "float"):

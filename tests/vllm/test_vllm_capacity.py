@@ -5,7 +5,7 @@ Preemption: a pruned request that vLLM preempts and recomputes continues exactly
 import pytest
 
 from colreduce_kvprune.vllm import get_stats
-from vllm_helpers import DEVICE, engine, random_prompts, reference, scheduler
+from vllm_helpers import engine, random_prompts, reference, scheduler
 
 NUM_BLOCKS = 48                     # 47 usable blocks of 32 tokens; one 480-token prompt needs 15
 LENGTHS = (480,) * 8

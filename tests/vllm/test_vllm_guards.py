@@ -5,7 +5,7 @@ import pytest
 from colreduce_kvprune.config import ConfigError
 from colreduce_kvprune.vllm import get_stats
 from colreduce_kvprune.vllm.stats import managers_created
-from vllm_helpers import DEVICE, build_model, engine, greedy, make_llm, random_prompts, shutdown
+from vllm_helpers import build_model, engine, greedy, make_llm, random_prompts, shutdown
 
 GOOD = dict(policy="snapkv", budget={"keep_tokens": 64}, window=16, sink_tokens=4, min_prompt_tokens=64)
 
