@@ -95,30 +95,25 @@ class Recorder:
         from vllm.model_executor.models.utils import extract_layer_index
 
         li = extract_layer_index(layer.layer_name)
-        hkv, d = key.shape[1], key.shape[2]
-        if kv_cache.device.type == "cpu":       # the CPU cache's layout is ISA-specific (packed tiles): not read
+        hkv = key.shape[1]
+        views = impl.prune_kv_views(kv_cache)   # the backend's own reading of its cache layout
+        if views is None:                       # the CPU cache's layout is ISA-specific (packed tiles): not read
             self.cache_checks["layers_checked"] = None
             return
-        # vLLM 0.32's FlashAttention / Triton cache: (blocks, Hkv, block_size, 2 * D), K and V halves of the last
-        # dim, viewed by their own cache writes as (blocks, block_size, Hkv, D) each
-        if kv_cache.dim() != 4 or kv_cache.shape[1] != hkv or kv_cache.shape[3] != d + value.shape[2]:
-            self.cache_checks["layout_unknown"] = list(kv_cache.shape)       # never index a layout we do not know
-            return
-        kt = kv_cache.transpose(1, 2)                                      # (blocks, block_size, Hkv, 2D), a view
-        bs = kt.shape[1]
+        key_cache, value_cache = views          # (blocks, block_size, Hkv, D) each
+        bs = key_cache.shape[1]
         bad = 0
         for b, (start, length, keep) in enumerate(zip(plan.starts, plan.lengths, plan.keeps)):
             idx = self.selections[(length, li)][0].to(key.device)                      # (Hkv, keep)
             e0 = plan.kept_starts[b]
             slots = plan.slots[e0: e0 + keep]
-            if int(slots.max()) >= kt.shape[0] * bs or int(slots.min()) < 0:
+            if int(slots.max()) >= key_cache.shape[0] * bs or int(slots.min()) < 0:
                 bad += 1
                 continue
             heads = torch.arange(hkv, device=key.device)
             want_k = key[start + idx.t(), heads]                                       # (keep, Hkv, D)
             want_v = value[start + idx.t(), heads]
-            rows = kt[slots // bs, slots % bs]                                           # (keep, Hkv, 2D)
-            got_k, got_v = rows[..., :d], rows[..., d:]
+            got_k, got_v = key_cache[slots // bs, slots % bs], value_cache[slots // bs, slots % bs]
             bad += int(not (torch.equal(got_k, want_k) and torch.equal(got_v, want_v)))
             self.cache_checks["rows_checked"] += keep
         self.cache_checks["layers_checked"] += 1

@@ -48,7 +48,7 @@ class PrefillPlan:
     With the last chunk of a chunked prefill among the rows, `sources` is set (per row: step start, c0, qlen,
     carry, block-table row) and the plan indexes the tensors of `assemble`: keys/values of every row's tokens
     0..L−1 back to back (`starts`; the earlier chunks read back from the paged cache), queries of positions
-    query_from..L−1 (`query_starts`; the earlier chunks' window queries come from the carry). When the policy scores
+    query_from..L−1, rows back to back (the earlier chunks' window queries come from the carry). When the policy scores
     with every prompt query (`accumulate`, H2O), earlier chunks left their column sums in the carry (`partials`
     of assemble) and the last chunk adds its own queries' (window_index: its prompt queries only).
     """
@@ -70,7 +70,6 @@ class PrefillPlan:
     slots: torch.Tensor
     out_starts: list[int]
     sources: list | None = None
-    query_starts: list[int] | None = None
     query_from: list[int] | None = None
     accumulate: bool = False
 
@@ -234,7 +233,7 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
                 for q, a, c, n, m in zip(qstarts, qfrom, c0s, lengths, nq)]
         out_starts = [q + n - a for q, a, n in zip(qstarts, qfrom, lengths)]
     else:
-        starts, sources, qstarts, qfrom = steps_at, None, None, None
+        starts, sources, qfrom = steps_at, None, None
         wins = [(s + n - m, s + n) for s, n, m in zip(starts, lengths, nq)]
         out_starts = [s + n for s, n in zip(starts, lengths)]
     key_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
@@ -256,7 +255,7 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
                        key_index=key_index.to(**to), cu_k=cu_k.to(**to), window_index=window_index.to(**to),
                        cu_q=cu_q.to(**to), starts_dev=torch.tensor(starts, dtype=torch.long).to(**to),
                        kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok.to(**to), slots=slots,
-                       out_starts=out_starts, sources=sources, query_starts=qstarts, query_from=qfrom,
+                       out_starts=out_starts, sources=sources, query_from=qfrom,
                        accumulate=accumulate)
     return fresh_rows, fresh_values, plan, stash
 
@@ -302,12 +301,13 @@ def stash_chunks(step: StepPlan, layer: int, policy, query: torch.Tensor, key: t
         if cache_views is None:
             ch.carry.setdefault(("kv", layer), []).append((key[rows].clone(), value[rows].clone()))
         if ch.num_queries == ch.prompt:
-            part = _chunk_column_sums(step, ch, layer, policy, query[rows], cache_views, scale)
+            reduction, group = _partial_reduction(policy.score_request(ch.prompt))
+            part = _chunk_column_sums(step, ch, layer, query[rows], cache_views, scale, reduction, group)
             acc = ch.carry.get(layer)
             if acc is None:
                 acc = ch.carry[layer] = part.new_zeros(part.shape[0], ch.prompt)
             cols = acc[:, : ch.c0 + ch.qlen]
-            if _partial_reduction(policy.score_request(ch.prompt))[0] == "max":
+            if reduction == "max":
                 torch.maximum(cols, part, out=cols)
             else:
                 cols += part
@@ -317,11 +317,11 @@ def stash_chunks(step: StepPlan, layer: int, policy, query: torch.Tensor, key: t
                 ch.carry.setdefault(layer, []).append(query[ch.start + a - ch.c0: ch.start + b - ch.c0].clone())
 
 
-def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, policy, q: torch.Tensor, cache_views, scale: float):
+def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, q: torch.Tensor, cache_views, scale: float,
+                       reduction: str, group: str | None):
     """(H, c0 + qlen) float32: the chunk's queries' causal column sums (or maxima) over the prompt's keys so far."""
     from .. import colreduce_paged, colreduce_varlen
 
-    reduction, group = _partial_reduction(policy.score_request(ch.prompt))
     n, dev = ch.c0 + ch.qlen, q.device
     cu_q = torch.tensor([0, ch.qlen], dtype=torch.int32, device=dev)
     if cache_views is None:
@@ -362,9 +362,10 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
         qs.append(query[start: start + qlen])
         if c0 and cache_views is None:
             kv = carry.pop(("kv", layer), [])
-            if sum(k.shape[0] for k, _ in kv) != c0:
-                raise RuntimeError(f"colreduce_kvprune: a chunked prompt reached its last chunk with "
-                                   f"{sum(k.shape[0] for k, _ in kv)} stashed tokens at layer {layer}, expected {c0}")
+            got = sum(k.shape[0] for k, _ in kv)
+            if got != c0:
+                raise RuntimeError(f"colreduce_kvprune: a chunked prompt reached its last chunk with {got} stashed "
+                                   f"tokens at layer {layer}, expected {c0}")
             ks.extend(k for k, _ in kv)
             vs.extend(v for _, v in kv)
         elif c0:
@@ -425,27 +426,24 @@ def row_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor
     """The policy's scores of every pruned row at one layer: [(Hkv, P_b)] (see select_kept for the arguments)."""
     req = policy.score_request(max(plan.lengths))
     bounds = list(zip([0] + list(_cumsum(plan.lengths))[:-1], _cumsum(plan.lengths)))
-    if req.kind == "attention" and plan.accumulate and plan.sources is not None:
-        # chunked, every query scoring: this chunk's prompt queries' column sums + the earlier chunks' (partials)
+    if req.kind == "attention":
         from .. import colreduce_varlen
 
-        reduction, group = _partial_reduction(req)
+        # chunked prompts of a policy scoring with every query: this chunk's prompt queries' column sums, added to
+        # the earlier chunks' (partials), then finished as the policy's reduction
+        summed = plan.accumulate and plan.sources is not None
+        reduction, group = _partial_reduction(req) if summed else (req.reduction, req.group_reduce)
         raw = colreduce_varlen(query[plan.window_index], key[plan.key_index], plan.cu_q, plan.cu_k, reduction,
                                max_seqlen_q=max(plan.num_queries), max_seqlen_k=max(plan.lengths),
                                is_causal=True, scale=scale, group_reduce=group, backend=backend)
         scores = []
         for (a, b), part in zip(bounds, partials or [None] * len(bounds)):
             s = raw[a:b].t()
-            if part is not None:
-                s = torch.maximum(s, part) if reduction == "max" else s + part
-            scores.append(policy.postprocess_scores(_finish_partial(req, s, key.shape[1])))
-    elif req.kind == "attention":
-        from .. import colreduce_varlen
-
-        raw = colreduce_varlen(query[plan.window_index], key[plan.key_index], plan.cu_q, plan.cu_k, req.reduction,
-                               max_seqlen_q=max(plan.num_queries), max_seqlen_k=max(plan.lengths),
-                               is_causal=True, scale=scale, group_reduce=req.group_reduce, backend=backend)
-        scores = [policy.postprocess_scores(raw[a:b].t()) for a, b in bounds]
+            if summed:
+                if part is not None:
+                    s = torch.maximum(s, part) if reduction == "max" else s + part
+                s = _finish_partial(req, s, key.shape[1])
+            scores.append(policy.postprocess_scores(s))
     elif req.kind == "random":
         scores = [policy.random_scores(key.shape[1], b - a, layer, head_offset).to(key.device) for a, b in bounds]
     else:
@@ -469,12 +467,11 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
     Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
     scores = row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
                         head_offset=head_offset, partials=partials)
-    bounds = list(zip([0] + list(_cumsum(plan.lengths))[:-1], _cumsum(plan.lengths)))
     if gather_heads is None or policy.config.per_head:
         idx, _ = policy.select_batched(scores, layer=layer)
         return idx
     every = gather_heads(torch.cat(scores, dim=1).contiguous())              # (Hkv of all ranks, ΣP)
-    idx, _ = policy.select_batched([every[:, a:b] for a, b in bounds], layer=layer)
+    idx, _ = policy.select_batched(list(every.split(plan.lengths, dim=1)), layer=layer)
     return idx[:, rank_heads: rank_heads + key.shape[1]]
 
 
