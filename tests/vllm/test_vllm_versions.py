@@ -1,0 +1,93 @@
+"""The vLLM releases the plugin supports (0.32.x, 0.33.x) and what differs between them (colreduce_kvprune/vllm/
+versions.py). CI runs these on the CPU build of 0.32; the 0.33 behaviour is exercised here by setting the
+attributes 0.33 adds (supports_kv_cache_update_bypass, aux_output_config) on 0.32's classes, and for real by the
+same suite on a GPU with vLLM 0.33."""
+import dataclasses
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+
+from colreduce_kvprune.config import ConfigError
+from colreduce_kvprune.vllm import versions
+
+GOOD = dict(policy="snapkv", budget={"keep_tokens": 64}, window=16, sink_tokens=4, min_prompt_tokens=64)
+
+
+@pytest.mark.parametrize("version,ok", [
+    ("0.32.0", True), ("0.32.4", True), ("0.33.0", True), ("0.33.1rc2", True), ("0.33.0.dev12+g0123abc", True),
+    ("0.32.1.post1", True), ("0.31.9", False), ("0.34.0", False), ("0.3.2", False), ("0.330.0", False),
+    ("1.32.0", False), ("0.34.0rc1", False),
+])
+def test_supported_releases(version, ok):
+    assert versions.supported(version) is ok
+
+
+def test_unsupported_message_names_the_supported_releases():
+    msg = versions.unsupported_message("0.34.1")
+    assert "supports vLLM 0.32.x or 0.33.x, found 0.34.1" in msg
+    assert "'vllm>=0.32.0,<0.34'" in msg
+
+
+def _engine_config(prune=GOOD, prefix_caching=False, aux=None, chunked=False):
+    return NS(additional_config={} if prune is None else {"kv_prune": prune}, model_config=None,
+              cache_config=NS(enable_prefix_caching=prefix_caching, cache_dtype="auto"),
+              scheduler_config=NS(enable_chunked_prefill=chunked, long_prefill_token_threshold=0),
+              parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
+              speculative_config=None, kv_transfer_config=None,
+              **({} if aux is None else {"aux_output_config": NS(enabled=aux)}))
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0"])
+def test_other_releases_refused_by_the_engine_checks(monkeypatch, version):
+    import vllm
+
+    from colreduce_kvprune.vllm.settings import resolve, unsupported_settings
+
+    monkeypatch.setattr(vllm, "__version__", version)
+    problems = unsupported_settings(_engine_config())
+    assert len(problems) == 1 and f"supports vLLM 0.32.x or 0.33.x, found {version}" in problems[0]
+    with pytest.raises(ConfigError, match=rf"found {version}"):
+        resolve(_engine_config())
+    for ok in ("0.32.0", "0.33.0"):
+        monkeypatch.setattr(vllm, "__version__", ok)
+        assert unsupported_settings(_engine_config()) == []
+
+
+def test_register_refuses_other_releases(monkeypatch):
+    """register() (every vLLM process) installs nothing on another release: it raises when $KVPRUNE_CONFIG asks for
+    pruning, and otherwise only warns."""
+    import vllm
+    import vllm.v1.attention.backends.registry as registry
+
+    import colreduce_kvprune.vllm as plugin
+
+    calls = []
+    monkeypatch.setattr(registry, "register_backend", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setenv("KVPRUNE_CONFIG", "snapkv.yaml")
+    with pytest.raises(ConfigError, match=r"supports vLLM 0.32.x or 0.33.x, found 0.34.0"):
+        plugin.register()
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.delenv("KVPRUNE_CONFIG")
+    plugin.register()
+    assert calls == []
+
+
+def test_other_release_refused_at_engine_start(llama_path, monkeypatch):
+    """An engine with a pruning config on another vLLM release stops at start, naming the supported ones (the
+    backends were registered by the real release earlier in this process: their resolve() refuses)."""
+    import vllm
+    from vllm_helpers import make_llm, shutdown
+
+    from colreduce_kvprune.vllm.stats import managers_created
+
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    created, llm = managers_created(), None
+    try:
+        with pytest.raises(ConfigError, match=r"supports vLLM 0.32.x or 0.33.x, found 0.34.0"):
+            llm = make_llm(llama_path, GOOD)
+    finally:
+        shutdown(llm)
+    assert managers_created() == created
