@@ -16,6 +16,9 @@ Importable without vLLM (vLLM is imported inside the functions that need it). Re
   speculative decoding, which `settings` refuses.
 - 0.33's FlashAttention builder claims `AttentionCGSupport.ALWAYS` for FA4 too (FA3 already did in 0.32): the
   builder mixin caps whatever the base class returns (`settings.cudagraph_support`), so nothing changes.
+- 0.33's scheduler may cap a prefix-cache lookup below the request's length (`max_cache_hit_length`, from the aux
+  output connector, on when `enable_return_routed_experts` is): the manager's refusal of cache hits for pruned
+  requests reads the request's length from that bound, so that combination is refused (`engine_problems`).
 """
 from __future__ import annotations
 
@@ -65,4 +68,13 @@ def engine_problems(vllm_config, version: str | None = None) -> list[str]:
     version = version or installed()
     if not supported(version):
         return [unsupported_message(version)]
-    return []
+    problems = []
+    aux = getattr(vllm_config, "aux_output_config", None)
+    caching = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", False))
+    if at_least("0.33", version) and caching and getattr(aux, "enabled", False):
+        problems.append(f"enable_return_routed_experts with prefix caching is not supported on vLLM {version}: its "
+                        "scheduler then bounds each prefix-cache lookup below the request's length "
+                        "(max_cache_hit_length), and the plugin could no longer tell that a request will be pruned "
+                        "and refuse its cache hit; pass enable_prefix_caching=False (vllm serve: "
+                        "--no-enable-prefix-caching) or drop enable_return_routed_experts")
+    return problems

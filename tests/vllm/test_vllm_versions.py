@@ -91,3 +91,13 @@ def test_other_release_refused_at_engine_start(llama_path, monkeypatch):
     finally:
         shutdown(llm)
     assert managers_created() == created
+
+
+def test_routed_experts_with_prefix_caching_refused_on_033():
+    """0.33's scheduler bounds a prefix-cache lookup by the aux output connector (on with enable_return_routed_experts):
+    the manager could not tell a pruned request from that bound, so the combination is refused there, and only there."""
+    problems = versions.engine_problems(_engine_config(prefix_caching=True, aux=True), "0.33.0")
+    assert len(problems) == 1 and "enable_return_routed_experts with prefix caching" in problems[0]
+    assert versions.engine_problems(_engine_config(prefix_caching=False, aux=True), "0.33.0") == []
+    assert versions.engine_problems(_engine_config(prefix_caching=True, aux=False), "0.33.0") == []
+    assert versions.engine_problems(_engine_config(prefix_caching=True, aux=True), "0.32.0") == []
