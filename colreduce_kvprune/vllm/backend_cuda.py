@@ -14,6 +14,7 @@ from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, Trit
                                                     TritonAttentionMetadataBuilder)
 
 from .backend_common import PruneBuilderMixin, PruneImplMixin, prunable_spec
+from .versions import kv_cache_update_bypass
 
 
 class _CudaCacheLayout:
@@ -32,6 +33,8 @@ class PruneFlashAttentionImpl(_CudaCacheLayout, PruneImplMixin, FlashAttentionIm
 
 
 class PruneFlashAttentionBackend(FlashAttentionBackend):
+    supports_kv_cache_update_bypass = kv_cache_update_bypass(FlashAttentionBackend)   # vLLM 0.33: off while pruning
+
     @staticmethod
     def get_impl_cls():
         return PruneFlashAttentionImpl
@@ -54,6 +57,8 @@ class PruneTritonAttentionImpl(_CudaCacheLayout, PruneImplMixin, TritonAttention
 
 
 class PruneTritonAttentionBackend(TritonAttentionBackend):
+    supports_kv_cache_update_bypass = kv_cache_update_bypass(TritonAttentionBackend)   # vLLM 0.33: off while pruning
+
     @staticmethod
     def get_impl_cls():
         return PruneTritonAttentionImpl

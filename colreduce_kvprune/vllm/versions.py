@@ -16,6 +16,10 @@ Importable without vLLM (vLLM is imported inside the functions that need it). Re
   speculative decoding, which `settings` refuses.
 - 0.33's FlashAttention builder claims `AttentionCGSupport.ALWAYS` for FA4 too (FA3 already did in 0.32): the
   builder mixin caps whatever the base class returns (`settings.cudagraph_support`), so nothing changes.
+- 0.33's backends declare `supports_kv_cache_update_bypass` (True on FLASH_ATTN): a model may then write K/V to the
+  cache in a fused op and call attention with key=value=None. The plugin scores and compacts from the prefill's
+  key/value tensors, so a pruning backend answers False while a pruning config is set (`kv_cache_update_bypass`);
+  the impl still raises if a None key ever reaches a pruning step.
 - 0.33's scheduler may cap a prefix-cache lookup below the request's length (`max_cache_hit_length`, from the aux
   output connector, on when `enable_return_routed_experts` is): the manager's refusal of cache hits for pruned
   requests reads the request's length from that bound, so that combination is refused (`engine_problems`).
@@ -78,3 +82,28 @@ def engine_problems(vllm_config, version: str | None = None) -> list[str]:
                         "and refuse its cache hit; pass enable_prefix_caching=False (vllm serve: "
                         "--no-enable-prefix-caching) or drop enable_return_routed_experts")
     return problems
+
+
+class kv_cache_update_bypass:
+    """Descriptor for `supports_kv_cache_update_bypass` (vLLM >= 0.33; 0.32 never reads it) on a pruning backend
+    class: the base backend's value for an engine without a pruning config, False with one, so that no model skips
+    the key/value the pruning step reads (vLLM reads it from the class while the engine's config is current, when
+    the model is built)."""
+
+    def __init__(self, base):
+        self.base = base                   # vLLM's backend class the pruning backend extends
+
+    def __get__(self, obj, owner=None) -> bool:
+        base_value = bool(getattr(self.base, "supports_kv_cache_update_bypass", False))
+        return base_value and not _pruning_configured()
+
+
+def _pruning_configured() -> bool:
+    from vllm.config import get_current_vllm_config_or_none
+
+    from .settings import config_source
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:                # outside engine construction: assume pruning, the safe answer
+        return True
+    return config_source(vllm_config)[0] is not None

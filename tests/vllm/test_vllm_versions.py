@@ -101,3 +101,58 @@ def test_routed_experts_with_prefix_caching_refused_on_033():
     assert versions.engine_problems(_engine_config(prefix_caching=False, aux=True), "0.33.0") == []
     assert versions.engine_problems(_engine_config(prefix_caching=True, aux=False), "0.33.0") == []
     assert versions.engine_problems(_engine_config(prefix_caching=True, aux=True), "0.32.0") == []
+
+
+def _backends():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from colreduce_kvprune.vllm.backend_cpu import PruneCPUAttentionBackend
+    from colreduce_kvprune.vllm.backend_cuda import PruneFlashAttentionBackend, PruneTritonAttentionBackend
+
+    return [(PruneCPUAttentionBackend, CPUAttentionBackend), (PruneFlashAttentionBackend, FlashAttentionBackend),
+            (PruneTritonAttentionBackend, TritonAttentionBackend)]
+
+
+@pytest.mark.parametrize("base_value", [False, True])
+def test_kv_cache_update_bypass_off_while_pruning(monkeypatch, base_value):
+    """vLLM 0.33 lets a model write K/V itself and call attention with key=None when the backend class says
+    supports_kv_cache_update_bypass (FLASH_ATTN: True). A pruning backend says so only without a pruning config
+    (the prefill's key/value are what the plugin scores); vLLM reads it from the class while building the model."""
+    import vllm.config
+
+    current = {"config": None}
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: current["config"])
+    monkeypatch.delenv("KVPRUNE_CONFIG", raising=False)
+    for ours, base in _backends():
+        monkeypatch.setattr(base, "supports_kv_cache_update_bypass", base_value, raising=False)
+        current["config"] = _engine_config(prune=None)
+        assert ours.supports_kv_cache_update_bypass is base_value, ours.__name__
+        current["config"] = _engine_config(prune=GOOD)
+        assert ours.supports_kv_cache_update_bypass is False, ours.__name__
+        current["config"] = None                                           # no engine being built: the safe answer
+        assert ours.supports_kv_cache_update_bypass is False, ours.__name__
+        monkeypatch.setenv("KVPRUNE_CONFIG", "snapkv.yaml")
+        current["config"] = _engine_config(prune=None)
+        assert ours.supports_kv_cache_update_bypass is False, ours.__name__
+        monkeypatch.delenv("KVPRUNE_CONFIG")
+
+
+def test_pruning_step_with_key_none_raises():
+    """If a None key ever reaches a pruning step (a fused KV write the backend did not turn off), the impl says so
+    instead of pruning nothing; steps that do not prune pass a None key through to vLLM's attention."""
+    from colreduce_kvprune.vllm.backend_common import PruneImplMixin
+
+    class Base:
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+            return output
+
+    class Impl(PruneImplMixin, Base):
+        pass
+
+    impl = object.__new__(Impl)                    # no vLLM impl state needed for this path
+    q, out = torch.zeros(4, 2, 16), torch.zeros(4, 2, 16)
+    assert impl.forward(None, q, None, None, None, NS(kvprune=None), out) is out
+    with pytest.raises(RuntimeError, match="without key/value tensors"):
+        impl.forward(None, q, None, None, None, NS(kvprune=NS(stash=False, plan=object())), out)
