@@ -103,6 +103,38 @@ def test_routed_experts_with_prefix_caching_refused_on_033():
     assert versions.engine_problems(_engine_config(prefix_caching=True, aux=True), "0.32.0") == []
 
 
+def _spec():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32, page_size_padded=8192,
+                             max_tp_shards=2)
+
+
+def test_prunable_spec_copies_every_field_and_survives_replace(monkeypatch):
+    """customize_spec turns vLLM's FullAttentionSpec into PrunableFullAttentionSpec with all its fields (whatever the
+    release adds: 0.33's is_draft); vLLM then `dataclasses.replace`s specs (KV cache planning: block_size,
+    page_size_padded; 0.33: is_draft=True for draft layers), which must keep the class and the pruning config."""
+    from colreduce_kvprune.vllm import backend_common
+    from colreduce_kvprune.vllm.manager import PrunableFullAttentionSpec
+
+    monkeypatch.setattr(backend_common, "_last_config_json", '{"policy": "snapkv"}')
+    base = _spec()
+    spec = backend_common.prunable_spec(base)
+    assert type(spec) is PrunableFullAttentionSpec and spec.prune_config == '{"policy": "snapkv"}'
+    for f in dataclasses.fields(base):
+        assert getattr(spec, f.name) == getattr(base, f.name), f.name
+    assert backend_common.prunable_spec(spec) is spec                      # customize_spec may run twice
+    changes = [dict(block_size=64), dict(page_size_padded=16384)]
+    if "is_draft" in {f.name for f in dataclasses.fields(spec)}:           # vLLM >= 0.33
+        changes.append(dict(is_draft=True))
+    for change in changes:
+        new = dataclasses.replace(spec, **change)
+        assert type(new) is PrunableFullAttentionSpec and new.prune_config == spec.prune_config, change
+    assert type(spec.copy_with_new_block_size(16)) is PrunableFullAttentionSpec
+    merged = PrunableFullAttentionSpec.merge([spec, dataclasses.replace(spec)])
+    assert type(merged) is PrunableFullAttentionSpec and merged.prune_config == spec.prune_config
+
+
 def _backends():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
@@ -156,3 +188,23 @@ def test_pruning_step_with_key_none_raises():
     assert impl.forward(None, q, None, None, None, NS(kvprune=None), out) is out
     with pytest.raises(RuntimeError, match="without key/value tensors"):
         impl.forward(None, q, None, None, None, NS(kvprune=NS(stash=False, plan=object())), out)
+
+
+@pytest.mark.parametrize("name", ["CPU", "FlashAttention", "Triton"])
+def test_builder_caps_a_full_cudagraph_claim(monkeypatch, name):
+    """0.33's FlashAttention builder claims ALWAYS (full CUDA graphs of every batch) for FA4 as for FA3: each pruning
+    builder class caps what its vLLM base returns (the mixin comes first in the MRO)."""
+    from vllm.v1.attention.backend import AttentionCGSupport as S
+
+    from colreduce_kvprune.vllm import backend_cpu, backend_cuda
+
+    ours = {"CPU": backend_cpu.PruneCPUAttentionMetadataBuilder,
+            "FlashAttention": backend_cuda.PruneFlashAttentionMetadataBuilder,
+            "Triton": backend_cuda.PruneTritonAttentionMetadataBuilder}[name]
+    base = ours.__mro__[2]
+    assert base.__module__.startswith("vllm.")
+    monkeypatch.setattr(base, "_cudagraph_support", S.ALWAYS)
+    monkeypatch.setattr(base, "get_cudagraph_support", classmethod(lambda cls, c, s: cls._cudagraph_support))
+    assert ours.get_cudagraph_support(_engine_config(prune=None), None) is S.ALWAYS
+    assert ours.get_cudagraph_support(_engine_config(), None) is S.UNIFORM_SINGLE_TOKEN_DECODE
+    assert ours.get_cudagraph_support(_engine_config(chunked=True), None) is S.NEVER
