@@ -1,5 +1,6 @@
-"""Mixins that add pruning to a vLLM 0.32 attention backend (builder + impl); the CPU and CUDA backends are these
-mixins over vLLM's own classes. With no pruning config every method is the base class's, unchanged.
+"""Mixins that add pruning to a vLLM attention backend (builder + impl; 0.32 and 0.33, whose differences live in
+versions.py); the CPU and CUDA backends are these mixins over vLLM's own classes. With no pruning config every method
+is the base class's, unchanged.
 
 Builder.build: for the fresh prefills of the step, plan the pruning (host ints from the CPU copies of
 query_start_loc / seq_lens and each row's prompt length from prompt_lengths.py, then device index tensors); for
@@ -120,7 +121,7 @@ class PruneBuilderMixin:
         n = cm.num_reqs
         bt = cm.block_table_tensor
         if cm.positions is None:
-            raise RuntimeError("colreduce_kvprune needs CommonAttentionMetadata.positions (set by vLLM 0.32's runner)")
+            raise RuntimeError("colreduce_kvprune needs CommonAttentionMetadata.positions (set by vLLM's model runners)")
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         prompts, targets = self.prune_prompts.row_lengths(cm, n)
         is_prefilling = cm.is_prefilling
@@ -190,6 +191,7 @@ class PruneImplMixin:
             if timed:
                 after_attention = timing.mark(query.device)
             if key is None:      # a model that wrote its K/V to the cache itself and passed none: nothing to score
+                # (vLLM 0.33's supports_kv_cache_update_bypass; the pruning backends turn it off: versions.py)
                 raise RuntimeError("colreduce_kvprune: the attention layer was called without key/value tensors "
                                    "(a fused KV-cache write bypassing the backend), so the prefill cannot be pruned")
             from vllm.model_executor.models.utils import extract_layer_index
