@@ -20,7 +20,7 @@ import torch
 
 from ..policies import get_policy
 from ..config import ConfigError
-from . import compaction, timing
+from . import compaction, timing, warmup
 from .prompt_lengths import tracker_for
 from .settings import chunked_prefill, config_to_json, cudagraph_support, resolve
 
@@ -171,6 +171,7 @@ class PruneImplMixin:
         super().__init__(*args, **kwargs)
         self.prune_config = _current_config()
         _remember(self.prune_config)
+        self.prune_cold = self.prune_config is not None       # scoring kernels not compiled yet (warmup.py)
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
             self.prune_tp = _tensor_parallel_heads(self.num_kv_heads)
@@ -186,6 +187,9 @@ class PruneImplMixin:
         timed = step is not None and timing.ENABLED
         if timed:
             start = timing.mark(query.device)
+        if self.prune_cold and step is None:     # vLLM's profiling run, before any prompt: compile the scoring
+            self.prune_cold = not warmup.warm_up(self.prune_policy, query.device, query.dtype, self.num_heads,
+                                                 self.num_kv_heads, self.head_size, self.scale)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if step is not None:
             if timed:

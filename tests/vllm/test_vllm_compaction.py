@@ -353,3 +353,26 @@ def test_builder_passes_through_before_the_kv_pool_exists():
     builder.prune_cache_config.num_gpu_blocks = 50
     state = PruneBuilderMixin._prune_row_state(builder, bt)
     assert tuple(state.table.shape) == (50, 3) and PruneBuilderMixin._prune_row_state(builder, bt) is state
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "streamingllm", "knorm", "random"])
+def test_warmup_scores_like_a_pruned_prefill(name):
+    """The engine-start warm-up (warmup.py) runs the same scoring and selection a pruned prefill does, through
+    compaction.row_scores (so a change of the plan it reads breaks this test, not the first request on a GPU); on
+    CPU, where nothing is compiled, warm_up itself does nothing."""
+    from colreduce_kvprune.vllm import warmup
+
+    policy = get_policy(load_config({"policy": name, "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
+    idx, counts = warmup.score_dummies(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25)
+    lengths = [307, 600]
+    assert counts.tolist() == [policy.keep_count(n, 0, None) for n in lengths]
+    assert idx.shape == (2, 2, max(counts.tolist()))
+    for b, n in enumerate(lengths):
+        kept = idx[b, :, : counts[b]]
+        assert bool(((kept >= 0) & (kept < n)).all())
+    assert warmup.warm_up(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25) is True
+    assert not any(key[0].type == "cpu" for key in warmup._done)
+    if torch.cuda.is_available():                  # on the GPU: runs once per (device, dtype, heads, policy)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        assert warmup.warm_up(policy, dev, torch.bfloat16, 8, 2, 16, 0.25) is True
+        assert (dev, torch.bfloat16, 8, 2, 16, policy.name) in warmup._done
