@@ -10,6 +10,9 @@ token prompts, fixed seeds, ignore_eos, fixed output lengths):
   long   256 requests x 16k prompt tokens, 128 output tokens
   mixed  256 requests, prompt lengths 2k-32k log-uniform, 256 output tokens
   short  512 requests x 1k prompt tokens, 128 output tokens (pruning inactive through min_prompt_tokens 2048)
+  decode 128 requests x 16k prompt tokens, 2048 output tokens: the KV pool limits how many decode at once (the
+         regime where pruning can raise throughput; in `long` chunked prefill is the limit, see
+         results/h200_serving.md)
   smoke  8 requests x 512 tokens, 8 output tokens (for --shape tiny)
 Runs (each in a fresh process, same gpu_memory_utilization, all at vLLM's defaults: CUDA graphs, chunked prefill,
 prefix caching, async scheduling):
@@ -52,6 +55,7 @@ WORKLOADS = {
     "long": dict(num=256, lengths=(16384, 16384), max_tokens=128),
     "mixed": dict(num=256, lengths=(2048, 32768), max_tokens=256),
     "short": dict(num=512, lengths=(1024, 1024), max_tokens=128),
+    "decode": dict(num=128, lengths=(16384, 16384), max_tokens=2048),
     "smoke": dict(num=8, lengths=(512, 512), max_tokens=8),
 }
 
