@@ -11,6 +11,8 @@ K/V from the step's key/value tensors → write to compacted slots with the back
 (reads come from the step's tensors, never from the cache being written, so no slot is read after it is written);
 for a request recomputed after preemption, the attention rows of its outputs are then recomputed over the kept
 tokens (compaction.recompute_outputs), so it continues exactly as if it had not been preempted.
+The per-layer work reads nothing back from the device: the plan's device tensors are made once per step by the
+builder, and NaN scores leave a device flag that a later build reads once its copy has landed (compaction.NanWatch).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class PruneBuilderMixin:
             self.prune_cache_config = vllm_config.cache_config
             self.prune_max_rows = vllm_config.scheduler_config.max_num_seqs
             self.prune_bufs = None            # (block table, seq_lens) the attention reads, see _prune_buffers
+            self.prune_nan = compaction.NanWatch()   # the layers' NaN flags, read without a host sync
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -118,6 +121,8 @@ class PruneBuilderMixin:
         return buf
 
     def _prune_prepare(self, cm):
+        self.prune_nan.flush()                # the previous step's layers have been launched: copy their flags
+        self.prune_nan.check()
         n = cm.num_reqs
         bt = cm.block_table_tensor
         if cm.positions is None:
@@ -143,7 +148,7 @@ class PruneBuilderMixin:
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound
         cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=new_bt,
                                  _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
-        return cm, (compaction.StepPlan(plan, stash, bt) if plan is not None or stash else None)
+        return cm, (compaction.StepPlan(plan, stash, bt, self.prune_nan) if plan is not None or stash else None)
 
 
 def _tensor_parallel_heads(num_kv_heads: int):
@@ -227,7 +232,8 @@ class PruneImplMixin:
             output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
         idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
                                      head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads,
-                                     partials=partials)
+                                     partials=partials,
+                                     nan_flags=step.nan.flags(layer_idx) if step.nan is not None else None)
         k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
         self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
         if any(plan.num_outputs):
