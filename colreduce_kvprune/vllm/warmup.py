@@ -4,14 +4,12 @@ Triton compiles a kernel at its first launch with a new specialization. Without 
 pruned paid that compile (about 2.5 s on the H200: the whole serving run's timeline shifted by it, and its TTFT with
 it). vLLM's own start-up never scores a prompt: memory profiling and CUDA-graph capture run dummy batches that the
 plugin leaves alone. So the attention impl calls `warm_up` from its first eager forward outside a graph capture
-(vLLM's profiling run): scores and a selection of two dummy prompts through the same functions a pruned prefill
-uses (`compaction.row_scores`, the policy's `select_batched`), with the layer's head counts, head size and dtype. The
-kernels specialise on shapes and alignment, so a prompt whose shape differs from both dummies can still compile a new
-variant at its first use. Nothing here touches the KV cache or vLLM's state.
+(vLLM's profiling run): the plan, scores and selection of two dummy prompts through the same functions a pruned
+prefill uses (`compaction.plan_prefills`, `compaction.select_kept`), with the layer's head counts, head size and
+dtype. The kernels specialise on shapes and alignment, so a prompt whose shape differs from both dummies can still
+compile a new variant at its first use. Nothing here touches the KV cache or vLLM's state.
 """
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import torch
 
@@ -37,25 +35,21 @@ def warm_up(policy, device: torch.device, dtype: torch.dtype, num_heads: int, nu
 
 
 def score_dummies(policy, device, dtype, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
-    """Scores and selection of two random prompts, as a pruned prefill computes them; → select_batched's result."""
+    """Plan, scores and selection of two random whole prompts, through the same calls as a pruned prefill
+    (compaction.plan_prefills, then select_kept with device NaN flags, as the engine's layers call it);
+    → (kept indices (2, Hkv, K_max), the plan's keep counts), or None when the policy would not prune them."""
     from . import compaction
 
     # two prompts, one 16-aligned and one not (Triton specialises integer arguments on 16-divisibility)
     base = max(int(policy.config.min_prompt_tokens), 256)
-    lengths = [base + 7, 2 * base]
-    windows = [min(policy.score_request(n).num_queries, n) for n in lengths]
-    total = sum(lengths)
+    lengths, block_size = [base + 7, 2 * base], 16
+    steps = [(0, 0, 0, lengths[0], lengths[0]), (1, lengths[0], 0, lengths[1], lengths[1])]
+    width = compaction.cdiv(max(lengths), block_size)
+    block_table = torch.arange(2 * width, dtype=torch.int32, device=device).view(2, width)
+    plan = compaction.plan_prefills(policy.config, policy, steps, block_table, block_size)[2]
+    if plan is None:
+        return None
     gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(total, num_heads, head_size, device=device, dtype=dtype, generator=gen)
-    k = torch.randn(total, num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
-    starts = [0, lengths[0]]
-    window_index = torch.cat([torch.arange(s + n - w, s + n) for s, n, w in zip(starts, lengths, windows)])
-
-    def cumsum(xs):
-        return torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-
-    plan = SimpleNamespace(lengths=lengths, num_queries=windows, accumulate=False, sources=None,
-                           key_index=torch.arange(total, device=device), cu_k=cumsum(lengths),
-                           window_index=window_index.to(device), cu_q=cumsum(windows))
-    scores = compaction.row_scores(policy, plan, q, k, layer=0, scale=scale)
-    return policy.select_batched(scores, layer=0)
+    q = torch.randn(sum(lengths), num_heads, head_size, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(sum(lengths), num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
+    return compaction.select_kept(policy, plan, q, k, layer=0, scale=scale, nan_flags=[]), plan.keeps

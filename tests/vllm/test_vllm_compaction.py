@@ -358,16 +358,16 @@ def test_builder_passes_through_before_the_kv_pool_exists():
 
 @pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "streamingllm", "knorm", "random"])
 def test_warmup_scores_like_a_pruned_prefill(name):
-    """The engine-start warm-up (warmup.py) runs the same scoring and selection a pruned prefill does, through
-    compaction.row_scores (so a change of the plan it reads breaks this test, not the first request on a GPU); on
+    """The engine-start warm-up (warmup.py) runs the same plan, scoring and selection a pruned prefill does
+    (compaction.plan_prefills, select_kept: a change there breaks this test, not the first request on a GPU); on
     CPU, where nothing is compiled, warm_up itself does nothing."""
     from colreduce_kvprune.vllm import warmup
 
     policy = get_policy(load_config({"policy": name, "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
     idx, counts = warmup.score_dummies(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25)
     lengths = [307, 600]
-    assert counts.tolist() == [policy.keep_count(n, 0, None) for n in lengths]
-    assert idx.shape == (2, 2, max(counts.tolist()))
+    assert counts == [policy.keep_count(n, 0, None) for n in lengths]
+    assert idx.shape == (2, 2, max(counts))
     for b, n in enumerate(lengths):
         kept = idx[b, :, : counts[b]]
         assert bool(((kept >= 0) & (kept < n)).all())
