@@ -245,11 +245,9 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
 
     prune_stats = None
     if prune is not None:
-        from colreduce_kvprune.vllm import get_stats
+        from colreduce_kvprune.vllm import get_stats, timing
 
         prune_stats = get_stats().as_dict()
-        from colreduce_kvprune.vllm import timing
-
         prune_stats["timing"] = timing.summary()          # KVPRUNE_TIMING=1: the pruning work's share of prefill
     blocks = [round(u * num_blocks) for _, u, *_ in samples]
     per_request = [b / s[2] for b, s in zip(blocks, samples) if s[2] > 0]
