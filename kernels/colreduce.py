@@ -200,13 +200,13 @@ def _combine_row_stats_kernel(M_part, L_part, LSE2, n_rows, spp, S, BLOCK: tl.co
 @triton.jit
 def _column_program(cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV: tl.constexpr,
                     IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HS: tl.constexpr = 1):
     """What a column-pass program (key tile program_id(0), sequence × kv head program_id(1)) works on: b, hk, the
     sequence bounds (q0, Mb, k0, Nb), shift = Nb − Mb, m_lo (first query block that sees any of its key columns),
     m_full (first query block that sees all of them; blocks in [m_lo, m_full) need the causal mask; both 0 when not
     causal), its key positions n (BLOCK_N,), which are in range, and their row offsets in K."""
-    b = tl.program_id(1) // HKV
-    hk = tl.program_id(1) % HKV
+    b = tl.program_id(1) // HS // HKV                 # HS: programs per kv head (head split, long kernel)
+    hk = tl.program_id(1) // HS % HKV
     n_first = tl.program_id(0) * BLOCK_N
     q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
     shift = Nb - Mb
@@ -285,7 +285,8 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     or kv head when GROUP_REDUCE combines the group).
     """
     b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
-        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
+        1)
     if tl.program_id(0) * BLOCK_N >= Nb:
         return
     d = tl.arange(0, BLOCK_D)
@@ -357,7 +358,7 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                         max_m, max_n, qk_scale,
                         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                         REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                        HS: tl.constexpr, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -365,9 +366,14 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
 
     The K tile is the dot's B operand (shared memory); a 2-D accumulator is reduced over rows once per head (once
     in all with FUSE_HEADS: the group combine equals the row combine, sum of sums or max of maxes).
+    HS > 1 (head split, G % HS == 0): HS programs per kv head and key tile, each over G / HS of the group's heads;
+    with GROUP_REDUCE each writes its partial group sum (max) to head hk·HS + hs of Out, which the launcher then
+    combines in a fixed order (and divides by G for the mean).
     """
     b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
-        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
+        HS)
+    hs = tl.program_id(1) % HS
     if tl.program_id(0) * BLOCK_N >= Nb:
         return
     d = tl.arange(0, BLOCK_D)
@@ -378,8 +384,8 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         count = _column_counts(n, shift, Mb, IS_CAUSAL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     group = tl.zeros([BLOCK_N], tl.float32)
-    for g in range(G):
-        h = hk * G + g
+    for gg in range(G // HS):
+        h = hk * G + hs * (G // HS) + gg
         Q_head = Q + b * sqb + h * sqh + q0 * sqm
         LSE_head = LSE2 + b * slb + h * slh + q0 * lse_q0 * slm
         for ms in range(m_lo, m_full, BLOCK_M):
@@ -410,9 +416,9 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         if REDUCTION == 1:
             group = tl.where(count > 0, group / tl.maximum(count, 1).to(tl.float32), 0.0)
     if GROUP_REDUCE != 0:
-        if GROUP_REDUCE == 2:
+        if GROUP_REDUCE == 2 and HS == 1:
             group = group / G
-        tl.store(Out + b * sob + hk * soh + (k0 + n) * son, group, mask=n_ok)
+        tl.store(Out + b * sob + (hk * HS + hs) * soh + (k0 + n) * son, group, mask=n_ok)
 
 
 def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
@@ -445,8 +451,10 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     - row pass: BLOCK_R no larger than the rows of a group (G·M, at least 16 for tl.dot): a 64-query MHA window
       ran 128-row tiles, half of every q·kᵀ and exp2 wasted; 1–16-query windows wasted up to 127/128.
     - window column pass: BLOCK_M no larger than the window (at least 16).
-    - column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv heads:
-      e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs)."""
+    - window column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv
+      heads: e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs).
+    - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 4 programs per SM;
+      full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)
@@ -454,8 +462,17 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     cfg["BLOCK_R"] = max(16, min(cfg["BLOCK_R"], rows))
     if cfg["WINDOW"]:
         cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(max(1, m))))
-    if cfg["BLOCK_N"] > 64 and triton.cdiv(n, cfg["BLOCK_N"]) * programs < 2 * sms:
-        cfg["BLOCK_N"] = 64
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * programs
+    if cfg["WINDOW"]:
+        if cfg["BLOCK_N"] > 64 and tiles < 2 * sms:
+            cfg["BLOCK_N"] = 64
+    else:                   # long kernel: split the group's heads over programs until ~4 programs per SM
+        hs = 1
+        while hs < g and tiles * hs < 4 * sms:
+            hs += 1
+            while g % hs:
+                hs += 1
+        cfg["HEAD_SPLIT"] = hs
     return cfg
 
 
@@ -625,8 +642,36 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
                  **common)
     if cfg["WINDOW"]:
         _window_column_kernel[grid](*args, **tiles)
+        return out
+    hs = cfg.get("HEAD_SPLIT", 1)
+    if hs == 1:
+        _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), HS=1, **tiles)
+        return out
+    grid = (grid[0], grid[1] * hs)
+    if group_reduce is None:
+        _long_column_kernel[grid](*args, FUSE_HEADS=False, HS=hs, **tiles)
+        return out
+    # partial group reductions per (kv head, head split) → combined here in a fixed order
+    if paged:
+        part = torch.zeros(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
+        parts, dim = part.view(B, Hkv, hs, max_n), 2
+        pstrides = (part.stride(0), part.stride(1), part.stride(2))
+    elif varlen:
+        part = torch.empty(k.shape[0], Hkv * hs, dtype=torch.float32, device=q.device)
+        parts, dim = part.view(-1, Hkv, hs), 2
+        pstrides = (0, part.stride(1), part.stride(0))
     else:
-        _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), **tiles)
+        part = torch.empty(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
+        parts, dim = part.view(B, Hkv, hs, max_n), 2
+        pstrides = (part.stride(0), part.stride(1), part.stride(2))
+    args = args[:4] + (part,) + args[5:19] + pstrides + args[22:]
+    _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), HS=hs, **tiles)
+    if group_reduce == "max":
+        torch.amax(parts, dim, out=out)
+    else:
+        torch.sum(parts, dim, out=out)
+        if group_reduce == "mean":
+            out.div_(G)
     return out
 
 

@@ -30,6 +30,9 @@ def test_fit_config_rules():
     assert mha["BLOCK_R"] == 64 and mha["BLOCK_M"] == 32 and mha["BLOCK_N"] == 128
     w1 = _gpu_like_config(1, 2048, 128, 4, 8)
     assert w1["BLOCK_R"] == 16 and w1["BLOCK_M"] == 16 and w1["BLOCK_N"] == 64   # 16 key tiles × 8 heads < 264
+    gqa = _gpu_like_config(2048, 2048, 128, 4, 8)
+    assert gqa["HEAD_SPLIT"] == 4 and gqa["BLOCK_N"] == 128        # 16 key tiles × 8 kv heads × 4 head splits
+    assert _gpu_like_config(2048, 2048, 128, 7, 4)["HEAD_SPLIT"] == 7
     full = _gpu_like_config(2048, 2048, 128, 1, 32)
     assert full["BLOCK_R"] == 128 and full["BLOCK_N"] == 128                     # 512 programs: unchanged
 
@@ -44,9 +47,12 @@ def test_variants_match_float64(shape, variant, monkeypatch):
     cfg = dict(_gpu_like_config(M, N, D, Hq // Hkv, B * Hkv), BLOCK_N1=32, stages1=1, stages=1)
     if DEVICE == "cpu":           # interpreter time: 128-key column tiles are slow, 64 keep the shape's logic
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
-    for reduction, group in (("sum", "mean"), ("max", None), ("mean", "max")):
+    configs = [None, cfg]
+    if Hq // Hkv % 2 == 0:        # the long kernel with its heads split over two programs per kv head
+        configs.append(dict(cfg, WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=2))
+    for reduction, group in (("sum", "mean"), ("max", None), ("mean", "max"), ("max", "max"), ("sum", "sum")):
         ref = reference(q, k, reduction, True, group)
-        for c in (None, cfg):
+        for c in configs:
             out = colreduce_triton(q, k, reduction, is_causal=True, scale=scale, group_reduce=group, config=c,
                                    variant=variant)
             assert rel_err(out, ref) < TOL[torch.float32], (reduction, group, c)
@@ -76,3 +82,30 @@ def test_plan_is_cached():
 def test_set_launch_variant_checks():
     with pytest.raises(ValueError, match="launch variant"):
         kmod.set_launch_variant("fast")
+
+
+@pytest.mark.parametrize("layout", ["varlen", "paged"])
+def test_head_split_varlen_and_paged(layout, monkeypatch):
+    from test_colreduce_paged import paged_case
+    from test_colreduce_varlen import per_sequence_reference
+    _poison_empty(monkeypatch)
+    q_lens, k_lens = [8, 30, 0, 5], [70, 30, 12, 5]
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 1, 16, "NHD", seed=7)
+    cfg = dict(_pick_config(max(q_lens), 16, 4, True), WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=2)
+    for reduction, group in (("sum", "mean"), ("max", "max"), ("mean", "sum"), ("sum", None)):
+        ref = per_sequence_reference(q, k, cu_q, cu_k, reduction, True, group)
+        if layout == "varlen":
+            out = colreduce_triton(q, k, reduction, is_causal=True, scale=0.25, group_reduce=group,
+                                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(q_lens),
+                                   max_seqlen_k=max(k_lens), config=cfg)
+            assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
+            continue
+        paged = colreduce_triton(q, cache, reduction, is_causal=True, scale=0.25, group_reduce=group,
+                                 cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+                                 block_table=table, seqlens_k=seqlens, config=cfg)
+        start = 0
+        for b, n in enumerate(k_lens):
+            assert not torch.isnan(paged[b]).any() and (paged[b, :, n:] == 0).all()
+            if n and q_lens[b]:
+                assert rel_err(paged[b, :, :n].T, ref[start:start + n]) < TOL[torch.float32], (reduction, group, b)
+            start += n
