@@ -132,11 +132,12 @@ def layer_budgets(config: PruneConfig, num_tokens: int, num_layers: int) -> tupl
 # The shared selection
 
 
-def _check_scores(scores: torch.Tensor, what: str = "scores") -> None:
+def _check_scores(scores: torch.Tensor, what: str = "scores", nan: bool = True) -> None:
+    """Type checks, and (nan=True) no NaN: reading that back is a host sync, so batched callers check once."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor, got {type(scores).__name__}"
                          + (f" of {scores.dtype}" if isinstance(scores, torch.Tensor) else ""))
-    if torch.isnan(scores).any():
+    if nan and torch.isnan(scores).any():
         raise ValueError(f"{what} contain NaN")
 
 
@@ -166,11 +167,13 @@ def _keep_mask(scores: torch.Tensor, lengths: torch.Tensor, keeps: torch.Tensor,
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_kept.expand_as(order))
 
 
-def _mask_to_indices(mask: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, H, N) bool with counts[b] True per row → (B, H, max count) int64 ascending, padded with -1."""
+def _mask_to_indices(mask: torch.Tensor, counts: torch.Tensor, kmax: int | None = None) -> torch.Tensor:
+    """(B, H, N) bool with counts[b] True per row → (B, H, max count) int64 ascending, padded with -1.
+    kmax: max(counts) when the caller knows it on the host (reading it from a device tensor is a host sync)."""
     n = mask.shape[-1]
     idx = torch.arange(n, device=mask.device)
-    kmax = int(counts.max()) if counts.numel() else 0
+    if kmax is None:
+        kmax = int(counts.max()) if counts.numel() else 0
     pos = torch.sort(torch.where(mask, idx, n), dim=-1).values[..., :kmax]
     return torch.where(pos >= n, -1, pos)
 
@@ -239,7 +242,7 @@ class Policy:
             if not scores:
                 raise ValueError("select_batched needs at least one request")
             for i, s in enumerate(scores):
-                _check_scores(s, f"scores[{i}]")
+                _check_scores(s, f"scores[{i}]", nan=False)
                 if s.dim() != 2 or s.shape[0] != scores[0].shape[0]:
                     raise ValueError(f"scores[{i}] must be (Hkv, N) with Hkv = {scores[0].shape[0]}, "
                                      f"got {tuple(s.shape)}")
@@ -247,6 +250,9 @@ class Policy:
             padded = scores[0].new_full((len(scores), scores[0].shape[0], max(lengths)), float("-inf"))
             for i, s in enumerate(scores):
                 padded[i, :, : s.shape[1]] = s
+            if torch.isnan(padded).any():                 # one host sync for the batch, not one per request
+                for i, s in enumerate(scores):
+                    _check_scores(s, f"scores[{i}]")
         else:
             padded = scores
             _check_scores(padded)
@@ -260,13 +266,14 @@ class Policy:
         if not self.uniform_heads:
             raise ValueError(f"policy {self.name} gives kv heads different counts: use select_mask per request")
         dev = padded.device
-        counts = torch.tensor([self.keep_count(n, layer, num_layers) for n in lengths], device=dev)
+        host_counts = [self.keep_count(n, layer, num_layers) for n in lengths]
+        counts = torch.tensor(host_counts, device=dev)
         lens = torch.tensor(lengths, device=dev)
         if not self.config.per_head:   # mean over heads of the valid part only (padding columns are dropped)
             valid = torch.arange(padded.shape[2], device=dev) < lens.view(-1, 1, 1)
             padded = torch.where(valid, self._shared_rows(torch.where(valid, padded, 0)), padded)
         mask = _keep_mask(padded, lens, counts, self.config.sink_tokens, self.config.window)
-        return _mask_to_indices(mask, counts), counts
+        return _mask_to_indices(mask, counts, max(host_counts, default=0)), counts
 
 
 class _AttentionPolicy(Policy):
