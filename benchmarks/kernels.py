@@ -576,8 +576,9 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
         i, n = shard
         names = names[i::n]
     ceil = _ceilings()
+    env = env_info()
     flush = _flush_buffer()
-    rows = []
+    rows, result = [], None
     os.makedirs(out_dir, exist_ok=True)
     for name in names:
         sh = shapes[name]
@@ -606,15 +607,14 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
         print(_sweep_line(row), flush=True)
         del case, lse, fns
         torch.cuda.empty_cache()
-        json.dump(dict(partial=True, rows=rows), open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
+        result = dict(env=env, ceilings=ceil, rows=rows, partial=len(rows) < len(names),
+                      flash_colreduce="present" if have_flash else "absent: column skipped")
+        json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
+        open(os.path.join(out_dir, "serving_sweep.md"), "w").write(serving_markdown(result) + "\n")
     if compile_only:
         return None
-    result = dict(env=env_info(), ceilings=ceil, rows=rows,
-                  flash_colreduce="present" if have_flash else "absent: column skipped")
-    json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
-    table = serving_markdown(result)
-    open(os.path.join(out_dir, "serving_sweep.md"), "w").write(table + "\n")
-    print(table, flush=True)
+    if result is not None:
+        print(serving_markdown(result), flush=True)
     return result
 
 
@@ -731,6 +731,8 @@ def main(argv=None):
         if res is not None:
             res["host_floor"] = hf
             json.dump(res, open(os.path.join(args.out, "serving_sweep.json"), "w"), indent=1)
+            with open(os.path.join(args.out, "serving_sweep.md"), "a") as f:
+                f.write(f"\nHost floor on this machine (µs per call): {hf}\n")
         return
     warm_up_clocks()
     if args.report:
