@@ -454,7 +454,8 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     - window column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv
       heads: e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs).
     - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 4 programs per SM;
-      full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks."""
+      full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks; where
+      that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)
@@ -473,6 +474,8 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
             while g % hs:
                 hs += 1
         cfg["HEAD_SPLIT"] = hs
+        if cfg["BLOCK_N"] > 64 and tiles * hs < 2 * sms:    # heads exhausted (MHA, few heads): narrower tiles
+            cfg["BLOCK_N"] = 64
     return cfg
 
 

@@ -33,6 +33,8 @@ def test_fit_config_rules():
     gqa = _gpu_like_config(2048, 2048, 128, 4, 8)
     assert gqa["HEAD_SPLIT"] == 4 and gqa["BLOCK_N"] == 128        # 16 key tiles × 8 kv heads × 4 head splits
     assert _gpu_like_config(2048, 2048, 128, 7, 4)["HEAD_SPLIT"] == 7
+    few = _gpu_like_config(2048, 2048, 128, 1, 8)
+    assert few["HEAD_SPLIT"] == 1 and few["BLOCK_N"] == 64                       # MHA 8 heads: 128 programs
     full = _gpu_like_config(2048, 2048, 128, 1, 32)
     assert full["BLOCK_R"] == 128 and full["BLOCK_N"] == 128                     # 512 programs: unchanged
 
