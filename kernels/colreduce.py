@@ -517,7 +517,30 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
     return cfg, row_blocks, splits, split_len, (triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)
 
 
-_cached_plan = functools.lru_cache(maxsize=4096)(lambda *key: _plan(*key, None))
+def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
+            dtype, interpreting, lse_given, config=None):
+    """Everything a launch needs that is a function of the shape and flags (no tensors): the plan, the kwargs of
+    the row and column kernels, whether the row pass writes the lse itself (final), the head split."""
+    cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config)
+    upcast = interpreting and dtype == torch.bfloat16
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
+                  UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    final = variant == "new" and splits == 1 and not lse_given
+    row_kw = dict(FINAL=final, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
+                  num_stages=cfg["stages1"], **common)
+    col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+                  LSE_NATURAL=lse_given and variant == "new", **common)
+    hs = 1 if cfg["WINDOW"] else cfg.get("HEAD_SPLIT", 1)
+    if not cfg["WINDOW"]:
+        col_kw["HS"] = hs
+        col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce) if (hs == 1 or group_reduce is not None) \
+            else False
+    return cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs
+
+
+_cached_recipe = functools.lru_cache(maxsize=4096)(_recipe)
 
 
 def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor:
@@ -553,126 +576,122 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     varlen = cu_seqlens_q is not None
     paged = block_table is not None
     skblk, sbt, page = 0, 0, 1
+    qs, ks = q.stride(), k.stride()
     if paged:
         B = cu_seqlens_q.shape[0] - 1
         _, Hq, D = q.shape
         Hkv = k.shape[2]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
-        sqb, sqh, sqm = 0, q.stride(1), q.stride(0)
-        skb, skh, skn, skblk, page = 0, k.stride(2), k.stride(1), k.stride(0), k.shape[1]
+        sqb, sqh, sqm = 0, qs[1], qs[0]
+        skb, skh, skn, skblk, page = 0, ks[2], ks[1], ks[0], k.shape[1]
         sbt = block_table.stride(0)
         heads = Hq if group_reduce is None else Hkv
         out = torch.zeros(B, heads, max_n, dtype=torch.float32, device=q.device)
-        sob, soh, son = out.stride(0), out.stride(1), out.stride(2)
+        sob, soh, son = heads * max_n, max_n, 1
         cu_seqlens_k = seqlens_k
+        numel = B * heads * max_n
     elif varlen:
         B = cu_seqlens_q.shape[0] - 1
         _, Hq, D = q.shape
         Hkv = k.shape[1]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
-        sqb, sqh, sqm = 0, q.stride(1), q.stride(0)
-        skb, skh, skn = 0, k.stride(1), k.stride(0)
+        sqb, sqh, sqm = 0, qs[1], qs[0]
+        skb, skh, skn = 0, ks[1], ks[0]
         heads = Hq if group_reduce is None else Hkv
         out = torch.empty(k.shape[0], heads, dtype=torch.float32, device=q.device)
-        sob, soh, son = 0, out.stride(1), out.stride(0)
+        sob, soh, son = 0, 1, heads
+        numel = k.shape[0] * heads
     else:
         B, Hq, max_m, D = q.shape
         Hkv, max_n = k.shape[1], k.shape[2]
-        sqb, sqh, sqm = q.stride(0), q.stride(1), q.stride(2)
-        skb, skh, skn = k.stride(0), k.stride(1), k.stride(2)
+        sqb, sqh, sqm = qs[0], qs[1], qs[2]
+        skb, skh, skn = ks[0], ks[1], ks[2]
         heads = Hq if group_reduce is None else Hkv
         out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)
-        sob, soh, son = out.stride(0), out.stride(1), out.stride(2)
+        sob, soh, son = heads * max_n, max_n, 1
         cu_seqlens_q = cu_seqlens_k = out  # unused placeholders (IS_VARLEN is False)
+        numel = B * heads * max_n
     if block_table is None:
         block_table = out                  # unused placeholder (IS_PAGED is False)
     G = Hq // Hkv
-    if out.numel() == 0 or max_n == 0:
+    if numel == 0 or max_n == 0:
         return out.zero_()
     interpreting = _interpreting()
-    sms = 1 if interpreting else _sm_count(q.device.index if q.device.index is not None
-                                           else torch.cuda.current_device())
-    if config is None:
-        cfg, row_blocks, splits, split_len, grid = _cached_plan(max_m, max_n, D, G, B, Hkv, is_causal, variant,
-                                                                 sms)
+    if interpreting:
+        sms = 1
     else:
-        cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms,
-                                                         config)
-    upcast = interpreting and q.dtype == torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+        dev = q.get_device()
+        sms = _sm_count(dev if dev >= 0 else torch.cuda.current_device())
+    key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
+           q.dtype, interpreting, lse is not None)
+    if config is None:
+        cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
+    else:
+        cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
     qk_scale = scale * LOG2E
-    common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
-                  UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    lse_natural = False
     if lse is None:
-        final = variant == "new" and splits == 1           # the row pass writes the lse itself
-        if final:
-            m_part = lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
-            l_part = lse2
+        if final:                                          # one split: the row pass writes the lse itself
+            m_part = l_part = lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
+            spp = Hq * max_m
         else:
             parts = torch.empty(2, splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
             m_part, l_part = parts[0], parts[1]
+            spp = B * Hq * max_m
         if max_m:
             _row_stats_kernel[(splits, row_blocks, B * Hkv)](
                 q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, m_part.stride(0), m_part.stride(-2), max_m, max_n,
-                split_len, qk_scale, FINAL=final, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"],
-                num_warps=cfg["warps1"], num_stages=cfg["stages1"], **common)
+                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, qk_scale, **row_kw)
         if not final:
             if variant == "new":
                 lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
-                rows = lse2.numel()
+                rows = B * Hq * max_m
                 if rows:
-                    _combine_row_stats_kernel[(triton.cdiv(rows, 1024),)](m_part, l_part, lse2, rows,
-                                                                          m_part.stride(0), splits, BLOCK=1024)
+                    _combine_row_stats_kernel[((rows + 1023) // 1024,)](m_part, l_part, lse2, rows, spp, splits,
+                                                                         BLOCK=1024)
             else:
                 lse2 = _combine_row_stats(m_part, l_part)      # (B, Hq, max_m), rows local per sequence
-        slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
+        slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0
     else:
         if variant == "new":
-            lse2, lse_natural = lse, True                  # converted to log2 units in the column kernel
+            lse2 = lse                                     # converted to log2 units in the column kernel
         else:
             lse2 = lse.float() * LOG2E
             lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
+        ls = lse2.stride()
         if varlen:                                                 # (Hq, total_q), rows global
-            slb, slh, slm, lse_q0 = 0, lse2.stride(0), lse2.stride(1), 1
+            slb, slh, slm, lse_q0 = 0, ls[0], ls[1], 1
         else:
-            slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
-    args = (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
-            sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale)
-    tiles = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
-                 BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"], LSE_NATURAL=lse_natural,
-                 **common)
+            slb, slh, slm, lse_q0 = ls[0], ls[1], ls[2], 0
     if cfg["WINDOW"]:
-        _window_column_kernel[grid](*args, **tiles)
+        _window_column_kernel[grid](q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
+                                    sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
+                                    max_m, max_n, qk_scale, **col_kw)
         return out
-    hs = cfg.get("HEAD_SPLIT", 1)
-    if hs == 1:
-        _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), HS=1, **tiles)
+    if hs == 1 or group_reduce is None:
+        _long_column_kernel[(grid[0], grid[1] * hs)](q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
+                                                    sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0,
+                                                    sob, soh, son, max_m, max_n, qk_scale, **col_kw)
         return out
-    grid = (grid[0], grid[1] * hs)
-    if group_reduce is None:
-        _long_column_kernel[grid](*args, FUSE_HEADS=False, HS=hs, **tiles)
-        return out
-    # partial group reductions per (kv head, head split) → combined here in a fixed order
+    # head split with a group reduction: partials per (kv head, head split), combined here in a fixed order
     if paged:
         part = torch.zeros(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
-        parts, dim = part.view(B, Hkv, hs, max_n), 2
-        pstrides = (part.stride(0), part.stride(1), part.stride(2))
+        parts_view = part.view(B, Hkv, hs, max_n)
+        pstrides = (Hkv * hs * max_n, max_n, 1)
     elif varlen:
         part = torch.empty(k.shape[0], Hkv * hs, dtype=torch.float32, device=q.device)
-        parts, dim = part.view(-1, Hkv, hs), 2
-        pstrides = (0, part.stride(1), part.stride(0))
+        parts_view = part.view(-1, Hkv, hs)
+        pstrides = (0, 1, Hkv * hs)
     else:
         part = torch.empty(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
-        parts, dim = part.view(B, Hkv, hs, max_n), 2
-        pstrides = (part.stride(0), part.stride(1), part.stride(2))
-    args = args[:4] + (part,) + args[5:19] + pstrides + args[22:]
-    _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), HS=hs, **tiles)
+        parts_view = part.view(B, Hkv, hs, max_n)
+        pstrides = (Hkv * hs * max_n, max_n, 1)
+    _long_column_kernel[(grid[0], grid[1] * hs)](q, k, block_table, lse2, part, cu_seqlens_q, cu_seqlens_k,
+                                                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0,
+                                                *pstrides, max_m, max_n, qk_scale, **col_kw)
     if group_reduce == "max":
-        torch.amax(parts, dim, out=out)
+        torch.amax(parts_view, 2, out=out)
     else:
-        torch.sum(parts, dim, out=out)
+        torch.sum(parts_view, 2, out=out)
         if group_reduce == "mean":
             out.div_(G)
     return out

@@ -76,9 +76,9 @@ def test_lse_given_and_no_key_rows(variant, monkeypatch):
 def test_plan_is_cached():
     q, k = rand_qk((1, 2, 1, 4, 40, 16), torch.float32)
     colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, variant="new")
-    hits = kmod._cached_plan.cache_info().hits
+    hits = kmod._cached_recipe.cache_info().hits
     colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, variant="new")
-    assert kmod._cached_plan.cache_info().hits == hits + 1
+    assert kmod._cached_recipe.cache_info().hits == hits + 1
 
 
 def test_set_launch_variant_checks():
