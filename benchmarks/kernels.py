@@ -582,31 +582,43 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
     os.makedirs(out_dir, exist_ok=True)
     for name in names:
         sh = shapes[name]
-        case = _serving_case(sh)
-        lse = _lse_for(sh, case)
-        fns = {"ours": _ours_fn(sh, case, "new"), "ours_old": _ours_fn(sh, case, "old"),
-               "ours_lse": _ours_fn(sh, case, "new", True, lse)}
-        if compile_only:                         # fill Triton's disk cache (parallel processes before the sweep)
-            for fn in fns.values():
-                fn()
-            if have_flash:
-                _peer_fns(sh, case, True)["flash_colreduce"]()
-            torch.cuda.synchronize()
+        try:
+            case = _serving_case(sh)
+            lse = _lse_for(sh, case)
+            fns = {"ours": _ours_fn(sh, case, "new"), "ours_old": _ours_fn(sh, case, "old"),
+                   "ours_lse": _ours_fn(sh, case, "new", True, lse)}
+            if compile_only:                     # fill Triton's disk cache (parallel processes before the sweep)
+                for fn in fns.values():
+                    fn()
+                if have_flash:
+                    _peer_fns(sh, case, True)["flash_colreduce"]()
+                torch.cuda.synchronize()
+                continue
+            ref = fns["ours_old"]()
+            new = fns["ours"]()
+            err = ((new - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+            row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil),
+                       ours_syncs=count_syncs(fns["ours"]))
+            for key, fn in list(fns.items()) + list(_peer_fns(sh, case, have_flash).items()):
+                try:
+                    row[key] = time3(fn, flush) if fn is not None else None
+                except Exception as e:  # noqa: BLE001 (a peer that fails here is reported, the sweep goes on)
+                    if key.startswith("ours"):
+                        raise
+                    row[key] = None
+                    row.setdefault("errors", {})[key] = repr(e)[:200]
+                    torch.cuda.synchronize()
+            print(_sweep_line(row), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: FAILED {e!r}"[:300], flush=True)
+            row = dict(name=name, shape=sh, error=repr(e)[:300])
+        finally:
             kmod.set_launch_variant("new")
-            del case, lse, fns
+            case = lse = fns = None
+            torch.cuda.empty_cache()
+        if compile_only:
             continue
-        ref = fns["ours_old"]()
-        new = fns["ours"]()
-        err = ((new - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-        row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil),
-                   ours_syncs=count_syncs(fns["ours"]))
-        for key, fn in list(fns.items()) + list(_peer_fns(sh, case, have_flash).items()):
-            row[key] = time3(fn, flush) if fn is not None else None
-        kmod.set_launch_variant("new")
         rows.append(row)
-        print(_sweep_line(row), flush=True)
-        del case, lse, fns
-        torch.cuda.empty_cache()
         result = dict(env=env, ceilings=ceil, rows=rows, partial=len(rows) < len(names),
                       flash_colreduce="present" if have_flash else "absent: column skipped")
         json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
@@ -647,7 +659,11 @@ def serving_markdown(result):
              "flash-colreduce gpu / e2e | naive gpu / e2e | SDPA fwd gpu | read K | floor | ours / floor | "
              "ours ≤ peers |",
              "|" + "---|" * 15]
+    done = [r for r in result["rows"] if "error" not in r]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:100]} |" + " |" * 14)
+            continue
         o, old = r["ours"], r["ours_old"]
         peers = [r[k] for k in ("flash_colreduce", "naive_torch") if r.get(k)]
         ok_gpu = all(o["gpu_ms"] <= p["gpu_ms"] for p in peers)
@@ -660,11 +676,13 @@ def serving_markdown(result):
             f"{pe(r['naive_torch'])} | {_ms(r['sdpa'])} | {_ms(r['read_k'])} | {floor:.3f} | "
             f"{o['gpu_ms'] / floor:.1f}× | {'yes' if ok_gpu else '**no**'} gpu, {'yes' if ok_e2e else '**no**'} e2e |")
     n = len(result["rows"])
-    worse = [r["name"] for r in result["rows"]
+    if not done:
+        return "\n".join(lines + ["", f"{n} shapes, all failed."])
+    worse = [r["name"] for r in done
              if any(r[k] and r["ours"]["gpu_ms"] > r[k]["gpu_ms"] for k in ("flash_colreduce", "naive_torch"))]
-    hosts = sorted(r["ours"]["host_us"] for r in result["rows"])
-    syncs = sum(r["ours_syncs"]["count"] for r in result["rows"])
-    errs = max(r["new_vs_old_rel_err"] for r in result["rows"])
+    hosts = sorted(r["ours"]["host_us"] for r in done)
+    syncs = sum(r["ours_syncs"]["count"] for r in done)
+    errs = max(r["new_vs_old_rel_err"] for r in done)
     lines += ["", f"{n} shapes; ours slower than a peer (gpu) at {len(worse)}: {', '.join(worse) or 'none'}. "
               f"Host µs per call of ours: median {hosts[len(hosts) // 2]:.0f}, max {hosts[-1]:.0f} (goal ≤ 30); host "
               f"syncs in our calls (torch sync debug mode): {syncs}; largest relative difference new vs old launch "
