@@ -586,7 +586,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             case = _serving_case(sh)
             lse = _lse_for(sh, case)
             fns = {"ours": _ours_fn(sh, case, "new"), "ours_old": _ours_fn(sh, case, "old"),
-                   "ours_lse": _ours_fn(sh, case, "new", True, lse)}
+                   "ours_lse": _ours_fn(sh, case, "new", True, lse), "ours_direct": _ours_fn(sh, case, "direct")}
             if compile_only:                     # fill Triton's disk cache (parallel processes before the sweep)
                 for fn in fns.values():
                     fn()
@@ -599,11 +599,16 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             err = ((new - ref).norm() / ref.norm().clamp(min=1e-30)).item()
             row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil),
                        ours_syncs=count_syncs(fns["ours"]))
+            try:                                 # speculative launch path: bitwise the new path's kernels
+                row["direct_equal"] = all(bool(torch.equal(fns["ours_direct"](), new)) for _ in range(2))
+            except Exception as e:  # noqa: BLE001
+                row["direct_equal"] = f"error {e!r}"[:200]
+                fns["ours_direct"] = None
             for key, fn in list(fns.items()) + list(_peer_fns(sh, case, have_flash).items()):
                 try:
                     row[key] = time3(fn, flush) if fn is not None else None
                 except Exception as e:  # noqa: BLE001 (a peer that fails here is reported, the sweep goes on)
-                    if key.startswith("ours"):
+                    if key in ("ours", "ours_old", "ours_lse"):
                         raise
                     row[key] = None
                     row.setdefault("errors", {})[key] = repr(e)[:200]
@@ -638,8 +643,11 @@ def _sweep_line(r):
     peers = [k for k in ("flash_colreduce", "naive_torch", "sdpa") if r.get(k)]
     best = min((r[k]["gpu_ms"] for k in peers if k != "sdpa"), default=float("inf"))
     flag = " SLOWER than a peer" if r["ours"]["gpu_ms"] > best else ""
+    direct = r.get("ours_direct")
     return (f"{r['name']:40s} ours {_ms(r['ours'])} (old {_ms(r['ours_old'])}, lse {_ms(r['ours_lse'])}) host "
-            f"{r['ours']['host_us']:.0f} us (old {r['ours_old']['host_us']:.0f}) | flash {_ms(r['flash_colreduce'])} "
+            f"{r['ours']['host_us']:.0f} us (old {r['ours_old']['host_us']:.0f}, direct "
+            f"{direct['host_us'] if direct else float('nan'):.0f} {r.get('direct_equal')}) | "
+            f"flash {_ms(r['flash_colreduce'])} "
             f"naive {_ms(r['naive_torch'])} sdpa {_ms(r['sdpa'])} | floor {2 * r['floor']['pass_ms']:.3f} | "
             f"syncs {r['ours_syncs']['count']} | new vs old {r['new_vs_old_rel_err']:.1e}{flag}")
 
@@ -657,12 +665,12 @@ def serving_markdown(result):
              "",
              "| shape | ours gpu | ours e2e | host µs | old gpu | old e2e | old host µs | ours lse gpu | "
              "flash-colreduce gpu / e2e | naive gpu / e2e | SDPA fwd gpu | read K | floor | ours / floor | "
-             "ours ≤ peers |",
-             "|" + "---|" * 15]
+             "ours ≤ peers | direct launch e2e / host µs (bitwise = ours) |",
+             "|" + "---|" * 16]
     done = [r for r in result["rows"] if "error" not in r]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:100]} |" + " |" * 14)
+            lines.append(f"| {r['name']} | failed: {r['error'][:100]} |" + " |" * 15)
             continue
         o, old = r["ours"], r["ours_old"]
         peers = [r[k] for k in ("flash_colreduce", "naive_torch") if r.get(k)]
@@ -674,19 +682,26 @@ def serving_markdown(result):
             f"| {r['name']} | {o['gpu_ms']:.3f} | {o['e2e_ms']:.3f} | {o['host_us']:.0f} | {old['gpu_ms']:.3f} | "
             f"{old['e2e_ms']:.3f} | {old['host_us']:.0f} | {_ms(r['ours_lse'])} | {pe(r['flash_colreduce'])} | "
             f"{pe(r['naive_torch'])} | {_ms(r['sdpa'])} | {_ms(r['read_k'])} | {floor:.3f} | "
-            f"{o['gpu_ms'] / floor:.1f}× | {'yes' if ok_gpu else '**no**'} gpu, {'yes' if ok_e2e else '**no**'} e2e |")
+            f"{o['gpu_ms'] / floor:.1f}× | {'yes' if ok_gpu else '**no**'} gpu, {'yes' if ok_e2e else '**no**'} e2e | "
+            + (f"{r['ours_direct']['e2e_ms']:.3f} / {r['ours_direct']['host_us']:.0f} ({r.get('direct_equal')}) |"
+               if r.get("ours_direct") else f"— ({r.get('direct_equal')}) |"))
     n = len(result["rows"])
     if not done:
         return "\n".join(lines + ["", f"{n} shapes, all failed."])
     worse = [r["name"] for r in done
              if any(r[k] and r["ours"]["gpu_ms"] > r[k]["gpu_ms"] for k in ("flash_colreduce", "naive_torch"))]
     hosts = sorted(r["ours"]["host_us"] for r in done)
+    direct = sorted(r["ours_direct"]["host_us"] for r in done if r.get("ours_direct"))
+    unequal = [r["name"] for r in done if r.get("direct_equal") is not True]
     syncs = sum(r["ours_syncs"]["count"] for r in done)
     errs = max(r["new_vs_old_rel_err"] for r in done)
     lines += ["", f"{n} shapes; ours slower than a peer (gpu) at {len(worse)}: {', '.join(worse) or 'none'}. "
-              f"Host µs per call of ours: median {hosts[len(hosts) // 2]:.0f}, max {hosts[-1]:.0f} (goal ≤ 30); host "
+              f"Host µs per call of ours: median {hosts[len(hosts) // 2]:.0f}, max {hosts[-1]:.0f} (goal ≤ 30); "
+              "host "
               f"syncs in our calls (torch sync debug mode): {syncs}; largest relative difference new vs old launch "
-              f"path: {errs:.1e}."]
+              f"path: {errs:.1e}. Direct launch (variant 'direct'): host µs median "
+              f"{direct[len(direct) // 2] if direct else float('nan'):.0f}; not bitwise equal to ours or failed at: "
+              f"{', '.join(unequal) or 'none'}."]
     return "\n".join(lines)
 
 

@@ -40,10 +40,11 @@ _VARIANT = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH", "new")
 
 
 def set_launch_variant(variant: str) -> None:
-    """"new" or "old" (see _VARIANT). For benchmarks and tests; results agree to rounding either way."""
+    """"new", "old" or "direct" (see _VARIANT). For benchmarks and tests; results agree to rounding either way
+    ("direct" is "new" with the compiled kernels launched directly: bitwise the same results)."""
     global _VARIANT
-    if variant not in ("new", "old"):
-        raise ValueError(f"launch variant must be 'new' or 'old', got {variant!r}")
+    if variant not in ("new", "old", "direct"):
+        raise ValueError(f"launch variant must be 'new', 'old' or 'direct', got {variant!r}")
     _VARIANT = variant
 
 
@@ -508,7 +509,7 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
         cfg = config
     else:
         cfg = _pick_config(max_m, D, G, is_causal)
-        if variant == "new":
+        if variant != "old":
             cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
     splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
@@ -526,12 +527,12 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
                   UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    final = variant == "new" and splits == 1 and not lse_given
+    final = variant != "old" and splits == 1 and not lse_given
     row_kw = dict(FINAL=final, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
                   num_stages=cfg["stages1"], **common)
     col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
-                  LSE_NATURAL=lse_given and variant == "new", **common)
+                  LSE_NATURAL=lse_given and variant != "old", **common)
     hs = 1 if cfg["WINDOW"] else cfg.get("HEAD_SPLIT", 1)
     if not cfg["WINDOW"]:
         col_kw["HS"] = hs
@@ -553,6 +554,67 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
     total = (l_part * torch.exp2(m_part - m_max)).sum(0)
     # total == 0 only where a row sees no key; NaN inputs give NaN totals and stay NaN
     return torch.where(total == 0, torch.full_like(total, float("inf")), m_max + torch.log2(total))
+
+
+# "direct" launch variant (speculative, for a GPU A/B): after a kernel's first JIT dispatch for a specialisation,
+# later launches call the compiled kernel's launcher directly (CompiledKernel.run, the call JITFunction.run ends
+# with), skipping Triton's argument binding and cache-key computation (~10-20 µs a launch). The key holds all that
+# Triton specialises on: each int argument (== 1, % 16 == 0, beyond int32), each tensor argument's dtype and
+# 16-byte alignment, the constexprs/options (the recipe), the device. Any failure while building a launcher falls
+# back to the JIT dispatch for that key.
+_direct_launchers: dict = {}
+_COMBINE_KW = {"BLOCK": 1024}
+
+
+def _spec(args) -> tuple:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            out.append(type(a))
+        else:
+            out.append((a == 1, a % 16 == 0, not -2**31 <= a < 2**31))
+    return tuple(out)
+
+
+def _launch(fn, grid, args, kw, recipe_key, device):
+    """fn[grid](*args, **kw); with the "direct" variant (recipe_key given) through a cached launcher of the
+    compiled kernel."""
+    if recipe_key is None:
+        fn[grid](*args, **kw)
+        return
+    key = (id(fn), recipe_key, device, _spec(args))
+    launch = _direct_launchers.get(key, False)
+    if launch:
+        launch(grid, args)
+        return
+    compiled = fn[grid](*args, **kw)
+    if launch is False:                                # first dispatch of this key: build its launcher
+        _direct_launchers[key] = _build_direct(fn, compiled, kw, device)
+
+
+def _build_direct(fn, compiled, kw, device):
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            return None
+        params = list(fn.params)
+        first_constexpr = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+        if any(not p.is_constexpr for p in params[first_constexpr:]):
+            return None                                # constexprs must close the signature
+        constexprs = tuple(kw[p.name] for p in params[first_constexpr:])
+        run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        get_stream = driver.active.get_current_stream
+
+        def launch(grid, args):
+            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, get_stream(device),
+                function, meta, None, enter, leave, *args, *constexprs)
+        return launch
+    except Exception:  # noqa: BLE001 (an unknown Triton version: stay on the JIT dispatch)
+        return None
 
 
 def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_causal: bool, scale: float,
@@ -617,13 +679,17 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     if numel == 0 or max_n == 0:
         return out.zero_()
     interpreting = _interpreting()
+    dev = -1
     if interpreting:
         sms = 1
     else:
         dev = q.get_device()
-        sms = _sm_count(dev if dev >= 0 else torch.cuda.current_device())
+        if dev < 0:
+            dev = torch.cuda.current_device()
+        sms = _sm_count(dev)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
            q.dtype, interpreting, lse is not None)
+    rkey = key if variant == "direct" and config is None and not interpreting else None
     if config is None:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
     else:
@@ -638,21 +704,22 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             m_part, l_part = parts[0], parts[1]
             spp = B * Hq * max_m
         if max_m:
-            _row_stats_kernel[(splits, row_blocks, B * Hkv)](
-                q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, qk_scale, **row_kw)
+            _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
+                    (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
+                     sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, qk_scale),
+                    row_kw, rkey, dev)
         if not final:
-            if variant == "new":
+            if variant != "old":
                 lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
                 rows = B * Hq * max_m
                 if rows:
-                    _combine_row_stats_kernel[((rows + 1023) // 1024,)](m_part, l_part, lse2, rows, spp, splits,
-                                                                         BLOCK=1024)
+                    _launch(_combine_row_stats_kernel, ((rows + 1023) // 1024,),
+                            (m_part, l_part, lse2, rows, spp, splits), _COMBINE_KW, rkey, dev)
             else:
                 lse2 = _combine_row_stats(m_part, l_part)      # (B, Hq, max_m), rows local per sequence
         slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0
     else:
-        if variant == "new":
+        if variant != "old":
             lse2 = lse                                     # converted to log2 units in the column kernel
         else:
             lse2 = lse.float() * LOG2E
@@ -663,14 +730,14 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         else:
             slb, slh, slm, lse_q0 = ls[0], ls[1], ls[2], 0
     if cfg["WINDOW"]:
-        _window_column_kernel[grid](q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
-                                    sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
-                                    max_m, max_n, qk_scale, **col_kw)
+        _launch(_window_column_kernel, grid,
+                (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
+                 slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale), col_kw, rkey, dev)
         return out
     if hs == 1 or group_reduce is None:
-        _long_column_kernel[(grid[0], grid[1] * hs)](q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
-                                                    sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0,
-                                                    sob, soh, son, max_m, max_n, qk_scale, **col_kw)
+        _launch(_long_column_kernel, (grid[0], grid[1] * hs),
+                (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
+                 slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale), col_kw, rkey, dev)
         return out
     # head split with a group reduction: partials per (kv head, head split), combined here in a fixed order
     if paged:
@@ -685,9 +752,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         part = torch.empty(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
         parts_view = part.view(B, Hkv, hs, max_n)
         pstrides = (Hkv * hs * max_n, max_n, 1)
-    _long_column_kernel[(grid[0], grid[1] * hs)](q, k, block_table, lse2, part, cu_seqlens_q, cu_seqlens_k,
-                                                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0,
-                                                *pstrides, max_m, max_n, qk_scale, **col_kw)
+    _launch(_long_column_kernel, (grid[0], grid[1] * hs),
+            (q, k, block_table, lse2, part, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
+             slb, slh, slm, lse_q0, *pstrides, max_m, max_n, qk_scale), col_kw, rkey, dev)
     if group_reduce == "max":
         torch.amax(parts_view, 2, out=out)
     else:

@@ -111,3 +111,32 @@ def test_head_split_varlen_and_paged(layout, monkeypatch):
             if n and q_lens[b]:
                 assert rel_err(paged[b, :, :n].T, ref[start:start + n]) < TOL[torch.float32], (reduction, group, b)
             start += n
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="direct launches exist only for compiled kernels (GPU)")
+def test_direct_launch_matches_jit_dispatch():
+    """The "direct" variant launches the compiled kernels without Triton's dispatch after their first call:
+    bitwise the results of "new" (the same kernels), on the first call and on the cached ones."""
+    from colreduce_kvprune import colreduce_varlen
+    cases = [((1, 32, 8, 64, 4096, 128), "mean"), ((1, 8, 2, 300, 300, 64), "mean"), ((1, 4, 4, 1, 1000, 128), None)]
+    for shape, group in cases:
+        q, k = rand_qk(shape, torch.float16, seed=4)
+        kw = dict(is_causal=True, scale=shape[-1] ** -0.5, group_reduce=group)
+        ref = colreduce_triton(q, k, "sum", variant="new", **kw)
+        for _ in range(3):
+            assert torch.equal(colreduce_triton(q, k, "sum", variant="direct", **kw), ref), shape
+    lens = [700, 64, 2000]
+    k = torch.randn(sum(lens), 2, 128, device=DEVICE, dtype=torch.float16)
+    q = torch.randn(3 * 16, 8, 128, device=DEVICE, dtype=torch.float16)
+    cu_k = torch.tensor([0, 700, 764, 2764], device=DEVICE, dtype=torch.int32)
+    cu_q = torch.arange(0, 64, 16, device=DEVICE, dtype=torch.int32)
+    kw = dict(max_seqlen_q=16, max_seqlen_k=2000, is_causal=True, group_reduce="max")
+    kmod.set_launch_variant("new")
+    ref = colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw)
+    try:
+        kmod.set_launch_variant("direct")
+        for _ in range(3):
+            assert torch.equal(colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw), ref)
+    finally:
+        kmod.set_launch_variant("new")
+    assert any(v is not None for v in kmod._direct_launchers.values()), "no direct launcher was built"
