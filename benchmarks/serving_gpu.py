@@ -10,16 +10,23 @@ token prompts, fixed seeds, ignore_eos, fixed output lengths):
   long   256 requests x 16k prompt tokens, 128 output tokens
   mixed  256 requests, prompt lengths 2k-32k log-uniform, 256 output tokens
   short  512 requests x 1k prompt tokens, 128 output tokens (pruning inactive through min_prompt_tokens 2048)
+  decode 128 requests x 16k prompt tokens, 2048 output tokens: the KV pool limits how many decode at once (the
+         regime where pruning can raise throughput; in `long` chunked prefill is the limit, see
+         results/h200_serving.md)
   smoke  8 requests x 512 tokens, 8 output tokens (for --shape tiny)
 Runs (each in a fresh process, same gpu_memory_utilization, all at vLLM's defaults: CUDA graphs, chunked prefill,
 prefix caching, async scheduling):
   vanilla          vLLM, package disabled (VLLM_PLUGINS=none)
+  vanilla-piecewise  the same with piecewise CUDA graphs only (cudagraph_mode PIECEWISE): the graph mode vLLM
+                   resolves to when the plugin is on, since the plugin declares no full-graph support with chunked
+                   prefill (colreduce_kvprune/vllm/settings.py) -- what that setting costs on its own
   snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio
+  RUN+sync         any of these with async scheduling off (what async scheduling brings to that run)
 Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
 and TPOT p50/p99 (TTFT counts the queueing of an all-at-once submission); with --timing, the plugin's work per
 prefill (scores, selection, gather, cache write) against vLLM's attention of the same layers and against the time
-of the prefill's decoder layers (colreduce_kvprune/vllm/timing.py). Not written yet: the online workload (Poisson
-arrivals through the OpenAI server).
+of the prefill's decoder layers (colreduce_kvprune/vllm/timing.py). The online workload (Poisson arrivals) is
+benchmarks/serving_online.py.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.append(os.path.dirname(HERE))      # the source tree only when the package is not installed
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -48,6 +55,7 @@ WORKLOADS = {
     "long": dict(num=256, lengths=(16384, 16384), max_tokens=128),
     "mixed": dict(num=256, lengths=(2048, 32768), max_tokens=256),
     "short": dict(num=512, lengths=(1024, 1024), max_tokens=128),
+    "decode": dict(num=128, lengths=(16384, 16384), max_tokens=2048),
     "smoke": dict(num=8, lengths=(512, 512), max_tokens=8),
 }
 
@@ -78,10 +86,18 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
              max_model_len=max_len, disable_log_stats=False, tensor_parallel_size=tp)
     if gpu_mem is not None:
         e["gpu_memory_utilization"] = gpu_mem
+    base, _, option = run.partition("+")
+    if base == "vanilla-piecewise":
+        e["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+    if option == "sync":
+        e["async_scheduling"] = False
+    elif option:
+        raise SystemExit(f"unknown run option +{option} in {run!r} (known: +sync)")
     return e
 
 
 def prune_config(run: str, min_prompt_tokens: int) -> dict | None:
+    run = run.partition("+")[0]
     if not run.startswith("snapkv-"):
         return None
     from colreduce_kvprune.config import load_config
@@ -163,10 +179,10 @@ def main(argv=None) -> int:
         r = report["runs"][run]
         t = (r.get("prune_stats") or {}).get("timing")
         if t:
-            print(f"{run:14s} pruning work: {t['pruning_ms']:.1f} ms over {t['steps']} prefill steps = "
+            print(f"{run:18s} pruning work: {t['pruning_ms']:.1f} ms over {t['steps']} prefill steps = "
                   f"{100 * t['pruning_per_attention']:.1f}% of their attention, "
                   f"{100 * t['pruning_share_of_decoder_span']:.2f}% of their decoder layers' time", flush=True)
-        print(f"{run:14s} " + (r["error"] if "error" in r else
+        print(f"{run:18s} " + (r["error"] if "error" in r else
               f"{r['output_tokens_per_s']:9.1f} tok/s  peak running {r['peak_running']:4d}  preemptions "
               f"{r['preemptions']:4d}  TTFT p50 {r['ttft_p50_s']:.2f} s  TPOT p50 {r['tpot_p50_s']:.4f} s"),
               flush=True)

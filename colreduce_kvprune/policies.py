@@ -232,10 +232,17 @@ class Policy:
         mask = self.select_mask(scores, layer=layer, num_layers=num_layers)
         return mask.nonzero()[:, 1].view(mask.shape[0], -1)
 
-    def select_batched(self, scores, lengths=None, *, layer: int = 0, num_layers: int | None = None):
+    def select_batched(self, scores, lengths=None, *, layer: int = 0, num_layers: int | None = None,
+                       device_lengths: torch.Tensor | None = None, device_counts: torch.Tensor | None = None,
+                       nan_flags: list | None = None):
         """Many requests at once. scores: a list of (Hkv, N_b) tensors, or a padded (B, Hkv, N_max) tensor with
         lengths (B,). → (indices (B, Hkv, K_max) int64 ascending, padded with -1; counts (B,) int64);
-        row b equals select(scores_b)."""
+        row b equals select(scores_b).
+
+        For engines, which select at every layer and must not wait for the device (each of these is a host sync
+        otherwise): device_lengths / device_counts, the lengths and keep_count(...) of each request as int64
+        tensors on the scores' device, made once per step (not checked against the host values); nan_flags, a
+        list to which a 0-d bool device tensor (True: the scores hold NaN) is appended instead of raising."""
         if isinstance(scores, (list, tuple)):
             if lengths is not None:
                 raise ValueError("lengths is given by the list of score tensors; pass lengths only with a padded tensor")
@@ -250,12 +257,12 @@ class Policy:
             padded = scores[0].new_full((len(scores), scores[0].shape[0], max(lengths)), float("-inf"))
             for i, s in enumerate(scores):
                 padded[i, :, : s.shape[1]] = s
-            if torch.isnan(padded).any():                 # one host sync for the batch, not one per request
+            if nan_flags is None and torch.isnan(padded).any():   # one host sync for the batch, not per request
                 for i, s in enumerate(scores):
                     _check_scores(s, f"scores[{i}]")
         else:
             padded = scores
-            _check_scores(padded)
+            _check_scores(padded, nan=nan_flags is None)
             if padded.dim() != 3:
                 raise ValueError(f"padded scores must be (B, Hkv, N_max), got shape {tuple(padded.shape)}")
             if lengths is None:
@@ -265,10 +272,12 @@ class Policy:
                 raise ValueError(f"lengths must be {padded.shape[0]} values in [0, {padded.shape[2]}], got {lengths}")
         if not self.uniform_heads:
             raise ValueError(f"policy {self.name} gives kv heads different counts: use select_mask per request")
+        if nan_flags is not None:
+            nan_flags.append(torch.isnan(padded).any())
         dev = padded.device
         host_counts = [self.keep_count(n, layer, num_layers) for n in lengths]
-        counts = torch.tensor(host_counts, device=dev)
-        lens = torch.tensor(lengths, device=dev)
+        counts = torch.tensor(host_counts, device=dev) if device_counts is None else device_counts
+        lens = torch.tensor(lengths, device=dev) if device_lengths is None else device_lengths
         if not self.config.per_head:   # mean over heads of the valid part only (padding columns are dropped)
             valid = torch.arange(padded.shape[2], device=dev) < lens.view(-1, 1, 1)
             padded = torch.where(valid, self._shared_rows(torch.where(valid, padded, 0)), padded)

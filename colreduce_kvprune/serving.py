@@ -323,6 +323,17 @@ def child_env(prune: bool, base: dict | None = None) -> dict:
     return env
 
 
+def child_command(module: str) -> list[str]:
+    """The command of a run's process: `module` run as __main__, importing this very copy of the package.
+
+    Not `python -m module`: that puts the working directory first on sys.path, and from a source checkout the child
+    would import the source tree instead of the installed package the parent runs (the source tree has no
+    `colreduce_kvprune.kernels`, which installation maps from kernels/)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    boot = f"import runpy, sys; sys.path[0] = {root!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-c", boot]
+
+
 def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], None] | None = None, *,
                       log: Callable[[str], None] | None = None, log_dir: str | None = None,
                       timeout: float | None = None) -> dict:
@@ -348,10 +359,10 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
             Path(payload).write_text(dump_config(load_config(prune)))
             events_path.unlink(missing_ok=True)
         env = serving_sglang.child_env(payload, None if events_path is None else str(events_path))
-        cmd = [sys.executable, "-m", "colreduce_kvprune.serving_sglang"]
+        cmd = child_command("colreduce_kvprune.serving_sglang")
     else:
         sampler, payload, env = None, prune, child_env(prune is not None)
-        cmd = [sys.executable, "-m", "colreduce_kvprune.serving"]
+        cmd = child_command("colreduce_kvprune.serving")
     tail: deque[str] = deque(maxlen=40)
     result, error = None, None
     deadline = None if timeout is None else time.monotonic() + timeout

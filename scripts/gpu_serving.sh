@@ -4,6 +4,7 @@
 # the table and chart (benchmarks/serving_report.py) into $OUT/h200_serving.{md,png} with the JSON beside them.
 # A device call is at most 10 minutes: give the parts over several calls, e.g.
 #   source /root/w/install.sh && bash scripts/gpu_serving.sh long          # then: short, mixed, online, report
+# RUNS takes vanilla, vanilla-piecewise, snapkv-RATIO, each optionally +sync (benchmarks/serving_gpu.py).
 # Environment: NUM (requests of the offline workloads, default the workload's), RUNS (default
 # vanilla,snapkv-0.25,snapkv-0.1), RATES (online, default 1,2), RUN_TIMEOUT (seconds per run, default 280), SHAPE
 # (default llama-3.1-8b; `SHAPE=tiny bash scripts/gpu_serving.sh smoke online report` is a quick check on vLLM's CPU
@@ -16,7 +17,7 @@ quiet() { grep -v -E " (INFO|DEBUG) |^\s*warnings.warn|DeprecationWarning" ; }
 rc=0
 for part in "$@"; do
     case "$part" in
-        long|short|mixed|smoke)
+        long|short|mixed|decode|smoke)
             python3 -P benchmarks/serving_gpu.py --workload "$part" --shape "${SHAPE:-llama-3.1-8b}" ${NUM:+--num "$NUM"} \
                 --runs "${RUNS:-vanilla,snapkv-0.25,snapkv-0.1}" --timing --timeout "${RUN_TIMEOUT:-280}" \
                 --out "$out/serving_$part.json" 2>&1 | quiet | tee "$out/serving_$part.log" ;;
@@ -28,7 +29,7 @@ for part in "$@"; do
         report)
             python3 -P benchmarks/serving_report.py "$out"/serving_*.json --md "$out/h200_serving.md" \
                 --png "$out/h200_serving.png" ;;
-        *) echo "unknown part $part (long, short, mixed, smoke, online, report)"; exit 2 ;;
+        *) echo "unknown part $part (long, short, mixed, decode, smoke, online, report)"; exit 2 ;;
     esac
     status=${PIPESTATUS[0]}
     [ "$status" = 0 ] || rc=$status

@@ -442,7 +442,7 @@ def test_sglang_run_output_parsing(model_dir, tmp_path, monkeypatch):
 
     class FakeProc:
         def __init__(self, cmd, **kw):
-            assert cmd[-1] == "colreduce_kvprune.serving_sglang" and kw["env"]["SGLANG_PLUGINS"] == "none"
+            assert "colreduce_kvprune.serving_sglang" in cmd[-1] and kw["env"]["SGLANG_PLUGINS"] == "none"
             self.stdin, self.stdout = open(os.devnull, "w"), iter(lines)
 
         def wait(self):
@@ -457,3 +457,19 @@ def test_sglang_run_output_parsing(model_dir, tmp_path, monkeypatch):
     assert got["timeline"]["running"] == [2, 1, 1] and got["timeline"]["waiting"] == [1, 0, 0]
     log = (tmp_path / "baseline.log").read_text()
     assert log.count("Decode batch") == 4 and serving.EVENT_PREFIX not in log
+
+
+def test_run_process_imports_the_parents_package(tmp_path):
+    """A run's child process imports the copy of the package its parent runs, not a `colreduce_kvprune` folder in
+    the working directory (`python -m` would: from a source checkout that is the source tree, which lacks the
+    installed `colreduce_kvprune.kernels`; seen on the GPU machine)."""
+    import colreduce_kvprune
+
+    decoy = tmp_path / "colreduce_kvprune"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('decoy package in the working directory imported')\n")
+    cmd = serving.child_command("colreduce_kvprune.config")
+    run = subprocess.run(cmd[:-1] + [cmd[-1] + "; import colreduce_kvprune; print('FILE', colreduce_kvprune.__file__)"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"FILE {colreduce_kvprune.__file__}" in run.stdout

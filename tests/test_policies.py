@@ -149,6 +149,13 @@ def test_batched_equals_one_by_one(name, case):
         padded[b, :, : s.shape[1]] = s
     idx2, counts2 = select_tokens_batched(cfg, padded, lengths, layer=1, num_layers=NUM_LAYERS)
     assert torch.equal(idx, idx2[..., : idx.shape[-1]]) and torch.equal(counts, counts2)
+    # the engines' entry (per-step device tensors, the NaN check left on the device) selects the same
+    flags = []
+    keeps = torch.tensor([policy.keep_count(n, 1, NUM_LAYERS) for n in lengths])
+    idx3, counts3 = policy.select_batched(scores, layer=1, num_layers=NUM_LAYERS, device_lengths=torch.tensor(lengths),
+                                          device_counts=keeps, nan_flags=flags)
+    assert torch.equal(idx3, idx) and torch.equal(counts3, counts)
+    assert len(flags) == 1 and flags[0].dim() == 0 and not flags[0]
     for b, s in enumerate(scores):
         one = policy.select(s, layer=1, num_layers=NUM_LAYERS)
         assert counts[b] == one.shape[1]
@@ -413,6 +420,23 @@ def test_check_engine():
             check_engine(cfg, "sglang")
     with pytest.raises(ConfigError, match="engine must be one of transformers, vllm, sglang"):
         check_engine(make("h2o", budget={"keep_ratio": 0.5}), "tgi")
+
+
+def test_nan_scores_raise_or_are_flagged():
+    """select_batched raises on NaN scores at once; the engines' entry (nan_flags) flags them on the device instead,
+    for the engine to report without a host sync (colreduce_kvprune.vllm.compaction.NanWatch)."""
+    policy = get_policy(make("snapkv", budget={"keep_ratio": 0.5}, window=4))
+    scores = [torch.rand(2, 20), torch.rand(2, 30)]
+    scores[1][1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\[1\] contain NaN"):
+        policy.select_batched(scores)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        policy.select_batched(torch.stack([scores[1], scores[1]]))
+    flags = []
+    for batch in (scores, torch.stack([scores[1], scores[1]])):
+        policy.select_batched(batch, nan_flags=flags)
+    policy.select_batched(scores[:1], nan_flags=flags)
+    assert [bool(f) for f in flags] == [True, True, False]
 
 
 def test_bad_inputs_are_reported():

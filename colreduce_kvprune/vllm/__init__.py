@@ -13,7 +13,8 @@ Pieces: settings.py (config discovery, engine-start checks), backend_*.py (atten
 remap), guards.py (the other backends, which refuse a configured run), compaction.py (the backend-independent tensor work),
 prompt_lengths.py (a logits processor, entry point `vllm.logits_processors`, that tells the builder each row's
 prompt length, so that a request recomputed after preemption is pruned as before), manager.py (scheduler: free tail
-blocks, count in compacted tokens), stats.py (`get_stats(llm)`).
+blocks, count in compacted tokens), stats.py (`get_stats(llm)`), versions.py (the supported vLLM releases, 0.32.x
+and 0.33.x, and everything that differs between them).
 """
 from __future__ import annotations
 
@@ -31,18 +32,18 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    import vllm
+    from . import versions
+    from .settings import ENV_VAR
 
-    from .settings import ENV_VAR, SUPPORTED_VLLM, vllm_version_supported
-
-    if not vllm_version_supported(vllm.__version__):
-        msg = (f"colreduce_kvprune supports vLLM {SUPPORTED_VLLM}.x, found {vllm.__version__}: KV pruning is "
-               "unavailable")
+    version = versions.installed()
+    if not versions.supported(version):
+        msg = versions.unsupported_message(version) + ": KV pruning is unavailable"
         if os.environ.get(ENV_VAR):
             from ..config import ConfigError
             raise ConfigError(msg + f" (and ${ENV_VAR} asks for it)")
         from vllm.logger import init_logger
-        init_logger("vllm.colreduce_kvprune").warning(msg + "; an additional_config 'kv_prune' would be ignored")
+        # an engine given additional_config={"kv_prune": ...} is refused when its workers start (prompt_lengths.py)
+        init_logger("vllm.colreduce_kvprune").warning(msg + "; an engine given a pruning config will not start")
         return
 
     from vllm.platforms import current_platform

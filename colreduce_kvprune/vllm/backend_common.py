@@ -1,5 +1,6 @@
-"""Mixins that add pruning to a vLLM 0.32 attention backend (builder + impl); the CPU and CUDA backends are these
-mixins over vLLM's own classes. With no pruning config every method is the base class's, unchanged.
+"""Mixins that add pruning to a vLLM attention backend (builder + impl; 0.32 and 0.33, whose differences live in
+versions.py); the CPU and CUDA backends are these mixins over vLLM's own classes. With no pruning config every method
+is the base class's, unchanged.
 
 Builder.build: for the fresh prefills of the step, plan the pruning (host ints from the CPU copies of
 query_start_loc / seq_lens and each row's prompt length from prompt_lengths.py, then device index tensors); for
@@ -10,6 +11,8 @@ K/V from the step's key/value tensors → write to compacted slots with the back
 (reads come from the step's tensors, never from the cache being written, so no slot is read after it is written);
 for a request recomputed after preemption, the attention rows of its outputs are then recomputed over the kept
 tokens (compaction.recompute_outputs), so it continues exactly as if it had not been preempted.
+The per-layer work reads nothing back from the device: the plan's device tensors are made once per step by the
+builder, and NaN scores leave a device flag that a later build reads once its copy has landed (compaction.NanWatch).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 
 from ..policies import get_policy
 from ..config import ConfigError
-from . import compaction, timing
+from . import compaction, timing, warmup
 from .prompt_lengths import tracker_for
 from .settings import chunked_prefill, config_to_json, cudagraph_support, resolve
 
@@ -71,6 +74,7 @@ class PruneBuilderMixin:
             self.prune_cache_config = vllm_config.cache_config
             self.prune_max_rows = vllm_config.scheduler_config.max_num_seqs
             self.prune_bufs = None            # (block table, seq_lens) the attention reads, see _prune_buffers
+            self.prune_nan = compaction.NanWatch()   # the layers' NaN flags, read without a host sync
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -117,10 +121,12 @@ class PruneBuilderMixin:
         return buf
 
     def _prune_prepare(self, cm):
+        self.prune_nan.flush()                # the previous step's layers have been launched: copy their flags
+        self.prune_nan.check()
         n = cm.num_reqs
         bt = cm.block_table_tensor
         if cm.positions is None:
-            raise RuntimeError("colreduce_kvprune needs CommonAttentionMetadata.positions (set by vLLM 0.32's runner)")
+            raise RuntimeError("colreduce_kvprune needs CommonAttentionMetadata.positions (set by vLLM's model runners)")
         seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         prompts, targets = self.prune_prompts.row_lengths(cm, n)
         is_prefilling = cm.is_prefilling
@@ -142,7 +148,7 @@ class PruneBuilderMixin:
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound
         cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=new_bt,
                                  _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
-        return cm, (compaction.StepPlan(plan, stash, bt) if plan is not None or stash else None)
+        return cm, (compaction.StepPlan(plan, stash, bt, self.prune_nan) if plan is not None or stash else None)
 
 
 def _tensor_parallel_heads(num_kv_heads: int):
@@ -170,6 +176,7 @@ class PruneImplMixin:
         super().__init__(*args, **kwargs)
         self.prune_config = _current_config()
         _remember(self.prune_config)
+        self.prune_cold = self.prune_config is not None       # scoring kernels not compiled yet (warmup.py)
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
             self.prune_tp = _tensor_parallel_heads(self.num_kv_heads)
@@ -185,11 +192,15 @@ class PruneImplMixin:
         timed = step is not None and timing.ENABLED
         if timed:
             start = timing.mark(query.device)
+        if self.prune_cold and step is None:     # vLLM's profiling run, before any prompt: compile the scoring
+            self.prune_cold = not warmup.warm_up(self.prune_policy, query.device, query.dtype, self.num_heads,
+                                                 self.num_kv_heads, self.head_size, self.scale)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if step is not None:
             if timed:
                 after_attention = timing.mark(query.device)
             if key is None:      # a model that wrote its K/V to the cache itself and passed none: nothing to score
+                # (vLLM 0.33's supports_kv_cache_update_bypass; the pruning backends turn it off: versions.py)
                 raise RuntimeError("colreduce_kvprune: the attention layer was called without key/value tensors "
                                    "(a fused KV-cache write bypassing the backend), so the prefill cannot be pruned")
             from vllm.model_executor.models.utils import extract_layer_index
@@ -221,7 +232,8 @@ class PruneImplMixin:
             output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
         idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
                                      head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads,
-                                     partials=partials)
+                                     partials=partials,
+                                     nan_flags=step.nan.flags(layer_idx) if step.nan is not None else None)
         k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
         self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
         if any(plan.num_outputs):

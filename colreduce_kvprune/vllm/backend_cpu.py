@@ -6,6 +6,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from .backend_common import PruneBuilderMixin, PruneImplMixin, prunable_spec
+from .versions import kv_cache_update_bypass
 
 
 class PruneCPUAttentionMetadataBuilder(PruneBuilderMixin, CPUAttentionMetadataBuilder):
@@ -20,6 +21,8 @@ class PruneCPUAttentionImpl(PruneImplMixin, CPUAttentionBackendImpl):
 
 
 class PruneCPUAttentionBackend(CPUAttentionBackend):
+    supports_kv_cache_update_bypass = kv_cache_update_bypass(CPUAttentionBackend)   # vLLM 0.33: off while pruning
+
     @staticmethod
     def get_impl_cls():
         return PruneCPUAttentionImpl

@@ -1,9 +1,10 @@
-"""vLLM 0.32's CUDA attention backends (FLASH_ATTN, TRITON_ATTN) with pruning after prefill: the same mixins as the
+"""vLLM's CUDA attention backends (FLASH_ATTN, TRITON_ATTN) with pruning after prefill: the same mixins as the
 CPU backend over vLLM's classes. The builder reads host copies (query_start_loc_cpu, seq_lens_cpu_upper_bound, the
 runner's is_prefilling) and does the per-row remap with device gathers into its own persistent buffers; scores use
 colreduce_varlen (Triton on CUDA); the kept K/V are written with the backend's own do_kv_cache_update
 (reshape_and_cache_flash). Run on an H200 under both model runners (V1, V2), TRITON_ATTN in float32 and FLASH_ATTN
-(FA3) in bfloat16: benchmarks/results/h200_vllm/README.md.
+(FA3) in bfloat16, with vLLM 0.32.0: benchmarks/results/h200_vllm/README.md (vLLM 0.33: written from its source,
+not yet run; versions.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, Trit
                                                     TritonAttentionMetadataBuilder)
 
 from .backend_common import PruneBuilderMixin, PruneImplMixin, prunable_spec
+from .versions import kv_cache_update_bypass
 
 
 class _CudaCacheLayout:
@@ -31,6 +33,8 @@ class PruneFlashAttentionImpl(_CudaCacheLayout, PruneImplMixin, FlashAttentionIm
 
 
 class PruneFlashAttentionBackend(FlashAttentionBackend):
+    supports_kv_cache_update_bypass = kv_cache_update_bypass(FlashAttentionBackend)   # vLLM 0.33: off while pruning
+
     @staticmethod
     def get_impl_cls():
         return PruneFlashAttentionImpl
@@ -53,6 +57,8 @@ class PruneTritonAttentionImpl(_CudaCacheLayout, PruneImplMixin, TritonAttention
 
 
 class PruneTritonAttentionBackend(TritonAttentionBackend):
+    supports_kv_cache_update_bypass = kv_cache_update_bypass(TritonAttentionBackend)   # vLLM 0.33: off while pruning
+
     @staticmethod
     def get_impl_cls():
         return PruneTritonAttentionImpl

@@ -31,6 +31,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: on CUDA through pinned memory and an asynchronous copy (a copy
+    from pageable memory synchronizes the stream), elsewhere a plain copy."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class PrefillPlan:
     """The rows of one step whose prefill is pruned after attention (shared by every layer of the step).
@@ -42,8 +50,9 @@ class PrefillPlan:
     (ΣW,) the last W prompt tokens of each row, cu_q (B+1,) int32 (empty when the policy needs no queries);
     kept_row/kept_pos (Σ(keep+g),) int64 — row (in this plan) and compacted position c of every kept entry;
     kept_out_tok (Σ(keep+g),) int64 — packed token id of an output entry (c ≥ keep), −1 for a prompt entry;
-    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry; out_starts: the query row of each row's
-    first output (recomputed attention rows).
+    slots (Σ(keep+g),) int64 — destination cache slot of each kept entry; lengths_dev / keeps_dev (B,) int64 —
+    lengths and keeps on the device (for the selection); out_starts: the query row of each row's first output
+    (recomputed attention rows).
 
     With the last chunk of a chunked prefill among the rows, `sources` is set (per row: step start, c0, qlen,
     carry, block-table row) and the plan indexes the tensors of `assemble`: keys/values of every row's tokens
@@ -68,6 +77,8 @@ class PrefillPlan:
     kept_pos: torch.Tensor
     kept_out_tok: torch.Tensor
     slots: torch.Tensor
+    lengths_dev: torch.Tensor
+    keeps_dev: torch.Tensor
     out_starts: list[int]
     sources: list | None = None
     query_from: list[int] | None = None
@@ -85,6 +96,7 @@ class Chunk:
     prompt: int           # P
     num_queries: int      # the policy's scoring queries for P (the last ones of the prompt)
     carry: dict
+    cu: torch.Tensor | None = None   # policies scoring with every query: device int32 [0, qlen, 0, c0 + qlen]
 
 
 @dataclass
@@ -92,10 +104,49 @@ class StepPlan:
     """What the attention layers do after a step's attention: prune the rows of `plan` (None: none), keep what the
     last chunk will need of the chunks of `stash` ([Chunk]: prompts prefilled in chunks, pruned at their last
     chunk). block_table: the step's (unremapped) device block table, through which earlier chunks' keys are read
-    back from the paged cache."""
+    back from the paged cache. nan: the builder's NanWatch, where the layers leave their NaN flags (None: the
+    selection checks for NaN on the host)."""
     plan: PrefillPlan | None
     stash: list
     block_table: torch.Tensor | None = None
+    nan: NanWatch | None = None
+
+
+class NanWatch:
+    """NaN scores reported without a host sync in the layers: each layer's selection appends a device flag
+    (`flags(layer)`); `flush` (the builder, once per step, after the previous step's layers were launched) copies
+    the flags gathered so far to host memory asynchronously (pinned, with a CUDA event), and `check` reads the
+    copies whose event has completed and raises naming the layers. On CPU the copy is complete at once, so a NaN is
+    reported at the next step's build. A NaN in the last step of an engine's life goes unreported."""
+
+    def __init__(self):
+        self.pending: dict[int, list] = {}    # layer -> device bool flags not yet flushed
+        self.copies: list = []                # (layers, host flags, event or None), in flush order
+
+    def flags(self, layer: int) -> list:
+        return self.pending.setdefault(layer, [])
+
+    def flush(self) -> None:
+        layers = [l for l, fs in self.pending.items() for _ in fs]
+        if layers:
+            flags = torch.stack([f for fs in self.pending.values() for f in fs])
+            event = None
+            if flags.is_cuda:
+                host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+                host.copy_(flags, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                flags = host
+            self.copies.append((layers, flags, event))
+        self.pending = {}
+
+    def check(self) -> None:
+        while self.copies and (self.copies[0][2] is None or self.copies[0][2].query()):
+            layers, host, _ = self.copies.pop(0)
+            bad = sorted({l for l, f in zip(layers, host.tolist()) if f})
+            if bad:
+                raise RuntimeError(f"colreduce_kvprune: pruning scores contain NaN at layer(s) {bad} of an earlier "
+                                   "prefill step (NaN queries or keys: check the model's dtype and inputs)")
 
 
 class RowState:
@@ -113,8 +164,8 @@ class RowState:
         first_blocks = first_blocks.long()
         vals = self.table[first_blocks]
         if fresh_rows:
-            idx = torch.tensor(fresh_rows, dtype=torch.long).to(first_blocks.device, non_blocking=True)
-            new = torch.tensor(fresh_values, dtype=torch.int32).to(first_blocks.device, non_blocking=True)
+            idx = to_device(torch.tensor(fresh_rows, dtype=torch.long), first_blocks.device)
+            new = to_device(torch.tensor(fresh_values, dtype=torch.int32), first_blocks.device)
             self.table[first_blocks[idx]] = new
             vals[idx] = 0
         return vals
@@ -215,9 +266,14 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
         fresh_rows.append(row)
         fresh_values.append((off, cdiv(length - off, block_size), cdiv(length, block_size)))
         pruned.append((row, start, c0, qlen, prompt, keep, length - prompt, carry if c0 else None))
+    dev = block_table.device
+    summed = [ch for ch in stash if ch.num_queries == ch.prompt]
+    if summed:       # the cu_seqlens of each stashed chunk's column sums, on the device once per step
+        cu = to_device(torch.tensor([[0, ch.qlen, 0, ch.c0 + ch.qlen] for ch in summed], dtype=torch.int32), dev)
+        for ch, row in zip(summed, cu.unbind(0)):
+            ch.cu = row
     if not pruned:
         return fresh_rows, fresh_values, None, stash
-    dev = block_table.device
     rows, steps_at, c0s, qlens, lengths, keeps, outs, carried = (list(x) for x in zip(*pruned))
     full = [c + q for c, q in zip(c0s, qlens)]                  # L per row
     nq = [_num_queries(policy, n) for n in lengths]
@@ -245,18 +301,17 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
     kept_pos = torch.cat([torch.arange(t) for t in totals])
     kept_out_tok = torch.cat([torch.cat([torch.full((k,), -1), torch.arange(s + n, s + n + g)])
                               for s, n, k, g in zip(starts, lengths, keeps, outs)])
-    to = dict(device=dev, non_blocking=True)
-    kept_row_d, kept_pos_d = kept_row.to(**to), kept_pos.to(**to)
-    rows_d = torch.tensor(rows, dtype=torch.long).to(**to)
+    kept_row_d, kept_pos_d = to_device(kept_row, dev), to_device(kept_pos, dev)
+    rows_d, starts_d, lengths_d, keeps_d = to_device(torch.tensor([rows, starts, lengths, keeps]), dev).unbind(0)
     slots = (block_table[rows_d[kept_row_d], kept_pos_d // block_size].long() * block_size
              + kept_pos_d % block_size)
     plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_outputs=outs,
                        num_queries=[b - a for a, b in wins], kept_starts=[0] + list(_cumsum(totals))[:-1],
-                       key_index=key_index.to(**to), cu_k=cu_k.to(**to), window_index=window_index.to(**to),
-                       cu_q=cu_q.to(**to), starts_dev=torch.tensor(starts, dtype=torch.long).to(**to),
-                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok.to(**to), slots=slots,
-                       out_starts=out_starts, sources=sources, query_from=qfrom,
-                       accumulate=accumulate)
+                       key_index=to_device(key_index, dev), cu_k=to_device(cu_k, dev),
+                       window_index=to_device(window_index, dev), cu_q=to_device(cu_q, dev), starts_dev=starts_d,
+                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=to_device(kept_out_tok, dev),
+                       slots=slots, lengths_dev=lengths_d, keeps_dev=keeps_d, out_starts=out_starts,
+                       sources=sources, query_from=qfrom, accumulate=accumulate)
     return fresh_rows, fresh_values, plan, stash
 
 
@@ -322,16 +377,14 @@ def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, q: torch.Tensor, c
     """(H, c0 + qlen) float32: the chunk's queries' causal column sums (or maxima) over the prompt's keys so far."""
     from .. import colreduce_paged, colreduce_varlen
 
-    n, dev = ch.c0 + ch.qlen, q.device
-    cu_q = torch.tensor([0, ch.qlen], dtype=torch.int32, device=dev)
+    n, cu_q = ch.c0 + ch.qlen, ch.cu[:2]                # ch.cu: plan_prefills, on the device once per step
     if cache_views is None:
         keys = torch.cat([k for k, _ in ch.carry[("kv", layer)]])
-        return colreduce_varlen(q, keys, cu_q, torch.tensor([0, n], dtype=torch.int32, device=dev), reduction,
-                                max_seqlen_q=ch.qlen, max_seqlen_k=n, is_causal=True, scale=scale,
-                                group_reduce=group).t()
-    return colreduce_paged(q, cache_views[0], step.block_table[ch.row: ch.row + 1], cu_q,
-                           torch.tensor([n], dtype=torch.int32, device=dev), reduction, max_seqlen_q=ch.qlen,
-                           max_seqlen_k=n, is_causal=True, scale=scale, group_reduce=group)[0]
+        return colreduce_varlen(q, keys, cu_q, ch.cu[2:], reduction, max_seqlen_q=ch.qlen, max_seqlen_k=n,
+                                is_causal=True, scale=scale, group_reduce=group).t()
+    return colreduce_paged(q, cache_views[0], step.block_table[ch.row: ch.row + 1], cu_q, ch.cu[3:], reduction,
+                           max_seqlen_q=ch.qlen, max_seqlen_k=n, is_causal=True, scale=scale,
+                           group_reduce=group)[0]
 
 
 def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -445,7 +498,8 @@ def row_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor
                 s = _finish_partial(req, s, key.shape[1])
             scores.append(policy.postprocess_scores(s))
     elif req.kind == "random":
-        scores = [policy.random_scores(key.shape[1], b - a, layer, head_offset).to(key.device) for a, b in bounds]
+        scores = [to_device(policy.random_scores(key.shape[1], b - a, layer, head_offset), key.device)
+                  for a, b in bounds]
     else:
         keys = key[plan.key_index]
         scores = [policy.scores(None, keys[a:b].transpose(0, 1), layer=layer) for a, b in bounds]
@@ -454,24 +508,28 @@ def row_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor
 
 def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
                 backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0,
-                partials: list | None = None) -> torch.Tensor:
+                partials: list | None = None, nan_flags: list | None = None) -> torch.Tensor:
     """Scores and selection for every pruned row of the step at one layer.
 
     query (T, Hq, D) after RoPE, key (T, Hkv, D) after RoPE (the step's packed tensors; under tensor parallelism a
     rank's slice of the heads). head_offset: the model-wide index of key's first kv head (the random policy draws
     per model-wide head). gather_heads: None on one rank; under tensor parallelism a callable concatenating a
     (Hkv, X) tensor of every rank along dim 0, in rank order, and rank_heads the position of this rank's heads in
-    it. partials: from assemble (a chunked prompt's earlier column sums, accumulating policies). per_head=false
+    it. partials: from assemble (a chunked prompt's earlier column sums, accumulating policies). nan_flags: None
+    (NaN scores raise here, a host sync) or a list to which the selection appends a device NaN flag (NanWatch).
+    No host sync otherwise: lengths and keep counts come from the plan's device tensors. per_head=false
     shares one token set over all kv heads, so its scores are gathered from every rank first
     and each rank keeps its own rows of the common selection (then every rank selects as one device would).
     Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
     scores = row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
                         head_offset=head_offset, partials=partials)
+    on_device = dict(layer=layer, device_lengths=plan.lengths_dev, device_counts=plan.keeps_dev,
+                     nan_flags=nan_flags)
     if gather_heads is None or policy.config.per_head:
-        idx, _ = policy.select_batched(scores, layer=layer)
+        idx, _ = policy.select_batched(scores, **on_device)
         return idx
     every = gather_heads(torch.cat(scores, dim=1).contiguous())              # (Hkv of all ranks, ΣP)
-    idx, _ = policy.select_batched(list(every.split(plan.lengths, dim=1)), layer=layer)
+    idx, _ = policy.select_batched(list(every.split(plan.lengths, dim=1)), **on_device)
     return idx[:, rank_heads: rank_heads + key.shape[1]]
 
 

@@ -77,7 +77,8 @@ class PruneManager(FullAttentionManager):
                                **kwargs):
         """No cache hit for a request that will be pruned. vLLM looks up a request with max_length = its token count
         − 1 (P, or P + g when it resumes after a preemption; the lookup runs before any per-request call reaches this
-        manager). keep_count(P) < P implies keep_count(P + g) < P + g, so every pruned request is refused; a resumed
+        manager; vLLM 0.33 passes a lower bound when its aux output connector is on, a combination versions.py
+        refuses). keep_count(P) < P implies keep_count(P + g) < P + g, so every pruned request is refused; a resumed
         request that is not pruned may be refused too, and is then recomputed in full (correct, only slower)."""
         n = max_length + 1
         if keep_count(_spec_config(kv_cache_spec.prune_config), n) < n:

@@ -62,8 +62,10 @@ class PromptLengthTracker(V2LogitsProcessor, V1LogitsProcessor):
                             f"PromptLengthTracker(vllm_config, req_states) (V2), got {1 + len(args)} arguments")
         self.rows: dict[int, _Row] = {}                     # V1: {batch row: its request's prompt length, carry}
         self.slots: dict[int, dict] = {}                    # V2: {request slot: carry}
-        self.active = config_source(vllm_config)[0] is not None
+        source, where = config_source(vllm_config)
+        self.active = source is not None
         if self.active:
+            _check_release(where)
             self._vllm_config = vllm_config        # keeps id(vllm_config) from being reused while registered
             _TRACKERS[id(vllm_config)] = self
 
@@ -130,6 +132,18 @@ def _new_row(params, prompt_token_ids, output_token_ids) -> _Row:
         raise RuntimeError("colreduce_kvprune: a request without prompt token ids (prompt embeddings) reached a "
                            "pruning engine; its prompt length is unknown to the plugin")
     return _Row(len(prompt_token_ids))
+
+
+def _check_release(where: str) -> None:
+    """A pruning config on a vLLM release the plugin does not support stops the engine here: register() installed
+    nothing on that release (so no backend of ours would refuse it), but this entry point still loads."""
+    from . import versions
+
+    version = versions.installed()
+    if not versions.supported(version):
+        from ..config import ConfigError
+
+        raise ConfigError(f"{versions.unsupported_message(version)}; pruning config from {where}")
 
 
 def tracker_for(vllm_config) -> PromptLengthTracker | None:

