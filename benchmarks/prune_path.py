@@ -103,8 +103,8 @@ def run(P, dtype, config_path, n_req=1, block_size=16):
     def score():
         return compaction.row_scores(policy, plan, query, key, layer=0, scale=scale)
 
-    def prune_layer():
-        idx = compaction.select_kept(policy, plan, query, key, layer=0, scale=scale)
+    def prune_layer():      # as the engine calls it: NaN flags left on the device (compaction.NanWatch), no sync
+        idx = compaction.select_kept(policy, plan, query, key, layer=0, scale=scale, nan_flags=[])
         k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
         write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
