@@ -184,6 +184,7 @@ def test_pruning_step_with_key_none_raises():
         pass
 
     impl = object.__new__(Impl)                    # no vLLM impl state needed for this path
+    impl.prune_cold = False                        # (set by __init__: the scoring kernels' warm-up is done)
     q, out = torch.zeros(4, 2, 16), torch.zeros(4, 2, 16)
     assert impl.forward(None, q, None, None, None, NS(kvprune=None), out) is out
     with pytest.raises(RuntimeError, match="without key/value tensors"):
