@@ -35,11 +35,10 @@ def _check_common(q, k, reduction, scale, group_reduce, backend, q_name="q", k_n
         raise ValueError(f"{q_name} and {k_name} are on different devices: {q.device} and {k.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if backend == "auto":
         return "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
     if backend == "triton":
-        if not q.is_cuda and not interpreting:
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise ValueError(f"backend='triton' needs CUDA tensors (got device {q.device}); use backend='torch' "
                              "or 'auto' on CPU (or set TRITON_INTERPRET=1 before importing triton, for testing)")
         d = q.shape[-1]
@@ -52,6 +51,18 @@ def _check_heads(hq: int, hkv: int, q_name="q", k_name="k") -> None:
     if hkv == 0 or hq % hkv:
         raise ValueError(f"{q_name} has {hq} heads and {k_name} {hkv}: the query heads must be a multiple of the "
                          "kv heads (GQA)")
+
+
+_launcher = None
+
+
+def _triton_launcher():
+    """kernels.colreduce.colreduce_triton, imported once (lazily: importing triton is slow and CPU users need not)."""
+    global _launcher
+    if _launcher is None:
+        from colreduce_kvprune.kernels.colreduce import colreduce_triton
+        _launcher = colreduce_triton
+    return _launcher
 
 
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
@@ -95,8 +106,7 @@ def colreduce(q: torch.Tensor, k: torch.Tensor, reduction: str = "sum", *, is_ca
     if backend == "torch":
         out = colreduce_torch(q, k, reduction, is_causal=is_causal, scale=scale, group_reduce=group_reduce, lse=lse)
         return out if q.dtype == torch.float64 else out.float()
-    from colreduce_kvprune.kernels.colreduce import colreduce_triton
-    return colreduce_triton(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
+    return _triton_launcher()(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
                             scale=scale, group_reduce=group_reduce, lse=lse)
 
 
@@ -152,8 +162,7 @@ def colreduce_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tenso
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
     if max_seqlen_k is None:
         max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
-    from colreduce_kvprune.kernels.colreduce import colreduce_triton
-    return colreduce_triton(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
+    return _triton_launcher()(_unit_stride_last(q), _unit_stride_last(k), reduction, is_causal=is_causal,
                             scale=scale, group_reduce=group_reduce, lse=lse, cu_seqlens_q=cu_seqlens_q,
                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
@@ -211,8 +220,7 @@ def colreduce_paged(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch
         return out if q.dtype == torch.float64 else out.float()
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
-    from colreduce_kvprune.kernels.colreduce import colreduce_triton
-    return colreduce_triton(_unit_stride_last(q), key_cache, reduction, is_causal=is_causal, scale=scale,
+    return _triton_launcher()(_unit_stride_last(q), key_cache, reduction, is_causal=is_causal, scale=scale,
                             group_reduce=group_reduce, lse=lse, cu_seqlens_q=cu_seqlens_q,
                             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
                             seqlens_k=seqlens_k)

@@ -4,7 +4,8 @@ Two passes over K, each program owning its outputs (no atomics: bitwise determin
 1. ``_row_stats_kernel`` (skipped when the caller passes the row log-sum-exp): the key axis is split across
    programs so that a short query window still fills the GPU; the rows of all query heads of a kv group are one
    tile, so each K tile is loaded once per group. Each program writes a partial row max and sum of exponentials;
-   ``_combine_row_stats`` merges the splits in a fixed order into the row log-sum-exp.
+   ``_combine_row_stats_kernel`` merges the splits in a fixed order into the row log-sum-exp (with one split the
+   row pass writes it itself).
 2. the column pass: each program owns BLOCK_N key columns of one kv head, loads that K tile once, and loops over
    the query heads of the group and their query blocks, reducing exp2(s − lse) over rows (sum or max).
    ``_window_column_kernel`` (query windows ≤ 128 rows) keeps the K tile in registers and reduces each k·qᵀ tile at
@@ -17,6 +18,7 @@ bf16 dot is wrong).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,8 +27,25 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 _REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
 _GROUP_REDUCE = {None: 0, "sum": 1, "mean": 2, "max": 3}
+
+# Launch path. "new" (default): launch plan (tiles, splits, grids) cached per shape, row statistics combined by a
+# Triton kernel (or written directly by the row pass when it has one split), a given natural-log lse converted
+# inside the column kernel, tile sizes fitted to short windows and small grids. "old": the path before issue 19
+# (torch ops for the combine and the lse conversion, _pick_config's tiles) — kept so that one GPU run can compare
+# both (benchmarks/kernels.py --serving-sweep). Set with COLREDUCE_KVPRUNE_LAUNCH=old or set_launch_variant().
+_VARIANT = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH", "new")
+
+
+def set_launch_variant(variant: str) -> None:
+    """"new", "old" or "direct" (see _VARIANT). For benchmarks and tests; results agree to rounding either way
+    ("direct" is "new" with the compiled kernels launched directly: bitwise the same results)."""
+    global _VARIANT
+    if variant not in ("new", "old", "direct"):
+        raise ValueError(f"launch variant must be 'new', 'old' or 'direct', got {variant!r}")
+    _VARIANT = variant
 
 
 def _interpreting() -> bool:
@@ -96,11 +115,13 @@ def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial (max, sum of exp2) of each query row over one split of the keys, rows of all G heads together.
 
-    Writes M_part/L_part[split, b·Hq + h, m] (log2 domain; -inf and 0 for a row that saw no key).
+    Writes M_part/L_part[split, b·Hq + h, m] (log2 domain; -inf and 0 for a row that saw no key). FINAL (one split
+    only): writes the row log-sum-exp (log2 domain, +inf for a row that saw no key) to M_part instead, as
+    _combine_row_stats_kernel would from that one split.
     """
     split = tl.program_id(0)
     rb = tl.program_id(1)
@@ -145,20 +166,48 @@ def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part,
                                    qk_scale, d, D, UPCAST, DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE,
                                    BLOCK_N)
     out = split * spp + (b * HKV * G + hk * G + g) * sph + m
-    tl.store(M_part + out, m_i, mask=r_ok)
-    tl.store(L_part + out, l_i, mask=r_ok)
+    if FINAL:
+        tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
+    else:
+        tl.store(M_part + out, m_i, mask=r_ok)
+        tl.store(L_part + out, l_i, mask=r_ok)
+
+
+@triton.jit
+def _row_lse(m_max, total):
+    """log2-domain log-sum-exp from a row's max and its sum of exp2(s − max); +inf where the row saw no key."""
+    return tl.where(total == 0, float("inf"), m_max + tl.log2(total))
+
+
+@triton.jit
+def _combine_row_stats_kernel(M_part, L_part, LSE2, n_rows, spp, S, BLOCK: tl.constexpr):
+    """LSE2[i] = log2-domain log-sum-exp of row i from its S partials (M_part/L_part[s, i]), the splits combined
+    in a fixed order (deterministic); +inf for a row that saw no key; NaN stays NaN."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_rows
+    m_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    for s in range(S):
+        m_max = tl.maximum(m_max, tl.load(M_part + s * spp + i, mask=ok, other=float("-inf")),
+                           propagate_nan=tl.PropagateNan.ALL)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in range(S):
+        mp = tl.load(M_part + s * spp + i, mask=ok, other=float("-inf"))
+        lp = tl.load(L_part + s * spp + i, mask=ok, other=0.0)
+        total += lp * tl.exp2(mp - m_max)
+    tl.store(LSE2 + i, _row_lse(m_max, total), mask=ok)
 
 
 @triton.jit
 def _column_program(cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV: tl.constexpr,
                     IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HS: tl.constexpr = 1):
     """What a column-pass program (key tile program_id(0), sequence × kv head program_id(1)) works on: b, hk, the
     sequence bounds (q0, Mb, k0, Nb), shift = Nb − Mb, m_lo (first query block that sees any of its key columns),
     m_full (first query block that sees all of them; blocks in [m_lo, m_full) need the causal mask; both 0 when not
     causal), its key positions n (BLOCK_N,), which are in range, and their row offsets in K."""
-    b = tl.program_id(1) // HKV
-    hk = tl.program_id(1) % HKV
+    b = tl.program_id(1) // HS // HKV                 # HS: programs per kv head (head split, long kernel)
+    hk = tl.program_id(1) // HS % HKV
     n_first = tl.program_id(0) * BLOCK_N
     q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
     shift = Nb - Mb
@@ -184,9 +233,22 @@ def _column_counts(n, shift, Mb, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _load_lse2(LSE_head, m, m_ok, slm, LSE_NATURAL: tl.constexpr):
+    """Row log-sum-exp in log2 units of the rows m, +inf for absent rows and rows that see no key.
+
+    LSE_NATURAL: the caller's natural-log lse (-inf for a row that sees no key), converted here as the launcher
+    did with torch before (lse·log2(e) in float32, -inf → +inf)."""
+    if LSE_NATURAL:
+        lse2 = tl.load(LSE_head + m * slm, mask=m_ok, other=float("inf")).to(tl.float32) * _LOG2E
+        return tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    else:
+        return tl.load(LSE_head + m * slm, mask=m_ok, other=float("inf"))
+
+
+@triton.jit
 def _window_tile(k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
                  REDUCTION: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+                 MASKED: tl.constexpr, LSE_NATURAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """(BLOCK_N,) sum (or max) of exp2(k·qᵀ·scale − lse) over the query rows [ms, ms + BLOCK_M).
 
     The tile is k·qᵀ (keys on rows), so the reduction over queries stays within each row's warp."""
@@ -195,7 +257,7 @@ def _window_tile(k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D
     qt = tl.load(Q_head + m[None, :] * sqm + d[:, None], mask=m_ok[None, :] & (d[:, None] < D), other=0.0)
     if UPCAST:
         qt = qt.to(tl.float32)
-    lse2 = tl.load(LSE_head + m * slm, mask=m_ok, other=float("inf"))      # absent rows give exp2(-inf) = 0
+    lse2 = _load_lse2(LSE_head, m, m_ok, slm, LSE_NATURAL)      # absent rows give exp2(-inf) = 0
     p = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
     if MASKED:
         p = tl.where(n[:, None] <= m[None, :] + shift, p, 0.0)
@@ -213,7 +275,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr,
                           IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                           IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Column pass for short query windows: reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for
     the G query heads of one kv head.
@@ -224,7 +286,8 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     or kv head when GROUP_REDUCE combines the group).
     """
     b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
-        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
+        1)
     if tl.program_id(0) * BLOCK_N >= Nb:
         return
     d = tl.arange(0, BLOCK_D)
@@ -240,7 +303,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     for it in range(0, G * n_masked):                 # the diagonal: causal mask
         g = it // n_masked
         col = _window_tile(k, Q_group + g * sqh, LSE_group + g * slh, m_lo + (it % n_masked) * BLOCK_M, n, shift,
-                           sqm, slm, qk_scale, Mb, d, D, REDUCTION, UPCAST, DOT_PRECISION, True, BLOCK_M)
+                           sqm, slm, qk_scale, Mb, d, D, REDUCTION, UPCAST, DOT_PRECISION, True, LSE_NATURAL, BLOCK_M)
         if REDUCTION == 2:
             cols = tl.where(gi[None, :] == g, tl.maximum(cols, col[:, None]), cols)
         else:
@@ -249,7 +312,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     for it in range(0, G * n_full):                   # query blocks that see every column: no mask
         g = it // n_full
         col = _window_tile(k, Q_group + g * sqh, LSE_group + g * slh, m_full + (it % n_full) * BLOCK_M, n, shift,
-                           sqm, slm, qk_scale, Mb, d, D, REDUCTION, UPCAST, DOT_PRECISION, False, BLOCK_M)
+                           sqm, slm, qk_scale, Mb, d, D, REDUCTION, UPCAST, DOT_PRECISION, False, LSE_NATURAL, BLOCK_M)
         if REDUCTION == 2:
             cols = tl.where(gi[None, :] == g, tl.maximum(cols, col[:, None]), cols)
         else:
@@ -273,14 +336,14 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
 @triton.jit
 def _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
                REDUCTION: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+               MASKED: tl.constexpr, LSE_NATURAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += (or max=) exp2(q·kᵀ·scale − lse) for the query rows [ms, ms + BLOCK_M)."""
     m = ms + tl.arange(0, BLOCK_M)
     m_ok = m < Mb
     q = tl.load(Q_head + m[:, None] * sqm + d[None, :], mask=m_ok[:, None] & (d[None, :] < D), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    lse2 = tl.load(LSE_head + m * slm, mask=m_ok, other=float("inf"))
+    lse2 = _load_lse2(LSE_head, m, m_ok, slm, LSE_NATURAL)
     p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
@@ -296,17 +359,22 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                         max_m, max_n, qk_scale,
                         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                         REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                        HS: tl.constexpr, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Column pass for long query ranges: same result as _window_column_kernel, tiles q·kᵀ (queries on rows).
 
     The K tile is the dot's B operand (shared memory); a 2-D accumulator is reduced over rows once per head (once
     in all with FUSE_HEADS: the group combine equals the row combine, sum of sums or max of maxes).
+    HS > 1 (head split, G % HS == 0): HS programs per kv head and key tile, each over G / HS of the group's heads;
+    with GROUP_REDUCE each writes its partial group sum (max) to head hk·HS + hs of Out, which the launcher then
+    combines in a fixed order (and divides by G for the mean).
     """
     b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
-        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
+        HS)
+    hs = tl.program_id(1) % HS
     if tl.program_id(0) * BLOCK_N >= Nb:
         return
     d = tl.arange(0, BLOCK_D)
@@ -317,16 +385,16 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         count = _column_counts(n, shift, Mb, IS_CAUSAL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     group = tl.zeros([BLOCK_N], tl.float32)
-    for g in range(G):
-        h = hk * G + g
+    for gg in range(G // HS):
+        h = hk * G + hs * (G // HS) + gg
         Q_head = Q + b * sqb + h * sqh + q0 * sqm
         LSE_head = LSE2 + b * slb + h * slh + q0 * lse_q0 * slm
         for ms in range(m_lo, m_full, BLOCK_M):
             acc = _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
-                             REDUCTION, UPCAST, DOT_PRECISION, True, BLOCK_M)
+                             REDUCTION, UPCAST, DOT_PRECISION, True, LSE_NATURAL, BLOCK_M)
         for ms in range(m_full, Mb, BLOCK_M):
             acc = _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D,
-                             REDUCTION, UPCAST, DOT_PRECISION, False, BLOCK_M)
+                             REDUCTION, UPCAST, DOT_PRECISION, False, LSE_NATURAL, BLOCK_M)
         if not FUSE_HEADS:
             if REDUCTION == 2:
                 col = tl.max(acc, 0)
@@ -349,9 +417,9 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         if REDUCTION == 1:
             group = tl.where(count > 0, group / tl.maximum(count, 1).to(tl.float32), 0.0)
     if GROUP_REDUCE != 0:
-        if GROUP_REDUCE == 2:
+        if GROUP_REDUCE == 2 and HS == 1:
             group = group / G
-        tl.store(Out + b * sob + hk * soh + (k0 + n) * son, group, mask=n_ok)
+        tl.store(Out + b * sob + (hk * HS + hs) * soh + (k0 + n) * son, group, mask=n_ok)
 
 
 def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
@@ -377,6 +445,41 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
                 BLOCK_M=col[0], BLOCK_N=col[1], warps=col[2], stages=col[3])
 
 
+def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> dict:
+    """The "new" launch variant's tiles: _pick_config's, fitted to the shape (any choice is exact; these only
+    change speed, and are compared with _pick_config's in one GPU run by benchmarks/kernels.py --serving-sweep).
+
+    - row pass: BLOCK_R no larger than the rows of a group (G·M, at least 16 for tl.dot): a 64-query MHA window
+      ran 128-row tiles, half of every q·kᵀ and exp2 wasted; 1–16-query windows wasted up to 127/128.
+    - window column pass: BLOCK_M no larger than the window (at least 16).
+    - window column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv
+      heads: e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs).
+    - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 4 programs per SM;
+      full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks; where
+      that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles."""
+    if _interpreting():
+        return cfg
+    cfg = dict(cfg)
+    rows = triton.next_power_of_2(max(1, g * m))
+    cfg["BLOCK_R"] = max(16, min(cfg["BLOCK_R"], rows))
+    if cfg["WINDOW"]:
+        cfg["BLOCK_M"] = max(16, min(cfg["BLOCK_M"], triton.next_power_of_2(max(1, m))))
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * programs
+    if cfg["WINDOW"]:
+        if cfg["BLOCK_N"] > 64 and tiles < 2 * sms:
+            cfg["BLOCK_N"] = 64
+    else:                   # long kernel: split the group's heads over programs until ~4 programs per SM
+        hs = 1
+        while hs < g and tiles * hs < 4 * sms:
+            hs += 1
+            while g % hs:
+                hs += 1
+        cfg["HEAD_SPLIT"] = hs
+        if cfg["BLOCK_N"] > 64 and tiles * hs < 2 * sms:    # heads exhausted (MHA, few heads): narrower tiles
+            cfg["BLOCK_N"] = 64
+    return cfg
+
+
 def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:
     """True where combining the group's heads commutes with reducing rows (sum/mean of sums, max of maxes)."""
     if reduction == "max":
@@ -384,19 +487,68 @@ def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:
     return group_reduce in ("sum", "mean")
 
 
-def _num_splits(rows_programs: int, n: int, block_n: int) -> int:
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(rows_programs: int, n: int, block_n: int, sms: int | None = None) -> int:
     """Key-axis splits for the row pass: enough programs to fill the GPU, at least 4 key tiles per split."""
     if _interpreting():
         return max(1, min(2, triton.cdiv(n, 4 * block_n)))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if sms is None:
+        sms = _sm_count(torch.cuda.current_device())
     want = triton.cdiv(4 * sms, max(1, rows_programs))
     return max(1, min(want, triton.cdiv(n, 4 * block_n)))
+
+
+def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: bool, variant: str, sms: int,
+          config: dict | None):
+    """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape."""
+    if config is not None:
+        cfg = config
+    else:
+        cfg = _pick_config(max_m, D, G, is_causal)
+        if variant != "old":
+            cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms)
+    row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
+    splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
+    split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
+    splits = triton.cdiv(max_n, split_len)
+    return cfg, row_blocks, splits, split_len, (triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)
+
+
+def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
+            dtype, interpreting, lse_given, config=None):
+    """Everything a launch needs that is a function of the shape and flags (no tensors): the plan, the kwargs of
+    the row and column kernels, whether the row pass writes the lse itself (final), the head split."""
+    cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config)
+    upcast = interpreting and dtype == torch.bfloat16
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
+                  UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    final = variant != "old" and splits == 1 and not lse_given
+    row_kw = dict(FINAL=final, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
+                  num_stages=cfg["stages1"], **common)
+    col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
+                  LSE_NATURAL=lse_given and variant != "old", **common)
+    hs = 1 if cfg["WINDOW"] else cfg.get("HEAD_SPLIT", 1)
+    if not cfg["WINDOW"]:
+        col_kw["HS"] = hs
+        col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce) if (hs == 1 or group_reduce is not None) \
+            else False
+    return cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs
+
+
+_cached_recipe = functools.lru_cache(maxsize=4096)(_recipe)
 
 
 def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor:
     """(S, …) partial row max and sum of exp2 → log2-domain row log-sum-exp, +inf where a row sees no key.
 
-    Reduces the split axis in a fixed order (deterministic)."""
+    Reduces the split axis in a fixed order (deterministic). The "old" launch variant's combine (torch ops);
+    the "new" one runs _combine_row_stats_kernel."""
     m_max = m_part.amax(0)
     m_max = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
     total = (l_part * torch.exp2(m_part - m_max)).sum(0)
@@ -404,12 +556,73 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
     return torch.where(total == 0, torch.full_like(total, float("inf")), m_max + torch.log2(total))
 
 
+# "direct" launch variant (speculative, for a GPU A/B): after a kernel's first JIT dispatch for a specialisation,
+# later launches call the compiled kernel's launcher directly (CompiledKernel.run, the call JITFunction.run ends
+# with), skipping Triton's argument binding and cache-key computation (~10-20 µs a launch). The key holds all that
+# Triton specialises on: each int argument (== 1, % 16 == 0, beyond int32), each tensor argument's dtype and
+# 16-byte alignment, the constexprs/options (the recipe), the device. Any failure while building a launcher falls
+# back to the JIT dispatch for that key.
+_direct_launchers: dict = {}
+_COMBINE_KW = {"BLOCK": 1024}
+
+
+def _spec(args) -> tuple:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            out.append(type(a))
+        else:
+            out.append((a == 1, a % 16 == 0, not -2**31 <= a < 2**31))
+    return tuple(out)
+
+
+def _launch(fn, grid, args, kw, recipe_key, device):
+    """fn[grid](*args, **kw); with the "direct" variant (recipe_key given) through a cached launcher of the
+    compiled kernel."""
+    if recipe_key is None:
+        fn[grid](*args, **kw)
+        return
+    key = (id(fn), recipe_key, device, _spec(args))
+    launch = _direct_launchers.get(key, False)
+    if launch:
+        launch(grid, args)
+        return
+    compiled = fn[grid](*args, **kw)
+    if launch is False:                                # first dispatch of this key: build its launcher
+        _direct_launchers[key] = _build_direct(fn, compiled, kw, device)
+
+
+def _build_direct(fn, compiled, kw, device):
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            return None
+        params = list(fn.params)
+        first_constexpr = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+        if any(not p.is_constexpr for p in params[first_constexpr:]):
+            return None                                # constexprs must close the signature
+        constexprs = tuple(kw[p.name] for p in params[first_constexpr:])
+        run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        get_stream = driver.active.get_current_stream
+
+        def launch(grid, args):
+            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, get_stream(device),
+                function, meta, None, enter, leave, *args, *constexprs)
+        return launch
+    except Exception:  # noqa: BLE001 (an unknown Triton version: stay on the JIT dispatch)
+        return None
+
+
 def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_causal: bool, scale: float,
                      group_reduce: str | None, lse: torch.Tensor | None = None,
                      cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                      block_table: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
-                     config: dict | None = None) -> torch.Tensor:
+                     config: dict | None = None, variant: str | None = None) -> torch.Tensor:
     """Launch the two passes. Inputs are validated by the caller (colreduce_kvprune.ops).
 
     Dense: q (B, Hq, M, D), k (B, Hkv, N, D), lse (B, Hq, M) → (B, Hq|Hkv, N).
@@ -418,85 +631,136 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     (num_blocks, block_size, Hkv, D), block_table (B, max_blocks), seqlens_k (B,) → (B, Hq|Hkv, max_seqlen_k),
     zero past each sequence's keys.
     The last dimension of q and k must have stride 1. ``config`` replaces the tile choice: a full dict of
-    _pick_config's keys (benchmark sweeps, tests).
+    _pick_config's keys (benchmark sweeps, tests). ``variant`` "new" | "old" overrides the module's launch variant
+    (see _VARIANT). No host sync: everything the launch needs comes from shapes and the given max lengths.
     """
+    variant = variant or _VARIANT
     varlen = cu_seqlens_q is not None
     paged = block_table is not None
     skblk, sbt, page = 0, 0, 1
+    qs, ks = q.stride(), k.stride()
     if paged:
-        B = cu_seqlens_q.numel() - 1
+        B = cu_seqlens_q.shape[0] - 1
         _, Hq, D = q.shape
         Hkv = k.shape[2]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
-        sqb, sqh, sqm = 0, q.stride(1), q.stride(0)
-        skb, skh, skn, skblk, page = 0, k.stride(2), k.stride(1), k.stride(0), k.shape[1]
+        sqb, sqh, sqm = 0, qs[1], qs[0]
+        skb, skh, skn, skblk, page = 0, ks[2], ks[1], ks[0], k.shape[1]
         sbt = block_table.stride(0)
         heads = Hq if group_reduce is None else Hkv
         out = torch.zeros(B, heads, max_n, dtype=torch.float32, device=q.device)
-        sob, soh, son = out.stride(0), out.stride(1), out.stride(2)
+        sob, soh, son = heads * max_n, max_n, 1
         cu_seqlens_k = seqlens_k
+        numel = B * heads * max_n
     elif varlen:
-        B = cu_seqlens_q.numel() - 1
+        B = cu_seqlens_q.shape[0] - 1
         _, Hq, D = q.shape
         Hkv = k.shape[1]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
-        sqb, sqh, sqm = 0, q.stride(1), q.stride(0)
-        skb, skh, skn = 0, k.stride(1), k.stride(0)
+        sqb, sqh, sqm = 0, qs[1], qs[0]
+        skb, skh, skn = 0, ks[1], ks[0]
         heads = Hq if group_reduce is None else Hkv
         out = torch.empty(k.shape[0], heads, dtype=torch.float32, device=q.device)
-        sob, soh, son = 0, out.stride(1), out.stride(0)
+        sob, soh, son = 0, 1, heads
+        numel = k.shape[0] * heads
     else:
         B, Hq, max_m, D = q.shape
         Hkv, max_n = k.shape[1], k.shape[2]
-        sqb, sqh, sqm = q.stride(0), q.stride(1), q.stride(2)
-        skb, skh, skn = k.stride(0), k.stride(1), k.stride(2)
+        sqb, sqh, sqm = qs[0], qs[1], qs[2]
+        skb, skh, skn = ks[0], ks[1], ks[2]
         heads = Hq if group_reduce is None else Hkv
         out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)
-        sob, soh, son = out.stride(0), out.stride(1), out.stride(2)
+        sob, soh, son = heads * max_n, max_n, 1
         cu_seqlens_q = cu_seqlens_k = out  # unused placeholders (IS_VARLEN is False)
+        numel = B * heads * max_n
     if block_table is None:
         block_table = out                  # unused placeholder (IS_PAGED is False)
     G = Hq // Hkv
-    if out.numel() == 0 or max_n == 0:
+    if numel == 0 or max_n == 0:
         return out.zero_()
-    cfg = config or _pick_config(max_m, D, G, is_causal)
-    block_d = max(16, triton.next_power_of_2(D))
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    interpreting = _interpreting()
+    dev = -1
+    if interpreting:
+        sms = 1
+    else:
+        dev = q.get_device()
+        if dev < 0:
+            dev = torch.cuda.current_device()
+        sms = _sm_count(dev)
+    key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
+           q.dtype, interpreting, lse is not None)
+    rkey = key if variant == "direct" and config is None and not interpreting else None
+    if config is None:
+        cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
+    else:
+        cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
     qk_scale = scale * LOG2E
-    common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
-                  UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=block_d)
     if lse is None:
-        row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
-        splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"])
-        split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
-        splits = triton.cdiv(max_n, split_len)
-        m_part = torch.empty(splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
-        l_part = torch.empty_like(m_part)
-        if max_m:
-            _row_stats_kernel[(splits, row_blocks, B * Hkv)](
-                q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                sqb, sqh, sqm, skb, skh, skn, skblk, sbt, m_part.stride(0), m_part.stride(2), max_m, max_n, split_len,
-                qk_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
-                num_stages=cfg["stages1"], **common)
-        lse2 = _combine_row_stats(m_part, l_part)                  # (B, Hq, max_m), rows local per sequence
-        slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
-    else:
-        lse2 = lse.float() * LOG2E
-        lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
-        if varlen:                                                 # (Hq, total_q), rows global
-            slb, slh, slm, lse_q0 = 0, lse2.stride(0), lse2.stride(1), 1
+        if final:                                          # one split: the row pass writes the lse itself
+            m_part = l_part = lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
+            spp = Hq * max_m
         else:
-            slb, slh, slm, lse_q0 = lse2.stride(0), lse2.stride(1), lse2.stride(2), 0
-    args = (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k,
-            sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale)
-    grid = (triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)
-    tiles = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
-                 BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"], **common)
-    if cfg["WINDOW"]:
-        _window_column_kernel[grid](*args, **tiles)
+            parts = torch.empty(2, splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
+            m_part, l_part = parts[0], parts[1]
+            spp = B * Hq * max_m
+        if max_m:
+            _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
+                    (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
+                     sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, qk_scale),
+                    row_kw, rkey, dev)
+        if not final:
+            if variant != "old":
+                lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
+                rows = B * Hq * max_m
+                if rows:
+                    _launch(_combine_row_stats_kernel, ((rows + 1023) // 1024,),
+                            (m_part, l_part, lse2, rows, spp, splits), _COMBINE_KW, rkey, dev)
+            else:
+                lse2 = _combine_row_stats(m_part, l_part)      # (B, Hq, max_m), rows local per sequence
+        slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0
     else:
-        _long_column_kernel[grid](*args, FUSE_HEADS=_fuse_heads(reduction, group_reduce), **tiles)
+        if variant != "old":
+            lse2 = lse                                     # converted to log2 units in the column kernel
+        else:
+            lse2 = lse.float() * LOG2E
+            lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
+        ls = lse2.stride()
+        if varlen:                                                 # (Hq, total_q), rows global
+            slb, slh, slm, lse_q0 = 0, ls[0], ls[1], 1
+        else:
+            slb, slh, slm, lse_q0 = ls[0], ls[1], ls[2], 0
+    if cfg["WINDOW"]:
+        _launch(_window_column_kernel, grid,
+                (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
+                 slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale), col_kw, rkey, dev)
+        return out
+    if hs == 1 or group_reduce is None:
+        _launch(_long_column_kernel, (grid[0], grid[1] * hs),
+                (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
+                 slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale), col_kw, rkey, dev)
+        return out
+    # head split with a group reduction: partials per (kv head, head split), combined here in a fixed order
+    if paged:
+        part = torch.zeros(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
+        parts_view = part.view(B, Hkv, hs, max_n)
+        pstrides = (Hkv * hs * max_n, max_n, 1)
+    elif varlen:
+        part = torch.empty(k.shape[0], Hkv * hs, dtype=torch.float32, device=q.device)
+        parts_view = part.view(-1, Hkv, hs)
+        pstrides = (0, 1, Hkv * hs)
+    else:
+        part = torch.empty(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
+        parts_view = part.view(B, Hkv, hs, max_n)
+        pstrides = (Hkv * hs * max_n, max_n, 1)
+    _launch(_long_column_kernel, (grid[0], grid[1] * hs),
+            (q, k, block_table, lse2, part, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
+             slb, slh, slm, lse_q0, *pstrides, max_m, max_n, qk_scale), col_kw, rkey, dev)
+    if group_reduce == "max":
+        torch.amax(parts_view, 2, out=out)
+    else:
+        torch.sum(parts_view, 2, out=out)
+        if group_reduce == "mean":
+            out.div_(G)
     return out
 
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 19 in one device call (≤ 300 s): the serving-shape sweep (ours new vs old launch path, flash-colreduce,
+# naive torch, SDPA, host time, floors), the plugin's per-layer prune path vs the layer's attention, and the kernel
+# tests on the GPU. Everything goes under $OUT, packed into $OUT/all.tgz at the end (one file comes back).
+# Usage (device tool, repo root, carry [".whl"] holding flash_colreduce-0.2.2-py3-none-any.whl):
+#   bash benchmarks/gpu_sweep.sh
+# Without .whl the flash-colreduce column is skipped (the sweep says so).
+set -uo pipefail
+OUT=$(realpath -m "${OUT:-out}")
+mkdir -p "$OUT"
+REPO=$PWD
+
+main() {
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/pkg . >/dev/null
+    export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+    nvidia-smi -L
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    python3 -c "import flash_colreduce; print('flash-colreduce', flash_colreduce.__version__)" || echo "flash-colreduce absent"
+    echo "== set-up done at ${SECONDS}s"
+
+    # 1. compile every sweep kernel in 12 processes (Triton's disk cache), the GPU kernel tests beside them
+    cd /tmp || return
+    for i in $(seq 0 11); do
+        timeout 100 python3 "$REPO/benchmarks/kernels.py" --serving-sweep --compile-only --shard "$i/12" \
+            --out /tmp/warm > "/tmp/warm_$i.log" 2>&1 &
+    done
+    XDIST=""
+    python3 -c "import xdist" 2>/dev/null && XDIST="-n 4"
+    timeout 110 python3 -m pytest "$REPO/tests/test_colreduce.py" "$REPO/tests/test_colreduce_varlen.py" \
+        "$REPO/tests/test_colreduce_paged.py" "$REPO/tests/test_colreduce_kernels.py" \
+        "$REPO/tests/test_colreduce_launch.py" -q -p no:cacheprovider $XDIST > "$OUT/pytest.log" 2>&1
+    echo "== kernel tests on the GPU (rc $?): $(tail -1 "$OUT/pytest.log")"
+    grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+    wait
+    for f in /tmp/warm_*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -15 "$f"; }; done
+    echo "== compiled at ${SECONDS}s"
+
+    # 2. the per-layer prune path of the vLLM plugin (8k, 16k, 32k; 8k × 4 requests)
+    timeout 45 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"
+    echo "== prune path done at ${SECONDS}s (rc $?)"
+
+    # 3. the serving sweep in what is left (json and md rewritten after each shape)
+    LEFT=$((285 - SECONDS))
+    timeout "$LEFT" python3 "$REPO/benchmarks/kernels.py" --serving-sweep --out "$OUT"
+    echo "== sweep done at ${SECONDS}s (rc $?; 124 = cut by the time limit: serving_sweep.* hold the shapes done)"
+    [ -f "$OUT/serving_sweep.md" ] && cat "$OUT/serving_sweep.md"
+}
+
+main 2>&1 | tee "$OUT/gpu_sweep.log"
+cd "$OUT" && tar czf all.tgz --remove-files ./*

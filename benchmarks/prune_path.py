@@ -1,0 +1,202 @@
+"""The vLLM plugin's whole per-layer prune path (score, pool, top-k, gather, cache write) timed as one unit per
+prompt length, against the same layer's attention forward (issue 19, part 3). GPU only; not run by CI.
+
+It calls the plugin's own functions on plain torch tensors — no vLLM engine: `compaction.plan_prefills` (once per
+step, host side: timed on its own), then per layer exactly what `PruneImplMixin._prune_compact` runs for a whole
+prompt: `compaction.select_kept` (colreduce_varlen over the window + SnapKV pooling + the shared top-k),
+`compaction.gather_kept`, and the cache write. The cache write is vLLM's `do_kv_cache_update` in the plugin (the
+reshape_and_cache_flash op): here that op when vLLM is importable, else the same write as an index_copy_ into
+the (num_blocks, block_size, Hkv, D) cache (said in the output). Layer: Llama-3.1-8B (32 q heads, 8 kv heads,
+D 128, hidden 4096, MLP 14336), bf16, config configs/snapkv.yaml (window 32, keep 25%, max pooling 7).
+
+The attention forward: flash-attn's varlen function if importable, else SDPA causal (K/V repeated to 32 heads
+beforehand, so SDPA takes its FlashAttention kernel). The share is prune / attention forward, and prune / (attention
++ the layer's four linear matmuls, measured here): the layer's prefill time without norms and RoPE.
+
+    python benchmarks/prune_path.py --out out/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+
+def _bench_kernels():
+    """benchmarks/kernels.py as a module (never as a top-level `kernels`: transformers probes a package of that
+    name)."""
+    import importlib.util
+    name = "colreduce_bench_kernels"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "kernels.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+HQ, HKV, D, HIDDEN, MLP = 32, 8, 128, 4096, 14336
+
+
+def cache_writer():
+    try:
+        from vllm import _custom_ops as vops  # noqa: F401
+
+        def write(k, v, key_cache, value_cache, slots):
+            scale = torch.ones((), device=k.device)
+            vops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", scale, scale)
+        return write, "vLLM reshape_and_cache_flash"
+    except Exception:  # noqa: BLE001
+        def write(k, v, key_cache, value_cache, slots):
+            key_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, slots, k)
+            value_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, slots, v)
+        return write, "index_copy_ into the flash-layout cache (vLLM not importable)"
+
+
+def attention_fn(q, k, v):
+    """Causal prefill attention of one prompt: flash-attn varlen if importable, else SDPA (K/V pre-repeated)."""
+    P = q.shape[0]
+    try:
+        from flash_attn import flash_attn_varlen_func
+        cu = torch.tensor([0, P], device=q.device, dtype=torch.int32)
+        return (lambda: flash_attn_varlen_func(q, k, v, cu, cu, P, P, causal=True)), "flash-attn varlen"
+    except Exception:  # noqa: BLE001
+        G = q.shape[1] // k.shape[1]
+        qd = q.transpose(0, 1)[None].contiguous()
+        kd = k.transpose(0, 1)[None].repeat_interleave(G, 1).contiguous()
+        vd = v.transpose(0, 1)[None].repeat_interleave(G, 1).contiguous()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return (lambda: sdpa(qd, kd, vd, is_causal=True)), "SDPA causal (K/V repeated to 32 heads)"
+
+
+def run(P, dtype, config_path, n_req=1, block_size=16):
+    from colreduce_kvprune.config import load_config
+    from colreduce_kvprune.policies import get_policy
+    from colreduce_kvprune.vllm import compaction
+    _flush_buffer, time3 = _bench_kernels()._flush_buffer, _bench_kernels().time3
+
+    config = load_config(config_path)
+    policy = get_policy(config)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T = P * n_req
+    query = torch.randn(T, HQ, D, device="cuda", dtype=dtype, generator=g)
+    key = torch.randn(T, HKV, D, device="cuda", dtype=dtype, generator=g)
+    value = torch.randn(T, HKV, D, device="cuda", dtype=dtype, generator=g)
+    blocks_per = -(-P // block_size)
+    num_blocks = blocks_per * n_req + 16
+    table = torch.randperm(num_blocks, device="cuda", generator=g)[: blocks_per * n_req].view(n_req, blocks_per)
+    table = table.to(torch.int32)
+    key_cache = torch.zeros(num_blocks, block_size, HKV, D, device="cuda", dtype=dtype)
+    value_cache = torch.zeros_like(key_cache)
+    steps = [(r, r * P, 0, P, P) for r in range(n_req)]            # (row, start, c0, qlen, P): whole prompts
+    write, write_how = cache_writer()
+    scale = D ** -0.5
+
+    def plan_step():
+        return compaction.plan_prefills(config, policy, steps, table, block_size)
+    plan = plan_step()[2]
+
+    def score():
+        return compaction.row_scores(policy, plan, query, key, layer=0, scale=scale)
+
+    def prune_layer():      # as the engine calls it: NaN flags left on the device (compaction.NanWatch), no sync
+        idx = compaction.select_kept(policy, plan, query, key, layer=0, scale=scale, nan_flags=[])
+        k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
+        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+
+    scores = score()
+    idx = compaction.select_kept(policy, plan, query, key, layer=0, scale=scale)
+    k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
+    attn, attn_how = attention_fn(query[:P], key[:P], value[:P])
+    x = torch.randn(T, HIDDEN, device="cuda", dtype=dtype, generator=g)
+    h = torch.randn(T, MLP, device="cuda", dtype=dtype, generator=g)
+    w_qkv = torch.randn(HIDDEN, (HQ + 2 * HKV) * D, device="cuda", dtype=dtype, generator=g) * 0.01
+    w_o = torch.randn(HQ * D, HIDDEN, device="cuda", dtype=dtype, generator=g) * 0.01
+    w_gu = torch.randn(HIDDEN, 2 * MLP, device="cuda", dtype=dtype, generator=g) * 0.01
+    w_d = torch.randn(MLP, HIDDEN, device="cuda", dtype=dtype, generator=g) * 0.01
+
+    def linears():
+        x @ w_qkv
+        x @ w_o
+        x @ w_gu
+        h @ w_d
+
+    flush = _flush_buffer()
+    parts = {
+        "prune_layer (score+pool+top-k+gather+write)": prune_layer,
+        "score: colreduce_varlen + pooling": score,
+        "select: shared top-k (select_batched)": lambda: policy.select_batched(scores, layer=0),
+        "gather_kept": lambda: compaction.gather_kept(plan, idx, key, value),
+        "cache write": lambda: write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots),
+        "plan_prefills (once per step, all layers)": plan_step,
+        "attention forward": lambda: [attn() for _ in range(n_req)],
+        "linear matmuls of the layer": linears,
+    }
+    row = dict(prompt=P, requests=n_req, dtype=str(dtype).replace("torch.", ""), attention=attn_how,
+               cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0])
+    for name, fn in parts.items():
+        row[name] = time3(fn, flush)
+    row["syncs in prune_layer"] = _bench_kernels().count_syncs(prune_layer)
+    pr, at, li = (row[k] for k in ("prune_layer (score+pool+top-k+gather+write)", "attention forward",
+                                   "linear matmuls of the layer"))
+    for key_ in ("gpu_ms", "e2e_ms"):
+        row[f"share_of_attention_{key_}"] = pr[key_] / at[key_]
+        row[f"share_of_layer_{key_}"] = pr[key_] / (at[key_] + li[key_])
+    return row
+
+
+def markdown(rows, env):
+    lines = [f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}. Per layer, Llama-3.1-8B shape "
+             f"(32/8 heads, D 128), bf16, configs/snapkv.yaml. Attention: {rows[0]['attention']}; cache write: "
+             f"{rows[0]['cache_write']}. Times in ms (gpu = device time with host gaps hidden; e2e = back-to-back "
+             "calls, no CUDA graphs); host µs = CPU time per call.", "",
+             "| prompt × requests | part | gpu ms | e2e ms | host µs |", "|---|---|---|---|---|"]
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, dict) and "gpu_ms" in v:
+                lines.append(f"| {r['prompt']} × {r['requests']} | {k} | {v['gpu_ms']:.3f} | {v['e2e_ms']:.3f} | "
+                             f"{v['host_us']:.0f} |")
+        lines.append(f"| {r['prompt']} × {r['requests']} | **prune / attention forward** | "
+                     f"{100 * r['share_of_attention_gpu_ms']:.1f}% | {100 * r['share_of_attention_e2e_ms']:.1f}% | |")
+        lines.append(f"| {r['prompt']} × {r['requests']} | **prune / (attention + linears)** | "
+                     f"{100 * r['share_of_layer_gpu_ms']:.1f}% | {100 * r['share_of_layer_e2e_ms']:.1f}% | "
+                     f"syncs per layer: {r['syncs in prune_layer']['count']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--lengths", default="8192,16384,32768")
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                                                     "snapkv.yaml"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/prune_path.py needs a CUDA GPU")
+    env_info, warm_up_clocks = _bench_kernels().env_info, _bench_kernels().warm_up_clocks
+    warm_up_clocks(1.0)
+    rows = []
+    for P in (int(x) for x in args.lengths.split(",")):
+        for n_req in (1, 4) if P == 8192 else (1,):
+            rows.append(run(P, torch.bfloat16, args.config, n_req))
+            r = rows[-1]
+            print(f"P={P} x{n_req}: prune {r['prune_layer (score+pool+top-k+gather+write)']['gpu_ms']:.3f} ms, "
+                  f"attention {r['attention forward']['gpu_ms']:.3f} ms, "
+                  f"share {100 * r['share_of_attention_gpu_ms']:.1f}%"
+                  f" of attention, {100 * r['share_of_layer_gpu_ms']:.1f}% of attention+linears; syncs "
+                  f"{r['syncs in prune_layer']}", flush=True)
+            torch.cuda.empty_cache()
+    env = env_info()
+    os.makedirs(args.out, exist_ok=True)
+    json.dump(dict(env=env, rows=rows), open(os.path.join(args.out, "prune_path.json"), "w"), indent=1)
+    table = markdown(rows, env)
+    open(os.path.join(args.out, "prune_path.md"), "w").write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

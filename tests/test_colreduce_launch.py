@@ -1,0 +1,142 @@
+"""The launch path of issue 19: both launch variants ("new": cached plan, Triton combine of the row statistics or a
+row pass that writes the lse itself, lse converted in the column kernel, tiles fitted to the shape; "old": the path
+before) against the float64 reference, with the tiles the "new" variant picks on a GPU forced through `config`."""
+import math
+
+import pytest
+import torch
+
+import colreduce_kvprune.kernels.colreduce as kmod
+from colreduce_kvprune.kernels.colreduce import _fit_config, _pick_config, colreduce_triton
+from test_colreduce import DEVICE, TOL, _poison_empty, rand_qk, reference, rel_err
+
+# (B, Hq, Hkv, M, N, D): windows of 1 and 16 queries, a window over two key splits, M = N
+SHAPES = {"M1-N90-g4": (1, 4, 1, 1, 90, 32), "M16-N200-g2": (1, 4, 2, 16, 200, 16),
+          "M24-N24-g1-B2": (2, 2, 2, 24, 24, 16)}
+
+
+def _gpu_like_config(m, n, d, g, programs, sms=132):
+    """What the "new" variant picks on an H200-sized GPU (computed as if not interpreting)."""
+    real = kmod._interpreting
+    kmod._interpreting = lambda: False
+    try:
+        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms)
+    finally:
+        kmod._interpreting = real
+
+
+def test_fit_config_rules():
+    mha = _gpu_like_config(64, 8192, 128, 1, 32)
+    assert mha["BLOCK_R"] == 64 and mha["BLOCK_M"] == 32 and mha["BLOCK_N"] == 128
+    w1 = _gpu_like_config(1, 2048, 128, 4, 8)
+    assert w1["BLOCK_R"] == 16 and w1["BLOCK_M"] == 16 and w1["BLOCK_N"] == 64   # 16 key tiles × 8 heads < 264
+    gqa = _gpu_like_config(2048, 2048, 128, 4, 8)
+    assert gqa["HEAD_SPLIT"] == 4 and gqa["BLOCK_N"] == 128        # 16 key tiles × 8 kv heads × 4 head splits
+    assert _gpu_like_config(2048, 2048, 128, 7, 4)["HEAD_SPLIT"] == 7
+    few = _gpu_like_config(2048, 2048, 128, 1, 8)
+    assert few["HEAD_SPLIT"] == 1 and few["BLOCK_N"] == 64                       # MHA 8 heads: 128 programs
+    full = _gpu_like_config(2048, 2048, 128, 1, 32)
+    assert full["BLOCK_R"] == 128 and full["BLOCK_N"] == 128                     # 512 programs: unchanged
+
+
+@pytest.mark.parametrize("variant", ["new", "old"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_variants_match_float64(shape, variant, monkeypatch):
+    _poison_empty(monkeypatch)
+    q, k = rand_qk(shape, torch.float32, seed=11)
+    B, Hq, Hkv, M, N, D = shape
+    scale = 1 / math.sqrt(D)
+    cfg = dict(_gpu_like_config(M, N, D, Hq // Hkv, B * Hkv), BLOCK_N1=32, stages1=1, stages=1)
+    if DEVICE == "cpu":           # interpreter time: 128-key column tiles are slow, 64 keep the shape's logic
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)
+    configs = [None, cfg]
+    if Hq // Hkv % 2 == 0:        # the long kernel with its heads split over two programs per kv head
+        configs.append(dict(cfg, WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=2))
+    for reduction, group in (("sum", "mean"), ("max", None), ("mean", "max"), ("max", "max"), ("sum", "sum")):
+        ref = reference(q, k, reduction, True, group)
+        for c in configs:
+            out = colreduce_triton(q, k, reduction, is_causal=True, scale=scale, group_reduce=group, config=c,
+                                   variant=variant)
+            assert rel_err(out, ref) < TOL[torch.float32], (reduction, group, c)
+
+
+@pytest.mark.parametrize("variant", ["new", "old"])
+def test_lse_given_and_no_key_rows(variant, monkeypatch):
+    """lse given (natural log, -inf for rows that see no key when M > N): converted in the kernel or by torch."""
+    _poison_empty(monkeypatch)
+    q, k = rand_qk((1, 2, 1, 20, 12, 16), torch.float32, seed=2)
+    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    i, j = torch.arange(20)[:, None], torch.arange(12)[None, :]
+    lse = s.masked_fill(j.to(s.device) > (i + 12 - 20).to(s.device), float("-inf")).logsumexp(-1).float()
+    assert torch.isneginf(lse).any()
+    out = colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, lse=lse, variant=variant)
+    assert rel_err(out, reference(q, k, "sum", True, None, scale=0.25)) < TOL[torch.float32]
+
+
+def test_plan_is_cached():
+    q, k = rand_qk((1, 2, 1, 4, 40, 16), torch.float32)
+    colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, variant="new")
+    hits = kmod._cached_recipe.cache_info().hits
+    colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, variant="new")
+    assert kmod._cached_recipe.cache_info().hits == hits + 1
+
+
+def test_set_launch_variant_checks():
+    with pytest.raises(ValueError, match="launch variant"):
+        kmod.set_launch_variant("fast")
+
+
+@pytest.mark.parametrize("layout", ["varlen", "paged"])
+def test_head_split_varlen_and_paged(layout, monkeypatch):
+    from test_colreduce_paged import paged_case
+    from test_colreduce_varlen import per_sequence_reference
+    _poison_empty(monkeypatch)
+    q_lens, k_lens = [8, 30, 0, 5], [70, 30, 12, 5]
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 1, 16, "NHD", seed=7)
+    cfg = dict(_pick_config(max(q_lens), 16, 4, True), WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=2)
+    for reduction, group in (("sum", "mean"), ("max", "max"), ("mean", "sum"), ("sum", None)):
+        ref = per_sequence_reference(q, k, cu_q, cu_k, reduction, True, group)
+        if layout == "varlen":
+            out = colreduce_triton(q, k, reduction, is_causal=True, scale=0.25, group_reduce=group,
+                                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(q_lens),
+                                   max_seqlen_k=max(k_lens), config=cfg)
+            assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
+            continue
+        paged = colreduce_triton(q, cache, reduction, is_causal=True, scale=0.25, group_reduce=group,
+                                 cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+                                 block_table=table, seqlens_k=seqlens, config=cfg)
+        start = 0
+        for b, n in enumerate(k_lens):
+            assert not torch.isnan(paged[b]).any() and (paged[b, :, n:] == 0).all()
+            if n and q_lens[b]:
+                assert rel_err(paged[b, :, :n].T, ref[start:start + n]) < TOL[torch.float32], (reduction, group, b)
+            start += n
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="direct launches exist only for compiled kernels (GPU)")
+def test_direct_launch_matches_jit_dispatch():
+    """The "direct" variant launches the compiled kernels without Triton's dispatch after their first call:
+    bitwise the results of "new" (the same kernels), on the first call and on the cached ones."""
+    from colreduce_kvprune import colreduce_varlen
+    cases = [((1, 32, 8, 64, 4096, 128), "mean"), ((1, 8, 2, 300, 300, 64), "mean"), ((1, 4, 4, 1, 1000, 128), None)]
+    for shape, group in cases:
+        q, k = rand_qk(shape, torch.float16, seed=4)
+        kw = dict(is_causal=True, scale=shape[-1] ** -0.5, group_reduce=group)
+        ref = colreduce_triton(q, k, "sum", variant="new", **kw)
+        for _ in range(3):
+            assert torch.equal(colreduce_triton(q, k, "sum", variant="direct", **kw), ref), shape
+    lens = [700, 64, 2000]
+    k = torch.randn(sum(lens), 2, 128, device=DEVICE, dtype=torch.float16)
+    q = torch.randn(3 * 16, 8, 128, device=DEVICE, dtype=torch.float16)
+    cu_k = torch.tensor([0, 700, 764, 2764], device=DEVICE, dtype=torch.int32)
+    cu_q = torch.arange(0, 64, 16, device=DEVICE, dtype=torch.int32)
+    kw = dict(max_seqlen_q=16, max_seqlen_k=2000, is_causal=True, group_reduce="max")
+    kmod.set_launch_variant("new")
+    ref = colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw)
+    try:
+        kmod.set_launch_variant("direct")
+        for _ in range(3):
+            assert torch.equal(colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw), ref)
+    finally:
+        kmod.set_launch_variant("new")
+    assert any(v is not None for v in kmod._direct_launchers.values()), "no direct launcher was built"
