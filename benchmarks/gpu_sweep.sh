@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 19 in one device call (≤ 300 s): the serving-shape sweep (ours new vs old launch path, flash-colreduce,
+# Issue 19 in one device call (≤ SWEEP_BUDGET s, default 285): the serving-shape sweep (ours new vs old launch path, flash-colreduce,
 # naive torch, SDPA, host time, floors), the plugin's per-layer prune path vs the layer's attention, and the kernel
 # tests on the GPU. Everything goes under $OUT, packed into $OUT/all.tgz at the end (one file comes back).
 # Usage (device tool, repo root, carry [".whl"] holding flash_colreduce-0.2.2-py3-none-any.whl):
@@ -12,11 +12,13 @@ REPO=$PWD
 
 main() {
     if ls .whl/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sweep-site \
             .whl/*.whl
     fi
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/pkg . >/dev/null
-    export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/sweep-pkg . >/dev/null
+    # Own install folders: /tmp/site holds vLLM's torch when the machine also ran the staging of scripts/gpu-vllm, and
+    # the sweep times the image's torch and Triton.
+    export PYTHONPATH=/tmp/sweep-pkg:/tmp/sweep-site PYTHONUNBUFFERED=1
     nvidia-smi -L
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     python3 -c "import flash_colreduce; print('flash-colreduce', flash_colreduce.__version__)" || echo "flash-colreduce absent"
@@ -44,7 +46,7 @@ main() {
     echo "== prune path done at ${SECONDS}s (rc $?)"
 
     # 3. the serving sweep in what is left (json and md rewritten after each shape)
-    LEFT=$((285 - SECONDS))
+    LEFT=$((${SWEEP_BUDGET:-285} - SECONDS))
     timeout "$LEFT" python3 "$REPO/benchmarks/kernels.py" --serving-sweep --out "$OUT"
     echo "== sweep done at ${SECONDS}s (rc $?; 124 = cut by the time limit: serving_sweep.* hold the shapes done)"
     [ -f "$OUT/serving_sweep.md" ] && cat "$OUT/serving_sweep.md"
