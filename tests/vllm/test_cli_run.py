@@ -45,7 +45,13 @@ def test_run_embedded_default(tmp_path, monkeypatch, capsys):
     assert pruned["prune_stats"]["kept_tokens"] == N * keep
     assert pruned["prune_stats"]["blocks_freed"] == N * (PROMPT // BS - -(-keep // BS))
     assert pruned["mean_blocks_per_running_request"] < 0.5 * base["mean_blocks_per_running_request"]
-    assert pruned["peak_kv_blocks"] < base["peak_kv_blocks"] * 0.8
+    # Once all six are running and none waits (every prompt prefilled and pruned), the pool holds only the kept
+    # blocks plus the decode's. (The peaks are not compared: with the GPU's larger step budget several prompts
+    # prefill in one step and hold all their blocks until that step prunes them, so in both runs the peak is set
+    # by the prompts prefilled together: 196 and 185 of 199 on the H200.)
+    tl = pruned["timeline"]
+    after = [b for b, r, w in zip(tl["kv_blocks"], tl["running"], tl["waiting"]) if r == N and w == 0]
+    assert after and min(after) <= N * -(-(keep + NEW) // BS)
     # The first output token comes from the full prefill in both runs.
     assert report["agreement"]["first_token_equal"] == N
 
