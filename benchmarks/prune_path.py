@@ -129,7 +129,10 @@ def run(P, dtype, config_path, n_req=1, block_size=16):
     parts = {
         "prune_layer (score+pool+top-k+gather+write)": prune_layer,
         "score: colreduce_varlen + pooling": score,
-        "select: shared top-k (select_batched)": lambda: policy.select_batched(scores, layer=0),
+        # as select_kept calls it (device lengths and counts, NaN flag left on the device): no host sync; the
+        # 2026-12-01 run timed it with a NaN check read back, which waits for the GPU
+        "select: shared top-k (select_batched)": lambda: policy.select_batched(
+            scores, layer=0, device_lengths=plan.lengths_dev, device_counts=plan.keeps_dev, nan_flags=[]),
         "gather_kept": lambda: compaction.gather_kept(plan, idx, key, value),
         "cache write": lambda: write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots),
         "plan_prefills (once per step, all layers)": plan_step,
