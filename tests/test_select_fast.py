@@ -1,16 +1,19 @@
-"""The one-sort selection (policies._top_k) and the pooling of a padded batch (Policy.postprocess_padded) against
-plain references: per request, per head, Python sorts by (group, −score, index); per-request pooling (pool_prefix);
-and the previous vectorised implementation (three stable sorts), kept here as it was. Bitwise equality everywhere,
-on fresh random inputs full of ties, ±0.0, ±inf and extreme values."""
+"""The one-sort selection (policies._top_k), the padded scoring of a whole step (compaction.padded_scores,
+Policy.postprocess_padded) and the per-step gather against plain references: per request, per head, Python sorts
+by (group, −score, index); per-request pooling (pool_prefix); the per-request scoring (compaction.row_scores); and the
+previous vectorised implementation (three stable sorts), kept here as it was. Bitwise equality everywhere, on fresh
+random inputs full of ties, ±0.0, ±inf and extreme values. Also: the engine's per-layer call makes no host sync
+(no op that reads the device back) and its op count does not grow with the number of requests."""
 import math
 import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from colreduce_kvprune import policies as P
 from colreduce_kvprune.config import load_config
-from colreduce_kvprune.policies import get_policy, keep_count, pool_prefix
+from colreduce_kvprune.policies import get_policy, pool_prefix
+from colreduce_kvprune.vllm import compaction
 
 SPECIAL = [float("-inf"), float("inf"), -0.0, 0.0, 1.0, -1.0, 0.5, 0.5, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38,
            1e-38, 2.0]
@@ -140,8 +143,8 @@ def test_select_many_rows_equals_old_vectorised(per_head):
     """Larger batches against the previous implementation (fast), with heavy ties."""
     rng = random.Random(int(per_head))
     for _ in range(20):
-        policy = get_policy(make("snapkv", budget={"keep_ratio": rng.choice([0.05, 0.3, 0.7])}, window=rng.randint(1, 8),
-                                 sink_tokens=rng.randint(0, 8), per_head=per_head))
+        policy = get_policy(make("snapkv", budget={"keep_ratio": rng.choice([0.05, 0.3, 0.7])},
+                                 window=rng.randint(1, 8), sink_tokens=rng.randint(0, 8), per_head=per_head))
         lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 8))]
         h, n_max = rng.randint(1, 8), max(lengths)
         padded = torch.randint(-3, 4, (len(lengths), h, n_max)).float() / 2          # many equal scores
@@ -226,3 +229,151 @@ def test_postprocess_padded_equals_per_request(kind, kernel):
             want = policy.postprocess_scores(r)
             assert same_bits(out[b, :, : r.shape[1]], want), (lengths[b], window, kernel)
             assert same_bits(want, pool_prefix(r, min(window, r.shape[1]), kind, kernel))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine's per-layer path: select_kept / gather_kept with a plan from plan_prefills
+
+ENGINE_CASES = {
+    "snapkv-max": dict(policy="snapkv", budget={"keep_ratio": 0.3}, window=4, sink_tokens=2),
+    "snapkv-avg-shared": dict(policy="snapkv", budget={"keep_tokens": 9}, window=3, sink_tokens=1,
+                              pooling={"kind": "avg", "kernel": 5}, per_head=False, reduction="max",
+                              group_reduce="max"),
+    "snapkv-window-longer-than-some": dict(policy="snapkv", budget={"keep_ratio": 0.5}, window=24, sink_tokens=0,
+                                           min_prompt_tokens=0),
+    "h2o": dict(policy="h2o", budget={"keep_ratio": 0.3}, window=2, sink_tokens=1),
+    "h2o-shared": dict(policy="h2o", budget={"keep_ratio": 0.2, "min_tokens": 5}, window=0, sink_tokens=0,
+                       reduction="mean", group_reduce="sum", per_head=False),
+    "tova": dict(policy="tova", budget={"keep_tokens": 7}, window=3, sink_tokens=2, per_head=False),
+    "knorm": dict(policy="knorm", budget={"keep_ratio": 0.4}, window=2, sink_tokens=2),
+    "streamingllm": dict(policy="streamingllm", budget={"keep_ratio": 0.3}, window=3, sink_tokens=2),
+    "streamingllm-shared": dict(policy="streamingllm", budget={"keep_tokens": 6}, window=0, sink_tokens=3,
+                                per_head=False),
+    "random": dict(policy="random", budget={"keep_ratio": 0.5}, window=1, sink_tokens=1, seed=3),
+}
+
+
+def engine_batch(seed, lengths, outputs=None, hq=4, hkv=2, d=8, bs=4, gap=0):
+    """Packed step tensors and the steps (row, start, c0, qlen, P) of whole prompts (P + g tokens: g recomputed
+    outputs), `gap` unrelated tokens between rows."""
+    g = torch.Generator().manual_seed(seed)
+    outputs = outputs or [0] * len(lengths)
+    steps, start = [], 0
+    for r, (n, o) in enumerate(zip(lengths, outputs)):
+        steps.append((r, start, 0, n + o, n))
+        start += n + o + gap
+    q = torch.randn(start, hq, d, generator=g)
+    k = torch.randn(start, hkv, d, generator=g)
+    v = torch.randn(start, hkv, d, generator=g)
+    width = max(compaction.cdiv(n + o, bs) for n, o in zip(lengths, outputs))
+    table = (torch.randperm(len(lengths) * width + 5, generator=g)[: len(lengths) * width]
+             .view(len(lengths), width).int())
+    return q, k, v, steps, table, bs
+
+
+def old_gather(plan, idx, key, value):
+    """gather_kept as it was (every index made per call)."""
+    pos = plan.kept_pos.clamp(max=idx.shape[2] - 1)
+    tok = plan.starts_dev[plan.kept_row][:, None] + idx[plan.kept_row, :, pos]
+    tok = torch.where(plan.kept_out_tok[:, None] >= 0, plan.kept_out_tok[:, None], tok)
+    heads = torch.arange(key.shape[1])
+    return key[tok, heads], value[tok, heads]
+
+
+@pytest.mark.parametrize("name", list(ENGINE_CASES))
+@pytest.mark.parametrize("shape", ["one", "four", "gaps-and-outputs"])
+def test_select_kept_equals_per_request_path(name, shape):
+    cfg = load_config({"min_prompt_tokens": 4, **ENGINE_CASES[name]})
+    policy = get_policy(cfg)
+    lengths = {"one": [37], "four": [37, 12, 26, 5], "gaps-and-outputs": [30, 19, 8]}[shape]
+    outputs = [0, 3, 0] if shape == "gaps-and-outputs" else None
+    q, k, v, steps, table, bs = engine_batch(len(lengths), lengths, outputs, gap=2 if outputs else 0)
+    _, _, plan, _ = compaction.plan_prefills(cfg, policy, steps, table, bs)
+    assert plan is not None and plan.layout is not None
+    args = dict(layer=1, scale=8 ** -0.5, backend="torch")
+    scores = compaction.row_scores(policy, plan, q, k, **args)
+    padded = compaction.padded_scores(policy, plan, q, k, **args)
+    for b, s in enumerate(scores):                                  # the padded layout of the per-request scores
+        assert same_bits(padded[min(b, padded.shape[0] - 1), :, : s.shape[1]], s)
+    want, _ = policy.select_batched(scores, layer=1)                # the per-request path, as before
+    assert torch.equal(want, slow_batched(policy, scores, layer=1))
+    flags = []
+    idx = compaction.select_kept(policy, plan, q, k, nan_flags=flags, **args)
+    assert torch.equal(idx, want) and len(flags) == 1 and not flags[0]
+    assert torch.equal(compaction.select_kept(policy, plan, q, k, **args), want)     # NaN checked on the host
+    ks, vs = compaction.gather_kept(plan, idx, k, v)
+    ks0, vs0 = old_gather(plan, want, k, v)
+    assert torch.equal(ks, ks0) and torch.equal(vs, vs0)
+    assert ks.shape[0] == plan.slots.shape[0]
+
+
+def test_nan_in_select_kept_names_the_request():
+    cfg = load_config(ENGINE_CASES["snapkv-max"] | {"min_prompt_tokens": 4})
+    policy = get_policy(cfg)
+    q, k, v, steps, table, bs = engine_batch(0, [20, 30])
+    _, _, plan, _ = compaction.plan_prefills(cfg, policy, steps, table, bs)
+    k = k.clone()
+    k[25, 1, 0] = float("nan")                                       # a key of request 1
+    with pytest.raises(ValueError, match=r"scores\[1\] contain NaN"):
+        compaction.select_kept(policy, plan, q, k, layer=0, scale=1.0, backend="torch")
+    flags = []
+    idx = compaction.select_kept(policy, plan, q, k, layer=0, scale=1.0, backend="torch", nan_flags=flags)
+    assert bool(flags[0])
+    for b, n in enumerate([20, 30]):
+        kept = idx[b, :, : plan.keeps[b]]
+        assert ((kept >= 0) & (kept < n)).all()
+
+
+class _Ops(TorchDispatchMode):
+    """Counts aten ops; fails on ops that read a device back (a host sync on a GPU) or make data-dependent
+    shapes. paused: inside the colreduce call (not what this checks: the kernel launch on a GPU)."""
+    SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item", "equal", "is_nonzero",
+            "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            name = func.overloadpacket.__name__
+            assert name not in self.SYNC, f"{name} reads the device back"
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["snapkv-max", "snapkv-avg-shared", "h2o", "tova", "knorm", "streamingllm",
+                                  "streamingllm-shared"])
+def test_layer_ops_do_not_grow_with_rows_and_never_sync(name):
+    """The per-layer path (select_kept with NaN flags + gather_kept) reads nothing back and runs as many aten ops
+    for 1 request as for 6 (the plan's per-step tensors are made at plan time or at the first layer); the ops of
+    the colreduce call itself (on CPU the torch reference, which loops over the requests) are not counted."""
+    import colreduce_kvprune
+
+    cfg = load_config({"min_prompt_tokens": 4, **ENGINE_CASES[name]})
+    policy = get_policy(cfg)
+    counts = []
+    for lengths in ([40], [40, 13, 27, 9, 33, 20]):
+        q, k, v, steps, table, bs = engine_batch(1, lengths)
+        _, _, plan, _ = compaction.plan_prefills(cfg, policy, steps, table, bs)
+        args = dict(layer=0, scale=1.0, backend="torch", nan_flags=[])
+        compaction.gather_kept(plan, compaction.select_kept(policy, plan, q, k, **args), k, v)   # first layer
+        mode = _Ops()
+        original = colreduce_kvprune.colreduce_varlen
+
+        def paused(*a, **kw):
+            mode.paused = True
+            try:
+                return original(*a, **kw)
+            finally:
+                mode.paused = False
+        colreduce_kvprune.colreduce_varlen = paused
+        try:
+            with mode:
+                idx = compaction.select_kept(policy, plan, q, k, **args)
+                compaction.gather_kept(plan, idx, k, v)
+        finally:
+            colreduce_kvprune.colreduce_varlen = original
+        counts.append(mode.count)
+    assert counts[0] == counts[1], counts
