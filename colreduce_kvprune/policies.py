@@ -5,7 +5,7 @@
     s = policy.scores(q_window, keys, layer=l)          # (Hkv, N) float32, higher = more worth keeping
     idx = policy.select(s, layer=l, num_layers=L)       # (Hkv, keep) int64, ascending, unique, in range
 
-All policies share one selection rule (`_keep_mask`): the first `sink_tokens` and the last `window` tokens are always
+All policies share one selection rule (`_top_k`): the first `sink_tokens` and the last `window` tokens are always
 kept; the other slots go to the highest scores, ties to the lowest index (a stable sort by (-score, index)).
 The kept count `keep_count(config, N, layer, num_layers)` is a pure function, so a scheduler can compute it without
 seeing any scores.
@@ -41,7 +41,9 @@ class ScoreRequest:
 
     kind: "attention" — colreduce of the last `num_queries` queries against all N keys, causal (bottom-right),
           with `reduction` over queries and `group_reduce` over the query heads of a kv group;
-          "key_norm" — the keys; "random" / "none" — nothing but the shape (Hkv, N).
+          "key_norm" — the keys; "random" / "none" — nothing but the shape (Hkv, N) ("none": scores of the
+          position alone, the same at every layer, a prompt's being the first N of a longer prompt's: an engine
+          makes them once per step).
     """
     kind: str
     num_queries: int
@@ -158,24 +160,49 @@ def _token_groups(n_valid: torch.Tensor, n_max: int, sinks: int, window: int) ->
     return torch.where(idx >= n, 2, torch.where(protected, 0, 1))
 
 
-def _keep_mask(scores: torch.Tensor, lengths: torch.Tensor, keeps: torch.Tensor, sinks: int, window: int):
-    """The shared top-k. scores (B, H, N) float, lengths (B,) and keeps (B,) int64 → (B, H, N) bool,
-    keeps[b] True per row among the first lengths[b] tokens: sinks and window first, then the highest scores."""
-    group = _token_groups(lengths, scores.shape[-1], sinks, window)
-    order = _priority_order(scores, group)
-    rank_kept = torch.arange(scores.shape[-1], device=scores.device) < keeps.view(-1, 1, 1)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_kept.expand_as(order))
+_F64_MAX = torch.finfo(torch.float64).max
+_F64_BELOW_MAX = float(torch.nextafter(torch.tensor(_F64_MAX, dtype=torch.float64),
+                                      torch.tensor(0.0, dtype=torch.float64)))
 
 
-def _mask_to_indices(mask: torch.Tensor, counts: torch.Tensor, kmax: int | None = None) -> torch.Tensor:
-    """(B, H, N) bool with counts[b] True per row → (B, H, max count) int64 ascending, padded with -1.
-    kmax: max(counts) when the caller knows it on the host (reading it from a device tensor is a host sync)."""
-    n = mask.shape[-1]
-    idx = torch.arange(n, device=mask.device)
-    if kmax is None:
-        kmax = int(counts.max()) if counts.numel() else 0
-    pos = torch.sort(torch.where(mask, idx, n), dim=-1).values[..., :kmax]
-    return torch.where(pos >= n, -1, pos)
+@dataclass(frozen=True)
+class SelectionLayout:
+    """What the shared top-k of a batch needs besides the scores: device tensors made once per batch (an engine:
+    once per step, then reused by every layer; see Policy.selection_layout). B requests, N = n_max columns.
+
+    lo, hi, cap (B, 1, N) float64: the token groups as the sort key sees them (see _top_k) — protected (sinks,
+    window) +inf, +inf, +inf; scored −M, M, float64 max (M: the float64 just below the max); padding past the
+    length −inf, −inf, −inf. dropped (B, 1, kmax) bool: rank ≥ keeps[b] (kmax = max keeps, a host int). prefix
+    (B, 1, N) bool or None: the columns a SnapKV-family policy pools (before each request's window), None when
+    nothing is pooled; not_prefix its negation."""
+    n_max: int
+    kmax: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+    cap: torch.Tensor
+    dropped: torch.Tensor
+    prefix: torch.Tensor | None = None
+    not_prefix: torch.Tensor | None = None
+
+
+def _top_k(scores: torch.Tensor, layout: SelectionLayout) -> torch.Tensor:
+    """The shared top-k in one stable sort. scores (B or 1, H, N) float → (B, H, kmax) int64 kept indices per row,
+    ascending, padded with −1 beyond keeps[b]: sinks and window first, then the highest scores, ties to the lower
+    index — the order (group, −score, index) of _priority_order (tests/test_select_fast.py compares the two).
+
+    The sort key is float64, fmin(clamp(score, lo, hi), cap), and its descending stable sort is that order:
+    protected tokens +inf whatever the score (clamp to [+inf, +inf]; a NaN, which clamp keeps, is taken out by
+    fmin, which returns the non-NaN operand); padding −inf likewise; a scored token keeps its exact value (every
+    float32, bf16, fp16 score is a float64), ±inf become ±M, inside the protected/padding bounds, and NaN becomes
+    the float64 max, above +inf: where a float sort puts NaN (descending: first). So each group keeps its place
+    whatever the scores hold, and within a group the order is the float sort's, as before (−0.0 and +0.0 equal).
+    (float64 scores: M and the max stand for +inf and NaN, so finite scores that large would tie with them.)
+    The first kmax positions of the sort are the priority order; ranks ≥ keeps[b] are moved past the end, sorted
+    away, and written as −1."""
+    key = torch.fmin(torch.clamp(scores, layout.lo, layout.hi), layout.cap)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : layout.kmax]
+    pos = torch.sort(order.masked_fill(layout.dropped, scores.shape[-1]), dim=-1).values
+    return pos.masked_fill_(layout.dropped, -1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,27 +237,60 @@ class Policy:
         return raw
 
     # selection --------------------------------------------------------------------------------------------
-    def _shared_rows(self, scores: torch.Tensor) -> torch.Tensor:
-        """per_head=false: one row (the mean over kv heads) for every head. scores (..., H, N)."""
-        if self.config.per_head:
-            return scores
-        return scores.float().mean(dim=-2, keepdim=True).expand_as(scores)
-
     def select_mask(self, scores: torch.Tensor, *, layer: int = 0, num_layers: int | None = None) -> torch.Tensor:
         """scores (Hkv, N) → (Hkv, N) bool, keep_count(...) True per row."""
+        idx = self.select(scores, layer=layer, num_layers=num_layers)
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
+
+    def select(self, scores: torch.Tensor, *, layer: int = 0, num_layers: int | None = None) -> torch.Tensor:
+        """scores (Hkv, N) → (Hkv, keep) int64 kept token indices, ascending, unique, in [0, N)."""
         _check_scores(scores)
         if scores.dim() != 2:
             raise ValueError(f"scores must be (Hkv, N), got shape {tuple(scores.shape)}")
         n = scores.shape[1]
         k = self.keep_count(n, layer, num_layers)
         dev = scores.device
-        return _keep_mask(self._shared_rows(scores)[None], torch.tensor([n], device=dev),
-                          torch.tensor([k], device=dev), self.config.sink_tokens, self.config.window)[0]
+        layout = self.selection_layout(torch.tensor([n], device=dev), torch.tensor([k], device=dev), n, k)
+        return self.select_padded(scores[None], layout)[0]
 
-    def select(self, scores: torch.Tensor, *, layer: int = 0, num_layers: int | None = None) -> torch.Tensor:
-        """scores (Hkv, N) → (Hkv, keep) int64 kept token indices, ascending, unique, in [0, N)."""
-        mask = self.select_mask(scores, layer=layer, num_layers=num_layers)
-        return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+    def selection_layout(self, lengths: torch.Tensor, keeps: torch.Tensor, n_max: int, kmax: int) -> SelectionLayout:
+        """The SelectionLayout of a batch: lengths and keeps (B,) int64 on the scores' device (not read back: no
+        host sync), n_max the padded width, kmax = max(keeps) as a host int. An engine makes it once per step."""
+        dev = lengths.device
+        j = torch.arange(n_max, device=dev)
+        n = lengths.view(-1, 1, 1)
+        padding = j >= n
+        protected = (j < self.config.sink_tokens) | (j >= n - self.config.window)
+        inf = float("inf")
+
+        def groups(scored):             # protected +inf, scored tokens `scored`, padding −inf: (B, 1, N) float64
+            t = torch.full(padding.shape, scored, dtype=torch.float64, device=dev)
+            return t.masked_fill_(protected, inf).masked_fill_(padding, -inf)
+        dropped = torch.arange(kmax, device=dev) >= keeps.view(-1, 1, 1)
+        prefix = self._pooled_columns(j, n)
+        return SelectionLayout(n_max, kmax, groups(-_F64_BELOW_MAX), groups(_F64_BELOW_MAX), groups(_F64_MAX),
+                               dropped, prefix, None if prefix is None else ~prefix)
+
+    def _pooled_columns(self, j: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, N) bool: the columns postprocess_padded pools (None: none)."""
+        return None
+
+    def postprocess_padded(self, scores: torch.Tensor, layout: SelectionLayout) -> torch.Tensor:
+        """postprocess_scores of a whole padded batch at once: scores (B, Hkv, N_max) float32, each request's raw
+        scores in its first lengths[b] columns → the same, row b's first lengths[b] columns equal (bitwise) to
+        postprocess_scores of them; the other columns are padding, never selected."""
+        return scores
+
+    def select_padded(self, scores: torch.Tensor, layout: SelectionLayout) -> torch.Tensor:
+        """The selection of a padded batch given its layout, no checks and no host sync (the engines' per-layer
+        call). scores (B or 1, Hkv, N_max) (B = 1 broadcasts over the layout's requests); values past each length
+        are ignored, NaN is not checked. → (B, Hkv, kmax) int64 ascending, padded with −1 (per_head=false: one
+        row, expanded over the heads)."""
+        if self.config.per_head:
+            return _top_k(scores, layout)
+        # per_head=false: one row, the mean over kv heads (columns past a length are padding: whatever they hold)
+        idx = _top_k(scores.float().mean(dim=-2, keepdim=True), layout)
+        return idx.expand(-1, scores.shape[-2], -1)
 
     def select_batched(self, scores, lengths=None, *, layer: int = 0, num_layers: int | None = None,
                        device_lengths: torch.Tensor | None = None, device_counts: torch.Tensor | None = None,
@@ -278,11 +338,8 @@ class Policy:
         host_counts = [self.keep_count(n, layer, num_layers) for n in lengths]
         counts = torch.tensor(host_counts, device=dev) if device_counts is None else device_counts
         lens = torch.tensor(lengths, device=dev) if device_lengths is None else device_lengths
-        if not self.config.per_head:   # mean over heads of the valid part only (padding columns are dropped)
-            valid = torch.arange(padded.shape[2], device=dev) < lens.view(-1, 1, 1)
-            padded = torch.where(valid, self._shared_rows(torch.where(valid, padded, 0)), padded)
-        mask = _keep_mask(padded, lens, counts, self.config.sink_tokens, self.config.window)
-        return _mask_to_indices(mask, counts, max(host_counts, default=0)), counts
+        layout = self.selection_layout(lens, counts, padded.shape[2], max(host_counts, default=0))
+        return self.select_padded(padded, layout), counts
 
 
 class _AttentionPolicy(Policy):
@@ -325,6 +382,25 @@ class SnapKV(_AttentionPolicy):
     def postprocess_scores(self, raw: torch.Tensor) -> torch.Tensor:
         return pool_prefix(raw, self._num_queries(raw.shape[-1]), self.config.pooling.kind,
                            self.config.pooling.kernel)
+
+    def _pooled_columns(self, j: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
+        if self.config.pooling.kernel == 1:
+            return None
+        return j < (n - self.config.window).clamp(min=0)          # the N − min(window, N) prefix columns
+
+    def postprocess_padded(self, scores: torch.Tensor, layout: SelectionLayout) -> torch.Tensor:
+        """pool_prefix of every request at once: its prefix columns (layout.prefix) pooled, the others (its window,
+        padding) passed through. Outside a request's prefix the pooling input holds what pool_prefix pads with
+        (avg: 0, counted in the divisor either way; max: −inf, never the maximum), so each pooled column sees
+        exactly pool_prefix's window, in the same order: bitwise the same values."""
+        if layout.prefix is None:
+            return scores
+        scores = scores.float()
+        k = self.config.pooling.kernel
+        avg = self.config.pooling.kind != "max"
+        x = scores.masked_fill(layout.not_prefix, 0.0 if avg else float("-inf"))
+        pool = F.avg_pool2d if avg else F.max_pool2d               # (B, H, N) as a (C, H, W) image, (1, k) windows
+        return torch.where(layout.prefix, pool(x, (1, k), stride=1, padding=(0, k // 2)), scores)
 
 
 def pool_prefix(scores: torch.Tensor, window: int, kind: str, kernel: int) -> torch.Tensor:
@@ -421,6 +497,11 @@ class KNorm(Policy):
 
     def scores(self, query_window, keys, *, layer: int = 0, scale=None, backend: str = "auto") -> torch.Tensor:
         _kv_shape(keys)
+        return self.key_scores(keys)
+
+    @staticmethod
+    def key_scores(keys: torch.Tensor) -> torch.Tensor:
+        """keys (..., D) → (...) float32, −‖k‖₂ of each key (a packed (T, Hkv, D) batch at once)."""
         return -torch.linalg.vector_norm(keys.float(), dim=-1)
 
 

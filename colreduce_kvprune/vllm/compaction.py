@@ -54,6 +54,17 @@ class PrefillPlan:
     lengths and keeps on the device (for the selection); out_starts: the query row of each row's first output
     (recomputed attention rows).
 
+    Made once per step for every layer's selection and gather (each saves the layers aten ops, ~10 µs of host
+    time apiece on a GPU machine): key_span / window_span, (first, end) when the rows' keys / window queries are
+    one contiguous range of the step's tokens (then sliced, not gathered: a view); pad_index (B, 1, P_max) int64,
+    the packed row of token j of request b (j clamped to P_b − 1: padding repeats the request's own last score),
+    through which one indexing op lays out the packed scores as (B, Hkv, P_max); layout, the policy's
+    SelectionLayout (None: a policy with different counts per head or layer, which selects through
+    select_batched); gather_pos / gather_base (Σ(keep+g),) and (Σ(keep+g), 1): the column of idx (clamped to
+    K_max − 1) and the row's first token of each kept entry; out_tok / is_out (Σ(keep+g), 1), only with
+    recomputed outputs. per_heads: tensors made at the first layer that needs the kv head count (the same at
+    every layer of the step).
+
     With the last chunk of a chunked prefill among the rows, `sources` is set (per row: step start, c0, qlen,
     carry, block-table row) and the plan indexes the tensors of `assemble`: keys/values of every row's tokens
     0..L−1 back to back (`starts`; the earlier chunks read back from the paged cache), queries of positions
@@ -83,6 +94,15 @@ class PrefillPlan:
     sources: list | None = None
     query_from: list[int] | None = None
     accumulate: bool = False
+    key_span: tuple[int, int] | None = None
+    window_span: tuple[int, int] | None = None
+    pad_index: torch.Tensor | None = None
+    layout: object | None = None
+    gather_pos: torch.Tensor | None = None
+    gather_base: torch.Tensor | None = None
+    out_tok: torch.Tensor | None = None
+    is_out: torch.Tensor | None = None
+    per_heads: dict | None = None
 
 
 @dataclass
@@ -305,14 +325,37 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
     rows_d, starts_d, lengths_d, keeps_d = to_device(torch.tensor([rows, starts, lengths, keeps]), dev).unbind(0)
     slots = (block_table[rows_d[kept_row_d], kept_pos_d // block_size].long() * block_size
              + kept_pos_d % block_size)
+    kept_out_tok_d = to_device(kept_out_tok, dev)
+    # once per step, for every layer (device ops on the tensors above: no host sync, no large copy)
+    n_max, kmax = max(lengths), max(keeps)
+    packed_start = lengths_d.cumsum(0) - lengths_d
+    pad_index = (torch.minimum(torch.arange(n_max, device=dev), lengths_d[:, None] - 1)
+                 + packed_start[:, None])[:, None, :]
+    layout = None
+    if policy.uniform_heads and policy.uniform_layers:
+        layout = policy.selection_layout(lengths_d, keeps_d, n_max, kmax)
+    out_tok = is_out = None
+    if any(outs):
+        out_tok = kept_out_tok_d[:, None]
+        is_out = out_tok >= 0
     plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_outputs=outs,
                        num_queries=[b - a for a, b in wins], kept_starts=[0] + list(_cumsum(totals))[:-1],
                        key_index=to_device(key_index, dev), cu_k=to_device(cu_k, dev),
                        window_index=to_device(window_index, dev), cu_q=to_device(cu_q, dev), starts_dev=starts_d,
-                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=to_device(kept_out_tok, dev),
+                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok_d,
                        slots=slots, lengths_dev=lengths_d, keeps_dev=keeps_d, out_starts=out_starts,
-                       sources=sources, query_from=qfrom, accumulate=accumulate)
+                       sources=sources, query_from=qfrom, accumulate=accumulate,
+                       key_span=_span([(s, s + n) for s, n in zip(starts, lengths)]), window_span=_span(wins),
+                       pad_index=pad_index, layout=layout, gather_pos=kept_pos_d.clamp(max=max(kmax - 1, 0)),
+                       gather_base=starts_d[kept_row_d][:, None], out_tok=out_tok, is_out=is_out, per_heads={})
     return fresh_rows, fresh_values, plan, stash
+
+
+def _span(ranges):
+    """(first, end) when the [a, b) ranges are back to back (one contiguous range), else None."""
+    if all(b0 == a1 for (_, b0), (a1, _) in zip(ranges, ranges[1:])):
+        return ranges[0][0], ranges[-1][1]
+    return None
 
 
 def _num_queries(policy, n: int) -> int:
@@ -506,6 +549,60 @@ def row_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor
     return scores
 
 
+def padded_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
+                  backend: str = "auto", head_offset: int = 0, partials: list | None = None) -> torch.Tensor:
+    """row_scores as one padded tensor (B, Hkv, P_max), row b's first P_b columns bitwise equal to row_scores'
+    b-th; the other columns are padding (some request's real scores repeated: they hold a NaN only where the
+    request's own scores do). Attention and key-norm scores come packed, (ΣP, Hkv), from one call for every row;
+    one indexing op (plan.pad_index) lays them out padded, and the policy post-processes all rows at once
+    (postprocess_padded: SnapKV's pooling), so the op count does not grow with the rows. Positional scores
+    (kind "none", a function of the position only) are made once per step. The rest (random scores drawn on the
+    host, the last chunk of a chunked prompt scored with every query) goes through row_scores and is padded."""
+    req = policy.score_request(max(plan.lengths))
+    heads = key.shape[1]
+    if req.kind == "none":
+        cached = plan.per_heads.get(("none", heads))
+        if cached is None:      # (1, Hkv, P_max): the scores of the longest row, whose prefixes are the others'
+            cached = policy.scores(None, key.new_empty((heads, max(plan.lengths), 0)), layer=layer)[None]
+            plan.per_heads[("none", heads)] = cached
+        return cached
+    summed = plan.accumulate and plan.sources is not None
+    if req.kind == "attention" and not summed:
+        from .. import colreduce_varlen
+
+        raw = colreduce_varlen(_rows(query, plan.window_index, plan.window_span),
+                               _rows(key, plan.key_index, plan.key_span), plan.cu_q, plan.cu_k, req.reduction,
+                               max_seqlen_q=max(plan.num_queries), max_seqlen_k=max(plan.lengths),
+                               is_causal=True, scale=scale, group_reduce=req.group_reduce, backend=backend)
+    elif req.kind == "key_norm":
+        raw = policy.key_scores(_rows(key, plan.key_index, plan.key_span))
+    else:
+        return _pad(row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                               head_offset=head_offset, partials=partials), max(plan.lengths))
+    padded = raw[plan.pad_index, _heads(plan, raw.shape[1], raw.device, 3)]        # (B, Hkv, P_max)
+    return policy.postprocess_padded(padded, plan.layout)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor, span) -> torch.Tensor:
+    """x's rows at index: a slice (a view, no copy) when they are one contiguous range."""
+    return x[span[0]: span[1]] if span is not None else x[index]
+
+
+def _heads(plan: PrefillPlan, heads: int, device, dims: int) -> torch.Tensor:
+    """arange(heads) shaped (1, heads, 1) (dims 3) or (1, heads) (dims 2), made once per step."""
+    t = plan.per_heads.get((heads, dims))
+    if t is None:
+        t = plan.per_heads[(heads, dims)] = torch.arange(heads, device=device).view((1, heads, 1)[:dims])
+    return t
+
+
+def _pad(scores: list, n_max: int) -> torch.Tensor:
+    padded = scores[0].new_full((len(scores), scores[0].shape[0], n_max), float("-inf"))
+    for b, s in enumerate(scores):
+        padded[b, :, : s.shape[1]] = s
+    return padded
+
+
 def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
                 backend: str = "auto", head_offset: int = 0, gather_heads=None, rank_heads: int = 0,
                 partials: list | None = None, nan_flags: list | None = None) -> torch.Tensor:
@@ -520,26 +617,40 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
     No host sync otherwise: lengths and keep counts come from the plan's device tensors. per_head=false
     shares one token set over all kv heads, so its scores are gathered from every rank first
     and each rank keeps its own rows of the common selection (then every rank selects as one device would).
-    Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b])."""
-    scores = row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
-                        head_offset=head_offset, partials=partials)
-    on_device = dict(layer=layer, device_lengths=plan.lengths_dev, device_counts=plan.keeps_dev,
-                     nan_flags=nan_flags)
-    if gather_heads is None or policy.config.per_head:
-        idx, _ = policy.select_batched(scores, **on_device)
-        return idx
-    every = gather_heads(torch.cat(scores, dim=1).contiguous())              # (Hkv of all ranks, ΣP)
-    idx, _ = policy.select_batched(list(every.split(plan.lengths, dim=1)), **on_device)
-    return idx[:, rank_heads: rank_heads + key.shape[1]]
+    Returns (B, Hkv, K_max) int64 kept token indices per row, ascending (padded with −1 beyond keeps[b]); equal
+    to Policy.select_batched of row_scores. Per layer a fixed number of aten ops, whatever the number of rows
+    (benchmarks/prune_ops.py): the plan's per-step tensors (padded_scores, policy.select_padded)."""
+    if plan.layout is None:      # a policy select_batched refuses (different counts per head or per layer)
+        scores = row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                            head_offset=head_offset, partials=partials)
+        return policy.select_batched(scores, layer=layer, device_lengths=plan.lengths_dev,
+                                     device_counts=plan.keeps_dev, nan_flags=nan_flags)[0]
+    padded = padded_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                           head_offset=head_offset, partials=partials)
+    if gather_heads is not None and not policy.config.per_head:
+        b, n = len(plan.lengths), padded.shape[2]
+        every = gather_heads(padded.expand(b, -1, -1).transpose(0, 1).reshape(padded.shape[1], b * n))
+        padded = every.view(-1, b, n).transpose(0, 1).contiguous()             # (B, Hkv of all ranks, P_max)
+    if nan_flags is not None:
+        nan_flags.append(torch.isnan(padded).any())
+    elif torch.isnan(padded).any():                              # a host sync: callers without a NanWatch
+        for b, n in enumerate(plan.lengths):
+            if torch.isnan(padded[min(b, padded.shape[0] - 1), :, :n]).any():
+                raise ValueError(f"scores[{b}] contain NaN")
+    idx = policy.select_padded(padded, plan.layout)
+    if gather_heads is not None and not policy.config.per_head:
+        return idx[:, rank_heads: rank_heads + key.shape[1]]
+    return idx.expand(len(plan.lengths), -1, -1) if idx.shape[0] != len(plan.lengths) else idx
 
 
 def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     """The kept K/V of every pruned row, in compacted order (kept prompt tokens, then the recomputed outputs):
     (Σ(keep+g), Hkv, D) each, matching plan.slots. idx (B, Hkv, K_max) from select_kept."""
-    pos = plan.kept_pos.clamp(max=idx.shape[2] - 1)                       # output entries: any valid column
-    tok = plan.starts_dev[plan.kept_row][:, None] + idx[plan.kept_row, :, pos]   # (Σ, Hkv)
-    tok = torch.where(plan.kept_out_tok[:, None] >= 0, plan.kept_out_tok[:, None], tok)
-    heads = torch.arange(key.shape[1], device=key.device)
+    pos = plan.gather_pos if idx.shape[2] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[2] - 1)
+    tok = idx[plan.kept_row, :, pos] + plan.gather_base         # (Σ, Hkv); output entries: any valid column
+    if plan.is_out is not None:
+        tok = torch.where(plan.is_out, plan.out_tok, tok)
+    heads = _heads(plan, key.shape[1], key.device, 2)
     return key[tok, heads], value[tok, heads]
 
 
