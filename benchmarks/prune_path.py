@@ -100,8 +100,8 @@ def run(P, dtype, config_path, n_req=1, block_size=16):
         return compaction.plan_prefills(config, policy, steps, table, block_size)
     plan = plan_step()[2]
 
-    def score():
-        return compaction.row_scores(policy, plan, query, key, layer=0, scale=scale)
+    def score():            # as select_kept scores: packed colreduce_varlen, laid out padded, pooled in one call
+        return compaction.padded_scores(policy, plan, query, key, layer=0, scale=scale)
 
     def prune_layer():      # as the engine calls it: NaN flags left on the device (compaction.NanWatch), no sync
         idx = compaction.select_kept(policy, plan, query, key, layer=0, scale=scale, nan_flags=[])
@@ -128,11 +128,10 @@ def run(P, dtype, config_path, n_req=1, block_size=16):
     flush = _flush_buffer()
     parts = {
         "prune_layer (score+pool+top-k+gather+write)": prune_layer,
-        "score: colreduce_varlen + pooling": score,
-        # as select_kept calls it (device lengths and counts, NaN flag left on the device): no host sync; the
-        # 2026-12-01 run timed it with a NaN check read back, which waits for the GPU
-        "select: shared top-k (select_batched)": lambda: policy.select_batched(
-            scores, layer=0, device_lengths=plan.lengths_dev, device_counts=plan.keeps_dev, nan_flags=[]),
+        "score: colreduce_varlen + pooling (padded_scores)": score,
+        # as select_kept calls it: the plan's per-step layout, no checks, no host sync (the 2026-12-01 run timed
+        # select_batched of the per-request list with a NaN check read back, which waits for the GPU)
+        "select: shared top-k (select_padded)": lambda: policy.select_padded(scores, plan.layout),
         "gather_kept": lambda: compaction.gather_kept(plan, idx, key, value),
         "cache write": lambda: write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots),
         "plan_prefills (once per step, all layers)": plan_step,
