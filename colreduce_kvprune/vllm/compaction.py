@@ -433,12 +433,14 @@ def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, q: torch.Tensor, c
 def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              cache_views, block_table: torch.Tensor, block_size: int):
     """For a plan with chunked rows (plan.sources): (query, key, value, partials) in the layout the plan indexes.
-    key/value: every pruned row's tokens 0..L−1 back to back, positions before this step (c0) gathered from the
-    paged cache (cache_views: (key_cache, value_cache) as (num_blocks, block_size, Hkv, D) views) through the row's
-    block table, or from the carry (cache_views None, see stash_chunks), then this step's rows. query: positions
-    query_from..L−1 of each row, the stashed window queries then this step's. partials: per row, the column sums
-    of the earlier chunks' queries (accumulating policies) or None. The row's carry of `layer` is released.
-    Everything is read before any compacted row is written (the caller writes after this returns)."""
+    key/value: every pruned row's tokens 0..L−1 back to back. With cache_views ((key_cache, value_cache) as
+    (num_blocks, block_size, Hkv, D) views), all of them read from the paged cache through the rows' block tables,
+    where vLLM wrote this step's keys and values before the attention as it wrote the earlier chunks': one gather
+    each for keys and values, whatever the rows (positions made once per step). Without (cache_views None, see
+    stash_chunks): the earlier chunks' from the carry, then this step's rows. query: positions query_from..L−1 of
+    each row, the stashed window queries then this step's. partials: per row, the column sums of the earlier
+    chunks' queries (accumulating policies) or None. The row's carry of `layer` is released. Everything is read
+    before any compacted row is written (the caller writes after this returns)."""
     qs, ks, vs, partials = [], [], [], []
     for (start, c0, qlen, carry, row), qfrom, n in zip(plan.sources, plan.query_from, plan.lengths):
         stashed = carry.pop(layer, None) if carry is not None else None
@@ -456,7 +458,9 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
             qs.extend(stashed or ())
             partials.append(None)
         qs.append(query[start: start + qlen])
-        if c0 and cache_views is None:
+        if cache_views is not None:
+            continue
+        if c0:
             kv = carry.pop(("kv", layer), [])
             got = sum(k.shape[0] for k, _ in kv)
             if got != c0:
@@ -464,14 +468,25 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
                                    f"tokens at layer {layer}, expected {c0}")
             ks.extend(k for k, _ in kv)
             vs.extend(v for _, v in kv)
-        elif c0:
-            pos = torch.arange(c0, device=block_table.device)
-            blocks = block_table[row, pos // block_size].long()
-            ks.append(cache_views[0][blocks, pos % block_size])
-            vs.append(cache_views[1][blocks, pos % block_size])
         ks.append(key[start: start + qlen])
         vs.append(value[start: start + qlen])
-    return torch.cat(qs), torch.cat(ks), torch.cat(vs), partials
+    query = qs[0] if len(qs) == 1 else torch.cat(qs)          # one row, nothing stashed: a view, no copy
+    if cache_views is None:
+        return query, torch.cat(ks), torch.cat(vs), partials
+    where = plan.per_heads.get("cache_positions")
+    if where is None:
+        where = plan.per_heads["cache_positions"] = _cache_positions(plan, block_table, block_size)
+    return query, cache_views[0][where], cache_views[1][where], partials
+
+
+def _cache_positions(plan: PrefillPlan, block_table: torch.Tensor, block_size: int):
+    """(blocks, slots) (ΣL,) int64 each: the paged-cache place of every assembled position (each row's tokens
+    0..L−1, back to back), made once per step for every layer (host lists, one copy to the device, no sync)."""
+    spans = [(row, c0 + qlen) for _, c0, qlen, _, row in plan.sources]
+    rows = torch.cat([torch.full((n,), r) for r, n in spans])
+    pos = torch.cat([torch.arange(n) for _, n in spans])
+    rows, pos = to_device(torch.stack([rows, pos]), block_table.device).unbind(0)
+    return block_table[rows, pos // block_size].long(), pos % block_size
 
 
 def scatter_outputs(plan: PrefillPlan, assembled: torch.Tensor, output: torch.Tensor) -> None:

@@ -292,10 +292,11 @@ def test_chunked_prompt_equals_whole_prompt(case, read_cache):
     key_cache, value_cache = (torch.full((26, BS, hkv, d), float("nan")) for _ in range(2))
     views = (key_cache, value_cache) if read_cache else None
 
-    def write(c0, qlen):
+    def write(c0, qlen, row=0, first=0):         # tokens c0.. of the row, taken from q/k/v rows first + c0..
         pos = torch.arange(c0, c0 + qlen)
-        blocks = bt[0, pos // BS].long()
-        key_cache[blocks, pos % BS], value_cache[blocks, pos % BS] = k[c0: c0 + qlen], v[c0: c0 + qlen]
+        blocks = bt[row, pos // BS].long()
+        rows = slice(first + c0, first + c0 + qlen)
+        key_cache[blocks, pos % BS], value_cache[blocks, pos % BS] = k[rows], v[rows]
 
     carry = {"stale": 1}
     # the last chunk holds the last 2 prompt tokens and the outputs; SnapKV's 4-query window spans two chunks
@@ -320,6 +321,7 @@ def test_chunked_prompt_equals_whole_prompt(case, read_cache):
         assert n == max(0, chunks[-1][0] - (prompt - pol.score_request(prompt).num_queries))
     c0, qlen = chunks[-1]
     write(c0, qlen)
+    write(0, other, row=1, first=prompt + g)                   # the whole prompt of row 1, in the same step
     step_q, step_k, step_v = (torch.cat([t[c0: c0 + qlen], t[prompt + g:]]) for t in (q, k, v))
     steps = [(0, 0, c0, qlen, prompt), (1, qlen, 0, other, other)]
     fresh, values, plan, stash = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
@@ -434,8 +436,10 @@ def test_layer_work_reads_nothing_back_from_the_gpu(case):
     bt = torch.arange(1, 2 * 12 + 1, device=dev).view(2, 12).int()
     views = tuple(torch.zeros(26, BS, hkv, d, device=dev) for _ in range(2))
     pos = torch.arange(prompt + g, device=dev)
-    for cache, t in zip(views, (k, v)):                      # row 0's keys and values, as vLLM wrote them
+    pos1 = torch.arange(other, device=dev)
+    for cache, t in zip(views, (k, v)):                      # both rows' keys and values, as vLLM wrote them
         cache[bt[0, pos // BS].long(), pos % BS] = t[: prompt + g]
+        cache[bt[1, pos1 // BS].long(), pos1 % BS] = t[prompt + g:]
     carry = {}
     _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, c0, prompt)], bt, BS, [carry])
     steps = [(0, 0, c0, prompt + g - c0, prompt), (1, prompt + g - c0, 0, other, other)]
