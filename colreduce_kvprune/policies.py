@@ -152,6 +152,14 @@ def _priority_order(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return torch.gather(order, -1, torch.sort(g, dim=-1, stable=True).indices)
 
 
+def pad_scores(scores: list) -> torch.Tensor:
+    """Per-request scores [(Hkv, N_b)] → (B, Hkv, max N_b), −inf past each request's length."""
+    padded = scores[0].new_full((len(scores), scores[0].shape[0], max(s.shape[1] for s in scores)), float("-inf"))
+    for i, s in enumerate(scores):
+        padded[i, :, : s.shape[1]] = s
+    return padded
+
+
 def _token_groups(n_valid: torch.Tensor, n_max: int, sinks: int, window: int) -> torch.Tensor:
     """(B, 1, n_max) int: 0 = always kept (sink or window), 1 = scored candidate, 2 = padding past the length."""
     idx = torch.arange(n_max, device=n_valid.device)
@@ -257,18 +265,17 @@ class Policy:
         """The SelectionLayout of a batch: lengths and keeps (B,) int64 on the scores' device (not read back: no
         host sync), n_max the padded width, kmax = max(keeps) as a host int. An engine makes it once per step."""
         dev = lengths.device
-        j = torch.arange(n_max, device=dev)
-        n = lengths.view(-1, 1, 1)
-        padding = j >= n
-        protected = (j < self.config.sink_tokens) | (j >= n - self.config.window)
-        inf = float("inf")
+        group = _token_groups(lengths, n_max, self.config.sink_tokens, self.config.window)   # (B, 1, N) 0 / 1 / 2
+        # protected +inf, padding −inf (device fills only: nothing copied from the host, no sync)
+        ends = torch.full(group.shape, float("-inf"), dtype=torch.float64, device=dev).masked_fill_(group == 0,
+                                                                                                   float("inf"))
+        scored_cols = group == 1
 
-        def groups(scored):             # protected +inf, scored tokens `scored`, padding −inf: (B, 1, N) float64
-            t = torch.full(padding.shape, scored, dtype=torch.float64, device=dev)
-            return t.masked_fill_(protected, inf).masked_fill_(padding, -inf)
+        def bound(scored):              # the scored tokens' bound `scored`, the others' ends: (B, 1, N) float64
+            return ends.masked_fill(scored_cols, scored)
         dropped = torch.arange(kmax, device=dev) >= keeps.view(-1, 1, 1)
-        prefix = self._pooled_columns(j, n)
-        return SelectionLayout(n_max, kmax, groups(-_F64_BELOW_MAX), groups(_F64_BELOW_MAX), groups(_F64_MAX),
+        prefix = self._pooled_columns(torch.arange(n_max, device=dev), lengths.view(-1, 1, 1))
+        return SelectionLayout(n_max, kmax, bound(-_F64_BELOW_MAX), bound(_F64_BELOW_MAX), bound(_F64_MAX),
                                dropped, prefix, None if prefix is None else ~prefix)
 
     def _pooled_columns(self, j: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
@@ -314,9 +321,7 @@ class Policy:
                     raise ValueError(f"scores[{i}] must be (Hkv, N) with Hkv = {scores[0].shape[0]}, "
                                      f"got {tuple(s.shape)}")
             lengths = [s.shape[1] for s in scores]
-            padded = scores[0].new_full((len(scores), scores[0].shape[0], max(lengths)), float("-inf"))
-            for i, s in enumerate(scores):
-                padded[i, :, : s.shape[1]] = s
+            padded = pad_scores(scores)
             if nan_flags is None and torch.isnan(padded).any():   # one host sync for the batch, not per request
                 for i, s in enumerate(scores):
                     _check_scores(s, f"scores[{i}]")

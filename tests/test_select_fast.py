@@ -274,8 +274,9 @@ def engine_batch(seed, lengths, outputs=None, hq=4, hkv=2, d=8, bs=4, gap=0):
 def old_gather(plan, idx, key, value):
     """gather_kept as it was (every index made per call)."""
     pos = plan.kept_pos.clamp(max=idx.shape[2] - 1)
-    tok = plan.starts_dev[plan.kept_row][:, None] + idx[plan.kept_row, :, pos]
-    tok = torch.where(plan.kept_out_tok[:, None] >= 0, plan.kept_out_tok[:, None], tok)
+    tok = plan.gather_base + idx[plan.kept_row, :, pos]             # the row's first token, per kept entry
+    if plan.out_tok is not None:                                    # −1 for every entry without outputs
+        tok = torch.where(plan.out_tok >= 0, plan.out_tok, tok)
     heads = torch.arange(key.shape[1])
     return key[tok, heads], value[tok, heads]
 

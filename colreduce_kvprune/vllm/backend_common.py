@@ -7,8 +7,9 @@ query_start_loc / seq_lens and each row's prompt length from prompt_lengths.py, 
 every row, look up the request's pruned layout (RowState) and rewrite seq_lens, the block table and, in place, the
 slot mapping (vectorised, no host sync).
 Impl.forward: the base attention over the full prefill, then, per layer, scores → selection → gather of the kept
-K/V from the step's key/value tensors → write to compacted slots with the backend's own `do_kv_cache_update`
-(reads come from the step's tensors, never from the cache being written, so no slot is read after it is written);
+K/V (from the step's key/value tensors, or at a chunked prompt's last chunk from the paged cache, see
+compaction.assemble) → write to compacted slots with the backend's own `do_kv_cache_update` (every read is made
+into new tensors before the first write, so no slot is read after it is written);
 for a request recomputed after preemption, the attention rows of its outputs are then recomputed over the kept
 tokens (compaction.recompute_outputs), so it continues exactly as if it had not been preempted.
 The per-layer work reads nothing back from the device: the plan's device tensors are made once per step by the

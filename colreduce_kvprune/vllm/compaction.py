@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..policies import keep_count
+from ..policies import keep_count, pad_scores
 
 
 def cdiv(a: int, b: int) -> int:
@@ -49,7 +49,6 @@ class PrefillPlan:
     entries). Device tensors: key_index (ΣP,) packed token ids of the rows' prompts, cu_k (B+1,) int32; window_index
     (ΣW,) the last W prompt tokens of each row, cu_q (B+1,) int32 (empty when the policy needs no queries);
     kept_row/kept_pos (Σ(keep+g),) int64 — row (in this plan) and compacted position c of every kept entry;
-    kept_out_tok (Σ(keep+g),) int64 — packed token id of an output entry (c ≥ keep), −1 for a prompt entry;
     slots (Σ(keep+g),) int64 — destination cache slot of each kept entry; lengths_dev / keeps_dev (B,) int64 —
     lengths and keeps on the device (for the selection); out_starts: the query row of each row's first output
     (recomputed attention rows).
@@ -61,9 +60,10 @@ class PrefillPlan:
     through which one indexing op lays out the packed scores as (B, Hkv, P_max); layout, the policy's
     SelectionLayout (None: a policy with different counts per head or layer, which selects through
     select_batched); gather_pos / gather_base (Σ(keep+g),) and (Σ(keep+g), 1): the column of idx (clamped to
-    K_max − 1) and the row's first token of each kept entry; out_tok / is_out (Σ(keep+g), 1), only with
-    recomputed outputs. per_heads: tensors made at the first layer that needs the kv head count (the same at
-    every layer of the step).
+    K_max − 1) and the row's first token of each kept entry; out_tok (Σ(keep+g), 1) int64, the packed token id
+    of an output entry (c ≥ keep), −1 for a prompt entry, and is_out = out_tok ≥ 0, only with recomputed
+    outputs. memo: tensors made at the first layer that needs them (the kv head count, the cache positions of
+    assemble), reused by the step's other layers.
 
     With the last chunk of a chunked prefill among the rows, `sources` is set (per row: step start, c0, qlen,
     carry, block-table row) and the plan indexes the tensors of `assemble`: keys/values of every row's tokens
@@ -83,10 +83,8 @@ class PrefillPlan:
     cu_k: torch.Tensor
     window_index: torch.Tensor
     cu_q: torch.Tensor
-    starts_dev: torch.Tensor
     kept_row: torch.Tensor
     kept_pos: torch.Tensor
-    kept_out_tok: torch.Tensor
     slots: torch.Tensor
     lengths_dev: torch.Tensor
     keeps_dev: torch.Tensor
@@ -102,7 +100,7 @@ class PrefillPlan:
     gather_base: torch.Tensor | None = None
     out_tok: torch.Tensor | None = None
     is_out: torch.Tensor | None = None
-    per_heads: dict | None = None
+    memo: dict | None = None
 
 
 @dataclass
@@ -319,13 +317,10 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
     totals = [k + g for k, g in zip(keeps, outs)]
     kept_row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(totals))
     kept_pos = torch.cat([torch.arange(t) for t in totals])
-    kept_out_tok = torch.cat([torch.cat([torch.full((k,), -1), torch.arange(s + n, s + n + g)])
-                              for s, n, k, g in zip(starts, lengths, keeps, outs)])
     kept_row_d, kept_pos_d = to_device(kept_row, dev), to_device(kept_pos, dev)
     rows_d, starts_d, lengths_d, keeps_d = to_device(torch.tensor([rows, starts, lengths, keeps]), dev).unbind(0)
     slots = (block_table[rows_d[kept_row_d], kept_pos_d // block_size].long() * block_size
              + kept_pos_d % block_size)
-    kept_out_tok_d = to_device(kept_out_tok, dev)
     # once per step, for every layer (device ops on the tensors above: no host sync, no large copy)
     n_max, kmax = max(lengths), max(keeps)
     packed_start = lengths_d.cumsum(0) - lengths_d
@@ -335,19 +330,20 @@ def plan_prefills(config, policy, steps, block_table: torch.Tensor, block_size: 
     if policy.uniform_heads and policy.uniform_layers:
         layout = policy.selection_layout(lengths_d, keeps_d, n_max, kmax)
     out_tok = is_out = None
-    if any(outs):
-        out_tok = kept_out_tok_d[:, None]
+    if any(outs):         # the packed token id of each output entry, −1 for a prompt entry
+        out_tok = to_device(torch.cat([torch.cat([torch.full((k,), -1), torch.arange(s + n, s + n + g)])
+                                       for s, n, k, g in zip(starts, lengths, keeps, outs)]), dev)[:, None]
         is_out = out_tok >= 0
     plan = PrefillPlan(rows=rows, starts=starts, lengths=lengths, keeps=keeps, num_outputs=outs,
                        num_queries=[b - a for a, b in wins], kept_starts=[0] + list(_cumsum(totals))[:-1],
                        key_index=to_device(key_index, dev), cu_k=to_device(cu_k, dev),
-                       window_index=to_device(window_index, dev), cu_q=to_device(cu_q, dev), starts_dev=starts_d,
-                       kept_row=kept_row_d, kept_pos=kept_pos_d, kept_out_tok=kept_out_tok_d,
+                       window_index=to_device(window_index, dev), cu_q=to_device(cu_q, dev),
+                       kept_row=kept_row_d, kept_pos=kept_pos_d,
                        slots=slots, lengths_dev=lengths_d, keeps_dev=keeps_d, out_starts=out_starts,
                        sources=sources, query_from=qfrom, accumulate=accumulate,
                        key_span=_span([(s, s + n) for s, n in zip(starts, lengths)]), window_span=_span(wins),
                        pad_index=pad_index, layout=layout, gather_pos=kept_pos_d.clamp(max=max(kmax - 1, 0)),
-                       gather_base=starts_d[kept_row_d][:, None], out_tok=out_tok, is_out=is_out, per_heads={})
+                       gather_base=starts_d[kept_row_d][:, None], out_tok=out_tok, is_out=is_out, memo={})
     return fresh_rows, fresh_values, plan, stash
 
 
@@ -473,9 +469,9 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
     query = qs[0] if len(qs) == 1 else torch.cat(qs)          # one row, nothing stashed: a view, no copy
     if cache_views is None:
         return query, torch.cat(ks), torch.cat(vs), partials
-    where = plan.per_heads.get("cache_positions")
+    where = plan.memo.get("cache_positions")
     if where is None:
-        where = plan.per_heads["cache_positions"] = _cache_positions(plan, block_table, block_size)
+        where = plan.memo["cache_positions"] = _cache_positions(plan, block_table, block_size)
     return query, cache_views[0][where], cache_views[1][where], partials
 
 
@@ -576,10 +572,10 @@ def padded_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Ten
     req = policy.score_request(max(plan.lengths))
     heads = key.shape[1]
     if req.kind == "none":
-        cached = plan.per_heads.get(("none", heads))
+        cached = plan.memo.get(("none", heads))
         if cached is None:      # (1, Hkv, P_max): the scores of the longest row, whose prefixes are the others'
             cached = policy.scores(None, key.new_empty((heads, max(plan.lengths), 0)), layer=layer)[None]
-            plan.per_heads[("none", heads)] = cached
+            plan.memo[("none", heads)] = cached
         return cached
     summed = plan.accumulate and plan.sources is not None
     if req.kind == "attention" and not summed:
@@ -592,8 +588,8 @@ def padded_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Ten
     elif req.kind == "key_norm":
         raw = policy.key_scores(_rows(key, plan.key_index, plan.key_span))
     else:
-        return _pad(row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
-                               head_offset=head_offset, partials=partials), max(plan.lengths))
+        return pad_scores(row_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                                     head_offset=head_offset, partials=partials))
     padded = raw[plan.pad_index, _heads(plan, raw.shape[1], raw.device, 3)]        # (B, Hkv, P_max)
     return policy.postprocess_padded(padded, plan.layout)
 
@@ -605,17 +601,10 @@ def _rows(x: torch.Tensor, index: torch.Tensor, span) -> torch.Tensor:
 
 def _heads(plan: PrefillPlan, heads: int, device, dims: int) -> torch.Tensor:
     """arange(heads) shaped (1, heads, 1) (dims 3) or (1, heads) (dims 2), made once per step."""
-    t = plan.per_heads.get((heads, dims))
+    t = plan.memo.get((heads, dims))
     if t is None:
-        t = plan.per_heads[(heads, dims)] = torch.arange(heads, device=device).view((1, heads, 1)[:dims])
+        t = plan.memo[(heads, dims)] = torch.arange(heads, device=device).view((1, heads, 1)[:dims])
     return t
-
-
-def _pad(scores: list, n_max: int) -> torch.Tensor:
-    padded = scores[0].new_full((len(scores), scores[0].shape[0], n_max), float("-inf"))
-    for b, s in enumerate(scores):
-        padded[b, :, : s.shape[1]] = s
-    return padded
 
 
 def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
