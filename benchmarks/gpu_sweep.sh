@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_sweep.sh          # the sweep, prune path and kernel tests (cut at 110 s: the 2026-12-01 run
 #                                         # got through 133 of about 170 in that time)
 #   bash benchmarks/gpu_sweep.sh tests    # the kernel tests alone (KERNEL_TEST_LIMIT seconds, default 400)
+#   bash benchmarks/gpu_sweep.sh tests path   # the kernel tests, then the per-layer prune path (prune_path.py)
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}")
@@ -63,7 +64,10 @@ main() {
 }
 
 if [ "${1:-}" = tests ]; then     # the kernel tests alone, with the whole call's time (about 170 tests)
-    { setup; cd /tmp && kernel_tests "${KERNEL_TEST_LIMIT:-400}"; } 2>&1 | tee "$OUT/gpu_sweep.log"
+    { setup; cd /tmp && kernel_tests "${KERNEL_TEST_LIMIT:-400}"
+      if [ "${2:-}" = path ]; then
+          timeout 60 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"; echo "== prune path done at ${SECONDS}s (rc $?)"
+      fi; } 2>&1 | tee "$OUT/gpu_sweep.log"
 else
     main 2>&1 | tee "$OUT/gpu_sweep.log"
 fi
