@@ -15,7 +15,7 @@ REPO=$PWD
 
 kernel_tests() {    # $1: seconds; rc 124 = cut by the limit (the log's progress shows how far it got)
     XDIST=""
-    python3 -c "import xdist" 2>/dev/null && XDIST="-n 4"
+    python3 -c "import xdist" 2>/dev/null && XDIST="-n 12"
     timeout "$1" python3 -m pytest "$REPO/tests/test_colreduce.py" "$REPO/tests/test_colreduce_varlen.py" \
         "$REPO/tests/test_colreduce_paged.py" "$REPO/tests/test_colreduce_kernels.py" \
         "$REPO/tests/test_colreduce_launch.py" -q -p no:cacheprovider $XDIST > "$OUT/pytest.log" 2>&1
@@ -28,7 +28,7 @@ setup() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sweep-site \
             .whl/*.whl
     fi
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/sweep-pkg . >/dev/null
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/sweep-pkg . >/dev/null
     # Own install folders: /tmp/site holds vLLM's torch when the machine also ran the staging of scripts/gpu-vllm, and
     # the sweep times the image's torch and Triton.
     export PYTHONPATH=/tmp/sweep-pkg:/tmp/sweep-site PYTHONUNBUFFERED=1
