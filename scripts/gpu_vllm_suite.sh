@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole vLLM test suite on the GPU device machine in two device calls (after the staging of scripts/gpu-vllm,
 # install.sh sourced), with the fp32 agreement at vLLM's defaults beside it. Logs and JSON under $OUT.
-#   source /root/w/install.sh && bash scripts/gpu_vllm_suite.sh shared   # ~6 min: the tests whose engines fix a
-#                                                                        # small KV pool, three groups at once, and
-#                                                                        # the agreement runs (5 policies)
+#   source /root/w/install.sh && bash scripts/gpu_vllm_suite.sh shared   # ~6.5 min: the tests whose engines fix a
+#                                                                        # small KV pool, three groups at once, the
+#                                                                        # agreement runs (5 policies), and the
+#                                                                        # kernel tests under vLLM's torch/Triton
 #   source /root/w/install.sh && bash scripts/gpu_vllm_suite.sh alone    # ~5 min: the tests that start engines at
 #                                                                        # vLLM's default gpu_memory_utilization
 # Every file of tests/vllm is in exactly one part; a file added to tests/vllm and not listed here fails the script.
@@ -15,6 +16,9 @@ G1="$T/test_vllm_compaction.py $T/test_vllm_guards.py $T/test_vllm_policies.py $
 G2="$T/test_vllm_blocks.py $T/test_vllm_capacity.py $T/test_vllm_passthrough.py $T/test_vllm_prefix_caching.py"
 G3="$T/test_quality_vllm.py $T/test_vllm_tensor_parallel.py $T/test_vllm_chunked_prefill.py"
 ALONE="$T/test_vllm_defaults.py $T/test_cli_run.py"
+# the kernel tests again, under vLLM's torch and Triton (benchmarks/gpu_sweep.sh runs them under the image's)
+KERNELS="tests/test_colreduce.py tests/test_colreduce_varlen.py tests/test_colreduce_paged.py \
+tests/test_colreduce_kernels.py tests/test_colreduce_launch.py"
 listed=$(echo $G1 $G2 $G3 $ALONE | tr ' ' '\n' | sort)
 present=$(ls $T/test_*.py | sort)
 if [ "$listed" != "$present" ]; then
@@ -25,7 +29,7 @@ case "${1:-}" in
     shared)
         GPU_TEST_TIMEOUT=${GPU_TEST_TIMEOUT:-240} bash scripts/gpu_jobs.sh \
             "g1=bash scripts/gpu_vllm_tests.sh g1 $G1" "g2=bash scripts/gpu_vllm_tests.sh g2 $G2" \
-            "g3=bash scripts/gpu_vllm_tests.sh g3 $G3" \
+            "g3=bash scripts/gpu_vllm_tests.sh g3 $G3" "k=bash scripts/gpu_vllm_tests.sh kernels $KERNELS -n 4" \
             "fa=OUT=$out/fa AGREE_ARGS='--policies snapkv,h2o,tova' bash scripts/gpu_vllm_evidence.sh agree-fp32-defaults" \
             "fb=OUT=$out/fb AGREE_ARGS='--policies streamingllm,knorm --skip-vanilla' bash scripts/gpu_vllm_evidence.sh agree-fp32-defaults" ;;
     alone)
