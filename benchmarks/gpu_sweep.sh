@@ -53,7 +53,7 @@ main() {
     echo "== compiled at ${SECONDS}s"
 
     # 2. the per-layer prune path of the vLLM plugin (8k, 16k, 32k; 8k × 4 requests)
-    timeout 45 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"
+    timeout 70 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"
     echo "== prune path done at ${SECONDS}s (rc $?)"
 
     # 3. the serving sweep in what is left (json and md rewritten after each shape)
@@ -66,7 +66,7 @@ main() {
 if [ "${1:-}" = tests ]; then     # the kernel tests alone, with the whole call's time (about 170 tests)
     { setup; cd /tmp && kernel_tests "${KERNEL_TEST_LIMIT:-400}"
       if [ "${2:-}" = path ]; then
-          timeout 60 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"; echo "== prune path done at ${SECONDS}s (rc $?)"
+          timeout 90 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"; echo "== prune path done at ${SECONDS}s (rc $?)"
       fi; } 2>&1 | tee "$OUT/gpu_sweep.log"
 else
     main 2>&1 | tee "$OUT/gpu_sweep.log"

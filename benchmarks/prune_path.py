@@ -73,7 +73,33 @@ def attention_fn(q, k, v):
         return (lambda: sdpa(qd, kd, vd, is_causal=True)), "SDPA causal (K/V repeated to 32 heads)"
 
 
-def run(P, dtype, config_path, n_req=1, block_size=16):
+def host_idle_us(fn, calls=20):
+    """CPU wall time of one call with the device idle before it (synchronized first): the launch path's own host
+    time, without the waits on a full launch queue that time3's host_us can include."""
+    import time
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def profile_table(fn, calls=20, rows=40) -> str:
+    """torch.profiler over `calls` calls of fn: the aten ops and kernels by self CPU time (host cost per op)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
     from colreduce_kvprune.config import load_config
     from colreduce_kvprune.policies import get_policy
     from colreduce_kvprune.vllm import compaction
@@ -142,6 +168,9 @@ def run(P, dtype, config_path, n_req=1, block_size=16):
                cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0])
     for name, fn in parts.items():
         row[name] = time3(fn, flush)
+        row[name]["host_idle_us"] = host_idle_us(fn)
+    if profile_calls:
+        row["profile"] = profile_table(prune_layer, profile_calls)
     row["syncs in prune_layer"] = _bench_kernels().count_syncs(prune_layer)
     pr, at, li = (row[k] for k in ("prune_layer (score+pool+top-k+gather+write)", "attention forward",
                                    "linear matmuls of the layer"))
@@ -155,18 +184,19 @@ def markdown(rows, env):
     lines = [f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}. Per layer, Llama-3.1-8B shape "
              f"(32/8 heads, D 128), bf16, configs/snapkv.yaml. Attention: {rows[0]['attention']}; cache write: "
              f"{rows[0]['cache_write']}. Times in ms (gpu = device time with host gaps hidden; e2e = back-to-back "
-             "calls, no CUDA graphs); host µs = CPU time per call.", "",
-             "| prompt × requests | part | gpu ms | e2e ms | host µs |", "|---|---|---|---|---|"]
+             "calls, no CUDA graphs); host µs = CPU time per call with the device kept busy (can include waits on a "
+             "full launch queue); idle host µs = CPU time of one call after a synchronize (the launch path alone).",
+             "", "| prompt × requests | part | gpu ms | e2e ms | host µs | idle host µs |", "|---|---|---|---|---|---|"]
     for r in rows:
         for k, v in r.items():
             if isinstance(v, dict) and "gpu_ms" in v:
                 lines.append(f"| {r['prompt']} × {r['requests']} | {k} | {v['gpu_ms']:.3f} | {v['e2e_ms']:.3f} | "
-                             f"{v['host_us']:.0f} |")
+                             f"{v['host_us']:.0f} | {v.get('host_idle_us', float('nan')):.0f} |")
         lines.append(f"| {r['prompt']} × {r['requests']} | **prune / attention forward** | "
-                     f"{100 * r['share_of_attention_gpu_ms']:.1f}% | {100 * r['share_of_attention_e2e_ms']:.1f}% | |")
+                     f"{100 * r['share_of_attention_gpu_ms']:.1f}% | {100 * r['share_of_attention_e2e_ms']:.1f}% | | |")
         lines.append(f"| {r['prompt']} × {r['requests']} | **prune / (attention + linears)** | "
                      f"{100 * r['share_of_layer_gpu_ms']:.1f}% | {100 * r['share_of_layer_e2e_ms']:.1f}% | "
-                     f"syncs per layer: {r['syncs in prune_layer']['count']} |")
+                     f"syncs per layer: {r['syncs in prune_layer']['count']} | |")
     return "\n".join(lines)
 
 
@@ -174,6 +204,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out")
     ap.add_argument("--lengths", default="8192,16384,32768")
+    ap.add_argument("--profile-calls", type=int, default=20,
+                    help="torch.profiler over this many prune_layer calls at each shape, its op table written to "
+                         "prune_path_profile.txt (0: none)")
     ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                                                      "snapkv.yaml"))
     args = ap.parse_args(argv)
@@ -184,7 +217,7 @@ def main(argv=None):
     rows = []
     for P in (int(x) for x in args.lengths.split(",")):
         for n_req in (1, 4) if P == 8192 else (1,):
-            rows.append(run(P, torch.bfloat16, args.config, n_req))
+            rows.append(run(P, torch.bfloat16, args.config, n_req, profile_calls=args.profile_calls))
             r = rows[-1]
             print(f"P={P} x{n_req}: prune {r['prune_layer (score+pool+top-k+gather+write)']['gpu_ms']:.3f} ms, "
                   f"attention {r['attention forward']['gpu_ms']:.3f} ms, "
@@ -194,6 +227,12 @@ def main(argv=None):
             torch.cuda.empty_cache()
     env = env_info()
     os.makedirs(args.out, exist_ok=True)
+    profiles = [(f"{r['prompt']} x {r['requests']}", r.pop("profile")) for r in rows if "profile" in r]
+    if profiles:
+        with open(os.path.join(args.out, "prune_path_profile.txt"), "w") as f:
+            for label, text in profiles:
+                f.write(f"== prune_layer, prompt {label}, {args.profile_calls} calls (self CPU time = host cost)\n"
+                        f"{text}\n")
     json.dump(dict(env=env, rows=rows), open(os.path.join(args.out, "prune_path.json"), "w"), indent=1)
     table = markdown(rows, env)
     open(os.path.join(args.out, "prune_path.md"), "w").write(table + "\n")
