@@ -1,6 +1,10 @@
 """The vLLM plugin's whole per-layer prune path (score, pool, top-k, gather, cache write) timed as one unit per
 prompt length, against the same layer's attention forward (issue 19, part 3). GPU only; not run by CI.
 
+It also times a whole step of 32 layers two ways (`step_variants`): the engine's per-layer path 32 times, and an
+experiment that scores every layer into one stacked buffer, selects once for the step and gathers each layer's
+kept K/V from the paged cache (the selection's ops run once per step instead of once per layer).
+
 It calls the plugin's own functions on plain torch tensors — no vLLM engine: `compaction.plan_prefills` (once per
 step, host side: timed on its own), then per layer exactly what `PruneImplMixin._prune_compact` runs for a whole
 prompt: `compaction.select_kept` (colreduce_varlen over the window + SnapKV pooling + the shared top-k),
@@ -39,7 +43,7 @@ def _bench_kernels():
         spec.loader.exec_module(mod)
     return sys.modules[name]
 
-HQ, HKV, D, HIDDEN, MLP = 32, 8, 128, 4096, 14336
+HQ, HKV, D, HIDDEN, MLP, LAYERS = 32, 8, 128, 4096, 14336, 32
 
 
 def cache_writer():
@@ -99,6 +103,51 @@ def profile_table(fn, calls=20, rows=40) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def step_variants(policy, plan, query, key, value, table, block_size, key_cache, value_cache, write, layers, scale,
+                  backend="auto"):
+    """Two ways to prune one step of `layers` layers (an experiment, not the engine's code):
+    - per_layer: what the engine does, `layers` times: score, select, gather, write per layer;
+    - per_step: score each layer into one stacked (layers, B, Hkv, P_max) buffer, ONE selection for all layers
+      (select_padded broadcasts the step's layout over the layer axis), the kept tokens' cache slots for all layers
+      at once, then per layer two gathers from the paged cache (vLLM has written the step's K/V there before the
+      attention) and the write. Every layer here uses the same query/key and the same cache (the op counts and
+      shapes are a real step's; the values repeat).
+    Returns (per_layer, per_step): callables running one step each."""
+    from colreduce_kvprune.vllm import compaction
+
+    def per_layer():
+        for layer in range(layers):
+            idx = compaction.select_kept(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                                         nan_flags=[])
+            k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
+            write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+
+    heads = key.shape[1]
+    pos = plan.gather_pos
+    head_ix = torch.arange(heads, device=key.device).view(1, 1, heads)
+    kflat = key_cache.view(-1, heads, key_cache.shape[-1])
+    vflat = value_cache.view(-1, heads, value_cache.shape[-1])
+    rows = torch.tensor(plan.rows, device=key.device)[plan.kept_row]             # batch row of each kept entry
+
+    def per_step():
+        stacked = None
+        flags = []
+        for layer in range(layers):
+            scores = compaction.padded_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend)
+            if stacked is None:
+                stacked = scores.new_empty((layers,) + tuple(scores.shape))
+            stacked[layer] = scores
+        flags.append(torch.isnan(stacked).any())
+        idx = policy.select_padded(stacked, plan.layout)                       # (layers, B, Hkv, kmax)
+        tok = idx[:, plan.kept_row, :, pos]                                    # (Σ, layers, Hkv): positions
+        slot = table[rows[:, None, None], tok // block_size].long() * block_size + tok % block_size
+        slot = slot.transpose(0, 1)                                            # (layers, Σ, Hkv)
+        for layer in range(layers):
+            write(kflat[slot[layer], head_ix[0]], vflat[slot[layer], head_ix[0]], key_cache, value_cache,
+                  plan.slots)
+    return per_layer, per_step
+
+
 def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
     from colreduce_kvprune.config import load_config
     from colreduce_kvprune.policies import get_policy
@@ -151,6 +200,22 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
         x @ w_gu
         h @ w_d
 
+    # vLLM writes the step's K/V to the cache before the attention: every prompt token at its slot
+    pos = torch.arange(P, device="cuda")
+    for r in range(n_req):
+        slot = table[r, pos // block_size].long() * block_size + pos % block_size
+        key_cache.view(-1, HKV, D)[slot] = key[r * P:(r + 1) * P]
+        value_cache.view(-1, HKV, D)[slot] = value[r * P:(r + 1) * P]
+    checks = []                                  # the experiment writes exactly what the engine's path writes
+    for variant in (0, 1):
+        kc, vc = key_cache.clone(), value_cache.clone()
+        step_variants(policy, plan, query, key, value, table, block_size, kc, vc, write, 1, scale)[variant]()
+        checks.append((kc, vc))
+    per_step_equal = all(torch.equal(a, b) for a, b in zip(*checks))
+    del checks
+    step_layer, step_once = step_variants(policy, plan, query, key, value, table, block_size, key_cache,
+                                          value_cache, write, LAYERS, scale)
+
     flush = _flush_buffer()
     parts = {
         "prune_layer (score+pool+top-k+gather+write)": prune_layer,
@@ -161,11 +226,14 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
         "gather_kept": lambda: compaction.gather_kept(plan, idx, key, value),
         "cache write": lambda: write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots),
         "plan_prefills (once per step, all layers)": plan_step,
+        f"step of {LAYERS} layers: the engine's per-layer path": step_layer,
+        f"step of {LAYERS} layers: one selection for the step (experiment)": step_once,
         "attention forward": lambda: [attn() for _ in range(n_req)],
         "linear matmuls of the layer": linears,
     }
     row = dict(prompt=P, requests=n_req, dtype=str(dtype).replace("torch.", ""), attention=attn_how,
-               cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0])
+               cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0],
+               one_selection_per_step_writes_the_same=per_step_equal)
     for name, fn in parts.items():
         row[name] = time3(fn, flush)
         row[name]["host_idle_us"] = host_idle_us(fn)
@@ -197,6 +265,8 @@ def markdown(rows, env):
         lines.append(f"| {r['prompt']} × {r['requests']} | **prune / (attention + linears)** | "
                      f"{100 * r['share_of_layer_gpu_ms']:.1f}% | {100 * r['share_of_layer_e2e_ms']:.1f}% | "
                      f"syncs per layer: {r['syncs in prune_layer']['count']} | |")
+        lines.append(f"| {r['prompt']} × {r['requests']} | one selection per step writes what the per-layer path "
+                     f"writes (one layer, bitwise) | {r['one_selection_per_step_writes_the_same']} | | | |")
     return "\n".join(lines)
 
 

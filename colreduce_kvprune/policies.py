@@ -297,7 +297,7 @@ class Policy:
             return _top_k(scores, layout)
         # per_head=false: one row, the mean over kv heads (columns past a length are padding: whatever they hold)
         idx = _top_k(scores.float().mean(dim=-2, keepdim=True), layout)
-        return idx.expand(-1, scores.shape[-2], -1)
+        return idx.expand(*idx.shape[:-2], scores.shape[-2], idx.shape[-1])
 
     def select_batched(self, scores, lengths=None, *, layer: int = 0, num_layers: int | None = None,
                        device_lengths: torch.Tensor | None = None, device_counts: torch.Tensor | None = None,

@@ -308,6 +308,26 @@ def test_select_kept_equals_per_request_path(name, shape):
     assert ks.shape[0] == plan.slots.shape[0]
 
 
+@pytest.mark.parametrize("name", list(ENGINE_CASES))
+def test_select_padded_over_stacked_layers_equals_each_layer(name):
+    """select_padded broadcasts the step's layout over leading dimensions: the scores of several layers stacked,
+    (L, B, Hkv, N), select exactly what each layer's (B, Hkv, N) does (benchmarks/prune_path.py's one-selection-
+    per-step experiment relies on it)."""
+    cfg = load_config({"min_prompt_tokens": 4, **ENGINE_CASES[name]})
+    policy = get_policy(cfg)
+    q, k, v, steps, table, bs = engine_batch(7, [37, 12, 26, 5])
+    _, _, plan, _ = compaction.plan_prefills(cfg, policy, steps, table, bs)
+    g = torch.Generator().manual_seed(1)
+    per_layer = [compaction.padded_scores(policy, plan, torch.randn(q.shape, generator=g), k, layer=layer,
+                                          scale=8 ** -0.5, backend="torch") for layer in range(3)]
+    shape = torch.broadcast_shapes(*(s.shape for s in per_layer))
+    stacked = policy.select_padded(torch.stack([s.expand(shape) for s in per_layer]), plan.layout)
+    assert stacked.shape[0] == 3
+    for layer, s in enumerate(per_layer):
+        want = policy.select_padded(s, plan.layout)
+        assert torch.equal(stacked[layer], want.expand_as(stacked[layer]))
+
+
 def test_nan_in_select_kept_names_the_request():
     cfg = load_config(ENGINE_CASES["snapkv-max"] | {"min_prompt_tokens": 4})
     policy = get_policy(cfg)
