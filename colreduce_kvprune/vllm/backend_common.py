@@ -5,7 +5,9 @@ is the base class's, unchanged.
 Builder.build: for the fresh prefills of the step, plan the pruning (host ints from the CPU copies of
 query_start_loc / seq_lens and each row's prompt length from prompt_lengths.py, then device index tensors); for
 every row, look up the request's pruned layout (RowState) and rewrite seq_lens, the block table and, in place, the
-slot mapping (vectorised, no host sync).
+slot mapping (vectorised, no host sync). A step in which no row's request is pruned (known on the host from each
+row's prompt length: keep_count(P) >= P) skips all of that: the block table and seq_lens are only copied into the
+builder's buffers.
 Impl.forward: the base attention over the full prefill, then, per layer, scores → selection → gather of the kept
 K/V (from the step's key/value tensors, or at a chunked prompt's last chunk from the paged cache, see
 compaction.assemble) → write to compacted slots with the backend's own `do_kv_cache_update` (every read is made
