@@ -16,9 +16,8 @@ REPO=$PWD
 kernel_tests() {    # $1: seconds; rc 124 = cut by the limit (the log's progress shows how far it got)
     XDIST=""
     python3 -c "import xdist" 2>/dev/null && XDIST="-n 12"
-    timeout "$1" python3 -m pytest "$REPO/tests/test_colreduce.py" "$REPO/tests/test_colreduce_varlen.py" \
-        "$REPO/tests/test_colreduce_paged.py" "$REPO/tests/test_colreduce_kernels.py" \
-        "$REPO/tests/test_colreduce_launch.py" -q -p no:cacheprovider $XDIST > "$OUT/pytest.log" 2>&1
+    timeout "$1" python3 -m pytest "$REPO"/tests/test_colreduce*.py -q -p no:cacheprovider $XDIST \
+        > "$OUT/pytest.log" 2>&1
     echo "== kernel tests on the GPU (rc $?): $(tail -1 "$OUT/pytest.log")"
     grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 }

@@ -131,13 +131,12 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
 
     def per_step():
         stacked = None
-        flags = []
         for layer in range(layers):
             scores = compaction.padded_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend)
             if stacked is None:
                 stacked = scores.new_empty((layers,) + tuple(scores.shape))
             stacked[layer] = scores
-        flags.append(torch.isnan(stacked).any())
+        torch.isnan(stacked).any()                                             # the engine's NaN flag, once
         idx = policy.select_padded(stacked, plan.layout)                       # (layers, B, Hkv, kmax)
         tok = idx[:, plan.kept_row, :, pos]                                    # (Σ, layers, Hkv): positions
         slot = table[rows[:, None, None], tok // block_size].long() * block_size + tok % block_size

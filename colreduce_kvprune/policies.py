@@ -290,9 +290,9 @@ class Policy:
 
     def select_padded(self, scores: torch.Tensor, layout: SelectionLayout) -> torch.Tensor:
         """The selection of a padded batch given its layout, no checks and no host sync (the engines' per-layer
-        call). scores (B or 1, Hkv, N_max) (B = 1 broadcasts over the layout's requests); values past each length
-        are ignored, NaN is not checked. → (B, Hkv, kmax) int64 ascending, padded with −1 (per_head=false: one
-        row, expanded over the heads)."""
+        call). scores (..., B or 1, Hkv, N_max) (B = 1 broadcasts over the layout's requests; leading dims, e.g.
+        layers, broadcast too); values past each length are ignored, NaN is not checked. → (..., B, Hkv, kmax)
+        int64 ascending, padded with −1 (per_head=false: one row, expanded over the heads)."""
         if self.config.per_head:
             return _top_k(scores, layout)
         # per_head=false: one row, the mean over kv heads (columns past a length are padding: whatever they hold)

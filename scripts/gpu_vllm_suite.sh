@@ -17,8 +17,7 @@ G2="$T/test_vllm_blocks.py $T/test_vllm_capacity.py $T/test_vllm_passthrough.py 
 G3="$T/test_quality_vllm.py $T/test_vllm_tensor_parallel.py $T/test_vllm_chunked_prefill.py"
 ALONE="$T/test_vllm_defaults.py $T/test_cli_run.py"
 # the kernel tests again, under vLLM's torch and Triton (benchmarks/gpu_sweep.sh runs them under the image's)
-KERNELS="tests/test_colreduce.py tests/test_colreduce_varlen.py tests/test_colreduce_paged.py \
-tests/test_colreduce_kernels.py tests/test_colreduce_launch.py"
+KERNELS=$(echo tests/test_colreduce*.py)
 listed=$(echo $G1 $G2 $G3 $ALONE | tr ' ' '\n' | sort)
 present=$(ls $T/test_*.py | sort)
 if [ "$listed" != "$present" ]; then

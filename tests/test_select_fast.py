@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from colreduce_kvprune.config import load_config
+from colreduce_kvprune import policies as P
 from colreduce_kvprune.policies import get_policy, pool_prefix
 from colreduce_kvprune.vllm import compaction
 
@@ -81,12 +82,7 @@ def old_select_batched(policy, padded: torch.Tensor, lengths: list[int], layer=0
         shared = torch.where(valid, padded, 0).float().mean(dim=-2, keepdim=True).expand_as(padded)
         padded = torch.where(valid, shared, padded)
     idx = torch.arange(n_max)
-    n = lens.view(-1, 1, 1)
-    protected = (idx < cfg.sink_tokens) | (idx >= n - cfg.window)
-    group = torch.where(idx >= n, 2, torch.where(protected, 0, 1))
-    order = torch.sort(padded, dim=-1, descending=True, stable=True).indices
-    g = torch.gather(group.expand_as(padded), -1, order)
-    order = torch.gather(order, -1, torch.sort(g, dim=-1, stable=True).indices)
+    order = P._priority_order(padded, P._token_groups(lens, n_max, cfg.sink_tokens, cfg.window))
     rank_kept = torch.arange(n_max) < counts.view(-1, 1, 1)
     mask = torch.zeros_like(padded, dtype=torch.bool).scatter_(-1, order, rank_kept.expand_as(order))
     kmax = max(counts.tolist(), default=0)
