@@ -182,6 +182,10 @@ def main(argv=None) -> int:
             print(f"{run:18s} pruning work: {t['pruning_ms']:.1f} ms over {t['steps']} prefill steps = "
                   f"{100 * t['pruning_per_attention']:.1f}% of their attention, "
                   f"{100 * t['pruning_share_of_decoder_span']:.2f}% of their decoder layers' time", flush=True)
+            if "pruning_host_ms" in t:
+                print(f"{run:18s} host clock: pruning work {t['pruning_host_ms']:.1f} ms, decoder layers "
+                      f"{t['decoder_span_host_ms']:.1f} ms; steps that only stash a chunk: {t['stash_steps']} "
+                      f"({t['stash_ms']:.1f} ms device, {t['stash_host_ms']:.1f} ms host)", flush=True)
         print(f"{run:18s} " + (r["error"] if "error" in r else
               f"{r['output_tokens_per_s']:9.1f} tok/s  peak running {r['peak_running']:4d}  preemptions "
               f"{r['preemptions']:4d}  TTFT p50 {r['ttft_p50_s']:.2f} s  TPOT p50 {r['tpot_p50_s']:.4f} s"),

@@ -5,7 +5,9 @@ is the base class's, unchanged.
 Builder.build: for the fresh prefills of the step, plan the pruning (host ints from the CPU copies of
 query_start_loc / seq_lens and each row's prompt length from prompt_lengths.py, then device index tensors); for
 every row, look up the request's pruned layout (RowState) and rewrite seq_lens, the block table and, in place, the
-slot mapping (vectorised, no host sync).
+slot mapping (vectorised, no host sync). A step in which no row's request is pruned (known on the host from each
+row's prompt length: keep_count(P) >= P) skips all of that: the block table and seq_lens are only copied into the
+builder's buffers.
 Impl.forward: the base attention over the full prefill, then, per layer, scores → selection → gather of the kept
 K/V (from the step's key/value tensors, or at a chunked prompt's last chunk from the paged cache, see
 compaction.assemble) → write to compacted slots with the backend's own `do_kv_cache_update` (every read is made
@@ -76,6 +78,7 @@ class PruneBuilderMixin:
             self.prune_max_rows = vllm_config.scheduler_config.max_num_seqs
             self.prune_bufs = None            # (block table, seq_lens) the attention reads, see _prune_buffers
             self.prune_nan = compaction.NanWatch()   # the layers' NaN flags, read without a host sync
+            self.prune_prunes = {}                   # prompt length -> pruned? (compaction.prunable_rows)
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -135,21 +138,31 @@ class PruneBuilderMixin:
             is_prefilling = None                        # a device tensor: reading it would sync
         prompts, targets = compaction.check_prompt_lengths(prompts, targets, cm.query_start_loc_cpu, seq_cpu,
                                                            is_prefilling, n)
+        prunes = compaction.prunable_rows(self.prune_config, prompts, n, self.prune_prunes)
+        if all(p is False for p in prunes):   # no row's request is pruned: nothing to plan, stash or remap
+            out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
+            return self._prune_rows_replaced(cm, *compaction.copy_rows(bt, cm.seq_lens, out_bt, out_seq)), None
         steps = compaction.prompt_steps(cm.query_start_loc_cpu, seq_cpu, n, prompts, is_prefilling)
         carries = self.prune_prompts.row_carries(cm, n)
         fresh_rows, fresh_values, plan, stash = compaction.plan_prefills(
             self.prune_config, self.prune_policy, steps, bt, self.prune_block_size, [carries[s[0]] for s in steps])
-        state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values)
+        state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values,
+                                                  [r for r, p in enumerate(prunes) if p is False])
         num_tokens = int(cm.query_start_loc_cpu[n])
         out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
         new_bt, new_seq = compaction.remap_rows(state, bt, cm.seq_lens, cm.positions, cm.query_start_loc,
                                                 num_tokens, cm.slot_mapping, self.prune_block_size, out_bt, out_seq)
+        return (self._prune_rows_replaced(cm, new_bt, new_seq),
+                compaction.StepPlan(plan, stash, bt, self.prune_nan) if plan is not None or stash else None)
+
+    @staticmethod
+    def _prune_rows_replaced(cm, block_table, seq_lens):
+        """cm reading the remapped block table and seq_lens (the builder's buffers)."""
         extra = {}
         if cm.seq_lens_cpu_upper_bound is not None:   # stays an upper bound: pruning only shortens
             extra["seq_lens_cpu_upper_bound"] = cm.seq_lens_cpu_upper_bound
-        cm = dataclasses.replace(cm, seq_lens=new_seq, block_table_tensor=new_bt,
-                                 _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
-        return cm, (compaction.StepPlan(plan, stash, bt, self.prune_nan) if plan is not None or stash else None)
+        return dataclasses.replace(cm, seq_lens=seq_lens, block_table_tensor=block_table,
+                                   _num_computed_tokens_cache=None, _token_to_req_indices_cache=None, **extra)
 
 
 def _tensor_parallel_heads(num_kv_heads: int):

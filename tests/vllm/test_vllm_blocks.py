@@ -80,3 +80,44 @@ def test_decode_to_max_model_len_after_pruning(llama_path):
         got = [greedy(llm, [p], max_tokens=128 - len(p))[0] for p in prompts]
     want = [reference(llama_path, [p], config, max_tokens=128 - len(p))[0] for p in prompts]
     assert got == want
+
+
+def test_unpruned_requests_ignore_stale_row_state(llama_path, monkeypatch):
+    """Steps in which no row can be pruned skip the builder's work, so no RowState entry is reset then: an unpruned
+    request prefilled in such a step may sit on a block whose entry a finished pruned request left. When a later
+    step has a pruned row beside it, that request must still read its own whole cache. Here every entry is
+    overwritten with a pruned layout right after the unpruned requests' prefill; their outputs (and the pruned
+    request's) must equal the transformers path."""
+    import torch
+    from vllm import SamplingParams
+
+    from colreduce_kvprune.vllm import compaction
+
+    tables = []
+    init = compaction.RowState.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        tables.append(self.table)
+
+    monkeypatch.setattr(compaction.RowState, "__init__", recording)
+    shorts = random_prompts((60, 50, 62), seed=12)              # below min_prompt_tokens: never pruned
+    long = random_prompts((300,), seed=13)
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, detokenize=False)
+    got = {}
+    with engine(llama_path, CONFIG) as llm:
+        core = llm.llm_engine
+        for i, p in enumerate(shorts):
+            core.add_request(f"s{i}", {"prompt_token_ids": p}, sp)
+        core.step()                                              # their prefill: no row can be pruned
+        assert tables, "the builder made no RowState"
+        with torch.inference_mode():                             # the table was made in the engine's
+            for t in tables:                                     # inference mode
+                t[:] = torch.tensor([5, 1, 3], dtype=t.dtype)    # what a finished pruned request leaves behind
+        core.add_request("long", {"prompt_token_ids": long[0]}, sp)
+        while core.has_unfinished_requests():
+            for o in core.step():
+                if o.finished:
+                    got[o.request_id] = list(o.outputs[0].token_ids)
+    assert [got[f"s{i}"] for i in range(len(shorts))] == reference(llama_path, shorts, CONFIG, max_tokens=24)
+    assert [got["long"]] == reference(llama_path, long, CONFIG, max_tokens=24)

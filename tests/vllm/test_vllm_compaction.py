@@ -61,6 +61,42 @@ def test_row_state_resets_on_fresh_prefill():
     assert rs.update_and_lookup(torch.tensor([7]), [], []).tolist() == [[0, 0, 0]]
 
 
+def test_row_state_ignores_stale_entries_of_rows_never_pruned():
+    """The builder skips steps in which no row can be pruned, so an unpruned request that reused a finished pruned
+    request's first block never reset its entry: `never` gives such rows zeros."""
+    rs = compaction.RowState(50, "cpu")
+    rs.update_and_lookup(torch.tensor([7]), [0], [(10, 1, 3)])          # a pruned request, first block 7
+    # block 7 now first block of an unpruned request whose prefill ran in a skipped step (no reset)
+    assert rs.update_and_lookup(torch.tensor([7, 9]), [], []).tolist() == [[10, 1, 3], [0, 0, 0]]   # stale
+    assert rs.update_and_lookup(torch.tensor([7, 9]), [], [], never=[0]).tolist() == [[0, 0, 0]] * 2
+
+
+def test_prunable_rows_and_copy_rows():
+    config = load_config(dict(policy="snapkv", budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    memo = {}
+    assert compaction.prunable_rows(config, [30, 9, None, 12, 13], 5, memo) == [True, False, None, False, True]
+    assert memo == {30: True, 9: False, 12: False, 13: True}
+    assert all(memo[p] == (keep_count(config, p) < p) for p in memo)
+    # copy_rows is remap_rows of an all-zero state: same buffers, same values, slot mapping untouched
+    n, width = 5, 9
+    bt = torch.randperm(100)[: n * width].view(n, width).int()
+    seq = torch.tensor([25, 9, 12, 30, 3])
+    qlen = [1, 2, 1, 3, 3]
+    positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq.tolist(), qlen)])
+    qs = torch.tensor([0] + qlen).cumsum(0)
+    slots = torch.randint(0, 10**6, (sum(qlen),))
+    bufs = [(torch.full((n + 2, width + 1), -7, dtype=bt.dtype), torch.full((n + 2,), -7, dtype=seq.dtype))
+            for _ in range(2)]
+    want_slots = slots.clone()
+    a = compaction.remap_rows(torch.zeros(n, 3, dtype=torch.int32), bt, seq, positions, qs, sum(qlen), want_slots,
+                              BS, *bufs[0])
+    b = compaction.copy_rows(bt, seq, *bufs[1])
+    assert torch.equal(want_slots, slots)
+    for x, y, buf in zip(a, b, bufs[1]):
+        assert torch.equal(x, y) and y.data_ptr() == buf.data_ptr()
+
+
 def test_plan_and_gather_match_per_request_selection():
     torch.manual_seed(0)
     config = load_config(dict(policy="snapkv", budget={"keep_tokens": 12}, window=4, sink_tokens=2,
