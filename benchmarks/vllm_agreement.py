@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")    # the worker in this process: observable
@@ -40,9 +42,21 @@ def build_model(path: str, max_len: int) -> str:
     from colreduce_kvprune.tiny_model import make_tiny_model
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        make_tiny_model("llama", path, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                        max_position_embeddings=max(4096, max_len))
+        # Built beside its place and renamed into it: two runs started at once (scripts/gpu_vllm_suite.sh runs two)
+        # must not load a folder the other is still writing (config.json is saved before the weights).
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
+        try:
+            make_tiny_model("llama", tmp, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                            max_position_embeddings=max(4096, max_len))
+            os.rename(tmp, path)        # atomic; fails when another run has put its (identical, seed 0) model there
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
