@@ -120,6 +120,7 @@ def summarize(result: dict) -> dict:
     return {k: result[k] for k in ("requests", "prompt_tokens", "output_tokens", "num_blocks", "peak_running",
                                    "preemptions", "wall_s", "output_tokens_per_s", "requests_per_s",
                                    "engine_start_s", "peak_kv_blocks", "prune_stats")} | {
+        "engine_settings": result.get("engine_settings"),
         "mean_running": sum(running) / len(running) if running else 0.0,
         "ttft_p50_s": percentile(result["ttft_s"], 50), "ttft_p99_s": percentile(result["ttft_s"], 99),
         "tpot_p50_s": percentile(result["tpot_s"], 50), "tpot_p99_s": percentile(result["tpot_s"], 99),

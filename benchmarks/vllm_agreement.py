@@ -177,6 +177,7 @@ def run(args) -> dict:
 
     from colreduce_kvprune.hf import generate
     from colreduce_kvprune.policies import keep_count
+    from colreduce_kvprune.vllm.settings import resolved_settings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -217,7 +218,7 @@ def run(args) -> dict:
             runner = _runner_name(llm)
             # what vLLM resolved its defaults to, per engine (a pruning backend changes the cudagraph mode)
             name = "vanilla" if prune is None else _cfg(prune).policy
-            report.setdefault("engine_settings", {})[name] = _engine_settings(llm)
+            report.setdefault("engine_settings", {})[name] = resolved_settings(llm.llm_engine.vllm_config)
             t = time.time()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs], runner, time.time() - t
@@ -286,18 +287,6 @@ def _first_diff(a, b):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def _engine_settings(llm) -> dict:
-    """The settings vLLM resolved (its defaults included) that the plugin's paths depend on."""
-    cfg = llm.llm_engine.vllm_config
-    return {"cudagraph_mode": str(cfg.compilation_config.cudagraph_mode),
-            "enforce_eager": cfg.model_config.enforce_eager,
-            "async_scheduling": cfg.scheduler_config.async_scheduling,
-            "enable_chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
-            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
-            "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
-            "block_size": cfg.cache_config.block_size}
 
 
 def _runner_name(llm) -> str:

@@ -193,6 +193,8 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.metrics.loggers import StatLoggerBase
 
+    from .vllm.settings import resolved_settings
+
     samples: list[tuple[float, float, int, int, int]] = []   # (t, kv usage, running, waiting, preempted)
     clock = {"t0": time.perf_counter()}
 
@@ -264,6 +266,7 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
         "preemptions": sum(s[4] for s in samples),
         "steps": len(samples),
         "engine_start_s": engine_start_s,
+        "engine_settings": resolved_settings(engine.vllm_config),
         "wall_s": wall_s,
         "output_tokens_per_s": output_tokens / wall_s if wall_s > 0 else 0.0,
         "requests_per_s": len(prompts) / wall_s if wall_s > 0 else 0.0,

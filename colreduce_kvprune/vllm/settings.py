@@ -123,6 +123,19 @@ def cudagraph_support(support, pruning: bool, chunked: bool):
     return support if support.value <= cap.value else cap
 
 
+def resolved_settings(vllm_config) -> dict:
+    """What vLLM resolved its defaults to, for the settings the plugin's paths depend on (the benchmarks record it
+    per engine: a pruning backend changes the cudagraph mode)."""
+    cfg = vllm_config
+    return {"cudagraph_mode": str(cfg.compilation_config.cudagraph_mode),
+            "enforce_eager": cfg.model_config.enforce_eager,
+            "async_scheduling": cfg.scheduler_config.async_scheduling,
+            "enable_chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
+            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+            "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
+            "block_size": cfg.cache_config.block_size}
+
+
 def config_to_json(config: PruneConfig) -> str:
     """The config as a canonical JSON string (carried by the KV cache spec from worker to scheduler)."""
     return json.dumps(config.to_dict(), sort_keys=True)
