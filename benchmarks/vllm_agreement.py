@@ -78,28 +78,63 @@ class Recorder:
         self._installed = True
         rec = self
         original_select = compaction.select_kept
+        original_layer_scores = compaction.layer_scores
+        original_add = compaction.StepSelection.add
         original_compact = backend_common.PruneImplMixin._prune_compact
+        pending64 = {}          # (P, layer) -> (idx64, scores64), from the layer's float64 selection
+        pending_checks = []     # cache checks of a step selected once for every layer, run after its writes
 
-        def select_kept(policy, plan, query, key, *, layer, scale, backend="auto", **tp):
-            idx = original_select(policy, plan, query, key, layer=layer, scale=scale, backend=backend, **tp)
-            idx64 = original_select(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
-                                    backend="torch", **tp)
-            scores64 = _scores64(policy, plan, query, key, layer, scale, tp.get("partials"))
+        busy = []               # inside the float64 selection (select_kept calls layer_scores)
+
+        def layer_scores(policy, plan, query, key, *, layer, scale, backend="auto", **kw):
+            # every scoring (per layer or once per step) passes here: the float64 selection of vLLM's own Q/K
+            if busy:
+                return original_layer_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                                             **kw)
+            tp = {k: v for k, v in kw.items() if k in ("head_offset", "gather_heads", "partials")}
+            busy.append(True)
+            try:
+                idx64 = original_select(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
+                                        backend="torch", **tp)
+            finally:
+                busy.clear()
+            scores64 = _scores64(policy, plan, query, key, layer, scale, kw.get("partials"))
             for b, (length, keep) in enumerate(zip(plan.lengths, plan.keeps)):
-                rec.selections[(length, layer)] = [idx[b, :, :keep].cpu(), idx64[b, :, :keep].cpu(),
-                                                   scores64[b].cpu()]
+                pending64[(length, layer)] = (idx64[b, :, :keep].cpu(), scores64[b].cpu())
+            return original_layer_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend, **kw)
+
+        def record(plan, layer, idx):
+            for b, (length, keep) in enumerate(zip(plan.lengths, plan.keeps)):
+                rec.selections[(length, layer)] = [idx[b, :, :keep].cpu(), *pending64.pop((length, layer))]
+
+        def select_kept(policy, plan, query, key, *, layer, scale, backend="auto", **tp):    # per-layer path
+            idx = original_select(policy, plan, query, key, layer=layer, scale=scale, backend=backend, **tp)
+            record(plan, layer, idx)
             return idx
+
+        def add(self, policy, plan, layer, scores, finish, **kw):                          # once per step
+            def finish_recorded(idx):
+                record(plan, layer, idx)
+                finish(idx)
+            return original_add(self, policy, plan, layer, scores, finish_recorded, **kw)
 
         def prune_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output):
             original_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output)
             if step.plan.sources is None:      # the K/V rows of the kept tokens are the step's (no chunks)
-                with torch.no_grad():
-                    rec._check_cache(self, layer, key, value, kv_cache, step.plan)
+                # copies: under compiled graphs the step's K/V tensors may be buffers reused by later layers
+                pending_checks.append((self, layer, key.clone(), value.clone(), kv_cache, step.plan))
             else:                              # a last chunk: kept rows come from the cache too (not checked here)
                 rec.cache_checks["chunked_layers_not_checked"] = rec.cache_checks.get(
                     "chunked_layers_not_checked", 0) + 1
+            if step.selection is None or step.selection.done:    # this layer's (or every layer's) writes are done
+                with torch.no_grad():
+                    for args in pending_checks:
+                        rec._check_cache(*args)
+                pending_checks.clear()
 
         compaction.select_kept = select_kept
+        compaction.layer_scores = layer_scores
+        compaction.StepSelection.add = add
         backend_common.PruneImplMixin._prune_compact = prune_compact
 
     def _check_cache(self, impl, layer, key, value, kv_cache, plan):

@@ -8,12 +8,16 @@ every row, look up the request's pruned layout (RowState) and rewrite seq_lens, 
 slot mapping (vectorised, no host sync). A step in which no row's request is pruned (known on the host from each
 row's prompt length: keep_count(P) >= P) skips all of that: the block table and seq_lens are only copied into the
 builder's buffers.
-Impl.forward: the base attention over the full prefill, then, per layer, scores → selection → gather of the kept
-K/V (from the step's key/value tensors, or at a chunked prompt's last chunk from the paged cache, see
-compaction.assemble) → write to compacted slots with the backend's own `do_kv_cache_update` (every read is made
-into new tensors before the first write, so no slot is read after it is written);
-for a request recomputed after preemption, the attention rows of its outputs are then recomputed over the kept
-tokens (compaction.recompute_outputs), so it continues exactly as if it had not been preempted.
+Impl.forward: the base attention over the full prefill, then the layer's scores. Normally one selection serves
+every layer of the step (compaction.StepSelection): each layer adds its scores to a stacked buffer, and after the
+step's last layer one top-k selects for all of them, then each layer's kept K/V are gathered (from the paged cache
+where the backend can read its layout, else from the layer's step tensors, held until then) and written to the
+compacted slots with the layer's own `do_kv_cache_update`. A step with a request recomputed after preemption
+selects, gathers and writes per layer instead, since the attention rows of its outputs are then recomputed over
+the kept tokens (compaction.recompute_outputs) and the next layer reads them; so it continues exactly as if it had
+not been preempted. Either way every read is made into new tensors before the first write, so no slot is read
+after it is written; at a chunked prompt's last chunk the earlier chunks' K/V come from the paged cache
+(compaction.assemble).
 The per-layer work reads nothing back from the device: the plan's device tensors are made once per step by the
 builder, and NaN scores leave a device flag that a later build reads once its copy has landed (compaction.NanWatch).
 """
@@ -79,6 +83,11 @@ class PruneBuilderMixin:
             self.prune_bufs = None            # (block table, seq_lens) the attention reads, see _prune_buffers
             self.prune_nan = compaction.NanWatch()   # the layers' NaN flags, read without a host sync
             self.prune_prunes = {}                   # prompt length -> pruned? (compaction.prunable_rows)
+            self.prune_num_layers = len(layer_names)  # the layers that read this builder's metadata
+            # kv heads in a layer's scores (per_head=false under tensor parallelism: every rank's)
+            self.prune_score_heads = kv_cache_spec.num_kv_heads * (
+                1 if self.prune_config.per_head else vllm_config.parallel_config.tensor_parallel_size)
+            self.prune_selection = None              # the last step's compaction.StepSelection
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -127,6 +136,11 @@ class PruneBuilderMixin:
     def _prune_prepare(self, cm):
         self.prune_nan.flush()                # the previous step's layers have been launched: copy their flags
         self.prune_nan.check()
+        sel = self.prune_selection
+        if sel is not None and sel.finish and not sel.done:
+            raise RuntimeError(f"colreduce_kvprune: the previous step's pruning saw {len(sel.finish)} of the "
+                               f"{sel.num_layers} attention layers that share its metadata, so its rows were not "
+                               "compacted (a model that runs only some of its attention layers per step?)")
         n = cm.num_reqs
         bt = cm.block_table_tensor
         if cm.positions is None:
@@ -152,8 +166,16 @@ class PruneBuilderMixin:
         out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
         new_bt, new_seq = compaction.remap_rows(state, bt, cm.seq_lens, cm.positions, cm.query_start_loc,
                                                 num_tokens, cm.slot_mapping, self.prune_block_size, out_bt, out_seq)
+        # one selection for every layer of the step, unless outputs are recomputed (they change each layer's
+        # attention output, which the next layer reads) or the policy selects per request (no layout)
+        self.prune_selection = None
+        if (plan is not None and plan.layout is not None and not any(plan.num_outputs)
+                and compaction.StepSelection.fits(self.prune_num_layers, len(plan.lengths), self.prune_score_heads,
+                                                  max(plan.lengths))):
+            self.prune_selection = compaction.StepSelection(self.prune_num_layers)
         return (self._prune_rows_replaced(cm, new_bt, new_seq),
-                compaction.StepPlan(plan, stash, bt, self.prune_nan) if plan is not None or stash else None)
+                compaction.StepPlan(plan, stash, bt, self.prune_nan, self.prune_selection)
+                if plan is not None or stash else None)
 
     @staticmethod
     def _prune_rows_replaced(cm, block_table, seq_lens):
@@ -239,18 +261,37 @@ class PruneImplMixin:
     def _prune_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output):
         head_offset, gather, rank_heads = self.prune_tp
         plan, partials, step_output = step.plan, None, output
+        views = self.prune_kv_views(kv_cache)
         if plan.sources is not None:          # a last chunk among the rows: score the whole prompts
-            query, key, value, partials = compaction.assemble(plan, layer_idx, query, key, value,
-                                                              self.prune_kv_views(kv_cache), step.block_table,
-                                                              kv_cache.shape[2])
+            query, key, value, partials = compaction.assemble(plan, layer_idx, query, key, value, views,
+                                                              step.block_table, kv_cache.shape[2])
             output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
+        if step.selection is not None:        # this layer's scores now; selection and writes after the last layer
+            scores = compaction.layer_scores(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
+                                             head_offset=head_offset, gather_heads=gather, partials=partials)
+            if views is not None:             # the kept K/V are read back from the paged cache then (no tensor held)
+                def finish(idx):
+                    self._prune_write(layer, kv_cache, plan,
+                                      *compaction.gather_kept_cached(plan, idx, step.block_table, views))
+            else:     # a cache layout not readable here (CPU): a copy of this layer's K/V is held until then (the
+                # step's tensors themselves may be buffers that vLLM's compiled graphs reuse for later layers)
+                key, value = key.clone(), value.clone()
+
+                def finish(idx):
+                    self._prune_write(layer, kv_cache, plan, *compaction.gather_kept(plan, idx, key, value))
+            step.selection.add(self.prune_policy, plan, layer_idx, scores, finish, heads=key.shape[1],
+                               gathered=gather is not None, rank_heads=rank_heads, nan=step.nan)
+            return
         idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
                                      head_offset=head_offset, gather_heads=gather, rank_heads=rank_heads,
                                      partials=partials,
                                      nan_flags=step.nan.flags(layer_idx) if step.nan is not None else None)
         k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
-        self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)
+        self._prune_write(layer, kv_cache, plan, k_sel, v_sel)
         if any(plan.num_outputs):
             compaction.recompute_outputs(plan, query, k_sel, v_sel, output, self.scale)
             if plan.sources is not None:
                 compaction.scatter_outputs(plan, output, step_output)
+
+    def _prune_write(self, layer, kv_cache, plan, k_sel, v_sel):
+        self.do_kv_cache_update(layer, k_sel.contiguous(), v_sel.contiguous(), kv_cache, plan.slots)

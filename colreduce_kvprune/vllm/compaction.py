@@ -123,11 +123,13 @@ class StepPlan:
     last chunk will need of the chunks of `stash` ([Chunk]: prompts prefilled in chunks, pruned at their last
     chunk). block_table: the step's (unremapped) device block table, through which earlier chunks' keys are read
     back from the paged cache. nan: the builder's NanWatch, where the layers leave their NaN flags (None: the
-    selection checks for NaN on the host)."""
+    selection checks for NaN on the host). selection: a StepSelection when the plan's rows are selected once for
+    every layer (None: per layer)."""
     plan: PrefillPlan | None
     stash: list
     block_table: torch.Tensor | None = None
     nan: NanWatch | None = None
+    selection: StepSelection | None = None
 
 
 class NanWatch:
@@ -664,22 +666,91 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
                             head_offset=head_offset, partials=partials)
         return policy.select_batched(scores, layer=layer, device_lengths=plan.lengths_dev,
                                      device_counts=plan.keeps_dev, nan_flags=nan_flags)[0]
+    padded = layer_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
+                          head_offset=head_offset, gather_heads=gather_heads, partials=partials)
+    if nan_flags is None and torch.isnan(padded).any():          # a host sync: callers without a NanWatch
+        for b, n in enumerate(plan.lengths):
+            if torch.isnan(padded[min(b, padded.shape[0] - 1), :, :n]).any():
+                raise ValueError(f"scores[{b}] contain NaN")
+    if nan_flags is not None:
+        nan_flags.append(torch.isnan(padded).any())
+    return select_scores(policy, plan, padded, key.shape[1], gathered=gather_heads is not None,
+                         rank_heads=rank_heads)
+
+
+def layer_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
+                 backend: str = "auto", head_offset: int = 0, gather_heads=None,
+                 partials: list | None = None) -> torch.Tensor:
+    """select_kept's first half, for a plan with a layout: the padded scores (B or 1, Hkv, P_max) of one layer;
+    per_head=false under tensor parallelism, every rank's heads (B, Hkv of all ranks, P_max)."""
     padded = padded_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
                            head_offset=head_offset, partials=partials)
     if gather_heads is not None and not policy.config.per_head:
         b, n = len(plan.lengths), padded.shape[2]
         every = gather_heads(padded.expand(b, -1, -1).transpose(0, 1).reshape(padded.shape[1], b * n))
         padded = every.view(-1, b, n).transpose(0, 1).contiguous()             # (B, Hkv of all ranks, P_max)
-    if nan_flags is not None:
-        nan_flags.append(torch.isnan(padded).any())
-    elif torch.isnan(padded).any():                              # a host sync: callers without a NanWatch
-        for b, n in enumerate(plan.lengths):
-            if torch.isnan(padded[min(b, padded.shape[0] - 1), :, :n]).any():
-                raise ValueError(f"scores[{b}] contain NaN")
+    return padded
+
+
+def select_scores(policy, plan: PrefillPlan, padded: torch.Tensor, heads: int, *, gathered: bool = False,
+                  rank_heads: int = 0) -> torch.Tensor:
+    """select_kept's second half: layer_scores' output (leading dims, e.g. layers, allowed) → (..., B, heads,
+    K_max) kept indices of this rank's `heads` kv heads (`gathered`: the scores hold every rank's heads, this
+    rank's from rank_heads on)."""
     idx = policy.select_padded(padded, plan.layout)
-    if gather_heads is not None and not policy.config.per_head:
-        return idx[:, rank_heads: rank_heads + key.shape[1]]
-    return idx.expand(len(plan.lengths), -1, -1) if idx.shape[0] != len(plan.lengths) else idx
+    if gathered and not policy.config.per_head:
+        idx = idx[..., rank_heads: rank_heads + heads, :]
+    b = len(plan.lengths)
+    return idx.expand(*idx.shape[:-3], b, -1, -1) if idx.shape[-3] != b else idx
+
+
+class StepSelection:
+    """Select once per step instead of once per layer: every layer's scores go into one stacked (layers, B, Hkv,
+    P_max) buffer, and when the step's last layer has added its own, one selection serves them all (the NaN
+    check, the top-k's sorts and fills run once, not per layer), then each layer's gather and write runs
+    (`finish`: a callable per layer taking that layer's (B, Hkv, K_max) indices). The writes move from each
+    layer's forward to the last one's: nothing in the step reads a layer's cache after its own attention. Used
+    for plans with a layout and no recomputed outputs (those rewrite the layer's attention output, which the next
+    layer reads: they stay per layer). num_layers: the attention layers that share the step's metadata.
+
+    The stacked scores are memory vLLM's profiling does not see (float32, layers × rows × kv heads × longest
+    prompt): steps whose buffer would exceed MAX_BYTES select per layer (`fits`), as every step did before."""
+    MAX_BYTES = 256 << 20
+
+    @classmethod
+    def fits(cls, num_layers: int, rows: int, heads: int, n_max: int) -> bool:
+        return num_layers * rows * heads * n_max * 4 <= cls.MAX_BYTES
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.stacked = None
+        self.finish = {}                 # layer index -> callable(idx), in the order the layers ran
+        self.done = False
+
+    def add(self, policy, plan: PrefillPlan, layer: int, scores: torch.Tensor, finish, *, heads: int,
+            gathered: bool = False, rank_heads: int = 0, nan: NanWatch | None = None) -> bool:
+        """Add one layer's layer_scores; after the last layer's, select and run every layer's finish. Returns
+        True when this call finished the step."""
+        if self.done or layer in self.finish:
+            raise RuntimeError(f"colreduce_kvprune: layer {layer} ran twice in one step's selection")
+        if self.stacked is None:
+            self.stacked = scores.new_empty((self.num_layers,) + tuple(scores.shape))
+        self.stacked[len(self.finish)] = scores
+        self.finish[layer] = finish
+        if len(self.finish) < self.num_layers:
+            return False
+        stacked, self.stacked, self.done = self.stacked, None, True
+        if nan is None:
+            if torch.isnan(stacked).any():                      # a host sync: callers without a NanWatch
+                raise ValueError("scores contain NaN")
+        else:
+            flags = torch.isnan(stacked.flatten(1)).any(1)
+            for i, l in enumerate(self.finish):
+                nan.flags(l).append(flags[i])
+        idx = select_scores(policy, plan, stacked, heads, gathered=gathered, rank_heads=rank_heads)
+        for i, fn in enumerate(self.finish.values()):
+            fn(idx[i])
+        return True
 
 
 def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -691,6 +762,25 @@ def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: 
         tok = torch.where(plan.is_out, plan.out_tok, tok)
     heads = _heads(plan, key.shape[1], key.device, 2)
     return key[tok, heads], value[tok, heads]
+
+
+def gather_kept_cached(plan: PrefillPlan, idx: torch.Tensor, block_table: torch.Tensor, cache_views):
+    """gather_kept from the paged cache instead of the step's tensors: every kept prompt token of each row read at
+    its place in the row's blocks (block_table: the step's unremapped table), where vLLM wrote it before the
+    attention (this step's tokens) or at an earlier chunk. cache_views: (key_cache, value_cache) as (num_blocks,
+    block_size, Hkv, D). Plans without recomputed outputs only (their entries are all prompt tokens)."""
+    if plan.is_out is not None:
+        raise ValueError("gather_kept_cached: the plan has recomputed outputs (not in the cache); use gather_kept")
+    key_cache, value_cache = cache_views
+    bs = key_cache.shape[1]
+    pos = plan.gather_pos if idx.shape[2] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[2] - 1)
+    tok = idx[plan.kept_row, :, pos]                              # (Σ, Hkv): positions in the row's prompt
+    rows = plan.memo.get("kept_table_rows")
+    if rows is None:          # the block-table row of each kept entry, made once per step
+        rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows), tok.device)[plan.kept_row][:, None]
+    blocks = block_table[rows, tok // bs].long()
+    heads = _heads(plan, key_cache.shape[2], tok.device, 2)
+    return key_cache[blocks, tok % bs, heads], value_cache[blocks, tok % bs, heads]
 
 
 def recompute_outputs(plan: PrefillPlan, query: torch.Tensor, k_kept: torch.Tensor, v_kept: torch.Tensor,

@@ -378,6 +378,98 @@ def test_chunked_prompt_equals_whole_prompt(case, read_cache):
     assert not step_out[: qlen - g].any() and not step_out[qlen:].any()
 
 
+STEP_CASES = dict(CHUNK_CASES, streamingllm=dict(policy="streamingllm"),
+                  **{"shared-heads": dict(policy="snapkv", per_head=False)})
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "last-chunk"])
+@pytest.mark.parametrize("read_cache", [True, False], ids=["paged-cache", "held-tensors"])
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_step_selection_writes_what_each_layer_would(case, read_cache, chunked):
+    """One selection for the step's layers (StepSelection: every layer's scores stacked, selected after the last
+    layer, then each layer's kept K/V gathered — from the paged cache, or from the tensors held for a cache layout
+    not readable — and written) leaves every layer's cache bitwise as the per-layer path does (select_kept,
+    gather_kept, write at each layer), for whole prompts and for a last chunk beside a whole prompt; each layer
+    gets its NaN flag."""
+    torch.manual_seed(5)
+    config = load_config(dict(STEP_CASES[case], budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol = get_policy(config)
+    hq, hkv, d, scale, layers = 4, 2, 8, 8 ** -0.5, 3
+    prompt, other, c0 = 37, 21, (20 if chunked else 0)       # row 0: chunks [0, c0) and [c0, prompt); row 1 whole
+    bt = torch.arange(1, 2 * 12 + 1).view(2, 12).int()
+    qkv = [[torch.randn(prompt + other, h, d) for h in (hq, hkv, hkv)] for _ in range(layers)]
+    base = []                                                  # per layer: the caches as vLLM leaves them
+    for q, k, v in qkv:
+        kc, vc = (torch.full((26, BS, hkv, d), float("nan")) for _ in range(2))
+        for row, n, first in ((0, prompt, 0), (1, other, prompt)):
+            pos = torch.arange(n)
+            kc[bt[row, pos // BS].long(), pos % BS] = k[first: first + n]
+            vc[bt[row, pos // BS].long(), pos % BS] = v[first: first + n]
+        base.append((kc, vc))
+
+    def run(per_step):
+        caches = [(kc.clone(), vc.clone()) for kc, vc in base]
+        views = [c if read_cache else None for c in caches]
+        carry, watch = {}, compaction.NanWatch()
+        if chunked:
+            _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, c0, prompt)], bt, BS, [carry])
+            for l, (q, k, v) in enumerate(qkv):
+                compaction.stash_chunks(compaction.StepPlan(None, stash, bt), l, pol, q[:c0], k[:c0], v[:c0],
+                                        views[l], scale)
+        steps = [(0, 0, c0, prompt - c0, prompt), (1, prompt - c0, 0, other, other)]
+        _, _, plan, _ = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
+        assert (plan.sources is not None) == chunked and plan.layout is not None and not any(plan.num_outputs)
+        sel = compaction.StepSelection(layers)
+
+        def write(l, ks, vs):
+            kc, vc = caches[l]
+            kc.view(-1, hkv, d)[plan.slots], vc.view(-1, hkv, d)[plan.slots] = ks, vs
+
+        for l, (q, k, v) in enumerate(qkv):
+            q, k, v, partials = q[c0:], k[c0:], v[c0:], None
+            if chunked:
+                q, k, v, partials = compaction.assemble(plan, l, q, k, v, views[l], bt, BS)
+            if not per_step:
+                idx = compaction.select_kept(pol, plan, q, k, layer=l, scale=scale, backend="torch",
+                                             partials=partials, nan_flags=watch.flags(l))
+                write(l, *compaction.gather_kept(plan, idx, k, v))
+                continue
+            scores = compaction.layer_scores(pol, plan, q, k, layer=l, scale=scale, backend="torch",
+                                             partials=partials)
+
+            def finish(idx, l=l, k=k, v=v):
+                if read_cache:
+                    write(l, *compaction.gather_kept_cached(plan, idx, bt, caches[l]))
+                else:
+                    write(l, *compaction.gather_kept(plan, idx, k, v))
+            done = sel.add(pol, plan, l, scores, finish, heads=hkv, nan=watch)
+            assert done == (l == layers - 1) and sel.done == done
+        assert {l: len(f) for l, f in watch.pending.items()} == {l: 1 for l in range(layers)}
+        return caches
+
+    for (ka, va), (kb, vb) in zip(run(False), run(True)):
+        assert torch.equal(ka.nan_to_num(-1), kb.nan_to_num(-1)) and torch.equal(va.nan_to_num(-1), vb.nan_to_num(-1))
+
+
+def test_step_selection_refuses_a_layer_twice_and_outputs_from_the_cache():
+    config = load_config(dict(policy="snapkv", budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol = get_policy(config)
+    bt = torch.arange(1, 13).view(1, 12).int()
+    q, k = torch.randn(33, 4, 8), torch.randn(33, 2, 8)
+    _, _, plan, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 30, 30)], bt, BS)
+    sel = compaction.StepSelection(2)
+    scores = compaction.layer_scores(pol, plan, q, k, layer=0, scale=1.0, backend="torch")
+    assert not sel.add(pol, plan, 0, scores, lambda idx: None, heads=2)
+    with pytest.raises(RuntimeError, match="layer 0 ran twice"):
+        sel.add(pol, plan, 0, scores, lambda idx: None, heads=2)
+    _, _, rec, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 33, 30)], bt, BS)     # 3 recomputed outputs
+    idx = compaction.select_kept(pol, rec, q, k, layer=0, scale=1.0, backend="torch")
+    with pytest.raises(ValueError, match="recomputed outputs"):
+        compaction.gather_kept_cached(rec, idx, bt, (torch.zeros(13, BS, 2, 8), torch.zeros(13, BS, 2, 8)))
+
+
 def test_builder_passes_through_before_the_kv_pool_exists():
     """vLLM's memory profiling (on CUDA without a fixed KV pool; with CUDA graphs it captures graphs too) builds
     attention metadata before the KV cache exists: the builder then leaves the batch as vLLM built it, and creates
@@ -498,3 +590,44 @@ def test_layer_work_reads_nothing_back_from_the_gpu(case):
     torch.cuda.synchronize()
     watch.check()
     assert watch.copies == [] and ks.shape == (sum(plan.keeps) + g, hkv, d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["snapkv", "h2o", "knorm", "shared-heads"])
+def test_step_selection_reads_nothing_back_from_the_gpu(case):
+    """The once-per-step path (layer_scores per layer; at the last layer the stacked selection, the NaN flags and
+    every layer's gather from the paged cache and write) under torch's sync debug mode "error", a last chunk beside
+    a whole prompt. Layer 0 runs unguarded first (Triton compiles there); the rest is guarded."""
+    config = load_config(dict(STEP_CASES[case], budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol, dev, watch = get_policy(config), torch.device("cuda"), compaction.NanWatch()
+    hq, hkv, d, scale, layers = 4, 2, 16, 16 ** -0.5, 3
+    prompt, other, c0 = 37, 21, 20
+    q, k, v = (torch.randn(prompt + other, h, d, device=dev) for h in (hq, hkv, hkv))
+    bt = torch.arange(1, 2 * 12 + 1, device=dev).view(2, 12).int()
+    views = tuple(torch.zeros(26, BS, hkv, d, device=dev) for _ in range(2))
+    for cache, t in zip(views, (k, v)):
+        for row, n, first in ((0, prompt, 0), (1, other, prompt)):
+            pos = torch.arange(n, device=dev)
+            cache[bt[row, pos // BS].long(), pos % BS] = t[first: first + n]
+    carry = {}
+    _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, c0, prompt)], bt, BS, [carry])
+    for layer in range(layers):
+        compaction.stash_chunks(compaction.StepPlan(None, stash, bt, watch), layer, pol, q[:c0], k[:c0], v[:c0],
+                                views, scale)
+    steps = [(0, 0, c0, prompt - c0, prompt), (1, prompt - c0, 0, other, other)]
+    _, _, plan, _ = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
+    sel, written = compaction.StepSelection(layers), []
+
+    def finish(idx):
+        ks, vs = compaction.gather_kept_cached(plan, idx, bt, views)
+        written.append(ks.shape)
+    for layer in range(layers):
+        with _no_host_sync(layer > 0):
+            aq, ak, av, partials = compaction.assemble(plan, layer, q[c0:], k[c0:], v[c0:], views, bt, BS)
+            scores = compaction.layer_scores(pol, plan, aq, ak, layer=layer, scale=scale, partials=partials)
+            sel.add(pol, plan, layer, scores, finish, heads=hkv, nan=watch)
+            watch.flush()
+    torch.cuda.synchronize()
+    watch.check()
+    assert sel.done and written == [(sum(plan.keeps), hkv, d)] * layers

@@ -17,12 +17,22 @@ CASES = {
 
 @pytest.mark.parametrize("kind,policy", [("llama", "snapkv"), ("llama", "h2o"), ("llama", "tova"),
                                          ("llama", "streamingllm"), ("qwen2", "snapkv"), ("qwen2", "h2o")])
-def test_pruned_outputs_equal_transformers_path(request, kind, policy):
+def test_pruned_outputs_equal_transformers_path(request, monkeypatch, kind, policy):
+    from colreduce_kvprune.vllm import compaction
+
     model = request.getfixturevalue(f"{kind}_path")
     prompts = random_prompts(LENGTHS, seed=1)
     config = CASES[policy]
+    added = []                  # (layer, finished the step?) of every layer added to a once-per-step selection
+    add = compaction.StepSelection.add
+    monkeypatch.setattr(compaction.StepSelection, "add",
+                        lambda self, pol, plan, layer, *a, **k: added.append((layer, add(self, pol, plan, layer, *a,
+                                                                                         **k))) or added[-1][1])
     with engine(model, config) as llm:
         got = greedy(llm, prompts, max_tokens=16)
+        layers = llm.llm_engine.model_config.get_num_layers(llm.llm_engine.vllm_config.parallel_config)
+    # the pruned prefills were selected once per step for every layer (not per layer), each step finished
+    assert added and [d for _, d in added] == ([False] * (layers - 1) + [True]) * (len(added) // layers)
     want = reference(model, prompts, config, max_tokens=16)
     unpruned = reference(model, prompts, dict(config, min_prompt_tokens=100000), max_tokens=16)
     assert got == want
