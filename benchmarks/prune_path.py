@@ -1,9 +1,9 @@
 """The vLLM plugin's whole per-layer prune path (score, pool, top-k, gather, cache write) timed as one unit per
 prompt length, against the same layer's attention forward (issue 19, part 3). GPU only; not run by CI.
 
-It also times a whole step of 32 layers two ways (`step_variants`): the engine's per-layer path 32 times, and an
-experiment that scores every layer into one stacked buffer, selects once for the step and gathers each layer's
-kept K/V from the paged cache (the selection's ops run once per step instead of once per layer).
+It also times a whole step of 32 layers two ways (`step_variants`): the per-layer path 32 times, and the engine's
+once-per-step selection (compaction.StepSelection: every layer's scores stacked, one selection after the last
+layer, each layer's kept K/V read back from the paged cache).
 
 It calls the plugin's own functions on plain torch tensors — no vLLM engine: `compaction.plan_prefills` (once per
 step, host side: timed on its own), then per layer exactly what `PruneImplMixin._prune_compact` runs for a whole
@@ -105,13 +105,14 @@ def profile_table(fn, calls=20, rows=40) -> str:
 
 def step_variants(policy, plan, query, key, value, table, block_size, key_cache, value_cache, write, layers, scale,
                   backend="auto"):
-    """Two ways to prune one step of `layers` layers (an experiment, not the engine's code):
-    - per_layer: what the engine does, `layers` times: score, select, gather, write per layer;
-    - per_step: score each layer into one stacked (layers, B, Hkv, P_max) buffer, ONE selection for all layers
-      (select_padded broadcasts the step's layout over the layer axis), the kept tokens' cache slots for all layers
-      at once, then per layer two gathers from the paged cache (vLLM has written the step's K/V there before the
-      attention) and the write. Every layer here uses the same query/key and the same cache (the op counts and
-      shapes are a real step's; the values repeat).
+    """Two ways to prune one step of `layers` layers, both the engine's code:
+    - per_layer: `layers` times select_kept, gather_kept and the write (what the engine does for steps that
+      recompute outputs, or whose stacked scores exceed StepSelection.MAX_BYTES);
+    - per_step: compaction.StepSelection, as the engine runs it on CUDA: layer_scores per layer into the stacked
+      buffer, one selection after the last layer, then per layer the kept K/V read back from the paged cache
+      (gather_kept_cached: vLLM has written the step's K/V there before the attention) and the write. Every layer
+      here uses the same query/key and the same cache (the op counts and shapes are a real step's; the values
+      repeat).
     Returns (per_layer, per_step): callables running one step each."""
     from colreduce_kvprune.vllm import compaction
 
@@ -122,28 +123,18 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
             k_sel, v_sel = compaction.gather_kept(plan, idx, key, value)
             write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
-    heads = key.shape[1]
-    pos = plan.gather_pos
-    head_ix = torch.arange(heads, device=key.device).view(1, 1, heads)
-    kflat = key_cache.view(-1, heads, key_cache.shape[-1])
-    vflat = value_cache.view(-1, heads, value_cache.shape[-1])
-    rows = torch.tensor(plan.rows, device=key.device)[plan.kept_row]             # batch row of each kept entry
+    nan = compaction.NanWatch()
+
+    def finish(idx):
+        k_sel, v_sel = compaction.gather_kept_cached(plan, idx, table, (key_cache, value_cache))
+        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
     def per_step():
-        stacked = None
+        sel = compaction.StepSelection(layers)
         for layer in range(layers):
-            scores = compaction.padded_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend)
-            if stacked is None:
-                stacked = scores.new_empty((layers,) + tuple(scores.shape))
-            stacked[layer] = scores
-        torch.isnan(stacked).any()                                             # the engine's NaN flag, once
-        idx = policy.select_padded(stacked, plan.layout)                       # (layers, B, Hkv, kmax)
-        tok = idx[:, plan.kept_row, :, pos]                                    # (Σ, layers, Hkv): positions
-        slot = table[rows[:, None, None], tok // block_size].long() * block_size + tok % block_size
-        slot = slot.transpose(0, 1)                                            # (layers, Σ, Hkv)
-        for layer in range(layers):
-            write(kflat[slot[layer], head_ix[0]], vflat[slot[layer], head_ix[0]], key_cache, value_cache,
-                  plan.slots)
+            scores = compaction.layer_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend)
+            sel.add(policy, plan, layer, scores, finish, heads=key.shape[1], nan=nan)
+        nan.pending.clear()
     return per_layer, per_step
 
 
@@ -206,7 +197,7 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
         key_cache.view(-1, HKV, D)[slot] = key[r * P:(r + 1) * P]
         value_cache.view(-1, HKV, D)[slot] = value[r * P:(r + 1) * P]
     step_parts = {}
-    try:                                         # the experiment writes exactly what the engine's path writes
+    try:                                         # the step selection writes what the per-layer path writes
         checks = []
         for variant in (0, 1):
             kc, vc = key_cache.clone(), value_cache.clone()
@@ -216,9 +207,9 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
         del checks
         step_layer, step_once = step_variants(policy, plan, query, key, value, table, block_size, key_cache,
                                               value_cache, write, LAYERS, scale)
-        step_parts = {f"step of {LAYERS} layers: the engine's per-layer path": step_layer,
-                      f"step of {LAYERS} layers: one selection for the step (experiment)": step_once}
-    except Exception as e:  # noqa: BLE001 (an experiment: the rest of the table still comes back)
+        step_parts = {f"step of {LAYERS} layers: per layer (select_kept, gather_kept, write)": step_layer,
+                      f"step of {LAYERS} layers: once per step (StepSelection, the engine's CUDA path)": step_once}
+    except Exception as e:  # noqa: BLE001 (the rest of the table still comes back)
         per_step_equal = f"failed: {type(e).__name__}: {e}"
 
     flush = _flush_buffer()
