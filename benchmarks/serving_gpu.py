@@ -22,6 +22,8 @@ prefix caching, async scheduling):
                    prefill (colreduce_kvprune/vllm/settings.py) -- what that setting costs on its own
   snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio
   RUN+sync         any of these with async scheduling off (what async scheduling brings to that run)
+  RUN@2, RUN@3...  the same settings as RUN, run again (a second sample, e.g. in the other order: vanilla,
+                   snapkv-0.1,snapkv-0.1@2,vanilla@2 tells run-order effects from the plugin's own cost)
 Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
 and TPOT p50/p99 (TTFT counts the queueing of an all-at-once submission); with --timing, the plugin's work per
 prefill (scores, selection, gather, cache write) against vLLM's attention of the same layers and against the time
@@ -86,7 +88,7 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
              max_model_len=max_len, disable_log_stats=False, tensor_parallel_size=tp)
     if gpu_mem is not None:
         e["gpu_memory_utilization"] = gpu_mem
-    base, _, option = run.partition("+")
+    base, _, option = run.partition("@")[0].partition("+")
     if base == "vanilla-piecewise":
         e["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     if option == "sync":
@@ -97,7 +99,7 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
 
 
 def prune_config(run: str, min_prompt_tokens: int) -> dict | None:
-    run = run.partition("+")[0]
+    run = run.partition("@")[0].partition("+")[0]
     if not run.startswith("snapkv-"):
         return None
     from colreduce_kvprune.config import load_config
