@@ -38,3 +38,23 @@ def test_pruned_outputs_equal_transformers_path(request, monkeypatch, kind, poli
     assert got == want
     # the test can fail: pruning changes the outputs of (at least one of) the long prompts
     assert any(w != u for w, u, n in zip(want, unpruned, LENGTHS) if n >= 64)
+
+
+def test_steps_over_the_score_budget_select_per_layer(llama_path, monkeypatch):
+    """A step whose stacked scores would exceed StepSelection.MAX_BYTES (here: every step) selects, gathers and
+    writes per layer, as before the once-per-step selection; the outputs are the same."""
+    from colreduce_kvprune.vllm import compaction
+
+    monkeypatch.setattr(compaction.StepSelection, "MAX_BYTES", 0)
+    made = []
+    init = compaction.StepSelection.__init__
+    monkeypatch.setattr(compaction.StepSelection, "__init__", lambda self, n: made.append(n) or init(self, n))
+    selected = []
+    select = compaction.select_kept
+    monkeypatch.setattr(compaction, "select_kept", lambda *a, **k: selected.append(k["layer"]) or select(*a, **k))
+    prompts = random_prompts(LENGTHS, seed=1)
+    config = CASES["snapkv"]
+    with engine(llama_path, config) as llm:
+        got = greedy(llm, prompts, max_tokens=16)
+    assert made == [] and selected                          # no step selection; select_kept at every layer
+    assert got == reference(llama_path, prompts, config, max_tokens=16)
