@@ -3,8 +3,8 @@ CPU backend over vLLM's classes. The builder reads host copies (query_start_loc_
 runner's is_prefilling) and does the per-row remap with device gathers into its own persistent buffers; scores use
 colreduce_varlen (Triton on CUDA); the kept K/V are written with the backend's own do_kv_cache_update
 (reshape_and_cache_flash). Run on an H200 under both model runners (V1, V2), TRITON_ATTN in float32 and FLASH_ATTN
-(FA3) in bfloat16, with vLLM 0.32.0: benchmarks/results/h200_vllm/README.md (vLLM 0.33: written from its source,
-not yet run; versions.py).
+(FA3) in bfloat16, with vLLM 0.32.0, and under the V2 runner with vLLM 0.33.0 (tests/vllm passes there):
+benchmarks/results/h200_vllm/README.md; what differs between the two releases: versions.py.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """What differs between the vLLM releases the plugin supports (0.32.x and 0.33.x): the one place that knows.
 
 Importable without vLLM (vLLM is imported inside the functions that need it). Read from the two releases' sources
-(0.32.0 and 0.33.0 wheels), for every vLLM name and attribute the plugin uses:
+(0.32.0 and 0.33.0 wheels), for every vLLM name and attribute the plugin uses; tests/vllm passes with both on an H200
+(0.33.0: CUDA build only, none for CPU is published):
 
 - Unchanged, so no code here: the attention builder / impl / backend classes the mixins subclass (CPU_ATTN,
   FLASH_ATTN, TRITON_ATTN: `__init__`, `build`, `forward`, `do_kv_cache_update`, the KV cache layouts),
