@@ -11,11 +11,12 @@ builder's buffers.
 Impl.forward: the base attention over the full prefill, then the layer's scores. Normally one selection serves
 every layer of the step (compaction.StepSelection): each layer adds its scores to a stacked buffer, and after the
 step's last layer one top-k selects for all of them, then each layer's kept K/V are gathered (from the paged cache
-where the backend can read its layout, else from the layer's step tensors, held until then) and written to the
-compacted slots with the layer's own `do_kv_cache_update`. A step with a request recomputed after preemption
+where the backend can read its layout, else from a copy of the layer's step K/V, held until then) and written to
+the compacted slots with the layer's own `do_kv_cache_update`. A step with a request recomputed after preemption
 selects, gathers and writes per layer instead, since the attention rows of its outputs are then recomputed over
 the kept tokens (compaction.recompute_outputs) and the next layer reads them; so it continues exactly as if it had
-not been preempted. Either way every read is made into new tensors before the first write, so no slot is read
+not been preempted. So do steps whose stacked scores would exceed StepSelection.MAX_BYTES, and policies without a
+selection layout. Either way every read is made into new tensors before the first write, so no slot is read
 after it is written; at a chunked prompt's last chunk the earlier chunks' K/V come from the paged cache
 (compaction.assemble).
 The per-layer work reads nothing back from the device: the plan's device tensors are made once per step by the
