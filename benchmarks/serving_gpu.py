@@ -81,6 +81,12 @@ def prompts(workload: str, vocab: int, seed: int, num: int | None = None) -> tup
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths], w["max_tokens"]
 
 
+def _settings(run: str) -> tuple[str, str]:
+    """(base, option) of a run name BASE[+OPTION][@N] (@N: another sample of the same settings)."""
+    base, _, option = run.partition("@")[0].partition("+")
+    return base, option
+
+
 def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: str, gpu_mem: float | None,
                     tp: int = 1) -> dict:
     max_len = longest + max_tokens
@@ -88,7 +94,7 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
              max_model_len=max_len, disable_log_stats=False, tensor_parallel_size=tp)
     if gpu_mem is not None:
         e["gpu_memory_utilization"] = gpu_mem
-    base, _, option = run.partition("@")[0].partition("+")
+    base, option = _settings(run)
     if base == "vanilla-piecewise":
         e["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     if option == "sync":
@@ -99,7 +105,7 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
 
 
 def prune_config(run: str, min_prompt_tokens: int) -> dict | None:
-    run = run.partition("@")[0].partition("+")[0]
+    run = _settings(run)[0]
     if not run.startswith("snapkv-"):
         return None
     from colreduce_kvprune.config import load_config

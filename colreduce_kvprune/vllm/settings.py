@@ -123,10 +123,9 @@ def cudagraph_support(support, pruning: bool, chunked: bool):
     return support if support.value <= cap.value else cap
 
 
-def resolved_settings(vllm_config) -> dict:
-    """What vLLM resolved its defaults to, for the settings the plugin's paths depend on (the benchmarks record it
-    per engine: a pruning backend changes the cudagraph mode)."""
-    cfg = vllm_config
+def resolved_settings(cfg) -> dict:
+    """What vLLM resolved its defaults to (cfg: the engine's VllmConfig), for the settings the plugin's paths depend
+    on (the benchmarks record it per engine: a pruning backend changes the cudagraph mode)."""
     return {"cudagraph_mode": str(cfg.compilation_config.cudagraph_mode),
             "enforce_eager": cfg.model_config.enforce_eager,
             "async_scheduling": cfg.scheduler_config.async_scheduling,
