@@ -753,11 +753,16 @@ class StepSelection:
         return True
 
 
+def _kept_tokens(plan: PrefillPlan, idx: torch.Tensor) -> torch.Tensor:
+    """(Σ(keep+g), Hkv): the position in its row's prompt of every kept entry (output entries: any valid column)."""
+    pos = plan.gather_pos if idx.shape[2] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[2] - 1)
+    return idx[plan.kept_row, :, pos]
+
+
 def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     """The kept K/V of every pruned row, in compacted order (kept prompt tokens, then the recomputed outputs):
     (Σ(keep+g), Hkv, D) each, matching plan.slots. idx (B, Hkv, K_max) from select_kept."""
-    pos = plan.gather_pos if idx.shape[2] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[2] - 1)
-    tok = idx[plan.kept_row, :, pos] + plan.gather_base         # (Σ, Hkv); output entries: any valid column
+    tok = _kept_tokens(plan, idx) + plan.gather_base             # (Σ, Hkv): packed token ids
     if plan.is_out is not None:
         tok = torch.where(plan.is_out, plan.out_tok, tok)
     heads = _heads(plan, key.shape[1], key.device, 2)
@@ -773,14 +778,13 @@ def gather_kept_cached(plan: PrefillPlan, idx: torch.Tensor, block_table: torch.
         raise ValueError("gather_kept_cached: the plan has recomputed outputs (not in the cache); use gather_kept")
     key_cache, value_cache = cache_views
     bs = key_cache.shape[1]
-    pos = plan.gather_pos if idx.shape[2] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[2] - 1)
-    tok = idx[plan.kept_row, :, pos]                              # (Σ, Hkv): positions in the row's prompt
+    tok = _kept_tokens(plan, idx)
     rows = plan.memo.get("kept_table_rows")
     if rows is None:          # the block-table row of each kept entry, made once per step
         rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows), tok.device)[plan.kept_row][:, None]
-    blocks = block_table[rows, tok // bs].long()
+    blocks, offsets = block_table[rows, tok // bs].long(), tok % bs
     heads = _heads(plan, key_cache.shape[2], tok.device, 2)
-    return key_cache[blocks, tok % bs, heads], value_cache[blocks, tok % bs, heads]
+    return key_cache[blocks, offsets, heads], value_cache[blocks, offsets, heads]
 
 
 def recompute_outputs(plan: PrefillPlan, query: torch.Tensor, k_kept: torch.Tensor, v_kept: torch.Tensor,
