@@ -125,8 +125,8 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
 
     nan = compaction.NanWatch()
 
-    def finish(idx):
-        k_sel, v_sel = compaction.gather_kept_cached(plan, idx, table, (key_cache, value_cache))
+    def finish(kept, i):
+        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, (key_cache, value_cache))
         write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
     def per_step():

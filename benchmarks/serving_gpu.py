@@ -22,6 +22,8 @@ prefix caching, async scheduling):
                    prefill (colreduce_kvprune/vllm/settings.py) -- what that setting costs on its own
   snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio
   RUN+sync         any of these with async scheduling off (what async scheduling brings to that run)
+  RUN+direct       any of these with the scoring kernels launched through their compiled launchers
+                   (COLREDUCE_KVPRUNE_LAUNCH=direct in the run's process: bitwise the same kernels, less host time)
   RUN@2, RUN@3...  the same settings as RUN, run again (a second sample, e.g. in the other order: vanilla,
                    snapkv-0.1,snapkv-0.1@2,vanilla@2 tells run-order effects from the plugin's own cost)
 Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
@@ -99,9 +101,18 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
         e["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     if option == "sync":
         e["async_scheduling"] = False
-    elif option:
-        raise SystemExit(f"unknown run option +{option} in {run!r} (known: +sync)")
+    elif option not in OPTIONS:
+        raise SystemExit(f"unknown run option +{option} in {run!r} (known: {', '.join('+' + o for o in OPTIONS)})")
     return e
+
+
+OPTIONS = ("sync", "direct")
+_LAUNCH = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH", "new")      # the launch variant of runs without +direct
+
+
+def launch_variant(run: str) -> str:
+    """The scoring kernels' launch variant for a run (kernels/colreduce.py reads it at import, in the run's child)."""
+    return "direct" if _settings(run)[1] == "direct" else _LAUNCH
 
 
 def prune_config(run: str, min_prompt_tokens: int) -> dict | None:
@@ -180,9 +191,10 @@ def main(argv=None) -> int:
         job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem, a.tp),
                "prompts": ids, "max_tokens": max_tokens}
         os.environ["KVPRUNE_TIMING"] = "1" if a.timing else "0"
+        os.environ["COLREDUCE_KVPRUNE_LAUNCH"] = launch_variant(run)
         try:
             res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout)
-            report["runs"][run] = summarize(res)
+            report["runs"][run] = summarize(res) | {"launch_variant": os.environ["COLREDUCE_KVPRUNE_LAUNCH"]}
         except RunError as e:
             report["runs"][run] = {"error": str(e)}
         r = report["runs"][run]

@@ -113,9 +113,9 @@ class Recorder:
             return idx
 
         def add(self, policy, plan, layer, scores, finish, **kw):                          # once per step
-            def finish_recorded(idx):
-                record(plan, layer, idx)
-                finish(idx)
+            def finish_recorded(kept, i):
+                record(plan, layer, kept.idx[i])
+                finish(kept, i)
             return original_add(self, policy, plan, layer, scores, finish_recorded, **kw)
 
         def prune_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output):

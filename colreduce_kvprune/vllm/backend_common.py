@@ -271,15 +271,15 @@ class PruneImplMixin:
             scores = compaction.layer_scores(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
                                              head_offset=head_offset, gather_heads=gather, partials=partials)
             if views is not None:             # the kept K/V are read back from the paged cache then (no tensor held)
-                def finish(idx):
+                def finish(kept, i):
                     self._prune_write(layer, kv_cache, plan,
-                                      *compaction.gather_kept_cached(plan, idx, step.block_table, views))
+                                      *compaction.gather_kept_cached(kept, i, step.block_table, views))
             else:     # a cache layout not readable here (CPU): a copy of this layer's K/V is held until then (the
                 # step's tensors themselves may be buffers that vLLM's compiled graphs reuse for later layers)
                 key, value = key.clone(), value.clone()
 
-                def finish(idx):
-                    self._prune_write(layer, kv_cache, plan, *compaction.gather_kept(plan, idx, key, value))
+                def finish(kept, i):
+                    self._prune_write(layer, kv_cache, plan, *compaction.gather_kept(plan, kept.idx[i], key, value))
             step.selection.add(self.prune_policy, plan, layer_idx, scores, finish, heads=key.shape[1],
                                gathered=gather is not None, rank_heads=rank_heads, nan=step.nan)
             return

@@ -708,7 +708,8 @@ class StepSelection:
     """Select once per step instead of once per layer: every layer's scores go into one stacked (layers, B, Hkv,
     P_max) buffer, and when the step's last layer has added its own, one selection serves them all (the NaN
     check, the top-k's sorts and fills run once, not per layer), then each layer's gather and write runs
-    (`finish`: a callable per layer taking that layer's (B, Hkv, K_max) indices). The writes move from each
+    (`finish`: a callable per layer taking the step's StepKept and the layer's position i in it: its (B, Hkv,
+    K_max) indices are kept.idx[i]). The writes move from each
     layer's forward to the last one's: nothing in the step reads a layer's cache after its own attention. Used
     for plans with a layout and no recomputed outputs (those rewrite the layer's attention output, which the next
     layer reads: they stay per layer). num_layers: the attention layers that share the step's metadata.
@@ -724,7 +725,7 @@ class StepSelection:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.stacked = None
-        self.finish = {}                 # layer index -> callable(idx), in the order the layers ran
+        self.finish = {}                 # layer index -> callable(kept, i), in the order the layers ran
         self.done = False
 
     def add(self, policy, plan: PrefillPlan, layer: int, scores: torch.Tensor, finish, *, heads: int,
@@ -747,16 +748,41 @@ class StepSelection:
             flags = torch.isnan(stacked.flatten(1)).any(1)
             for i, l in enumerate(self.finish):
                 nan.flags(l).append(flags[i])
-        idx = select_scores(policy, plan, stacked, heads, gathered=gathered, rank_heads=rank_heads)
+        kept = StepKept(plan, select_scores(policy, plan, stacked, heads, gathered=gathered, rank_heads=rank_heads))
         for i, fn in enumerate(self.finish.values()):
-            fn(idx[i])
+            fn(kept, i)
         return True
 
 
+class StepKept:
+    """One step's selection for all its layers: idx (layers, B, Hkv, K_max) kept indices (layer i's are idx[i], in
+    the order the layers ran), with the kept entries' places located once for every layer (cache_slots) instead of
+    once per layer."""
+
+    def __init__(self, plan: PrefillPlan, idx: torch.Tensor):
+        self.plan, self.idx, self._slots = plan, idx, None
+
+    def cache_slots(self, block_table: torch.Tensor, block_size: int):
+        """(blocks, offsets), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in the
+        paged cache (block_table: the step's unremapped table). Made on the first call, the same after."""
+        if self._slots is None:
+            plan = self.plan
+            tok = _kept_tokens(plan, self.idx)
+            rows = plan.memo.get("kept_table_rows")
+            if rows is None:          # the block-table row of each kept entry, made once per step
+                rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows),
+                                                                tok.device)[plan.kept_row][:, None]
+            self._slots = block_table[rows, tok // block_size].long(), tok % block_size
+        return self._slots
+
+
 def _kept_tokens(plan: PrefillPlan, idx: torch.Tensor) -> torch.Tensor:
-    """(Σ(keep+g), Hkv): the position in its row's prompt of every kept entry (output entries: any valid column)."""
-    pos = plan.gather_pos if idx.shape[2] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[2] - 1)
-    return idx[plan.kept_row, :, pos]
+    """The position in its row's prompt of every kept entry (output entries: any valid column): idx (B, Hkv,
+    K_max) → (Σ(keep+g), Hkv); idx (layers, B, Hkv, K_max) → (layers, Σ(keep+g), Hkv)."""
+    pos = plan.gather_pos if idx.shape[-1] == max(plan.keeps) else plan.kept_pos.clamp(max=idx.shape[-1] - 1)
+    if idx.dim() == 3:
+        return idx[plan.kept_row, :, pos]
+    return idx[:, plan.kept_row, :, pos].transpose(0, 1)       # advanced indices first: (Σ, layers, Hkv)
 
 
 def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -769,21 +795,19 @@ def gather_kept(plan: PrefillPlan, idx: torch.Tensor, key: torch.Tensor, value: 
     return key[tok, heads], value[tok, heads]
 
 
-def gather_kept_cached(plan: PrefillPlan, idx: torch.Tensor, block_table: torch.Tensor, cache_views):
-    """gather_kept from the paged cache instead of the step's tensors: every kept prompt token of each row read at
-    its place in the row's blocks (block_table: the step's unremapped table), where vLLM wrote it before the
-    attention (this step's tokens) or at an earlier chunk. cache_views: (key_cache, value_cache) as (num_blocks,
-    block_size, Hkv, D). Plans without recomputed outputs only (their entries are all prompt tokens)."""
+def gather_kept_cached(kept: StepKept, layer: int, block_table: torch.Tensor, cache_views):
+    """gather_kept from the paged cache instead of the step's tensors, for layer `layer` (its position in the
+    step's selection) of a StepKept: every kept prompt token of each row read at its place in the row's blocks
+    (block_table: the step's unremapped table), where vLLM wrote it before the attention (this step's tokens) or
+    at an earlier chunk. cache_views: (key_cache, value_cache) as (num_blocks, block_size, Hkv, D). Plans without
+    recomputed outputs only (their entries are all prompt tokens). The places are located once for all layers."""
+    plan = kept.plan
     if plan.is_out is not None:
         raise ValueError("gather_kept_cached: the plan has recomputed outputs (not in the cache); use gather_kept")
     key_cache, value_cache = cache_views
-    bs = key_cache.shape[1]
-    tok = _kept_tokens(plan, idx)
-    rows = plan.memo.get("kept_table_rows")
-    if rows is None:          # the block-table row of each kept entry, made once per step
-        rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows), tok.device)[plan.kept_row][:, None]
-    blocks, offsets = block_table[rows, tok // bs].long(), tok % bs
-    heads = _heads(plan, key_cache.shape[2], tok.device, 2)
+    blocks, offsets = kept.cache_slots(block_table, key_cache.shape[1])
+    blocks, offsets = blocks[layer], offsets[layer]
+    heads = _heads(plan, key_cache.shape[2], blocks.device, 2)
     return key_cache[blocks, offsets, heads], value_cache[blocks, offsets, heads]
 
 

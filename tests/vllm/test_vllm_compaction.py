@@ -438,11 +438,11 @@ def test_step_selection_writes_what_each_layer_would(case, read_cache, chunked):
             scores = compaction.layer_scores(pol, plan, q, k, layer=l, scale=scale, backend="torch",
                                              partials=partials)
 
-            def finish(idx, l=l, k=k, v=v):
+            def finish(kept, i, l=l, k=k, v=v):
                 if read_cache:
-                    write(l, *compaction.gather_kept_cached(plan, idx, bt, caches[l]))
+                    write(l, *compaction.gather_kept_cached(kept, i, bt, caches[l]))
                 else:
-                    write(l, *compaction.gather_kept(plan, idx, k, v))
+                    write(l, *compaction.gather_kept(plan, kept.idx[i], k, v))
             done = sel.add(pol, plan, l, scores, finish, heads=hkv, nan=watch)
             assert done == (l == layers - 1) and sel.done == done
         assert {l: len(f) for l, f in watch.pending.items()} == {l: 1 for l in range(layers)}
@@ -461,13 +461,14 @@ def test_step_selection_refuses_a_layer_twice_and_outputs_from_the_cache():
     _, _, plan, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 30, 30)], bt, BS)
     sel = compaction.StepSelection(2)
     scores = compaction.layer_scores(pol, plan, q, k, layer=0, scale=1.0, backend="torch")
-    assert not sel.add(pol, plan, 0, scores, lambda idx: None, heads=2)
+    assert not sel.add(pol, plan, 0, scores, lambda kept, i: None, heads=2)
     with pytest.raises(RuntimeError, match="layer 0 ran twice"):
-        sel.add(pol, plan, 0, scores, lambda idx: None, heads=2)
+        sel.add(pol, plan, 0, scores, lambda kept, i: None, heads=2)
     _, _, rec, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 33, 30)], bt, BS)     # 3 recomputed outputs
     idx = compaction.select_kept(pol, rec, q, k, layer=0, scale=1.0, backend="torch")
     with pytest.raises(ValueError, match="recomputed outputs"):
-        compaction.gather_kept_cached(rec, idx, bt, (torch.zeros(13, BS, 2, 8), torch.zeros(13, BS, 2, 8)))
+        compaction.gather_kept_cached(compaction.StepKept(rec, idx[None]), 0, bt,
+                                      (torch.zeros(13, BS, 2, 8), torch.zeros(13, BS, 2, 8)))
 
 
 def test_builder_passes_through_before_the_kv_pool_exists():
@@ -619,8 +620,8 @@ def test_step_selection_reads_nothing_back_from_the_gpu(case):
     _, _, plan, _ = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
     sel, written = compaction.StepSelection(layers), []
 
-    def finish(idx):
-        ks, vs = compaction.gather_kept_cached(plan, idx, bt, views)
+    def finish(kept, i):
+        ks, vs = compaction.gather_kept_cached(kept, i, bt, views)
         written.append(ks.shape)
     for layer in range(layers):
         with _no_host_sync(layer > 0):
