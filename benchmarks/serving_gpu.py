@@ -101,7 +101,7 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
         e["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     if option == "sync":
         e["async_scheduling"] = False
-    elif option not in OPTIONS:
+    elif option and option not in OPTIONS:
         raise SystemExit(f"unknown run option +{option} in {run!r} (known: {', '.join('+' + o for o in OPTIONS)})")
     return e
 
