@@ -4,8 +4,8 @@
 # the table and chart (benchmarks/serving_report.py) into $OUT/h200_serving.{md,png} with the JSON beside them.
 # A device call is at most 10 minutes: give the parts over several calls, e.g.
 #   source /root/w/install.sh && bash scripts/gpu_serving.sh long          # then: short, mixed, online, report
-# RUNS takes vanilla, vanilla-piecewise, snapkv-RATIO, each optionally +sync or +direct (the scoring kernels'
-# direct launch), and RUN@2 for a second sample of RUN (benchmarks/serving_gpu.py).
+# RUNS takes vanilla, vanilla-piecewise, snapkv-RATIO, each optionally +sync, +direct or +jit (the scoring
+# kernels' launch), and RUN@2 for a second sample of RUN (benchmarks/serving_gpu.py).
 # Environment: NUM (requests of the offline workloads, default the workload's), RUNS (default
 # vanilla,snapkv-0.25,snapkv-0.1), RATES (online, default 1,2), RUN_TIMEOUT (seconds per run, default 280), SHAPE
 # (default llama-3.1-8b; `SHAPE=tiny bash scripts/gpu_serving.sh smoke online report` is a quick check on vLLM's CPU
