@@ -3,7 +3,9 @@ prompt length, against the same layer's attention forward (issue 19, part 3). GP
 
 It also times a whole step of 32 layers two ways (`step_variants`): the per-layer path 32 times, and the engine's
 once-per-step selection (compaction.StepSelection: every layer's scores stacked, one selection after the last
-layer, each layer's kept K/V read back from the paged cache).
+layer, each layer's kept K/V read back from the paged cache); and the same two ways for a step that ends a chunked
+prefill (`last_chunk_variants`: the last 2048 tokens of the prompt, the prompt's keys gathered back from the cache
+per layer), the step that prunes in serving with chunked prefill.
 
 It calls the plugin's own functions on plain torch tensors — no vLLM engine: `compaction.plan_prefills` (once per
 step, host side: timed on its own), then per layer exactly what `PruneImplMixin._prune_compact` runs for a whole
@@ -138,7 +140,55 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
     return per_layer, per_step
 
 
-def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
+def last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size, key_cache, value_cache, write,
+                        layers, scale, backend="auto"):
+    """A step that ends a chunked prefill, as in serving with chunked prefill (vLLM's chunks of 2048 tokens): the last
+    `chunk` tokens of row 0's P-token prompt, the whole prompt's K/V already in the paged cache (where vLLM wrote the
+    earlier chunks and this one). Per layer the engine assembles the prompt (its keys, and on the per-layer path its
+    values, gathered back from the cache), scores the window, selects and compacts. Two ways, both the engine's code:
+    - per_layer: assemble, select_kept, gather_kept from the assembled tensors, write (what the per-layer path runs);
+    - per_step: assemble without values, layer_scores into a StepSelection, the kept K/V read back from the cache
+      after the last layer (the engine's CUDA path).
+    The plan is made once (its per-step memo cleared each call, as each engine step makes a new one). Policies
+    scoring with the window's queries only (SnapKV's config here): an accumulating policy (H2O) needs the earlier
+    chunks' column sums stashed first. As in step_variants every layer shares one cache here, so with more than one
+    layer the values read back differ from an engine's (shapes and ops are a real step's); the bitwise check of the
+    two ways runs one layer.
+    Returns (per_layer, per_step)."""
+    from colreduce_kvprune.vllm import compaction
+
+    c0 = P - chunk
+    plan = compaction.plan_prefills(config, policy, [(0, 0, c0, chunk, P)], table, block_size, [{}])[2]
+    q, k, v = query[c0:P], key[c0:P], value[c0:P]
+    views = (key_cache, value_cache)
+    nan = compaction.NanWatch()
+
+    def per_layer():
+        plan.memo.clear()
+        for layer in range(layers):
+            aq, ak, av, partials = compaction.assemble(plan, layer, q, k, v, views, table, block_size)
+            idx = compaction.select_kept(policy, plan, aq, ak, layer=layer, scale=scale, backend=backend,
+                                         partials=partials, nan_flags=[])
+            k_sel, v_sel = compaction.gather_kept(plan, idx, ak, av)
+            write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+
+    def finish(kept, i):
+        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, views)
+        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+
+    def per_step():
+        plan.memo.clear()
+        sel = compaction.StepSelection(layers)
+        for layer in range(layers):
+            aq, ak, _, partials = compaction.assemble(plan, layer, q, k, v, views, table, block_size, values=False)
+            scores = compaction.layer_scores(policy, plan, aq, ak, layer=layer, scale=scale, backend=backend,
+                                             partials=partials)
+            sel.add(policy, plan, layer, scores, finish, heads=k.shape[1], nan=nan)
+        nan.pending.clear()
+    return per_layer, per_step
+
+
+def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=2048):
     from colreduce_kvprune.config import load_config
     from colreduce_kvprune.policies import get_policy
     from colreduce_kvprune.vllm import compaction
@@ -211,6 +261,23 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
                       f"step of {LAYERS} layers: once per step (StepSelection, the engine's CUDA path)": step_once}
     except Exception as e:  # noqa: BLE001 (the rest of the table still comes back)
         per_step_equal = f"failed: {type(e).__name__}: {e}"
+    last_chunk_equal = None
+    if n_req == 1 and chunk < P:
+        try:                                     # both ways write the same cache here too
+            checks = []
+            for variant in (0, 1):
+                kc, vc = key_cache.clone(), value_cache.clone()
+                last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size, kc, vc, write,
+                                    1, scale)[variant]()
+                checks.append((kc, vc))
+            last_chunk_equal = all(torch.equal(a, b) for a, b in zip(*checks))
+            del checks
+            chunk_layer, chunk_once = last_chunk_variants(config, policy, P, chunk, query, key, value, table,
+                                                          block_size, key_cache, value_cache, write, LAYERS, scale)
+            step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: per layer"] = chunk_layer
+            step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: once per step"] = chunk_once
+        except Exception as e:  # noqa: BLE001
+            last_chunk_equal = f"failed: {type(e).__name__}: {e}"
 
     flush = _flush_buffer()
     parts = {
@@ -228,7 +295,8 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
     }
     row = dict(prompt=P, requests=n_req, dtype=str(dtype).replace("torch.", ""), attention=attn_how,
                cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0],
-               one_selection_per_step_writes_the_same=per_step_equal)
+               one_selection_per_step_writes_the_same=per_step_equal,
+               last_chunk_once_per_step_writes_the_same=last_chunk_equal)
     for name, fn in parts.items():
         row[name] = time3(fn, flush)
         row[name]["host_idle_us"] = host_idle_us(fn)
@@ -265,6 +333,9 @@ def markdown(rows, env):
                      f"syncs per layer: {r['syncs in prune_layer']['count']} | |")
         lines.append(f"| {r['prompt']} × {r['requests']} | one selection per step writes what the per-layer path "
                      f"writes (one layer, bitwise) | {r['one_selection_per_step_writes_the_same']} | | | |")
+        if r.get("last_chunk_once_per_step_writes_the_same") is not None:
+            lines.append(f"| {r['prompt']} × {r['requests']} | the same for a last chunk (one layer, bitwise) | "
+                         f"{r['last_chunk_once_per_step_writes_the_same']} | | | |")
     return "\n".join(lines)
 
 
