@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--timing", action="store_true",
                    help="pruned runs: time the plugin's work per layer against vLLM's attention and the prefill's "
                         "decoder layers (KVPRUNE_TIMING=1, CUDA events)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="pruned runs: torch.profiler over this many pruning steps inside the engine "
+                        "(KVPRUNE_PROFILE_STEPS, colreduce_kvprune/vllm/timing.py), tables in OUT.profile_RUN.txt")
     a = p.parse_args(argv)
 
     from colreduce_kvprune.serving import RunError, run_in_subprocess
@@ -193,6 +196,9 @@ def main(argv=None) -> int:
         job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem, a.tp),
                "prompts": ids, "max_tokens": max_tokens}
         os.environ["KVPRUNE_TIMING"] = "1" if a.timing else "0"
+        if a.profile_steps:
+            os.environ["KVPRUNE_PROFILE_STEPS"] = str(a.profile_steps)
+            os.environ["KVPRUNE_PROFILE_OUT"] = os.path.abspath(f"{a.out}.profile_{run}.txt")
         variant = launch_variant(run)
         if variant is None:
             os.environ.pop("COLREDUCE_KVPRUNE_LAUNCH", None)

@@ -229,6 +229,8 @@ class PruneImplMixin:
         timed = step is not None and timing.ENABLED
         if timed:
             start = timing.mark(query.device)
+        if step is not None and timing.PROFILE_STEPS:
+            timing.profile_begin(step, query.device)
         if self.prune_cold and step is None:     # vLLM's profiling run, before any prompt: compile the scoring
             self.prune_cold = not warmup.warm_up(self.prune_policy, query.device, query.dtype, self.num_heads,
                                                  self.num_kv_heads, self.head_size, self.scale)
@@ -251,6 +253,8 @@ class PruneImplMixin:
                     self._prune_compact(layer, layer_idx, query, key, value, kv_cache, step, output)
             if timed:
                 timing.record(step, start, after_attention, timing.mark(query.device))
+            if timing.PROFILE_STEPS:
+                timing.profile_end(step, query.device)
         return out
 
     def prune_kv_views(self, kv_cache):
