@@ -763,20 +763,23 @@ class StepKept:
     once per layer."""
 
     def __init__(self, plan: PrefillPlan, idx: torch.Tensor):
-        self.plan, self.idx, self._slots = plan, idx, None
+        self.plan, self.idx, self._slots = plan, idx, {}
 
     def cache_slots(self, block_table: torch.Tensor, block_size: int):
         """(blocks, offsets), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in the
-        paged cache (block_table: the step's unremapped table). Made on the first call, the same after."""
-        if self._slots is None:
+        paged cache (block_table: the step's unremapped table). Made on the first call for a table and block size
+        (every layer of a step passes the same), the same after."""
+        key = (block_table.data_ptr(), tuple(block_table.shape), block_size)
+        slots = self._slots.get(key)
+        if slots is None:
             plan = self.plan
             tok = _kept_tokens(plan, self.idx)
             rows = plan.memo.get("kept_table_rows")
             if rows is None:          # the block-table row of each kept entry, made once per step
                 rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows),
                                                                 tok.device)[plan.kept_row][:, None]
-            self._slots = block_table[rows, tok // block_size].long(), tok % block_size
-        return self._slots
+            slots = self._slots[key] = block_table[rows, tok // block_size].long(), tok % block_size
+        return slots
 
 
 def _kept_tokens(plan: PrefillPlan, idx: torch.Tensor) -> torch.Tensor:
