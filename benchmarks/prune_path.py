@@ -93,6 +93,17 @@ def host_idle_us(fn, calls=20):
     return sorted(times)[len(times) // 2]
 
 
+def peak_extra_mib(fn) -> float:
+    """MiB allocated at the peak of one call of fn beyond what was allocated before it (its temporaries and
+    outputs): the memory a step's pruning needs outside vLLM's profile."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def profile_table(fn, calls=20, rows=40) -> str:
     """torch.profiler over `calls` calls of fn: the aten ops and kernels by self CPU time (host cost per op)."""
     from torch.profiler import ProfilerActivity, profile
@@ -297,6 +308,10 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
                cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0],
                one_selection_per_step_writes_the_same=per_step_equal,
                last_chunk_once_per_step_writes_the_same=last_chunk_equal)
+    if step_parts:     # memory of one 32-layer step's pruning, against its stacked scores (float32)
+        row["stacked_scores_mib"] = LAYERS * n_req * HKV * P * 4 / 2 ** 20
+        for name, fn in step_parts.items():
+            row[f"peak extra MiB: {name}"] = peak_extra_mib(fn)
     for name, fn in parts.items():
         row[name] = time3(fn, flush)
         row[name]["host_idle_us"] = host_idle_us(fn)
@@ -333,6 +348,10 @@ def markdown(rows, env):
                      f"syncs per layer: {r['syncs in prune_layer']['count']} | |")
         lines.append(f"| {r['prompt']} × {r['requests']} | one selection per step writes what the per-layer path "
                      f"writes (one layer, bitwise) | {r['one_selection_per_step_writes_the_same']} | | | |")
+        for k, v in r.items():
+            if k.startswith("peak extra MiB: "):
+                lines.append(f"| {r['prompt']} × {r['requests']} | {k} (stacked scores "
+                             f"{r['stacked_scores_mib']:.0f} MiB) | {v:.0f} | | | |")
         if r.get("last_chunk_once_per_step_writes_the_same") is not None:
             lines.append(f"| {r['prompt']} × {r['requests']} | the same for a last chunk (one layer, bitwise) | "
                          f"{r['last_chunk_once_per_step_writes_the_same']} | | | |")
