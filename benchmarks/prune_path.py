@@ -116,6 +116,28 @@ def profile_table(fn, calls=20, rows=40) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def _cached_finish(plan, table, key_cache, value_cache, write):
+    """The engine's CUDA finish of a once-per-step selection: layer i's kept K/V read back from the paged cache
+    (gather_kept_cached) and written to the compacted slots."""
+    from colreduce_kvprune.vllm import compaction
+
+    def finish(kept, i):
+        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, (key_cache, value_cache))
+        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+    return finish
+
+
+def _writes_the_same(variants, key_cache, value_cache) -> bool:
+    """variants(kc, vc) -> (per_layer, per_step) for one layer: whether both leave copies of the cache bitwise
+    equal."""
+    checks = []
+    for variant in (0, 1):
+        kc, vc = key_cache.clone(), value_cache.clone()
+        variants(kc, vc)[variant]()
+        checks.append((kc, vc))
+    return all(torch.equal(a, b) for a, b in zip(*checks))
+
+
 def step_variants(policy, plan, query, key, value, table, block_size, key_cache, value_cache, write, layers, scale,
                   backend="auto"):
     """Two ways to prune one step of `layers` layers, both the engine's code:
@@ -137,10 +159,7 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
             write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
     nan = compaction.NanWatch()
-
-    def finish(kept, i):
-        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, (key_cache, value_cache))
-        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+    finish = _cached_finish(plan, table, key_cache, value_cache, write)
 
     def per_step():
         sel = compaction.StepSelection(layers)
@@ -173,6 +192,7 @@ def last_chunk_variants(config, policy, P, chunk, query, key, value, table, bloc
     q, k, v = query[c0:P], key[c0:P], value[c0:P]
     views = (key_cache, value_cache)
     nan = compaction.NanWatch()
+    finish = _cached_finish(plan, table, key_cache, value_cache, write)
 
     def per_layer():
         plan.memo.clear()
@@ -182,10 +202,6 @@ def last_chunk_variants(config, policy, P, chunk, query, key, value, table, bloc
                                          partials=partials, nan_flags=[])
             k_sel, v_sel = compaction.gather_kept(plan, idx, ak, av)
             write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
-
-    def finish(kept, i):
-        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, views)
-        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
     def per_step():
         plan.memo.clear()
@@ -259,13 +275,9 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
         value_cache.view(-1, HKV, D)[slot] = value[r * P:(r + 1) * P]
     step_parts = {}
     try:                                         # the step selection writes what the per-layer path writes
-        checks = []
-        for variant in (0, 1):
-            kc, vc = key_cache.clone(), value_cache.clone()
-            step_variants(policy, plan, query, key, value, table, block_size, kc, vc, write, 1, scale)[variant]()
-            checks.append((kc, vc))
-        per_step_equal = all(torch.equal(a, b) for a, b in zip(*checks))
-        del checks
+        per_step_equal = _writes_the_same(lambda kc, vc: step_variants(policy, plan, query, key, value, table,
+                                                                       block_size, kc, vc, write, 1, scale),
+                                          key_cache, value_cache)
         step_layer, step_once = step_variants(policy, plan, query, key, value, table, block_size, key_cache,
                                               value_cache, write, LAYERS, scale)
         step_parts = {f"step of {LAYERS} layers: per layer (select_kept, gather_kept, write)": step_layer,
@@ -275,14 +287,9 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
     last_chunk_equal = None
     if n_req == 1 and chunk < P:
         try:                                     # both ways write the same cache here too
-            checks = []
-            for variant in (0, 1):
-                kc, vc = key_cache.clone(), value_cache.clone()
-                last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size, kc, vc, write,
-                                    1, scale)[variant]()
-                checks.append((kc, vc))
-            last_chunk_equal = all(torch.equal(a, b) for a, b in zip(*checks))
-            del checks
+            last_chunk_equal = _writes_the_same(
+                lambda kc, vc: last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size,
+                                                   kc, vc, write, 1, scale), key_cache, value_cache)
             chunk_layer, chunk_once = last_chunk_variants(config, policy, P, chunk, query, key, value, table,
                                                           block_size, key_cache, value_cache, write, LAYERS, scale)
             step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: per layer"] = chunk_layer
