@@ -87,7 +87,7 @@ def test_set_launch_variant_checks():
         kmod.set_launch_variant("fast")
 
 
-def test_launch_variant_default_and_environment():
+def test_launch_variant_default_and_environment(tmp_path):
     """The default is "direct" only under the Triton versions its launcher was checked against on a GPU; a bad
     COLREDUCE_KVPRUNE_LAUNCH fails the import with a message naming it."""
     import subprocess
@@ -98,10 +98,11 @@ def test_launch_variant_default_and_environment():
     assert kmod.DEFAULT_VARIANT == ("direct" if checked else "new")
     code = "import colreduce_kvprune.kernels.colreduce as m; print(m._VARIANT)"
     env = dict(os.environ, COLREDUCE_KVPRUNE_LAUNCH="fast")
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    # run outside the checkout: its colreduce_kvprune/ (no kernels/ inside) would shadow the installed package
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "COLREDUCE_KVPRUNE_LAUNCH must be" in bad.stderr
     env["COLREDUCE_KVPRUNE_LAUNCH"] = "old"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
                           check=True).stdout.strip() == "old"
 
 
