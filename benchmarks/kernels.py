@@ -618,7 +618,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             print(f"{name}: FAILED {e!r}"[:300], flush=True)
             row = dict(name=name, shape=sh, error=repr(e)[:300])
         finally:
-            kmod.set_launch_variant("new")
+            kmod.set_launch_variant(kmod.DEFAULT_VARIANT)
             case = lse = fns = None
             torch.cuda.empty_cache()
         if compile_only:

@@ -3,7 +3,9 @@ prompt length, against the same layer's attention forward (issue 19, part 3). GP
 
 It also times a whole step of 32 layers two ways (`step_variants`): the per-layer path 32 times, and the engine's
 once-per-step selection (compaction.StepSelection: every layer's scores stacked, one selection after the last
-layer, each layer's kept K/V read back from the paged cache).
+layer, each layer's kept K/V read back from the paged cache); and the same two ways for a step that ends a chunked
+prefill (`last_chunk_variants`: the last 2048 tokens of the prompt, the prompt's keys gathered back from the cache
+per layer), the step that prunes in serving with chunked prefill.
 
 It calls the plugin's own functions on plain torch tensors — no vLLM engine: `compaction.plan_prefills` (once per
 step, host side: timed on its own), then per layer exactly what `PruneImplMixin._prune_compact` runs for a whole
@@ -91,6 +93,17 @@ def host_idle_us(fn, calls=20):
     return sorted(times)[len(times) // 2]
 
 
+def peak_extra_mib(fn) -> float:
+    """MiB allocated at the peak of one call of fn beyond what was allocated before it (its temporaries and
+    outputs): the memory a step's pruning needs outside vLLM's profile."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def profile_table(fn, calls=20, rows=40) -> str:
     """torch.profiler over `calls` calls of fn: the aten ops and kernels by self CPU time (host cost per op)."""
     from torch.profiler import ProfilerActivity, profile
@@ -101,6 +114,28 @@ def profile_table(fn, calls=20, rows=40) -> str:
             fn()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def _cached_finish(plan, table, key_cache, value_cache, write):
+    """The engine's CUDA finish of a once-per-step selection: layer i's kept K/V read back from the paged cache
+    (gather_kept_cached) and written to the compacted slots."""
+    from colreduce_kvprune.vllm import compaction
+
+    def finish(kept, i):
+        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, (key_cache, value_cache))
+        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+    return finish
+
+
+def _writes_the_same(variants, key_cache, value_cache) -> bool:
+    """variants(kc, vc) -> (per_layer, per_step) for one layer: whether both leave copies of the cache bitwise
+    equal."""
+    checks = []
+    for variant in (0, 1):
+        kc, vc = key_cache.clone(), value_cache.clone()
+        variants(kc, vc)[variant]()
+        checks.append((kc, vc))
+    return all(torch.equal(a, b) for a, b in zip(*checks))
 
 
 def step_variants(policy, plan, query, key, value, table, block_size, key_cache, value_cache, write, layers, scale,
@@ -124,10 +159,7 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
             write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
     nan = compaction.NanWatch()
-
-    def finish(kept, i):
-        k_sel, v_sel = compaction.gather_kept_cached(kept, i, table, (key_cache, value_cache))
-        write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+    finish = _cached_finish(plan, table, key_cache, value_cache, write)
 
     def per_step():
         sel = compaction.StepSelection(layers)
@@ -138,7 +170,52 @@ def step_variants(policy, plan, query, key, value, table, block_size, key_cache,
     return per_layer, per_step
 
 
-def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
+def last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size, key_cache, value_cache, write,
+                        layers, scale, backend="auto"):
+    """A step that ends a chunked prefill, as in serving with chunked prefill (vLLM's chunks of 2048 tokens): the last
+    `chunk` tokens of row 0's P-token prompt, the whole prompt's K/V already in the paged cache (where vLLM wrote the
+    earlier chunks and this one). Per layer the engine assembles the prompt (its keys, and on the per-layer path its
+    values, gathered back from the cache), scores the window, selects and compacts. Two ways, both the engine's code:
+    - per_layer: assemble, select_kept, gather_kept from the assembled tensors, write (what the per-layer path runs);
+    - per_step: assemble without values, layer_scores into a StepSelection, the kept K/V read back from the cache
+      after the last layer (the engine's CUDA path).
+    The plan is made once (its per-step memo cleared each call, as each engine step makes a new one). Policies
+    scoring with the window's queries only (SnapKV's config here): an accumulating policy (H2O) needs the earlier
+    chunks' column sums stashed first. As in step_variants every layer shares one cache here, so with more than one
+    layer the values read back differ from an engine's (shapes and ops are a real step's); the bitwise check of the
+    two ways runs one layer.
+    Returns (per_layer, per_step)."""
+    from colreduce_kvprune.vllm import compaction
+
+    c0 = P - chunk
+    plan = compaction.plan_prefills(config, policy, [(0, 0, c0, chunk, P)], table, block_size, [{}])[2]
+    q, k, v = query[c0:P], key[c0:P], value[c0:P]
+    views = (key_cache, value_cache)
+    nan = compaction.NanWatch()
+    finish = _cached_finish(plan, table, key_cache, value_cache, write)
+
+    def per_layer():
+        plan.memo.clear()
+        for layer in range(layers):
+            aq, ak, av, partials = compaction.assemble(plan, layer, q, k, v, views, table, block_size)
+            idx = compaction.select_kept(policy, plan, aq, ak, layer=layer, scale=scale, backend=backend,
+                                         partials=partials, nan_flags=[])
+            k_sel, v_sel = compaction.gather_kept(plan, idx, ak, av)
+            write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
+
+    def per_step():
+        plan.memo.clear()
+        sel = compaction.StepSelection(layers)
+        for layer in range(layers):
+            aq, ak, _, partials = compaction.assemble(plan, layer, q, k, v, views, table, block_size, values=False)
+            scores = compaction.layer_scores(policy, plan, aq, ak, layer=layer, scale=scale, backend=backend,
+                                             partials=partials)
+            sel.add(policy, plan, layer, scores, finish, heads=k.shape[1], nan=nan)
+        nan.pending.clear()
+    return per_layer, per_step
+
+
+def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=2048):
     from colreduce_kvprune.config import load_config
     from colreduce_kvprune.policies import get_policy
     from colreduce_kvprune.vllm import compaction
@@ -198,19 +275,27 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
         value_cache.view(-1, HKV, D)[slot] = value[r * P:(r + 1) * P]
     step_parts = {}
     try:                                         # the step selection writes what the per-layer path writes
-        checks = []
-        for variant in (0, 1):
-            kc, vc = key_cache.clone(), value_cache.clone()
-            step_variants(policy, plan, query, key, value, table, block_size, kc, vc, write, 1, scale)[variant]()
-            checks.append((kc, vc))
-        per_step_equal = all(torch.equal(a, b) for a, b in zip(*checks))
-        del checks
+        per_step_equal = _writes_the_same(lambda kc, vc: step_variants(policy, plan, query, key, value, table,
+                                                                       block_size, kc, vc, write, 1, scale),
+                                          key_cache, value_cache)
         step_layer, step_once = step_variants(policy, plan, query, key, value, table, block_size, key_cache,
                                               value_cache, write, LAYERS, scale)
         step_parts = {f"step of {LAYERS} layers: per layer (select_kept, gather_kept, write)": step_layer,
                       f"step of {LAYERS} layers: once per step (StepSelection, the engine's CUDA path)": step_once}
     except Exception as e:  # noqa: BLE001 (the rest of the table still comes back)
         per_step_equal = f"failed: {type(e).__name__}: {e}"
+    last_chunk_equal = None
+    if n_req == 1 and chunk < P:
+        try:                                     # both ways write the same cache here too
+            last_chunk_equal = _writes_the_same(
+                lambda kc, vc: last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size,
+                                                   kc, vc, write, 1, scale), key_cache, value_cache)
+            chunk_layer, chunk_once = last_chunk_variants(config, policy, P, chunk, query, key, value, table,
+                                                          block_size, key_cache, value_cache, write, LAYERS, scale)
+            step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: per layer"] = chunk_layer
+            step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: once per step"] = chunk_once
+        except Exception as e:  # noqa: BLE001
+            last_chunk_equal = f"failed: {type(e).__name__}: {e}"
 
     flush = _flush_buffer()
     parts = {
@@ -228,7 +313,12 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0):
     }
     row = dict(prompt=P, requests=n_req, dtype=str(dtype).replace("torch.", ""), attention=attn_how,
                cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0],
-               one_selection_per_step_writes_the_same=per_step_equal)
+               one_selection_per_step_writes_the_same=per_step_equal,
+               last_chunk_once_per_step_writes_the_same=last_chunk_equal)
+    if step_parts:     # memory of one 32-layer step's pruning, against its stacked scores (float32)
+        row["stacked_scores_mib"] = LAYERS * n_req * HKV * P * 4 / 2 ** 20
+        for name, fn in step_parts.items():
+            row[f"peak extra MiB: {name}"] = peak_extra_mib(fn)
     for name, fn in parts.items():
         row[name] = time3(fn, flush)
         row[name]["host_idle_us"] = host_idle_us(fn)
@@ -265,6 +355,13 @@ def markdown(rows, env):
                      f"syncs per layer: {r['syncs in prune_layer']['count']} | |")
         lines.append(f"| {r['prompt']} × {r['requests']} | one selection per step writes what the per-layer path "
                      f"writes (one layer, bitwise) | {r['one_selection_per_step_writes_the_same']} | | | |")
+        for k, v in r.items():
+            if k.startswith("peak extra MiB: "):
+                lines.append(f"| {r['prompt']} × {r['requests']} | {k} (stacked scores "
+                             f"{r['stacked_scores_mib']:.0f} MiB) | {v:.0f} | | | |")
+        if r.get("last_chunk_once_per_step_writes_the_same") is not None:
+            lines.append(f"| {r['prompt']} × {r['requests']} | the same for a last chunk (one layer, bitwise) | "
+                         f"{r['last_chunk_once_per_step_writes_the_same']} | | | |")
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ prefix caching, async scheduling):
                    prefill (colreduce_kvprune/vllm/settings.py) -- what that setting costs on its own
   snapkv-0.25, snapkv-0.1   the plugin, configs/snapkv.yaml at that keep ratio
   RUN+sync         any of these with async scheduling off (what async scheduling brings to that run)
-  RUN+direct       any of these with the scoring kernels launched through their compiled launchers
-                   (COLREDUCE_KVPRUNE_LAUNCH=direct in the run's process: bitwise the same kernels, less host time)
+  RUN+direct, RUN+jit   any of these with the scoring kernels launched through their compiled launchers, or
+                   through Triton's dispatch (COLREDUCE_KVPRUNE_LAUNCH=direct / new in the run's process: bitwise the
+                   same kernels; without either, the package's default, kernels/colreduce.py)
   RUN@2, RUN@3...  the same settings as RUN, run again (a second sample, e.g. in the other order: vanilla,
                    snapkv-0.1,snapkv-0.1@2,vanilla@2 tells run-order effects from the plugin's own cost)
 Per run: output tokens/s, requests/s, peak and mean running requests, preemptions, KV blocks in use over time, TTFT
@@ -106,13 +107,14 @@ def engine_settings(run: str, model: str, longest: int, max_tokens: int, dtype: 
     return e
 
 
-OPTIONS = ("sync", "direct")
-_LAUNCH = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH", "new")      # the launch variant of runs without +direct
+OPTIONS = ("sync", "direct", "jit")
+_LAUNCH = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH")       # the launch variant of runs without +direct / +jit
 
 
-def launch_variant(run: str) -> str:
-    """The scoring kernels' launch variant for a run (kernels/colreduce.py reads it at import, in the run's child)."""
-    return "direct" if _settings(run)[1] == "direct" else _LAUNCH
+def launch_variant(run: str) -> str | None:
+    """The scoring kernels' launch variant for a run (kernels/colreduce.py reads it at import, in the run's child);
+    None: the package's default."""
+    return {"direct": "direct", "jit": "new"}.get(_settings(run)[1], _LAUNCH)
 
 
 def prune_config(run: str, min_prompt_tokens: int) -> dict | None:
@@ -179,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--timing", action="store_true",
                    help="pruned runs: time the plugin's work per layer against vLLM's attention and the prefill's "
                         "decoder layers (KVPRUNE_TIMING=1, CUDA events)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="pruned runs: torch.profiler over this many pruning steps inside the engine "
+                        "(KVPRUNE_PROFILE_STEPS, colreduce_kvprune/vllm/timing.py), tables in OUT.profile_RUN.txt")
     a = p.parse_args(argv)
 
     from colreduce_kvprune.serving import RunError, run_in_subprocess
@@ -191,10 +196,17 @@ def main(argv=None) -> int:
         job = {"engine": engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem, a.tp),
                "prompts": ids, "max_tokens": max_tokens}
         os.environ["KVPRUNE_TIMING"] = "1" if a.timing else "0"
-        os.environ["COLREDUCE_KVPRUNE_LAUNCH"] = launch_variant(run)
+        if a.profile_steps:
+            os.environ["KVPRUNE_PROFILE_STEPS"] = str(a.profile_steps)
+            os.environ["KVPRUNE_PROFILE_OUT"] = os.path.abspath(f"{a.out}.profile_{run}.txt")
+        variant = launch_variant(run)
+        if variant is None:
+            os.environ.pop("COLREDUCE_KVPRUNE_LAUNCH", None)
+        else:
+            os.environ["COLREDUCE_KVPRUNE_LAUNCH"] = variant
         try:
             res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout)
-            report["runs"][run] = summarize(res) | {"launch_variant": os.environ["COLREDUCE_KVPRUNE_LAUNCH"]}
+            report["runs"][run] = summarize(res) | {"launch_variant": variant or "default"}
         except RunError as e:
             report["runs"][run] = {"error": str(e)}
         r = report["runs"][run]

@@ -31,19 +31,28 @@ _LOG2E = tl.constexpr(LOG2E)
 _REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
 _GROUP_REDUCE = {None: 0, "sum": 1, "mean": 2, "max": 3}
 
-# Launch path. "new" (default): launch plan (tiles, splits, grids) cached per shape, row statistics combined by a
-# Triton kernel (or written directly by the row pass when it has one split), a given natural-log lse converted
-# inside the column kernel, tile sizes fitted to short windows and small grids. "old": the path before issue 19
-# (torch ops for the combine and the lse conversion, _pick_config's tiles) — kept so that one GPU run can compare
-# both (benchmarks/kernels.py --serving-sweep). Set with COLREDUCE_KVPRUNE_LAUNCH=old or set_launch_variant().
-_VARIANT = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH", "new")
+# Launch path. "new": launch plan (tiles, splits, grids) cached per shape, row statistics combined by a Triton
+# kernel (or written directly by the row pass when it has one split), a given natural-log lse converted inside the
+# column kernel, tile sizes fitted to short windows and small grids; every launch through Triton's dispatch.
+# "direct": "new" with each compiled kernel launched through its cached launcher after its first dispatch (below;
+# bitwise the same kernels, ~50 µs less host time per call on the H200). The default is "direct" under the Triton
+# versions whose launcher call it was checked against on a GPU (test_direct_launch_matches_jit_dispatch passed on
+# the H200 under 3.6, 3.7.1 and 3.8.0), "new" under any other. "old": the path before issue 19 (torch ops for the
+# combine and the lse conversion, _pick_config's tiles) — kept so that one GPU run can compare (benchmarks/
+# kernels.py --serving-sweep). Set with COLREDUCE_KVPRUNE_LAUNCH=new|direct|old or set_launch_variant().
+_DIRECT_CHECKED = ("3.6.", "3.7.", "3.8.")
+DEFAULT_VARIANT = "direct" if triton.__version__.startswith(_DIRECT_CHECKED) else "new"
+_VARIANTS = ("new", "old", "direct")
+_VARIANT = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH") or DEFAULT_VARIANT
+if _VARIANT not in _VARIANTS:
+    raise ValueError(f"COLREDUCE_KVPRUNE_LAUNCH must be 'new', 'old' or 'direct', got {_VARIANT!r}")
 
 
 def set_launch_variant(variant: str) -> None:
     """"new", "old" or "direct" (see _VARIANT). For benchmarks and tests; results agree to rounding either way
     ("direct" is "new" with the compiled kernels launched directly: bitwise the same results)."""
     global _VARIANT
-    if variant not in ("new", "old", "direct"):
+    if variant not in _VARIANTS:
         raise ValueError(f"launch variant must be 'new', 'old' or 'direct', got {variant!r}")
     _VARIANT = variant
 
@@ -556,7 +565,7 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
     return torch.where(total == 0, torch.full_like(total, float("inf")), m_max + torch.log2(total))
 
 
-# "direct" launch variant (speculative, for a GPU A/B): after a kernel's first JIT dispatch for a specialisation,
+# "direct" launch variant: after a kernel's first JIT dispatch for a specialisation,
 # later launches call the compiled kernel's launcher directly (CompiledKernel.run, the call JITFunction.run ends
 # with), skipping Triton's argument binding and cache-key computation (~10-20 µs a launch). The key holds all that
 # Triton specialises on: each int argument (== 1, % 16 == 0, beyond int32), each tensor argument's dtype and

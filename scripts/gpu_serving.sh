@@ -4,9 +4,10 @@
 # the table and chart (benchmarks/serving_report.py) into $OUT/h200_serving.{md,png} with the JSON beside them.
 # A device call is at most 10 minutes: give the parts over several calls, e.g.
 #   source /root/w/install.sh && bash scripts/gpu_serving.sh long          # then: short, mixed, online, report
-# RUNS takes vanilla, vanilla-piecewise, snapkv-RATIO, each optionally +sync or +direct (the scoring kernels'
-# direct launch), and RUN@2 for a second sample of RUN (benchmarks/serving_gpu.py).
-# Environment: NUM (requests of the offline workloads, default the workload's), RUNS (default
+# RUNS takes vanilla, vanilla-piecewise, snapkv-RATIO, each optionally +sync, +direct or +jit (the scoring
+# kernels' launch), and RUN@2 for a second sample of RUN (benchmarks/serving_gpu.py).
+# Environment: PROFILE_STEPS (offline workloads: torch.profiler tables of that many pruning steps inside each pruned
+# run's engine, serving_WORKLOAD.json.profile_RUN.txt), NUM (requests of the offline workloads, default the workload's), RUNS (default
 # vanilla,snapkv-0.25,snapkv-0.1), RATES (online, default 1,2), RUN_TIMEOUT (seconds per run, default 280), SHAPE
 # (default llama-3.1-8b; `SHAPE=tiny bash scripts/gpu_serving.sh smoke online report` is a quick check on vLLM's CPU
 # build, with WORKLOAD=smoke for the online part).
@@ -21,6 +22,7 @@ for part in "$@"; do
         long|short|mixed|decode|smoke)
             python3 -P benchmarks/serving_gpu.py --workload "$part" --shape "${SHAPE:-llama-3.1-8b}" ${NUM:+--num "$NUM"} \
                 --runs "${RUNS:-vanilla,snapkv-0.25,snapkv-0.1}" --timing --timeout "${RUN_TIMEOUT:-280}" \
+                ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"} \
                 --out "$out/serving_$part.json" 2>&1 | quiet | tee "$out/serving_$part.log" ;;
         online)
             python3 -P benchmarks/serving_online.py --rates "${RATES:-1,2}" --num "${NUM:-64}" \

@@ -2,6 +2,7 @@
 row pass that writes the lse itself, lse converted in the column kernel, tiles fitted to the shape; "old": the path
 before) against the float64 reference, with the tiles the "new" variant picks on a GPU forced through `config`."""
 import math
+import os
 
 import pytest
 import torch
@@ -86,6 +87,25 @@ def test_set_launch_variant_checks():
         kmod.set_launch_variant("fast")
 
 
+def test_launch_variant_default_and_environment(tmp_path):
+    """The default is "direct" only under the Triton versions its launcher was checked against on a GPU; a bad
+    COLREDUCE_KVPRUNE_LAUNCH fails the import with a message naming it."""
+    import subprocess
+    import sys
+
+    import triton
+    checked = triton.__version__.startswith(("3.6.", "3.7.", "3.8."))
+    assert kmod.DEFAULT_VARIANT == ("direct" if checked else "new")
+    code = "import colreduce_kvprune.kernels.colreduce as m; print(m._VARIANT)"
+    env = dict(os.environ, COLREDUCE_KVPRUNE_LAUNCH="fast")
+    # run outside the checkout: its colreduce_kvprune/ (no kernels/ inside) would shadow the installed package
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "COLREDUCE_KVPRUNE_LAUNCH must be" in bad.stderr
+    env["COLREDUCE_KVPRUNE_LAUNCH"] = "old"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
+                          check=True).stdout.strip() == "old"
+
+
 @pytest.mark.parametrize("layout", ["varlen", "paged"])
 def test_head_split_varlen_and_paged(layout, monkeypatch):
     from test_colreduce_paged import paged_case
@@ -131,12 +151,13 @@ def test_direct_launch_matches_jit_dispatch():
     cu_k = torch.tensor([0, 700, 764, 2764], device=DEVICE, dtype=torch.int32)
     cu_q = torch.arange(0, 64, 16, device=DEVICE, dtype=torch.int32)
     kw = dict(max_seqlen_q=16, max_seqlen_k=2000, is_causal=True, group_reduce="max")
-    kmod.set_launch_variant("new")
-    ref = colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw)
+    before = kmod._VARIANT
     try:
+        kmod.set_launch_variant("new")
+        ref = colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw)
         kmod.set_launch_variant("direct")
         for _ in range(3):
             assert torch.equal(colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw), ref)
     finally:
-        kmod.set_launch_variant("new")
+        kmod.set_launch_variant(before)
     assert any(v is not None for v in kmod._direct_launchers.values()), "no direct launcher was built"

@@ -229,6 +229,8 @@ class PruneImplMixin:
         timed = step is not None and timing.ENABLED
         if timed:
             start = timing.mark(query.device)
+        if step is not None and timing.PROFILE_STEPS:
+            timing.profile_begin(step, query.device)
         if self.prune_cold and step is None:     # vLLM's profiling run, before any prompt: compile the scoring
             self.prune_cold = not warmup.warm_up(self.prune_policy, query.device, query.dtype, self.num_heads,
                                                  self.num_kv_heads, self.head_size, self.scale)
@@ -251,6 +253,8 @@ class PruneImplMixin:
                     self._prune_compact(layer, layer_idx, query, key, value, kv_cache, step, output)
             if timed:
                 timing.record(step, start, after_attention, timing.mark(query.device))
+            if timing.PROFILE_STEPS:
+                timing.profile_end(step, query.device)
         return out
 
     def prune_kv_views(self, kv_cache):
@@ -264,9 +268,12 @@ class PruneImplMixin:
         plan, partials, step_output = step.plan, None, output
         views = self.prune_kv_views(kv_cache)
         if plan.sources is not None:          # a last chunk among the rows: score the whole prompts
-            query, key, value, partials = compaction.assemble(plan, layer_idx, query, key, value, views,
-                                                              step.block_table, kv_cache.shape[2])
-            output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
+            # (on the step path with a readable cache the kept values are read back at the end: no value gather)
+            query, key, value, partials = compaction.assemble(
+                plan, layer_idx, query, key, value, views, step.block_table, kv_cache.shape[2],
+                values=step.selection is None or views is None)
+            if any(plan.num_outputs):         # the recomputed outputs' rows, scattered back afterwards
+                output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
         if step.selection is not None:        # this layer's scores now; selection and writes after the last layer
             scores = compaction.layer_scores(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
                                              head_offset=head_offset, gather_heads=gather, partials=partials)

@@ -464,7 +464,7 @@ def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, q: torch.Tensor, c
 
 
 def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             cache_views, block_table: torch.Tensor, block_size: int):
+             cache_views, block_table: torch.Tensor, block_size: int, *, values: bool = True):
     """For a plan with chunked rows (plan.sources): (query, key, value, partials) in the layout the plan indexes.
     key/value: every pruned row's tokens 0..L−1 back to back. With cache_views ((key_cache, value_cache) as
     (num_blocks, block_size, Hkv, D) views), all of them read from the paged cache through the rows' block tables,
@@ -473,7 +473,10 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
     stash_chunks): the earlier chunks' from the carry, then this step's rows. query: positions query_from..L−1 of
     each row, the stashed window queries then this step's. partials: per row, the column sums of the earlier
     chunks' queries (accumulating policies) or None. The row's carry of `layer` is released. Everything is read
-    before any compacted row is written (the caller writes after this returns)."""
+    before any compacted row is written (the caller writes after this returns). values=False (with cache_views
+    only): no value gather, None in its place (the step path reads the kept values from the cache itself)."""
+    if not values and cache_views is None:
+        raise ValueError("assemble: values=False needs cache_views (without them the values come from the carry)")
     qs, ks, vs, partials = [], [], [], []
     for (start, c0, qlen, carry, row), qfrom, n in zip(plan.sources, plan.query_from, plan.lengths):
         stashed = carry.pop(layer, None) if carry is not None else None
@@ -509,7 +512,7 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
     where = plan.memo.get("cache_positions")
     if where is None:
         where = plan.memo["cache_positions"] = _cache_positions(plan, block_table, block_size)
-    return query, cache_views[0][where], cache_views[1][where], partials
+    return query, cache_views[0][where], cache_views[1][where] if values else None, partials
 
 
 def _cache_positions(plan: PrefillPlan, block_table: torch.Tensor, block_size: int):
@@ -760,20 +763,23 @@ class StepKept:
     once per layer."""
 
     def __init__(self, plan: PrefillPlan, idx: torch.Tensor):
-        self.plan, self.idx, self._slots = plan, idx, None
+        self.plan, self.idx, self._slots = plan, idx, {}
 
     def cache_slots(self, block_table: torch.Tensor, block_size: int):
         """(blocks, offsets), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in the
-        paged cache (block_table: the step's unremapped table). Made on the first call, the same after."""
-        if self._slots is None:
+        paged cache (block_table: the step's unremapped table). Made on the first call for a table and block size
+        (every layer of a step passes the same), the same after."""
+        key = (block_table.data_ptr(), tuple(block_table.shape), block_size)
+        slots = self._slots.get(key)
+        if slots is None:
             plan = self.plan
             tok = _kept_tokens(plan, self.idx)
             rows = plan.memo.get("kept_table_rows")
             if rows is None:          # the block-table row of each kept entry, made once per step
                 rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows),
                                                                 tok.device)[plan.kept_row][:, None]
-            self._slots = block_table[rows, tok // block_size].long(), tok % block_size
-        return self._slots
+            slots = self._slots[key] = block_table[rows, tok // block_size].long(), tok % block_size
+        return slots
 
 
 def _kept_tokens(plan: PrefillPlan, idx: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,14 @@ Each mark also reads the host clock, so the summary gives the same spans in host
 host time of the plugin's work is as long as its device time, the device waited for the host's launches (a
 host-bound step); where it is much shorter, the device time is the kernels' own. Steps that only stash a chunk
 (no row at its last chunk) are counted apart (`stash_*`), since their work is different.
+
+Opt-in profile (KVPRUNE_PROFILE_STEPS=N, independent of KVPRUNE_TIMING): torch.profiler over the decoder layers of
+N steps that prune with one selection per step (the default path), after skipping the first
+KVPRUNE_PROFILE_SKIP (default 2) such steps, from the first layer's attention to the last layer's pruning. Written
+to KVPRUNE_PROFILE_OUT (default kvprune_profile.txt, appended, one section per step and worker process): the
+step's rows and prompt lengths, its host span, on a GPU the device's busy time in that span (the union of its
+kernels' intervals, so idle gaps show), and the ops by self device time and by self host time. Profiling slows
+the step; read the shares, not the absolute times.
 """
 from __future__ import annotations
 
@@ -19,6 +27,10 @@ import os
 import time
 
 ENABLED = os.environ.get("KVPRUNE_TIMING") == "1"
+PROFILE_STEPS = int(os.environ.get("KVPRUNE_PROFILE_STEPS") or 0)
+PROFILE_SKIP = int(os.environ.get("KVPRUNE_PROFILE_SKIP") or 2)
+PROFILE_OUT = os.environ.get("KVPRUNE_PROFILE_OUT") or "kvprune_profile.txt"
+_profile = {"active": None, "step": None, "seen": 0, "done": 0, "t0": 0.0}
 MAX_STEPS = 10000                           # steps kept (the first ones); a long run stops recording after them
 _steps: dict[int, list] = {}                # id(StepPlan) -> [(start, after attention, after pruning)] per layer
 _order: list[int] = []
@@ -93,3 +105,67 @@ def reset() -> None:
     _steps.clear()
     _order.clear()
     _keep.clear()
+
+
+def profile_begin(step, device) -> None:
+    """At each layer of a step with a row pruned now: start the profiler at the first layer of a step that selects
+    once per step, past the skipped ones, while fewer than PROFILE_STEPS have been written."""
+    if _profile["active"] is not None or step.plan is None or step.selection is None or step.selection.finish:
+        return                                   # profiling, not a pruning step, per-layer path, or not layer 0
+    if _profile["done"] >= PROFILE_STEPS:
+        return
+    _profile["seen"] += 1
+    if _profile["seen"] <= PROFILE_SKIP:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    prof.__enter__()
+    _profile.update(active=prof, step=id(step), t0=time.perf_counter())
+
+
+def profile_end(step, device) -> None:
+    """After each layer's pruning: when the profiled step's selection has run (its last layer), stop and write."""
+    if _profile["active"] is None or _profile["step"] != id(step) or not step.selection.done:
+        return
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    span_ms = (time.perf_counter() - _profile["t0"]) * 1e3
+    prof = _profile["active"]
+    prof.__exit__(None, None, None)
+    _profile.update(active=None, step=None, done=_profile["done"] + 1)
+    lines = [f"== pruning step {_profile['seen']} (pid {os.getpid()}, {device}): rows {len(step.plan.lengths)}, "
+             f"prompt lengths {step.plan.lengths}, keep {step.plan.keeps}, last chunk: {step.plan.sources is not None}",
+             f"host span (first layer's attention to the last layer's pruning, synchronized): {span_ms:.2f} ms"]
+    busy = device_busy(prof.events())
+    if busy is not None:
+        lines.append(f"device: busy {busy[0]:.2f} ms of a {busy[1]:.2f} ms span from its first kernel to its last "
+                     f"({100 * busy[0] / busy[1]:.1f}% busy; the rest waited for the host)" if busy[1] else
+                     "device: no kernel recorded")
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        lines += ["-- by self device time", averages.table(sort_by="self_cuda_time_total", row_limit=40)]
+    lines += ["-- by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=40), ""]
+    with open(PROFILE_OUT, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def device_busy(events):
+    """(busy ms, span ms) of the device kernels among profiler events (None without device events): busy is the
+    length of the union of their intervals."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    busy, start, end = 0.0, spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > end:
+            busy += end - start
+            start, end = a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    return busy / 1e3, (max(b for _, b in spans) - spans[0][0]) / 1e3

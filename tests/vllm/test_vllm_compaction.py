@@ -428,8 +428,10 @@ def test_step_selection_writes_what_each_layer_would(case, read_cache, chunked):
 
         for l, (q, k, v) in enumerate(qkv):
             q, k, v, partials = q[c0:], k[c0:], v[c0:], None
-            if chunked:
-                q, k, v, partials = compaction.assemble(plan, l, q, k, v, views[l], bt, BS)
+            if chunked:      # the engine's step path with a readable cache gathers no values (read back at the end)
+                values = not (per_step and read_cache)
+                q, k, v, partials = compaction.assemble(plan, l, q, k, v, views[l], bt, BS, values=values)
+                assert (v is None) == (not values)
             if not per_step:
                 idx = compaction.select_kept(pol, plan, q, k, layer=l, scale=scale, backend="torch",
                                              partials=partials, nan_flags=watch.flags(l))
@@ -469,6 +471,8 @@ def test_step_selection_refuses_a_layer_twice_and_outputs_from_the_cache():
     with pytest.raises(ValueError, match="recomputed outputs"):
         compaction.gather_kept_cached(compaction.StepKept(rec, idx[None]), 0, bt,
                                       (torch.zeros(13, BS, 2, 8), torch.zeros(13, BS, 2, 8)))
+    with pytest.raises(ValueError, match="values=False needs cache_views"):
+        compaction.assemble(plan, 0, q, k, k, None, bt, BS, values=False)
 
 
 def test_builder_passes_through_before_the_kv_pool_exists():
@@ -625,7 +629,8 @@ def test_step_selection_reads_nothing_back_from_the_gpu(case):
         written.append(ks.shape)
     for layer in range(layers):
         with _no_host_sync(layer > 0):
-            aq, ak, av, partials = compaction.assemble(plan, layer, q[c0:], k[c0:], v[c0:], views, bt, BS)
+            aq, ak, av, partials = compaction.assemble(plan, layer, q[c0:], k[c0:], v[c0:], views, bt, BS,
+                                                       values=False)
             scores = compaction.layer_scores(pol, plan, aq, ak, layer=layer, scale=scale, partials=partials)
             sel.add(pol, plan, layer, scores, finish, heads=hkv, nan=watch)
             watch.flush()

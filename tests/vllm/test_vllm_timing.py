@@ -39,3 +39,21 @@ def test_timing_counts_stash_steps_apart(llama_path, monkeypatch):
     # every chunk step records (the window's queries are stashed where they fall), the last one prunes
     assert s["steps"] == 5 and s["stash_steps"] == 4 and s["layer_calls"] == 5 * layers
     assert 0 <= s["stash_ms"] < s["pruning_ms"] and 0 < s["stash_host_ms"] < s["pruning_host_ms"]   # GPU: ~0 possible
+
+
+def test_profile_writes_one_table_per_profiled_step(llama_path, monkeypatch, tmp_path):
+    """KVPRUNE_PROFILE_STEPS: torch.profiler over the decoder layers of a step that prunes with one selection per
+    step, written as op tables (the selection's sort among the ops); skipped steps and steps past the count are
+    not profiled."""
+    out = tmp_path / "profile.txt"
+    monkeypatch.setattr(timing, "PROFILE_STEPS", 1)
+    monkeypatch.setattr(timing, "PROFILE_SKIP", 1)
+    monkeypatch.setattr(timing, "PROFILE_OUT", str(out))
+    monkeypatch.setattr(timing, "_profile", {"active": None, "step": None, "seen": 0, "done": 0, "t0": 0.0})
+    with engine(llama_path, CONFIG) as llm:
+        for seed in (3, 5, 7):                   # three pruning steps: the first skipped, the second profiled
+            greedy(llm, random_prompts((300,), seed=seed), max_tokens=2)
+    text = out.read_text()
+    assert text.count("== pruning step") == 1 and "== pruning step 2 " in text, text[:300]
+    assert "prompt lengths [300]" in text and "-- by self host time" in text and "aten::sort" in text
+    assert timing._profile["active"] is None and timing._profile["done"] == 1
