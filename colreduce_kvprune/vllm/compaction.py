@@ -717,9 +717,13 @@ class StepSelection:
     for plans with a layout and no recomputed outputs (those rewrite the layer's attention output, which the next
     layer reads: they stay per layer). num_layers: the attention layers that share the step's metadata.
 
-    The stacked scores are memory vLLM's profiling does not see (float32, layers × rows × kv heads × longest
-    prompt): steps whose buffer would exceed MAX_BYTES select per layer (`fits`), as every step did before."""
-    MAX_BYTES = 256 << 20
+    The stacked scores and the selection's temporaries are memory vLLM's profiling does not see: the buffer is
+    float32, layers × rows × kv heads × longest prompt, and the step's peak beyond what was allocated before it
+    measured 13× the buffer on the H200 (prune_path.py, eighth session: 104, 209 and 417 MiB for buffers of 8, 16
+    and 32 MiB; most of it the sort's float64 key, values, int64 indices and scratch). Steps whose buffer would
+    exceed MAX_BYTES select per layer (`fits`), as every step did before: 32 MiB bounds that peak near 0.5 GiB
+    (one 32k prompt of a Llama-3.1-8B shape, or two of 16k)."""
+    MAX_BYTES = 32 << 20
 
     @classmethod
     def fits(cls, num_layers: int, rows: int, heads: int, n_max: int) -> bool:
