@@ -128,14 +128,14 @@ def _cached_finish(plan, table, key_cache, value_cache, write):
 
 
 def _writes_the_same(variants, key_cache, value_cache) -> bool:
-    """variants(kc, vc) -> (per_layer, per_step) for one layer: whether both leave copies of the cache bitwise
+    """variants(kc, vc) -> (per_layer, per_step, ...) for one layer: whether all leave copies of the cache bitwise
     equal."""
     checks = []
-    for variant in (0, 1):
+    for variant in range(len(variants(key_cache, value_cache))):
         kc, vc = key_cache.clone(), value_cache.clone()
         variants(kc, vc)[variant]()
         checks.append((kc, vc))
-    return all(torch.equal(a, b) for a, b in zip(*checks))
+    return all(torch.equal(a, b) for other in checks[1:] for a, b in zip(checks[0], other))
 
 
 def step_variants(policy, plan, query, key, value, table, block_size, key_cache, value_cache, write, layers, scale,
@@ -178,13 +178,16 @@ def last_chunk_variants(config, policy, P, chunk, query, key, value, table, bloc
     values, gathered back from the cache), scores the window, selects and compacts. Two ways, both the engine's code:
     - per_layer: assemble, select_kept, gather_kept from the assembled tensors, write (what the per-layer path runs);
     - per_step: assemble without values, layer_scores into a StepSelection, the kept K/V read back from the cache
-      after the last layer (the engine's CUDA path).
+      after the last layer (the engine's CUDA path): for window attention scores (compaction.scores_from_cache)
+      the keys are scored where they lie in the cache (colreduce_paged), not gathered;
+    - per_step_gathered: the same with the keys gathered by assemble and scored packed (the engine's path before
+      scores_from_cache).
     The plan is made once (its per-step memo cleared each call, as each engine step makes a new one). Policies
     scoring with the window's queries only (SnapKV's config here): an accumulating policy (H2O) needs the earlier
     chunks' column sums stashed first. As in step_variants every layer shares one cache here, so with more than one
     layer the values read back differ from an engine's (shapes and ops are a real step's); the bitwise check of the
     two ways runs one layer.
-    Returns (per_layer, per_step)."""
+    Returns (per_layer, per_step, per_step_gathered)."""
     from colreduce_kvprune.vllm import compaction
 
     c0 = P - chunk
@@ -203,16 +206,20 @@ def last_chunk_variants(config, policy, P, chunk, query, key, value, table, bloc
             k_sel, v_sel = compaction.gather_kept(plan, idx, ak, av)
             write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots)
 
-    def per_step():
-        plan.memo.clear()
-        sel = compaction.StepSelection(layers)
-        for layer in range(layers):
-            aq, ak, _, partials = compaction.assemble(plan, layer, q, k, v, views, table, block_size, values=False)
-            scores = compaction.layer_scores(policy, plan, aq, ak, layer=layer, scale=scale, backend=backend,
-                                             partials=partials)
-            sel.add(policy, plan, layer, scores, finish, heads=k.shape[1], nan=nan)
-        nan.pending.clear()
-    return per_layer, per_step
+    def step(from_cache):
+        def run():
+            plan.memo.clear()
+            sel = compaction.StepSelection(layers)
+            paged = (key_cache, table) if from_cache and compaction.scores_from_cache(policy, plan) else None
+            for layer in range(layers):
+                aq, ak, _, partials = compaction.assemble(plan, layer, q, k, v, views, table, block_size,
+                                                          values=False, keys=paged is None)
+                scores = compaction.layer_scores(policy, plan, aq, ak, layer=layer, scale=scale, backend=backend,
+                                                 partials=partials, paged=paged)
+                sel.add(policy, plan, layer, scores, finish, heads=k.shape[1], nan=nan)
+            nan.pending.clear()
+        return run
+    return per_layer, step(True), step(False)
 
 
 def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=2048):
@@ -290,12 +297,39 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
             last_chunk_equal = _writes_the_same(
                 lambda kc, vc: last_chunk_variants(config, policy, P, chunk, query, key, value, table, block_size,
                                                    kc, vc, write, 1, scale), key_cache, value_cache)
-            chunk_layer, chunk_once = last_chunk_variants(config, policy, P, chunk, query, key, value, table,
-                                                          block_size, key_cache, value_cache, write, LAYERS, scale)
+            chunk_layer, chunk_once, chunk_gathered = last_chunk_variants(
+                config, policy, P, chunk, query, key, value, table, block_size, key_cache, value_cache, write,
+                LAYERS, scale)
             step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: per layer"] = chunk_layer
             step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: once per step"] = chunk_once
+            step_parts[f"last chunk ({chunk} of {P}) step of {LAYERS} layers: once per step, keys gathered"] = \
+                chunk_gathered
         except Exception as e:  # noqa: BLE001
             last_chunk_equal = f"failed: {type(e).__name__}: {e}"
+
+    # reads from the paged cache, the two ways compaction.read_cache has (the row gather of a contiguous cache, the
+    # multi-index gather it keeps for strided layouts and used for every layout before): the kept tokens' K and V
+    # of one layer (gather_kept_cached) and a whole prompt's keys (assemble of a last chunk)
+    kept = compaction.StepKept(plan, idx[None])
+    kb, ko, kr = (t[0] for t in kept.cache_slots(table, block_size, HKV))
+    kh = torch.arange(HKV, device="cuda")[None]
+    pos = torch.arange(P, device="cuda")
+    pb, ps = table[0, pos // block_size].long(), pos % block_size
+    pr = pb * block_size + ps
+    reads = {
+        "kept K+V from the cache: row gather (read_cache)":
+            lambda: [compaction.read_cache(c, kb, ko, kr, kh) for c in (key_cache, value_cache)],
+        "kept K+V from the cache: multi-index gather (before)": lambda: [c[kb, ko, kh] for c in (key_cache,
+                                                                                                  value_cache)],
+        "a prompt's keys from the cache: row gather (read_cache)":
+            lambda: compaction.read_cache(key_cache, pb, ps, pr),
+        "a prompt's keys from the cache: multi-index gather (before)": lambda: key_cache[pb, ps],
+    }
+    reads_equal = (all(torch.equal(a, b) for a, b in zip(reads["kept K+V from the cache: row gather (read_cache)"](),
+                                                          reads["kept K+V from the cache: multi-index gather "
+                                                                "(before)"]()))
+                   and torch.equal(reads["a prompt's keys from the cache: row gather (read_cache)"](),
+                                   reads["a prompt's keys from the cache: multi-index gather (before)"]()))
 
     flush = _flush_buffer()
     parts = {
@@ -307,13 +341,14 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
         "gather_kept": lambda: compaction.gather_kept(plan, idx, key, value),
         "cache write": lambda: write(k_sel.contiguous(), v_sel.contiguous(), key_cache, value_cache, plan.slots),
         "plan_prefills (once per step, all layers)": plan_step,
+        **reads,
         **step_parts,
         "attention forward": lambda: [attn() for _ in range(n_req)],
         "linear matmuls of the layer": linears,
     }
     row = dict(prompt=P, requests=n_req, dtype=str(dtype).replace("torch.", ""), attention=attn_how,
                cache_write=write_how, keep=plan.keeps[0], window=plan.num_queries[0],
-               one_selection_per_step_writes_the_same=per_step_equal,
+               one_selection_per_step_writes_the_same=per_step_equal, cache_reads_equal=reads_equal,
                last_chunk_once_per_step_writes_the_same=last_chunk_equal)
     if step_parts:     # memory of one 32-layer step's pruning, against its stacked scores (float32)
         row["stacked_scores_mib"] = LAYERS * n_req * HKV * P * 4 / 2 ** 20
@@ -360,8 +395,10 @@ def markdown(rows, env):
                 lines.append(f"| {r['prompt']} × {r['requests']} | {k} (stacked scores "
                              f"{r['stacked_scores_mib']:.0f} MiB) | {v:.0f} | | | |")
         if r.get("last_chunk_once_per_step_writes_the_same") is not None:
-            lines.append(f"| {r['prompt']} × {r['requests']} | the same for a last chunk (one layer, bitwise) | "
-                         f"{r['last_chunk_once_per_step_writes_the_same']} | | | |")
+            lines.append(f"| {r['prompt']} × {r['requests']} | the same for a last chunk, keys scored in the cache "
+                         f"and gathered (one layer, bitwise) | {r['last_chunk_once_per_step_writes_the_same']} | | | |")
+        lines.append(f"| {r['prompt']} × {r['requests']} | cache reads: row gather == multi-index gather (bitwise) | "
+                     f"{r.get('cache_reads_equal')} | | | |")
     return "\n".join(lines)
 
 

@@ -265,18 +265,23 @@ class PruneImplMixin:
 
     def _prune_compact(self, layer, layer_idx, query, key, value, kv_cache, step, output):
         head_offset, gather, rank_heads = self.prune_tp
-        plan, partials, step_output = step.plan, None, output
+        plan, partials, step_output, heads = step.plan, None, output, key.shape[1]
         views = self.prune_kv_views(kv_cache)
+        # the step path with a readable cache reads the kept values back at the end (no value gather) and, for
+        # attention scores of the window, scores the keys where they lie in the cache (no key gather)
+        cached = step.selection is not None and views is not None
+        paged = (views[0], step.block_table) if cached and compaction.scores_from_cache(self.prune_policy,
+                                                                                        plan) else None
         if plan.sources is not None:          # a last chunk among the rows: score the whole prompts
-            # (on the step path with a readable cache the kept values are read back at the end: no value gather)
             query, key, value, partials = compaction.assemble(
                 plan, layer_idx, query, key, value, views, step.block_table, kv_cache.shape[2],
-                values=step.selection is None or views is None)
+                values=not cached, keys=paged is None)
             if any(plan.num_outputs):         # the recomputed outputs' rows, scattered back afterwards
                 output = output.new_zeros((query.shape[0],) + tuple(output.shape[1:]))
         if step.selection is not None:        # this layer's scores now; selection and writes after the last layer
             scores = compaction.layer_scores(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,
-                                             head_offset=head_offset, gather_heads=gather, partials=partials)
+                                             head_offset=head_offset, gather_heads=gather, partials=partials,
+                                             paged=paged)
             if views is not None:             # the kept K/V are read back from the paged cache then (no tensor held)
                 def finish(kept, i):
                     self._prune_write(layer, kv_cache, plan,
@@ -287,7 +292,7 @@ class PruneImplMixin:
 
                 def finish(kept, i):
                     self._prune_write(layer, kv_cache, plan, *compaction.gather_kept(plan, kept.idx[i], key, value))
-            step.selection.add(self.prune_policy, plan, layer_idx, scores, finish, heads=key.shape[1],
+            step.selection.add(self.prune_policy, plan, layer_idx, scores, finish, heads=heads,
                                gathered=gather is not None, rank_heads=rank_heads, nan=step.nan)
             return
         idx = compaction.select_kept(self.prune_policy, plan, query, key, layer=layer_idx, scale=self.scale,

@@ -464,7 +464,7 @@ def _chunk_column_sums(step: StepPlan, ch: Chunk, layer: int, q: torch.Tensor, c
 
 
 def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             cache_views, block_table: torch.Tensor, block_size: int, *, values: bool = True):
+             cache_views, block_table: torch.Tensor, block_size: int, *, values: bool = True, keys: bool = True):
     """For a plan with chunked rows (plan.sources): (query, key, value, partials) in the layout the plan indexes.
     key/value: every pruned row's tokens 0..L−1 back to back. With cache_views ((key_cache, value_cache) as
     (num_blocks, block_size, Hkv, D) views), all of them read from the paged cache through the rows' block tables,
@@ -474,9 +474,11 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
     each row, the stashed window queries then this step's. partials: per row, the column sums of the earlier
     chunks' queries (accumulating policies) or None. The row's carry of `layer` is released. Everything is read
     before any compacted row is written (the caller writes after this returns). values=False (with cache_views
-    only): no value gather, None in its place (the step path reads the kept values from the cache itself)."""
-    if not values and cache_views is None:
-        raise ValueError("assemble: values=False needs cache_views (without them the values come from the carry)")
+    only): no value gather, None in its place (the step path reads the kept values from the cache itself);
+    keys=False likewise for the keys (the step path's scores read them in the cache: scores_from_cache)."""
+    if not (values and keys) and cache_views is None:
+        raise ValueError("assemble: values=False or keys=False needs cache_views (without them the keys and values "
+                         "come from the carry)")
     qs, ks, vs, partials = [], [], [], []
     for (start, c0, qlen, carry, row), qfrom, n in zip(plan.sources, plan.query_from, plan.lengths):
         stashed = carry.pop(layer, None) if carry is not None else None
@@ -509,20 +511,39 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
     query = qs[0] if len(qs) == 1 else torch.cat(qs)          # one row, nothing stashed: a view, no copy
     if cache_views is None:
         return query, torch.cat(ks), torch.cat(vs), partials
+    if not (keys or values):
+        return query, None, None, partials
     where = plan.memo.get("cache_positions")
     if where is None:
         where = plan.memo["cache_positions"] = _cache_positions(plan, block_table, block_size)
-    return query, cache_views[0][where], cache_views[1][where] if values else None, partials
+    return (query, read_cache(cache_views[0], *where) if keys else None,
+            read_cache(cache_views[1], *where) if values else None, partials)
 
 
 def _cache_positions(plan: PrefillPlan, block_table: torch.Tensor, block_size: int):
-    """(blocks, slots) (ΣL,) int64 each: the paged-cache place of every assembled position (each row's tokens
-    0..L−1, back to back), made once per step for every layer (host lists, one copy to the device, no sync)."""
+    """(blocks, slots, rows) (ΣL,) int64 each: the paged-cache place of every assembled position (each row's tokens
+    0..L−1, back to back; rows = blocks · block_size + slots), made once per step for every layer (host lists, one
+    copy to the device, no sync)."""
     spans = [(row, c0 + qlen) for _, c0, qlen, _, row in plan.sources]
     rows = torch.cat([torch.full((n,), r) for r, n in spans])
     pos = torch.cat([torch.arange(n) for _, n in spans])
     rows, pos = to_device(torch.stack([rows, pos]), block_table.device).unbind(0)
-    return block_table[rows, pos // block_size].long(), pos % block_size
+    blocks, slots = block_table[rows, pos // block_size].long(), pos % block_size
+    return blocks, slots, blocks * block_size + slots
+
+
+def read_cache(view: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+               heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries of a (num_blocks, block_size, Hkv, D) cache view: at (blocks, slots) → (n, Hkv, D), or with heads
+    (broadcast against them) at (blocks, slots, heads) → (..., D). rows: the same places as rows of the view
+    flattened, blocks · block_size + slots (with heads: times Hkv plus the head). A contiguous view (vLLM's flash
+    layout) is read with one row gather (index_select: PyTorch's multi-index gather kernel reads a fraction of the
+    bandwidth, and costs more host time); other strides by indexing."""
+    if not view.is_contiguous():
+        return view[blocks, slots] if heads is None else view[blocks, slots, heads]
+    if heads is None:
+        return view.view(-1, view.shape[2], view.shape[3]).index_select(0, rows)
+    return view.view(-1, view.shape[3]).index_select(0, rows.flatten()).view(*rows.shape, view.shape[3])
 
 
 def scatter_outputs(plan: PrefillPlan, assembled: torch.Tensor, output: torch.Tensor) -> None:
@@ -600,16 +621,50 @@ def row_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor
     return scores
 
 
-def padded_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
-                  backend: str = "auto", head_offset: int = 0, partials: list | None = None) -> torch.Tensor:
+def scores_from_cache(policy, plan: PrefillPlan) -> bool:
+    """Whether padded_scores can read a last chunk's keys in the paged cache (`paged`) instead of assembled ones:
+    attention scores of the rows' window queries, with no column sums carried over from earlier chunks."""
+    return (plan.sources is not None and not plan.accumulate and not any(plan.num_outputs)
+            and policy.score_request(max(plan.lengths)).kind == "attention")
+
+
+def _paged_rows(plan: PrefillPlan, block_table: torch.Tensor):
+    """(the plan rows' block-table rows (B, max_blocks), their prompt lengths (B,) int32), made once per step."""
+    key = ("paged_rows", block_table.data_ptr(), tuple(block_table.shape))
+    got = plan.memo.get(key)
+    if got is None:
+        rows = to_device(torch.tensor(plan.rows), block_table.device)
+        got = plan.memo[key] = (block_table.index_select(0, rows),
+                                to_device(torch.tensor(plan.lengths, dtype=torch.int32), block_table.device))
+    return got
+
+
+def padded_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor | None, *, layer: int,
+                  scale: float, backend: str = "auto", head_offset: int = 0, partials: list | None = None,
+                  paged=None) -> torch.Tensor:
     """row_scores as one padded tensor (B, Hkv, P_max), row b's first P_b columns bitwise equal to row_scores'
     b-th; the other columns are padding (some request's real scores repeated: they hold a NaN only where the
     request's own scores do). Attention and key-norm scores come packed, (ΣP, Hkv), from one call for every row;
     one indexing op (plan.pad_index) lays them out padded, and the policy post-processes all rows at once
     (postprocess_padded: SnapKV's pooling), so the op count does not grow with the rows. Positional scores
     (kind "none", a function of the position only) are made once per step. The rest (random scores drawn on the
-    host, the last chunk of a chunked prompt scored with every query) goes through row_scores and is padded."""
+    host, the last chunk of a chunked prompt scored with every query) goes through row_scores and is padded.
+
+    paged: (key_cache as (num_blocks, block_size, Hkv, D), the step's block table) when scores_from_cache: key is
+    then None and colreduce_paged scores each row's prompt where vLLM wrote it, straight into the padded layout
+    (zero past each row's length instead of repeated scores: padding, never selected), no gather of the keys."""
     req = policy.score_request(max(plan.lengths))
+    if paged is not None:
+        if not scores_from_cache(policy, plan):
+            raise ValueError("padded_scores: paged keys need scores_from_cache(policy, plan)")
+        from .. import colreduce_paged
+
+        table, seqlens = _paged_rows(plan, paged[1])
+        padded = colreduce_paged(_rows(query, plan.window_index, plan.window_span), paged[0], table, plan.cu_q,
+                                 seqlens, req.reduction, max_seqlen_q=max(plan.num_queries),
+                                 max_seqlen_k=max(plan.lengths), is_causal=True, scale=scale,
+                                 group_reduce=req.group_reduce, backend=backend)
+        return policy.postprocess_padded(padded, plan.layout)
     heads = key.shape[1]
     if req.kind == "none":
         cached = plan.memo.get(("none", heads))
@@ -681,13 +736,13 @@ def select_kept(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tenso
                          rank_heads=rank_heads)
 
 
-def layer_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, *, layer: int, scale: float,
-                 backend: str = "auto", head_offset: int = 0, gather_heads=None,
-                 partials: list | None = None) -> torch.Tensor:
+def layer_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor | None, *, layer: int,
+                 scale: float, backend: str = "auto", head_offset: int = 0, gather_heads=None,
+                 partials: list | None = None, paged=None) -> torch.Tensor:
     """select_kept's first half, for a plan with a layout: the padded scores (B or 1, Hkv, P_max) of one layer;
     per_head=false under tensor parallelism, every rank's heads (B, Hkv of all ranks, P_max)."""
     padded = padded_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
-                           head_offset=head_offset, partials=partials)
+                           head_offset=head_offset, partials=partials, paged=paged)
     if gather_heads is not None and not policy.config.per_head:
         b, n = len(plan.lengths), padded.shape[2]
         every = gather_heads(padded.expand(b, -1, -1).transpose(0, 1).reshape(padded.shape[1], b * n))
@@ -769,11 +824,12 @@ class StepKept:
     def __init__(self, plan: PrefillPlan, idx: torch.Tensor):
         self.plan, self.idx, self._slots = plan, idx, {}
 
-    def cache_slots(self, block_table: torch.Tensor, block_size: int):
-        """(blocks, offsets), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in the
-        paged cache (block_table: the step's unremapped table). Made on the first call for a table and block size
-        (every layer of a step passes the same), the same after."""
-        key = (block_table.data_ptr(), tuple(block_table.shape), block_size)
+    def cache_slots(self, block_table: torch.Tensor, block_size: int, heads: int):
+        """(blocks, offsets, rows), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in
+        the paged cache (block_table: the step's unremapped table), rows as read_cache takes them with heads (the
+        place's row in the cache viewed as (num_blocks · block_size · heads, D)). Made on the first call for a
+        table, block size and head count (every layer of a step passes the same), the same after."""
+        key = (block_table.data_ptr(), tuple(block_table.shape), block_size, heads)
         slots = self._slots.get(key)
         if slots is None:
             plan = self.plan
@@ -782,7 +838,9 @@ class StepKept:
             if rows is None:          # the block-table row of each kept entry, made once per step
                 rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows),
                                                                 tok.device)[plan.kept_row][:, None]
-            slots = self._slots[key] = block_table[rows, tok // block_size].long(), tok % block_size
+            blocks, offsets = block_table[rows, tok // block_size].long(), tok % block_size
+            head = _heads(plan, heads, blocks.device, 2)
+            slots = self._slots[key] = blocks, offsets, (blocks * block_size + offsets) * heads + head
         return slots
 
 
@@ -815,10 +873,11 @@ def gather_kept_cached(kept: StepKept, layer: int, block_table: torch.Tensor, ca
     if plan.is_out is not None:
         raise ValueError("gather_kept_cached: the plan has recomputed outputs (not in the cache); use gather_kept")
     key_cache, value_cache = cache_views
-    blocks, offsets = kept.cache_slots(block_table, key_cache.shape[1])
-    blocks, offsets = blocks[layer], offsets[layer]
+    slots = kept.cache_slots(block_table, key_cache.shape[1], key_cache.shape[2])
+    blocks, offsets, rows = (t[layer] for t in slots)
     heads = _heads(plan, key_cache.shape[2], blocks.device, 2)
-    return key_cache[blocks, offsets, heads], value_cache[blocks, offsets, heads]
+    return (read_cache(key_cache, blocks, offsets, rows, heads),
+            read_cache(value_cache, blocks, offsets, rows, heads))
 
 
 def recompute_outputs(plan: PrefillPlan, query: torch.Tensor, k_kept: torch.Tensor, v_kept: torch.Tensor,

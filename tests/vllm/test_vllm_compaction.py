@@ -427,18 +427,21 @@ def test_step_selection_writes_what_each_layer_would(case, read_cache, chunked):
             kc.view(-1, hkv, d)[plan.slots], vc.view(-1, hkv, d)[plan.slots] = ks, vs
 
         for l, (q, k, v) in enumerate(qkv):
-            q, k, v, partials = q[c0:], k[c0:], v[c0:], None
+            q, k, v, partials, paged = q[c0:], k[c0:], v[c0:], None, None
             if chunked:      # the engine's step path with a readable cache gathers no values (read back at the end)
-                values = not (per_step and read_cache)
-                q, k, v, partials = compaction.assemble(plan, l, q, k, v, views[l], bt, BS, values=values)
-                assert (v is None) == (not values)
+                values = not (per_step and read_cache)   # and, for window attention scores, no keys (scored in
+                if per_step and read_cache and compaction.scores_from_cache(pol, plan):     # the cache)
+                    paged = (caches[l][0], bt)
+                q, k, v, partials = compaction.assemble(plan, l, q, k, v, views[l], bt, BS, values=values,
+                                                        keys=paged is None)
+                assert (v is None) == (not values) and (k is None) == (paged is not None)
             if not per_step:
                 idx = compaction.select_kept(pol, plan, q, k, layer=l, scale=scale, backend="torch",
                                              partials=partials, nan_flags=watch.flags(l))
                 write(l, *compaction.gather_kept(plan, idx, k, v))
                 continue
             scores = compaction.layer_scores(pol, plan, q, k, layer=l, scale=scale, backend="torch",
-                                             partials=partials)
+                                             partials=partials, paged=paged)
 
             def finish(kept, i, l=l, k=k, v=v):
                 if read_cache:
@@ -452,6 +455,87 @@ def test_step_selection_writes_what_each_layer_would(case, read_cache, chunked):
 
     for (ka, va), (kb, vb) in zip(run(False), run(True)):
         assert torch.equal(ka.nan_to_num(-1), kb.nan_to_num(-1)) and torch.equal(va.nan_to_num(-1), vb.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", ["snapkv", "tova", "shared-heads"])
+def test_scores_from_the_cache_equal_the_assembled_keys(case, backend):
+    """A last chunk's scores read in the paged cache (colreduce_paged through the step's block table, no key gather)
+    are bitwise the scores of the keys assemble gathers, in every row's columns (a last chunk beside a whole prompt,
+    blocks out of order, NaN in every cache slot no row owns); padding columns hold zeros."""
+    torch.manual_seed(11)
+    config = load_config(dict(STEP_CASES[case], budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol = get_policy(config)
+    hq, hkv, d, scale = 4, 2, 16, 16 ** -0.5                 # head dim 16: the Triton kernels' smallest
+    prompt, other, c0 = 37, 21, 20
+    bt = torch.randperm(26)[:24].view(2, 12).int()
+    q, k, v = (torch.randn(prompt + other, h, d) for h in (hq, hkv, hkv))
+    kc, vc = (torch.full((26, BS, hkv, d), float("nan")) for _ in range(2))
+    for row, n, first in ((0, prompt, 0), (1, other, prompt)):
+        pos = torch.arange(n)
+        kc[bt[row, pos // BS].long(), pos % BS] = k[first: first + n]
+        vc[bt[row, pos // BS].long(), pos % BS] = v[first: first + n]
+    carry = {}
+    _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, c0, prompt)], bt, BS, [carry])
+    compaction.stash_chunks(compaction.StepPlan(None, stash, bt), 0, pol, q[:c0], k[:c0], v[:c0], (kc, vc), scale)
+    steps = [(0, 0, c0, prompt - c0, prompt), (1, prompt - c0, 0, other, other)]
+    _, _, plan, _ = compaction.plan_prefills(config, pol, steps, bt, BS, [carry, None])
+    assert compaction.scores_from_cache(pol, plan)
+    step = [t[c0:] for t in (q, k, v)]
+    aq, ak, _, _ = compaction.assemble(plan, 0, *step, (kc, vc), bt, BS, values=False)
+    want = compaction.layer_scores(pol, plan, aq, ak, layer=0, scale=scale, backend=backend)
+    plan.memo.clear()
+    aq2, none_k, none_v, _ = compaction.assemble(plan, 0, *step, (kc, vc), bt, BS, values=False, keys=False)
+    assert none_k is None and none_v is None and torch.equal(aq2, aq)
+    got = compaction.layer_scores(pol, plan, aq2, None, layer=0, scale=scale, backend=backend, paged=(kc, bt))
+    assert got.shape == want.shape
+    for b, n in enumerate(plan.lengths):
+        assert torch.equal(got[b, :, :n], want[b, :, :n]), b
+        assert not got[b, :, n:].any()
+    with pytest.raises(ValueError, match="needs cache_views"):
+        compaction.assemble(plan, 0, *step, None, bt, BS, keys=False)
+
+
+def test_cache_reads_equal_for_any_cache_strides():
+    """read_cache: a contiguous cache view is read with a row gather, a strided one (vLLM's Triton backend keeps K
+    and V of a block side by side) by indexing; both return the same entries, with and without heads."""
+    torch.manual_seed(3)
+    blocks, slots = torch.tensor([4, 0, 2, 4]), torch.tensor([1, 3, 0, 2]) % BS
+    pair = torch.randn(6, 2, BS, 3, 8)                          # (num_blocks, K|V, block_size, Hkv, D)
+    strided, dense = pair[:, 0], pair[:, 0].contiguous()
+    assert not strided.is_contiguous()
+    rows = blocks * BS + slots
+    want = torch.stack([dense[b, s] for b, s in zip(blocks.tolist(), slots.tolist())])
+    for view in (strided, dense):
+        assert torch.equal(compaction.read_cache(view, blocks, slots, rows), want)
+    heads = torch.tensor([[2, 0, 1]])                                          # (1, Hkv) against (n, Hkv) places
+    b2, s2 = blocks[:, None].expand(-1, 3), slots[:, None].expand(-1, 3)
+    rows2 = (b2 * BS + s2) * 3 + heads
+    want2 = want[torch.arange(4)[:, None], heads]
+    for view in (strided, dense):
+        assert torch.equal(compaction.read_cache(view, b2, s2, rows2, heads), want2)
+
+
+def test_scores_from_cache_only_for_window_attention_scores():
+    """Policies whose last chunk needs the keys themselves (key norms, positions) or carried column sums (H2O)
+    assemble them; a plan without a last chunk has nothing to read back."""
+    bt = torch.arange(1, 25).view(2, 12).int()
+    for policy, want in (("snapkv", True), ("tova", True), ("h2o", False), ("knorm", False),
+                         ("streamingllm", False)):
+        config = load_config(dict(policy=policy, budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                                  min_prompt_tokens=10))
+        pol = get_policy(config)
+        carry = {}
+        _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, 20, 37)], bt, BS, [carry])
+        _, _, whole, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 37, 37)], bt, BS)
+        _, _, last, _ = compaction.plan_prefills(config, pol, [(0, 0, 20, 17, 37)], bt, BS, [carry])
+        assert not compaction.scores_from_cache(pol, whole), policy
+        assert compaction.scores_from_cache(pol, last) == want, policy
+        if not want:
+            with pytest.raises(ValueError, match="scores_from_cache"):
+                compaction.padded_scores(pol, last, torch.randn(17, 4, 8), None, layer=0, scale=1.0,
+                                         paged=(torch.randn(26, BS, 2, 8), bt))
 
 
 def test_step_selection_refuses_a_layer_twice_and_outputs_from_the_cache():
@@ -471,7 +555,7 @@ def test_step_selection_refuses_a_layer_twice_and_outputs_from_the_cache():
     with pytest.raises(ValueError, match="recomputed outputs"):
         compaction.gather_kept_cached(compaction.StepKept(rec, idx[None]), 0, bt,
                                       (torch.zeros(13, BS, 2, 8), torch.zeros(13, BS, 2, 8)))
-    with pytest.raises(ValueError, match="values=False needs cache_views"):
+    with pytest.raises(ValueError, match="values=False or keys=False needs cache_views"):
         compaction.assemble(plan, 0, q, k, k, None, bt, BS, values=False)
 
 
