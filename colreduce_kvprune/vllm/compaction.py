@@ -773,12 +773,16 @@ class StepSelection:
     layer reads: they stay per layer). num_layers: the attention layers that share the step's metadata.
 
     The stacked scores and the selection's temporaries are memory vLLM's profiling does not see: the buffer is
-    float32, layers × rows × kv heads × longest prompt, and the step's peak beyond what was allocated before it
-    measured 13× the buffer on the H200 (prune_path.py, eighth session: 104, 209 and 417 MiB for buffers of 8, 16
-    and 32 MiB; most of it the sort's float64 key, values, int64 indices and scratch). Steps whose buffer would
-    exceed MAX_BYTES select per layer (`fits`), as every step did before: 32 MiB bounds that peak near 0.5 GiB
-    (one 32k prompt of a Llama-3.1-8B shape, or two of 16k)."""
-    MAX_BYTES = 32 << 20
+    float32, layers × rows × kv heads × longest prompt, and with one selection over the whole buffer the step's
+    peak beyond what was allocated before it measured 13× the buffer on the H200 (prune_path.py, eighth session:
+    104, 209 and 417 MiB for buffers of 8, 16 and 32 MiB; most of it the sort's float64 key, values, int64
+    indices and scratch). So the selection runs over groups of layers of at most SORT_BYTES of scores (each
+    layer's selection is its own: the same indices), which bounds the temporaries near 13 × SORT_BYTES, and
+    steps whose buffer would exceed MAX_BYTES select per layer (`fits`), as every step did before: a peak near
+    MAX_BYTES + 13 × SORT_BYTES ≈ 0.3 GiB. One 16k prompt of a Llama-3.1-8B shape (16 MiB) is one group; one
+    64k prompt the largest step selected once."""
+    MAX_BYTES = 64 << 20
+    SORT_BYTES = 16 << 20
 
     @classmethod
     def fits(cls, num_layers: int, rows: int, heads: int, n_max: int) -> bool:
@@ -810,7 +814,10 @@ class StepSelection:
             flags = torch.isnan(stacked.flatten(1)).any(1)
             for i, l in enumerate(self.finish):
                 nan.flags(l).append(flags[i])
-        kept = StepKept(plan, select_scores(policy, plan, stacked, heads, gathered=gathered, rank_heads=rank_heads))
+        group = max(1, self.SORT_BYTES // (stacked[0].numel() * stacked.element_size()))
+        idx = [select_scores(policy, plan, stacked[i: i + group], heads, gathered=gathered, rank_heads=rank_heads)
+               for i in range(0, len(stacked), group)]
+        kept = StepKept(plan, idx[0] if len(idx) == 1 else torch.cat(idx))
         for i, fn in enumerate(self.finish.values()):
             fn(kept, i)
         return True

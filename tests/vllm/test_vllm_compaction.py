@@ -538,6 +538,41 @@ def test_scores_from_cache_only_for_window_attention_scores():
                                          paged=(torch.randn(26, BS, 2, 8), bt))
 
 
+@pytest.mark.parametrize("case", ["snapkv", "tova", "shared-heads"])
+def test_step_selection_in_groups_of_layers_selects_the_same(case, monkeypatch):
+    """StepSelection selects over groups of layers of at most SORT_BYTES of scores (bounding the sort's temporary
+    memory): groups of 1, 2 (the last one short) or all 5 layers give every layer the same kept indices."""
+    config = load_config(dict(STEP_CASES[case], budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol = get_policy(config)
+    bt = torch.arange(1, 25).view(2, 12).int()
+    _, _, plan, _ = compaction.plan_prefills(config, pol, [(0, 0, 0, 37, 37), (1, 37, 0, 21, 21)], bt, BS)
+    g = torch.Generator().manual_seed(4)
+    scores = [compaction.layer_scores(pol, plan, torch.randn(58, 4, 8, generator=g),
+                                      torch.randn(58, 2, 8, generator=g), layer=l, scale=0.35, backend="torch")
+              for l in range(5)]
+    per_layer = scores[0].numel() * 4
+    calls = []
+    select = compaction.select_scores
+    monkeypatch.setattr(compaction, "select_scores", lambda *a, **k: calls.append(len(a[2])) or select(*a, **k))
+
+    def run(sort_bytes):
+        monkeypatch.setattr(compaction.StepSelection, "SORT_BYTES", sort_bytes)
+        sel, got = compaction.StepSelection(5), {}
+        calls.clear()
+        for l, sc in enumerate(scores):
+            sel.add(pol, plan, l, sc, lambda kept, i, l=l: got.__setitem__(l, kept.idx[i]), heads=2)
+        return got
+
+    whole = run(5 * per_layer)
+    assert sorted(whole) == list(range(5)) and calls == [5]
+    for sort_bytes, groups in ((1, [1] * 5), (2 * per_layer, [2, 2, 1])):
+        got = run(sort_bytes)
+        assert calls == groups and all(torch.equal(got[l], whole[l]) for l in range(5)), sort_bytes
+    for l, sc in enumerate(scores):             # and each equals the layer's own selection
+        assert torch.equal(whole[l], compaction.select_scores(pol, plan, sc, 2))
+
+
 def test_step_selection_refuses_a_layer_twice_and_outputs_from_the_cache():
     config = load_config(dict(policy="snapkv", budget={"keep_tokens": 12}, window=4, sink_tokens=2,
                               min_prompt_tokens=10))
