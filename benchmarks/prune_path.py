@@ -58,9 +58,10 @@ def cache_writer():
         return write, "vLLM reshape_and_cache_flash"
     except Exception:  # noqa: BLE001
         def write(k, v, key_cache, value_cache, slots):
-            key_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, slots, k)
-            value_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, slots, v)
-        return write, "index_copy_ into the flash-layout cache (vLLM not importable)"
+            block_size = key_cache.shape[1]
+            key_cache[slots // block_size, slots % block_size] = k
+            value_cache[slots // block_size, slots % block_size] = v
+        return write, "indexed assignment into vLLM 0.32's CUDA cache layout (vLLM not importable)"
 
 
 def attention_fn(q, k, v):
@@ -127,12 +128,29 @@ def _cached_finish(plan, table, key_cache, value_cache, write):
     return finish
 
 
+def cuda_caches(num_blocks, block_size, heads, d, dtype):
+    """Key and value caches laid out as vLLM 0.32's FLASH_ATTN / TRITON_ATTN keep them on CUDA, (num_blocks, Hkv,
+    block_size, 2·D) with keys then values along the last dim, seen as the plugin sees them (backend_cuda.py:
+    (num_blocks, block_size, Hkv, D) views with rows 2·D apart)."""
+    kv = torch.zeros(num_blocks, heads, block_size, 2 * d, device="cuda", dtype=dtype)
+    return kv.transpose(1, 2).split(d, dim=-1)
+
+
+def clone_caches(key_cache, value_cache):
+    """Copies of the two caches with their strides (views of one copied buffer when they share one)."""
+    base = key_cache._base
+    if base is None or value_cache._base is not base:
+        return key_cache.clone(), value_cache.clone()
+    copy = base.clone()
+    return tuple(copy.as_strided(c.shape, c.stride(), c.storage_offset()) for c in (key_cache, value_cache))
+
+
 def _writes_the_same(variants, key_cache, value_cache) -> bool:
     """variants(kc, vc) -> (per_layer, per_step, ...) for one layer: whether all leave copies of the cache bitwise
     equal."""
     checks = []
     for variant in range(len(variants(key_cache, value_cache))):
-        kc, vc = key_cache.clone(), value_cache.clone()
+        kc, vc = clone_caches(key_cache, value_cache)
         variants(kc, vc)[variant]()
         checks.append((kc, vc))
     return all(torch.equal(a, b) for other in checks[1:] for a, b in zip(checks[0], other))
@@ -239,8 +257,7 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
     num_blocks = blocks_per * n_req + 16
     table = torch.randperm(num_blocks, device="cuda", generator=g)[: blocks_per * n_req].view(n_req, blocks_per)
     table = table.to(torch.int32)
-    key_cache = torch.zeros(num_blocks, block_size, HKV, D, device="cuda", dtype=dtype)
-    value_cache = torch.zeros_like(key_cache)
+    key_cache, value_cache = cuda_caches(num_blocks, block_size, HKV, D, dtype)
     steps = [(r, r * P, 0, P, P) for r in range(n_req)]            # (row, start, c0, qlen, P): whole prompts
     write, write_how = cache_writer()
     scale = D ** -0.5
@@ -278,8 +295,8 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
     pos = torch.arange(P, device="cuda")
     for r in range(n_req):
         slot = table[r, pos // block_size].long() * block_size + pos % block_size
-        key_cache.view(-1, HKV, D)[slot] = key[r * P:(r + 1) * P]
-        value_cache.view(-1, HKV, D)[slot] = value[r * P:(r + 1) * P]
+        key_cache[slot // block_size, slot % block_size] = key[r * P:(r + 1) * P]
+        value_cache[slot // block_size, slot % block_size] = value[r * P:(r + 1) * P]
     step_parts = {}
     try:                                         # the step selection writes what the per-layer path writes
         per_step_equal = _writes_the_same(lambda kc, vc: step_variants(policy, plan, query, key, value, table,
@@ -307,23 +324,25 @@ def run(P, dtype, config_path, n_req=1, block_size=16, profile_calls=0, chunk=20
         except Exception as e:  # noqa: BLE001
             last_chunk_equal = f"failed: {type(e).__name__}: {e}"
 
-    # reads from the paged cache, the two ways compaction.read_cache has (the row gather of a contiguous cache, the
-    # multi-index gather it keeps for strided layouts and used for every layout before): the kept tokens' K and V
-    # of one layer (gather_kept_cached) and a whole prompt's keys (assemble of a last chunk)
+    # reads from the paged cache, the two ways compaction.read_cache has (a row gather where the cache's layout
+    # allows it, vLLM's flash layout included; the multi-index gather it keeps for other strides and used for every
+    # layout before): the kept tokens' K and V of one layer (gather_kept_cached) and a whole prompt's keys (assemble
+    # of a last chunk)
     kept = compaction.StepKept(plan, idx[None])
-    kb, ko, kr = (t[0] for t in kept.cache_slots(table, block_size, HKV))
+    kb, ko = (t[0] for t in kept.cache_slots(table, block_size))
     kh = torch.arange(HKV, device="cuda")[None]
     pos = torch.arange(P, device="cuda")
-    pb, ps = table[0, pos // block_size].long(), pos % block_size
-    pr = pb * block_size + ps
+    pb, ps = table[0, pos // block_size].long()[:, None], (pos % block_size)[:, None]
+    layout = compaction.cache_layout(key_cache)
+    kr, pr = compaction.cache_rows(layout, kb, ko, kh), compaction.cache_rows(layout, pb, ps, kh)
     reads = {
         "kept K+V from the cache: row gather (read_cache)":
-            lambda: [compaction.read_cache(c, kb, ko, kr, kh) for c in (key_cache, value_cache)],
+            lambda: [compaction.read_cache(c, layout, kb, ko, kh, kr) for c in (key_cache, value_cache)],
         "kept K+V from the cache: multi-index gather (before)": lambda: [c[kb, ko, kh] for c in (key_cache,
                                                                                                   value_cache)],
         "a prompt's keys from the cache: row gather (read_cache)":
-            lambda: compaction.read_cache(key_cache, pb, ps, pr),
-        "a prompt's keys from the cache: multi-index gather (before)": lambda: key_cache[pb, ps],
+            lambda: compaction.read_cache(key_cache, layout, pb, ps, kh, pr),
+        "a prompt's keys from the cache: multi-index gather (before)": lambda: key_cache[pb[:, 0], ps[:, 0]],
     }
     reads_equal = (all(torch.equal(a, b) for a, b in zip(reads["kept K+V from the cache: row gather (read_cache)"](),
                                                           reads["kept K+V from the cache: multi-index gather "

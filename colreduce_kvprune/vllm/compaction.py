@@ -20,6 +20,7 @@ that share a cached first block are never pruned, so that block's entry stays th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -514,36 +515,64 @@ def assemble(plan: PrefillPlan, layer: int, query: torch.Tensor, key: torch.Tens
     if not (keys or values):
         return query, None, None, partials
     where = plan.memo.get("cache_positions")
-    if where is None:
-        where = plan.memo["cache_positions"] = _cache_positions(plan, block_table, block_size)
-    return (query, read_cache(cache_views[0], *where) if keys else None,
-            read_cache(cache_views[1], *where) if values else None, partials)
+    if where is None:                       # (ΣL, 1) places, against every head
+        blocks, slots = _cache_positions(plan, block_table, block_size)
+        where = plan.memo["cache_positions"] = (blocks[:, None], slots[:, None],
+                                                _heads(plan, cache_views[0].shape[2], blocks.device, 2))
+    return (query, _read_assembled(plan, cache_views[0], where) if keys else None,
+            _read_assembled(plan, cache_views[1], where) if values else None, partials)
+
+
+def _read_assembled(plan: PrefillPlan, view: torch.Tensor, where) -> torch.Tensor:
+    layout = cache_layout(view)
+    rows = None
+    if layout is not None:                  # the row ids, once per step and layout
+        rows = plan.memo.get(("cache_rows", layout))
+        if rows is None:
+            rows = plan.memo[("cache_rows", layout)] = cache_rows(layout, *where)
+    return read_cache(view, layout, *where, rows)
 
 
 def _cache_positions(plan: PrefillPlan, block_table: torch.Tensor, block_size: int):
-    """(blocks, slots, rows) (ΣL,) int64 each: the paged-cache place of every assembled position (each row's tokens
-    0..L−1, back to back; rows = blocks · block_size + slots), made once per step for every layer (host lists, one
-    copy to the device, no sync)."""
+    """(blocks, slots) (ΣL,) int64 each: the paged-cache place of every assembled position (each row's tokens
+    0..L−1, back to back), made once per step for every layer (host lists, one copy to the device, no sync)."""
     spans = [(row, c0 + qlen) for _, c0, qlen, _, row in plan.sources]
     rows = torch.cat([torch.full((n,), r) for r, n in spans])
     pos = torch.cat([torch.arange(n) for _, n in spans])
     rows, pos = to_device(torch.stack([rows, pos]), block_table.device).unbind(0)
-    blocks, slots = block_table[rows, pos // block_size].long(), pos % block_size
-    return blocks, slots, blocks * block_size + slots
+    return block_table[rows, pos // block_size].long(), pos % block_size
 
 
-def read_cache(view: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
-               heads: torch.Tensor | None = None) -> torch.Tensor:
-    """Entries of a (num_blocks, block_size, Hkv, D) cache view: at (blocks, slots) → (n, Hkv, D), or with heads
-    (broadcast against them) at (blocks, slots, heads) → (..., D). rows: the same places as rows of the view
-    flattened, blocks · block_size + slots (with heads: times Hkv plus the head). A contiguous view (vLLM's flash
-    layout) is read with one row gather (index_select: PyTorch's multi-index gather kernel reads a fraction of the
-    bandwidth, and costs more host time); other strides by indexing."""
-    if not view.is_contiguous():
-        return view[blocks, slots] if heads is None else view[blocks, slots, heads]
-    if heads is None:
-        return view.view(-1, view.shape[2], view.shape[3]).index_select(0, rows)
-    return view.view(-1, view.shape[3]).index_select(0, rows.flatten()).view(*rows.shape, view.shape[3])
+def cache_layout(view: torch.Tensor):
+    """How read_cache reads a (num_blocks, block_size, Hkv, D) cache view: (R, r0, r1, r2) when its storage can be
+    seen as rows of D elements R apart (R ≥ D, every stride a multiple of R, unit last stride), entry (b, s, h)
+    being row b·r0 + s·r1 + h·r2: vLLM 0.32's CUDA layout ((num_blocks, Hkv, block_size, 2·D), keys then values
+    along the last dim: R = 2·D) and any contiguous view (R = D). None otherwise (read by indexing)."""
+    s0, s1, s2, s3 = view.stride()
+    r = math.gcd(math.gcd(s0, s1), s2)
+    if s3 != 1 or r < view.shape[3]:
+        return None
+    return r, s0 // r, s1 // r, s2 // r
+
+
+def cache_rows(layout, blocks: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """The row ids of read_cache for places (blocks, slots, heads), broadcast together (int64)."""
+    _, r0, r1, r2 = layout
+    return blocks * r0 + slots * r1 + heads * r2
+
+
+def read_cache(view: torch.Tensor, layout, blocks: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries of a (num_blocks, block_size, Hkv, D) cache view at places (blocks, slots, heads), broadcast
+    together → (*places, D). With a layout (cache_layout) and its rows (cache_rows), one row gather (index_select
+    over the view's storage seen as rows): PyTorch's multi-index gather, the fallback, reads a fraction of the
+    memory bandwidth and costs more host time."""
+    if layout is None:
+        return view[blocks, slots, heads]
+    r, r0, r1, r2 = layout
+    nb, bs, h, d = view.shape
+    flat = view.as_strided(((nb - 1) * r0 + (bs - 1) * r1 + (h - 1) * r2 + 1, d), (r, 1))
+    return flat.index_select(0, rows.flatten()).view(*rows.shape, d)
 
 
 def scatter_outputs(plan: PrefillPlan, assembled: torch.Tensor, output: torch.Tensor) -> None:
@@ -831,12 +860,11 @@ class StepKept:
     def __init__(self, plan: PrefillPlan, idx: torch.Tensor):
         self.plan, self.idx, self._slots = plan, idx, {}
 
-    def cache_slots(self, block_table: torch.Tensor, block_size: int, heads: int):
-        """(blocks, offsets, rows), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in
-        the paged cache (block_table: the step's unremapped table), rows as read_cache takes them with heads (the
-        place's row in the cache viewed as (num_blocks · block_size · heads, D)). Made on the first call for a
-        table, block size and head count (every layer of a step passes the same), the same after."""
-        key = (block_table.data_ptr(), tuple(block_table.shape), block_size, heads)
+    def cache_slots(self, block_table: torch.Tensor, block_size: int):
+        """(blocks, offsets), each (layers, Σ(keep), Hkv) int64: where each layer's kept prompt tokens lie in the
+        paged cache (block_table: the step's unremapped table). Made on the first call for a table and block size
+        (every layer of a step passes the same), the same after."""
+        key = (block_table.data_ptr(), tuple(block_table.shape), block_size)
         slots = self._slots.get(key)
         if slots is None:
             plan = self.plan
@@ -845,10 +873,16 @@ class StepKept:
             if rows is None:          # the block-table row of each kept entry, made once per step
                 rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows),
                                                                 tok.device)[plan.kept_row][:, None]
-            blocks, offsets = block_table[rows, tok // block_size].long(), tok % block_size
-            head = _heads(plan, heads, blocks.device, 2)
-            slots = self._slots[key] = blocks, offsets, (blocks * block_size + offsets) * heads + head
+            slots = self._slots[key] = block_table[rows, tok // block_size].long(), tok % block_size
         return slots
+
+    def cache_rows(self, block_table: torch.Tensor, block_size: int, layout, heads: torch.Tensor) -> torch.Tensor:
+        """cache_rows of cache_slots' places for a cache layout, (layers, Σ(keep), Hkv), made once per step."""
+        key = (block_table.data_ptr(), tuple(block_table.shape), block_size, layout)
+        rows = self._slots.get(key)
+        if rows is None:
+            rows = self._slots[key] = cache_rows(layout, *self.cache_slots(block_table, block_size), heads)
+        return rows
 
 
 def _kept_tokens(plan: PrefillPlan, idx: torch.Tensor) -> torch.Tensor:
@@ -880,11 +914,15 @@ def gather_kept_cached(kept: StepKept, layer: int, block_table: torch.Tensor, ca
     if plan.is_out is not None:
         raise ValueError("gather_kept_cached: the plan has recomputed outputs (not in the cache); use gather_kept")
     key_cache, value_cache = cache_views
-    slots = kept.cache_slots(block_table, key_cache.shape[1], key_cache.shape[2])
-    blocks, offsets, rows = (t[layer] for t in slots)
+    block_size = key_cache.shape[1]
+    blocks, offsets = (t[layer] for t in kept.cache_slots(block_table, block_size))
     heads = _heads(plan, key_cache.shape[2], blocks.device, 2)
-    return (read_cache(key_cache, blocks, offsets, rows, heads),
-            read_cache(value_cache, blocks, offsets, rows, heads))
+
+    def read(view):
+        layout = cache_layout(view)
+        rows = None if layout is None else kept.cache_rows(block_table, block_size, layout, heads)[layer]
+        return read_cache(view, layout, blocks, offsets, heads, rows)
+    return read(key_cache), read(value_cache)
 
 
 def recompute_outputs(plan: PrefillPlan, query: torch.Tensor, k_kept: torch.Tensor, v_kept: torch.Tensor,

@@ -498,23 +498,30 @@ def test_scores_from_the_cache_equal_the_assembled_keys(case, backend):
 
 
 def test_cache_reads_equal_for_any_cache_strides():
-    """read_cache: a contiguous cache view is read with a row gather, a strided one (vLLM's Triton backend keeps K
-    and V of a block side by side) by indexing; both return the same entries, with and without heads."""
+    """read_cache reads entries of a (num_blocks, block_size, Hkv, D) view with one row gather where its storage is
+    rows of D elements R apart (vLLM 0.32's CUDA layout, keys and values side by side along the last dim: R = 2D;
+    a contiguous view: R = D), and by indexing otherwise; every way returns the same entries."""
     torch.manual_seed(3)
-    blocks, slots = torch.tensor([4, 0, 2, 4]), torch.tensor([1, 3, 0, 2]) % BS
-    pair = torch.randn(6, 2, BS, 3, 8)                          # (num_blocks, K|V, block_size, Hkv, D)
-    strided, dense = pair[:, 0], pair[:, 0].contiguous()
-    assert not strided.is_contiguous()
-    rows = blocks * BS + slots
-    want = torch.stack([dense[b, s] for b, s in zip(blocks.tolist(), slots.tolist())])
-    for view in (strided, dense):
-        assert torch.equal(compaction.read_cache(view, blocks, slots, rows), want)
-    heads = torch.tensor([[2, 0, 1]])                                          # (1, Hkv) against (n, Hkv) places
-    b2, s2 = blocks[:, None].expand(-1, 3), slots[:, None].expand(-1, 3)
-    rows2 = (b2 * BS + s2) * 3 + heads
-    want2 = want[torch.arange(4)[:, None], heads]
-    for view in (strided, dense):
-        assert torch.equal(compaction.read_cache(view, b2, s2, rows2, heads), want2)
+    nb, h, d = 6, 3, 8
+    cuda_like = torch.randn(nb, h, BS, 2 * d)                     # vLLM 0.32 on CUDA: its prune_kv_views
+    k_view, v_view = cuda_like.transpose(1, 2).split(d, dim=-1)
+    dense = k_view.contiguous()
+    padded = torch.randn(nb, BS, h, d + 3)[..., :d]                # rows of D, 11 apart
+    odd = torch.randn(nb, BS, d, h).transpose(2, 3)                # D not contiguous: no layout
+    assert compaction.cache_layout(k_view) == (2 * d, h * BS, 1, BS) == compaction.cache_layout(v_view)
+    assert compaction.cache_layout(dense) == (d, BS * h, h, 1) and compaction.cache_layout(odd) is None
+    assert compaction.cache_layout(padded) == (d + 3, BS * h, h, 1)
+    blocks, slots = torch.tensor([4, 0, 2, 5, 4]), torch.tensor([1, 3, 0, 2, 3]) % BS
+    for heads, b, sl in ((torch.arange(h)[None], blocks[:, None], slots[:, None]),          # assemble: all heads
+                         (torch.tensor([[2, 0, 1]]), blocks[:, None].expand(-1, h), slots[:, None].expand(-1, h))):
+        for view in (k_view, v_view, dense, padded, odd):
+            want = torch.stack([torch.stack([view[bi, si, hi] for bi, si, hi in zip(rb, rs, rh)])
+                                for rb, rs, rh in zip(b.expand(-1, h).tolist(), sl.expand(-1, h).tolist(),
+                                                      heads.expand(len(blocks), -1).tolist())])
+            layout = compaction.cache_layout(view)
+            rows = None if layout is None else compaction.cache_rows(layout, b, sl, heads)
+            got = compaction.read_cache(view, layout, b, sl, heads, rows)
+            assert got.shape == (len(blocks), h, d) and torch.equal(got, want)
 
 
 def test_scores_from_cache_only_for_window_attention_scores():
