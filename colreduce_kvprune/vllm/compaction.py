@@ -657,6 +657,19 @@ def scores_from_cache(policy, plan: PrefillPlan) -> bool:
             and policy.score_request(max(plan.lengths)).kind == "attention")
 
 
+def score_paged(policy, plan: PrefillPlan, query: torch.Tensor, key_cache: torch.Tensor, table: torch.Tensor,
+                seqlens: torch.Tensor, *, scale: float, backend: str = "auto") -> torch.Tensor:
+    """The attention scores of the plan's window queries against each row's keys where they lie in a paged cache
+    (colreduce_paged; table (B, max_blocks) and seqlens (B,): the plan's rows) → (B, H, P_max), zero past each
+    row's length. padded_scores' paged path, and what the engine-start warm-up compiles (warmup.py)."""
+    from .. import colreduce_paged
+
+    req = policy.score_request(max(plan.lengths))
+    return colreduce_paged(_rows(query, plan.window_index, plan.window_span), key_cache, table, plan.cu_q, seqlens,
+                           req.reduction, max_seqlen_q=max(plan.num_queries), max_seqlen_k=max(plan.lengths),
+                           is_causal=True, scale=scale, group_reduce=req.group_reduce, backend=backend)
+
+
 def _paged_rows(plan: PrefillPlan, block_table: torch.Tensor):
     """(the plan rows' block-table rows (B, max_blocks), their prompt lengths (B,) int32), made once per step."""
     key = ("paged_rows", block_table.data_ptr(), tuple(block_table.shape))
@@ -686,13 +699,8 @@ def padded_scores(policy, plan: PrefillPlan, query: torch.Tensor, key: torch.Ten
     if paged is not None:
         if not scores_from_cache(policy, plan):
             raise ValueError("padded_scores: paged keys need scores_from_cache(policy, plan)")
-        from .. import colreduce_paged
-
-        table, seqlens = _paged_rows(plan, paged[1])
-        padded = colreduce_paged(_rows(query, plan.window_index, plan.window_span), paged[0], table, plan.cu_q,
-                                 seqlens, req.reduction, max_seqlen_q=max(plan.num_queries),
-                                 max_seqlen_k=max(plan.lengths), is_causal=True, scale=scale,
-                                 group_reduce=req.group_reduce, backend=backend)
+        padded = score_paged(policy, plan, query, paged[0], *_paged_rows(plan, paged[1]), scale=scale,
+                             backend=backend)
         return policy.postprocess_padded(padded, plan.layout)
     heads = key.shape[1]
     if req.kind == "none":

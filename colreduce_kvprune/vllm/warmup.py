@@ -5,8 +5,8 @@ pruned paid that compile (about 2.5 s on the H200: the whole serving run's timel
 it). vLLM's own start-up never scores a prompt: memory profiling and CUDA-graph capture run dummy batches that the
 plugin leaves alone. So the attention impl calls `warm_up` from its first eager forward outside a graph capture
 (vLLM's profiling run): the plan, scores and selection of two dummy prompts through the same functions a pruned
-prefill uses (`compaction.plan_prefills`, `compaction.select_kept`), with the layer's head counts, head size and
-dtype. The kernels specialise on shapes and alignment, so a prompt whose shape differs from both dummies can still
+prefill uses (`compaction.plan_prefills`, `compaction.select_kept`, and for policies whose last chunk is scored
+in the paged cache `compaction.score_paged`), with the layer's head counts, head size and dtype. The kernels specialise on shapes and alignment, so a prompt whose shape differs from both dummies can still
 compile a new variant at its first use. Nothing here touches the KV cache or vLLM's state.
 """
 from __future__ import annotations
@@ -52,4 +52,13 @@ def score_dummies(policy, device, dtype, num_heads: int, num_kv_heads: int, head
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(sum(lengths), num_heads, head_size, device=device, dtype=dtype, generator=gen)
     k = torch.randn(sum(lengths), num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
-    return compaction.select_kept(policy, plan, q, k, layer=0, scale=scale, nan_flags=[]), plan.keeps
+    kept = compaction.select_kept(policy, plan, q, k, layer=0, scale=scale, nan_flags=[])
+    if policy.score_request(max(lengths)).kind == "attention" and not plan.accumulate:
+        # the step path scores a chunked prompt's last chunk in the paged cache (compaction.scores_from_cache):
+        # the same keys, laid out in a cache of the dummies' blocks, through colreduce_paged
+        cache = k.new_zeros(2 * width, block_size, num_kv_heads, head_size)
+        cache.view(-1, num_kv_heads, head_size)[:lengths[0]] = k[:lengths[0]]
+        cache.view(-1, num_kv_heads, head_size)[width * block_size: width * block_size + lengths[1]] = k[lengths[0]:]
+        compaction.score_paged(policy, plan, q, cache, block_table,
+                               torch.tensor(lengths, dtype=torch.int32, device=device), scale=scale)
+    return kept, plan.keeps

@@ -625,8 +625,17 @@ def test_warmup_scores_like_a_pruned_prefill(name):
     from colreduce_kvprune.vllm import warmup
 
     policy = get_policy(load_config({"policy": name, "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
-    idx, counts = warmup.score_dummies(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25)
+    paged = []
+    score_paged = compaction.score_paged
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compaction, "score_paged", lambda *a, **k: paged.append(score_paged(*a, **k)) or paged[-1])
+        idx, counts = warmup.score_dummies(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25)
     lengths = [307, 600]
+    # the paged scoring of a last chunk (window attention scores only) is compiled too: each dummy's columns scored
+    assert len(paged) == (name in ("snapkv", "tova"))
+    for got in paged:
+        assert got.shape == (2, 2, 600) and not got[0, :, 307:].any()
+        assert all(bool(torch.isfinite(got[b, :, :n]).all() and got[b, :, :n].any()) for b, n in enumerate(lengths))
     assert counts == [policy.keep_count(n, 0, None) for n in lengths]
     assert idx.shape == (2, 2, max(counts))
     for b, n in enumerate(lengths):
