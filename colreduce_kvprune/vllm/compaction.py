@@ -670,13 +670,20 @@ def score_paged(policy, plan: PrefillPlan, query: torch.Tensor, key_cache: torch
                            is_causal=True, scale=scale, group_reduce=req.group_reduce, backend=backend)
 
 
+def _table_rows(plan: PrefillPlan, device) -> torch.Tensor:
+    """plan.rows (each pruned row's row in the step's block table) on the device, copied once per step."""
+    rows = plan.memo.get("table_rows")
+    if rows is None:
+        rows = plan.memo["table_rows"] = to_device(torch.tensor(plan.rows), device)
+    return rows
+
+
 def _paged_rows(plan: PrefillPlan, block_table: torch.Tensor):
     """(the plan rows' block-table rows (B, max_blocks), their prompt lengths (B,) int32), made once per step."""
     key = ("paged_rows", block_table.data_ptr(), tuple(block_table.shape))
     got = plan.memo.get(key)
     if got is None:
-        rows = to_device(torch.tensor(plan.rows), block_table.device)
-        got = plan.memo[key] = (block_table.index_select(0, rows),
+        got = plan.memo[key] = (block_table.index_select(0, _table_rows(plan, block_table.device)),
                                 to_device(torch.tensor(plan.lengths, dtype=torch.int32), block_table.device))
     return got
 
@@ -879,8 +886,7 @@ class StepKept:
             tok = _kept_tokens(plan, self.idx)
             rows = plan.memo.get("kept_table_rows")
             if rows is None:          # the block-table row of each kept entry, made once per step
-                rows = plan.memo["kept_table_rows"] = to_device(torch.tensor(plan.rows),
-                                                                tok.device)[plan.kept_row][:, None]
+                rows = plan.memo["kept_table_rows"] = _table_rows(plan, tok.device)[plan.kept_row][:, None]
             slots = self._slots[key] = block_table[rows, tok // block_size].long(), tok % block_size
         return slots
 
