@@ -92,13 +92,16 @@ class Recorder:
                 return original_layer_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend,
                                              **kw)
             tp = {k: v for k, v in kw.items() if k in ("head_offset", "gather_heads", "partials")}
+            # a last chunk scored in the paged cache (compaction.scores_from_cache) comes without its keys: the
+            # float64 path reads them there
+            keys = key if key is not None else _paged_keys(compaction, plan, *kw["paged"])
             busy.append(True)
             try:
-                idx64 = original_select(policy, plan, query.double(), key.double(), layer=layer, scale=scale,
+                idx64 = original_select(policy, plan, query.double(), keys.double(), layer=layer, scale=scale,
                                         backend="torch", **tp)
             finally:
                 busy.clear()
-            scores64 = _scores64(policy, plan, query, key, layer, scale, kw.get("partials"))
+            scores64 = _scores64(policy, plan, query, keys, layer, scale, kw.get("partials"))
             for b, (length, keep) in enumerate(zip(plan.lengths, plan.keeps)):
                 pending64[(length, layer)] = (idx64[b, :, :keep].cpu(), scores64[b].cpu())
             return original_layer_scores(policy, plan, query, key, layer=layer, scale=scale, backend=backend, **kw)
@@ -167,6 +170,13 @@ class Recorder:
             self.cache_checks["rows_checked"] += keep
         self.cache_checks["layers_checked"] += 1
         self.cache_checks["mismatched_layers"] += int(bad > 0)
+
+
+def _paged_keys(compaction, plan, key_cache, block_table):
+    """The keys of every row of an assembled plan (tokens 0..L-1, back to back) read from the paged cache, as
+    compaction.assemble would gather them: (sum L, Hkv, D)."""
+    blocks, slots = compaction._cache_positions(plan, block_table, key_cache.shape[1])
+    return key_cache[blocks, slots]
 
 
 def _scores64(policy, plan, query, key, layer, scale, partials=None):
