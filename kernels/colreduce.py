@@ -553,6 +553,41 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
 _cached_recipe = functools.lru_cache(maxsize=4096)(_recipe)
 
 
+def _launch_key(max_m, max_n, *shape):
+    """What decides which compiled kernels a launch of this shape runs (launch_lengths): the recipe's constexprs and
+    Triton's specialisation classes of the integers that follow the key length."""
+    _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False)
+    return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs,
+            _spec((max_n, split_len, splits)))
+
+
+def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv: int, *, is_causal: bool,
+                   reduction: str, group_reduce: str | None, dtype: torch.dtype, device, varlen: bool = True,
+                   paged: bool = False, page: int = 1, sms: int | None = None) -> list[int]:
+    """Key lengths for a warm-up: the smallest max_seqlen_k in [n_lo, n_hi] of each distinct compiled launch
+    colreduce_triton makes for this shape over that range: the recipe's constexprs (the tiles change with the key
+    length: mid-size windows take 64-key tiles, short ones skip the combine kernel) and Triton's specialisation of
+    the integer arguments that follow the length (max_seqlen_k, the split length and count: == 1, % 16 == 0).
+    An engine that compiled its kernels on short dummies otherwise still compiled at its first long prompt (the
+    H200's eleventh visit: a 2.1 s stall at the first 16k prompt). The other integer arguments (strides, the block
+    table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks)."""
+    interpreting = _interpreting()
+    if sms is None:
+        index = torch.device(device).index
+        sms = 1 if interpreting else _sm_count(torch.cuda.current_device() if index is None else index)
+    seen, out = set(), []
+    for base in range(-(-max(n_lo, 1) // 16) * 16, n_hi + 16, 16):
+        for n in (base, base + 1):
+            if not n_lo <= n <= n_hi:
+                continue
+            key = _launch_key(max_m, n, D, G, B, Hkv, is_causal, _VARIANT, sms, reduction, group_reduce, varlen,
+                              paged, page, dtype, interpreting)
+            if key not in seen:
+                seen.add(key)
+                out.append(n)
+    return out
+
+
 def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor:
     """(S, …) partial row max and sum of exp2 → log2-domain row log-sum-exp, +inf where a row sees no key.
 

@@ -45,6 +45,17 @@ def _current_config():
     return resolve(vllm_config) if vllm_config is not None else None
 
 
+def _engine_lengths() -> tuple[int, int]:
+    """(max_model_len, KV block size) of the engine being built in this process, for the warm-up ((0, 16) when
+    unknown: it then compiles for its dummies only)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return 0, 16
+    return vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size or 16
+
+
 def _remember(config) -> None:
     global _last_config_json
     _last_config_json = None if config is None else config_to_json(config)
@@ -216,6 +227,7 @@ class PruneImplMixin:
         self.prune_cold = self.prune_config is not None       # scoring kernels not compiled yet (warmup.py)
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
+            self.prune_lengths = _engine_lengths()
             self.prune_tp = _tensor_parallel_heads(self.num_kv_heads)
             extras = [name for name in ("alibi_slopes", "sinks") if getattr(self, name, None) is not None]
             if getattr(self, "logits_soft_cap", None):
@@ -233,7 +245,7 @@ class PruneImplMixin:
             timing.profile_begin(step, query.device)
         if self.prune_cold and step is None:     # vLLM's profiling run, before any prompt: compile the scoring
             self.prune_cold = not warmup.warm_up(self.prune_policy, query.device, query.dtype, self.num_heads,
-                                                 self.num_kv_heads, self.head_size, self.scale)
+                                                 self.num_kv_heads, self.head_size, self.scale, *self.prune_lengths)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if step is not None:
             if timed:

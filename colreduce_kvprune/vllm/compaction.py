@@ -679,12 +679,16 @@ def _table_rows(plan: PrefillPlan, device) -> torch.Tensor:
 
 
 def _paged_rows(plan: PrefillPlan, block_table: torch.Tensor):
-    """(the plan rows' block-table rows (B, max_blocks), their prompt lengths (B,) int32), made once per step."""
+    """(the plan rows' block-table rows (B, max_blocks rounded up to a multiple of 16, zeros past max_blocks), their
+    prompt lengths (B,) int32), made once per step. The rounding fixes the table's row stride, an integer on which
+    Triton specialises (16-divisibility), to the kind the engine-start warm-up compiled (warmup.score_lengths)."""
     key = ("paged_rows", block_table.data_ptr(), tuple(block_table.shape))
     got = plan.memo.get(key)
     if got is None:
-        got = plan.memo[key] = (block_table.index_select(0, _table_rows(plan, block_table.device)),
-                                to_device(torch.tensor(plan.lengths, dtype=torch.int32), block_table.device))
+        rows = _table_rows(plan, block_table.device)
+        table = block_table.new_zeros(len(plan.rows), -(-block_table.shape[1] // 16) * 16)
+        table[:, : block_table.shape[1]] = block_table.index_select(0, rows)
+        got = plan.memo[key] = (table, to_device(torch.tensor(plan.lengths, dtype=torch.int32), block_table.device))
     return got
 
 

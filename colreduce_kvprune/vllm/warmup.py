@@ -6,8 +6,12 @@ it). vLLM's own start-up never scores a prompt: memory profiling and CUDA-graph 
 plugin leaves alone. So the attention impl calls `warm_up` from its first eager forward outside a graph capture
 (vLLM's profiling run): the plan, scores and selection of two dummy prompts through the same functions a pruned
 prefill uses (`compaction.plan_prefills`, `compaction.select_kept`, and for policies whose last chunk is scored
-in the paged cache `compaction.score_paged`), with the layer's head counts, head size and dtype. The kernels specialise on shapes and alignment, so a prompt whose shape differs from both dummies can still
-compile a new variant at its first use. Nothing here touches the KV cache or vLLM's state.
+in the paged cache `compaction.score_paged`), with the layer's head counts, head size and dtype. The kernels' tiles
+also change with the prompt's length (the eleventh H200 visit stalled 2.1 s at the first 16k prompt, whose tiles
+the short dummies had not used), so `score_lengths` then scores one prompt per distinct launch up to the engine's
+max_model_len (window policies; kernels.colreduce.launch_lengths finds them). Steps that prune several prompts at
+once, or policies scoring with every query (H2O), can still compile a variant at first use. Nothing here touches the
+KV cache or vLLM's state.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ _done: set[tuple] = set()
 
 
 def warm_up(policy, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int,
-            scale: float) -> bool:
+            scale: float, max_len: int = 0, block_size: int = 16) -> bool:
     """Run the scoring path once per process for this (device, dtype, heads, head size, policy) on CUDA. Returns
     False only when it should be called again later (inside a CUDA graph capture); True once it ran, was run
     already, or has nothing to do (CPU: this path compiles nothing there)."""
@@ -30,6 +34,7 @@ def warm_up(policy, device: torch.device, dtype: torch.dtype, num_heads: int, nu
         return True
     _done.add(key)
     score_dummies(policy, device, dtype, num_heads, num_kv_heads, head_size, scale)
+    score_lengths(policy, device, dtype, num_heads, num_kv_heads, head_size, scale, max_len, block_size)
     torch.cuda.synchronize(device)
     return True
 
@@ -62,3 +67,46 @@ def score_dummies(policy, device, dtype, num_heads: int, num_kv_heads: int, head
         compaction.score_paged(policy, plan, q, cache, block_table,
                                torch.tensor(lengths, dtype=torch.int32, device=device), scale=scale)
     return kept, plan.keeps
+
+
+def score_lengths(policy, device, dtype, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                  max_len: int, block_size: int, max_bytes: int = 64 << 20) -> list[int]:
+    """Score one dummy prompt per distinct kernel launch (kernels.colreduce.launch_lengths) of prompts up to
+    max_len (its tiles and Triton's specialisation of the length-dependent integers): as packed keys
+    (colreduce_varlen, whole prompts) and, where the step path scores a last chunk in the paged cache, through a
+    block table of `block_size` (colreduce_paged; every entry the same block, so any length costs one block).
+    Window policies only (num_queries < the prompt); packed keys over max_bytes are skipped (they compile at first
+    use). → [(paged, length)] scored (none for other policies)."""
+    from .. import colreduce_paged, colreduce_varlen
+    from ..kernels.colreduce import launch_lengths
+
+    lo = max(int(policy.config.min_prompt_tokens), 256)
+    if max_len <= lo:
+        return []
+    req = policy.score_request(lo)
+    if (req.kind != "attention" or req.num_queries >= lo
+            or policy.score_request(max_len).num_queries != req.num_queries):
+        return []
+    m, group = req.num_queries, num_heads // num_kv_heads
+    kw = dict(reduction=req.reduction, is_causal=True, scale=scale, group_reduce=req.group_reduce,
+              max_seqlen_q=m)
+    shape = dict(is_causal=True, reduction=req.reduction, group_reduce=req.group_reduce, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(m, num_heads, head_size, device=device, dtype=dtype, generator=gen)
+    cu_q = torch.tensor([0, m], dtype=torch.int32, device=device)
+    block = torch.randn(1, block_size, num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
+    scored = []
+    for paged in (False, True):
+        for length in launch_lengths(m, lo, max_len, head_size, group, 1, num_kv_heads, paged=paged,
+                                     page=block_size if paged else 1, **shape):
+            seqlen = torch.tensor([length], dtype=torch.int32, device=device)
+            if paged:        # the step path's table rows are a multiple of 16 wide (compaction._paged_rows)
+                table = torch.zeros(1, -(-length // (16 * block_size)) * 16, dtype=torch.int32, device=device)
+                colreduce_paged(q, block, table, cu_q, seqlen, max_seqlen_k=length, **kw)
+            elif length * num_kv_heads * head_size * block.element_size() <= max_bytes:
+                k = torch.randn(length, num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
+                colreduce_varlen(q, k, cu_q, torch.cat([seqlen.new_zeros(1), seqlen]), max_seqlen_k=length, **kw)
+            else:
+                continue
+            scored.append((paged, length))
+    return scored

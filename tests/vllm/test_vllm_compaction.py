@@ -476,6 +476,9 @@ def test_scores_from_the_cache_equal_the_assembled_keys(case, backend):
         pos = torch.arange(n)
         kc[bt[row, pos // BS].long(), pos % BS] = k[first: first + n]
         vc[bt[row, pos // BS].long(), pos % BS] = v[first: first + n]
+    # on the GPU the Triton backend needs CUDA tensors (its first H200 run had them on the CPU and failed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bt, q, k, v, kc, vc = (t.to(dev) for t in (bt, q, k, v, kc, vc))
     carry = {}
     _, _, _, stash = compaction.plan_prefills(config, pol, [(0, 0, 0, c0, prompt)], bt, BS, [carry])
     compaction.stash_chunks(compaction.StepPlan(None, stash, bt), 0, pol, q[:c0], k[:c0], v[:c0], (kc, vc), scale)
@@ -647,6 +650,38 @@ def test_warmup_scores_like_a_pruned_prefill(name):
         dev = torch.device("cuda", torch.cuda.current_device())
         assert warmup.warm_up(policy, dev, torch.bfloat16, 8, 2, 16, 0.25) is True
         assert (dev, torch.bfloat16, 8, 2, 16, policy.name) in warmup._done
+
+
+def test_warmup_lengths_cover_every_launch_of_longer_prompts(monkeypatch):
+    """The kernels' tiles and Triton's integer specialisations change with the prompt's length, so the warm-up also
+    scores one prompt per distinct launch up to max_model_len (kernels.colreduce.launch_lengths, here on the H200's
+    132 SMs as the GPU would plan them): every length in the range, 16k among them, launches as one of the returned
+    lengths does, the returned ones all differently; on CPU score_lengths runs the same calls (torch reference)
+    for window policies, packed and paged, and nothing for the others."""
+    from colreduce_kvprune.kernels import colreduce as C
+    from colreduce_kvprune.vllm import warmup
+
+    monkeypatch.setattr(C, "_interpreting", lambda: False)
+    for paged in (False, True):
+        shape = (128, 4, 1, 8, True, C._VARIANT, 132, "sum", "mean", True, paged, 16 if paged else 1,
+                 torch.bfloat16, False)
+        got = C.launch_lengths(32, 1024, 1 << 17, 128, 4, 1, 8, is_causal=True, reduction="sum",
+                               group_reduce="mean", dtype=torch.bfloat16, device="cuda", paged=paged,
+                               page=16 if paged else 1, sms=132)
+        keys = [C._launch_key(32, n, *shape) for n in got]
+        assert got[0] == 1024 and len(set(keys)) == len(keys) > 2
+        # the 2.1 s stall of the eleventh visit: 16k prompts launch tiles that short dummies never used
+        assert C._launch_key(32, 16384, *shape) != C._launch_key(32, 600, *shape)
+        rng = random.Random(0)
+        for n in [16384, 16385, 1 << 17] + [rng.randrange(1024, 1 << 17) for _ in range(300)]:
+            assert C._launch_key(32, n, *shape) in keys, n
+    monkeypatch.undo()
+    for name, expect in (("snapkv", True), ("tova", True), ("h2o", False), ("knorm", False)):
+        policy = get_policy(load_config({"policy": name, "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
+        scored = warmup.score_lengths(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25, 1000, 16)
+        assert bool(scored) == expect
+        if expect:
+            assert {p for p, _ in scored} == {False, True} and all(300 <= n <= 1000 for _, n in scored)
 
 
 def test_nan_scores_are_reported_at_a_later_build():
