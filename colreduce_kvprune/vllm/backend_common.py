@@ -32,7 +32,7 @@ from ..policies import get_policy
 from ..config import ConfigError
 from . import compaction, timing, warmup
 from .prompt_lengths import tracker_for
-from .settings import chunked_prefill, config_to_json, cudagraph_support, resolve
+from .settings import config_to_json, cudagraph_support, resolve
 
 _last_config_json: str | None = None   # config resolved by this process's last engine (for customize_spec)
 
@@ -100,6 +100,9 @@ class PruneBuilderMixin:
             self.prune_score_heads = kv_cache_spec.num_kv_heads * (
                 1 if self.prune_config.per_head else vllm_config.parallel_config.tensor_parallel_size)
             self.prune_selection = None              # the last step's compaction.StepSelection
+            self.prune_late = compaction.LateRows(device)   # one-token prompt steps (captured by the layers)
+            self.prune_layer_names = list(layer_names)
+            self.prune_forward_context = vllm_config.compilation_config.static_forward_context
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
                 raise ConfigError(
@@ -113,15 +116,48 @@ class PruneBuilderMixin:
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
         return cudagraph_support(super().get_cudagraph_support(vllm_config, kv_cache_spec),
-                                 resolve(vllm_config) is not None, chunked_prefill(vllm_config))
+                                 resolve(vllm_config) is not None)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        if self.prune_config is None or self._prune_row_state(common_attn_metadata.block_table_tensor) is None:
+        if self.prune_config is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        cm, plan = self._prune_prepare(common_attn_metadata)
-        md = super().build(common_prefix_len, cm, fast_build)
-        md.kvprune = plan
+        if self._prune_row_state(common_attn_metadata.block_table_tensor) is None:
+            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        else:
+            cm, plan = self._prune_prepare(common_attn_metadata)
+            md = super().build(common_prefix_len, cm, fast_build)
+            md.kvprune = plan
+        md.kvprune_late = self.prune_late.index     # every forward (and every captured graph) copies these rows
         return md
+
+    def _prune_layers(self):
+        """[(layer index, attention layer)] of the layers that read this builder's metadata, in model order (each
+        layer's impl and bound kv_cache are its attributes)."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        ctx = self.prune_forward_context
+        return sorted(((extract_layer_index(name), ctx[name]) for name in self.prune_layer_names),
+                      key=lambda t: t[0])
+
+    def _prune_late(self, late_steps, late_carries, bt):
+        """Prune now, before this step's forward, the requests whose last prompt token came in a captured one-token
+        step (compaction.LateRows): every layer's scores, selection and compaction through the impls' own path, with
+        an empty step (the whole prompt is in the cache and the carries). Returns (rows, RowState values)."""
+        rows, values, plan, _ = compaction.plan_prefills(self.prune_config, self.prune_policy, late_steps, bt,
+                                                         self.prune_block_size, late_carries)
+        layers = self._prune_layers()
+        selection = None
+        if (plan.layout is not None and compaction.StepSelection.fits(
+                len(layers), len(plan.lengths), self.prune_score_heads, max(plan.lengths))):
+            selection = compaction.StepSelection(len(layers))
+        step = compaction.StepPlan(plan, [], bt, self.prune_nan, selection)
+        with torch.no_grad():
+            for layer_idx, layer in layers:
+                q, k, v = (t[:0] for t in layer.impl.prune_captured)
+                layer.impl._prune_compact(layer, layer_idx, q, k, v, layer.kv_cache, step, None)
+        for carry in late_carries:
+            carry.pop("late", None)
+        return rows, values
 
     def _prune_row_state(self, block_table: torch.Tensor):
         """The RowState table, created at the first build after the KV pool is sized; None before that: vLLM's
@@ -165,15 +201,25 @@ class PruneBuilderMixin:
         prompts, targets = compaction.check_prompt_lengths(prompts, targets, cm.query_start_loc_cpu, seq_cpu,
                                                            is_prefilling, n)
         prunes = compaction.prunable_rows(self.prune_config, prompts, n, self.prune_prunes)
+        late = self.prune_late
+        late.stash_captured(self._prune_layers(), self.prune_policy)   # the last step's one-token prompt steps
         if all(p is False for p in prunes):   # no row's request is pruned: nothing to plan, stash or remap
+            late.split(self.prune_config, self.prune_policy, [], [], bt)
             out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
             return self._prune_rows_replaced(cm, *compaction.copy_rows(bt, cm.seq_lens, out_bt, out_seq)), None
         steps = compaction.prompt_steps(cm.query_start_loc_cpu, seq_cpu, n, prompts, is_prefilling)
         carries = self.prune_prompts.row_carries(cm, n)
+        now_rows, now_values = [], []
+        late_steps, late_carries = late.late_steps(steps, carries, cm.query_start_loc_cpu, seq_cpu, prompts)
+        if late_steps:
+            now_rows, now_values = self._prune_late(late_steps, late_carries, bt)
+        steps, step_carries = late.split(self.prune_config, self.prune_policy, steps, [carries[s[0]] for s in steps],
+                                         bt)
         fresh_rows, fresh_values, plan, stash = compaction.plan_prefills(
-            self.prune_config, self.prune_policy, steps, bt, self.prune_block_size, [carries[s[0]] for s in steps])
+            self.prune_config, self.prune_policy, steps, bt, self.prune_block_size, step_carries)
         state = self.prune_rows.update_and_lookup(bt[:n, 0], fresh_rows, fresh_values,
-                                                  [r for r, p in enumerate(prunes) if p is False])
+                                                  [r for r, p in enumerate(prunes) if p is False],
+                                                  now_rows, now_values)
         num_tokens = int(cm.query_start_loc_cpu[n])
         out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
         new_bt, new_seq = compaction.remap_rows(state, bt, cm.seq_lens, cm.positions, cm.query_start_loc,
@@ -225,6 +271,7 @@ class PruneImplMixin:
         self.prune_config = _current_config()
         _remember(self.prune_config)
         self.prune_cold = self.prune_config is not None       # scoring kernels not compiled yet (warmup.py)
+        self.prune_captured = None     # (q, k, v) rows of compaction.LateRows' index, copied by every forward
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
             self.prune_lengths = _engine_lengths()
@@ -243,6 +290,8 @@ class PruneImplMixin:
             start = timing.mark(query.device)
         if step is not None and timing.PROFILE_STEPS:
             timing.profile_begin(step, query.device)
+        if self.prune_config is not None:
+            self._prune_capture(query, key, value, getattr(attn_metadata, "kvprune_late", None))
         if self.prune_cold and step is None:     # vLLM's profiling run, before any prompt: compile the scoring
             self.prune_cold = not warmup.warm_up(self.prune_policy, query.device, query.dtype, self.num_heads,
                                                  self.num_kv_heads, self.head_size, self.scale, *self.prune_lengths)
@@ -268,6 +317,20 @@ class PruneImplMixin:
             if timing.PROFILE_STEPS:
                 timing.profile_end(step, query.device)
         return out
+
+    def _prune_capture(self, query, key, value, index):
+        """Copy the step's rows at `index` (compaction.LateRows: one-token prompt steps, which vLLM may run inside a
+        full CUDA graph) into persistent buffers, allocated at the first forward (vLLM's profiling run, before any
+        graph is captured); the next build stashes them. One index_select per tensor, captured into full graphs."""
+        if key is None:          # (a fused KV write: nothing to capture; a pruning step raises below)
+            return
+        if self.prune_captured is None:
+            self.prune_captured = tuple(
+                t.new_zeros((compaction.LATE_ROWS,) + tuple(t.shape[1:])) for t in (query, key, value))
+        if index is None:
+            return
+        for src, dst in zip((query, key, value), self.prune_captured):
+            torch.index_select(src, 0, index, out=dst)
 
     def prune_kv_views(self, kv_cache):
         """(key_cache, value_cache) of this backend's layer cache as (num_blocks, block_size, Hkv, D) views, through

@@ -133,6 +133,92 @@ class StepPlan:
     selection: StepSelection | None = None
 
 
+LATE_ROWS = 8     # one-token prompt steps a step can capture (vLLM's scheduler cuts at most a few per step)
+
+
+class LateRows:
+    """Prompt steps of one token over earlier chunks (c0 > 0, qlen == 1) of requests that are pruned. vLLM's runners
+    run such a row beside decodes as a decode (V2: `prefill_runs_as_decode`), so a batch of decodes and such rows
+    replays a full CUDA graph, where the plugin's Python does not run. Such rows are therefore never planned in
+    their own step, in any graph mode:
+    - each attention layer's forward copies the rows of its query, key and value at `index` (a persistent tensor the
+      builder writes each step; full graphs capture the copy) into its impl's buffers (`capture`);
+    - the next build stashes them into the request's carry like any chunk (`stash_captured`: stash_chunks), and
+    - a request whose last prompt token came that way is pruned at its next step, before that step's forward, by
+      the builder (`late_steps`: plan_prefills of an empty step, c0 = P, qlen = 0). The scheduler frees its tail at
+      that step's scheduling either way (manager.py), and that step attends to the pruned layout."""
+
+    def __init__(self, device):
+        self.index = torch.zeros(LATE_ROWS, dtype=torch.long, device=device)
+        self.pending = None      # StepPlan(None, [Chunk], block-table rows) captured by the last step's forward
+        self.dirty = False       # index holds some step's token ids (reset before a step that may be shorter)
+
+    def split(self, config, policy, steps, carries, block_table: torch.Tensor):
+        """This step's prompt steps without the one-token rows of pruned requests, which are captured instead:
+        returns (steps, carries) for plan_prefills. Writes `index` (no host sync)."""
+        keep, kept_carries, captured = [], [], []
+        for st, carry in zip(steps, carries):
+            row, start, c0, qlen, prompt = st
+            if qlen == 1 and c0 > 0 and keep_count(config, prompt) < prompt:
+                if carry is None:
+                    raise RuntimeError(f"colreduce_kvprune: batch row {row} prefills its prompt in chunks, and no "
+                                       "per-request carry is known for it (the prompt-length tracker's row)")
+                captured.append((st, carry))
+            else:
+                keep.append(st)
+                kept_carries.append(carry)
+        if len(captured) > LATE_ROWS:
+            raise RuntimeError(f"colreduce_kvprune: {len(captured)} prompts prefill a one-token chunk in one step, "
+                               f"more than the {LATE_ROWS} the attention layers capture")
+        dev = block_table.device
+        if captured or self.dirty:
+            ids = torch.zeros(LATE_ROWS, dtype=torch.long)
+            ids[: len(captured)] = torch.tensor([st[1] for st, _ in captured], dtype=torch.long)
+            self.index.copy_(to_device(ids, dev), non_blocking=True)
+            self.dirty = bool(captured)
+        if captured:
+            rows = to_device(torch.tensor([st[0] for st, _ in captured], dtype=torch.long), dev)
+            chunks = []
+            for i, ((row, start, c0, qlen, prompt), carry) in enumerate(captured):
+                ch = Chunk(i, i, c0, 1, prompt, _num_queries(policy, prompt), carry)
+                if ch.num_queries == prompt:
+                    ch.cu = to_device(torch.tensor([0, 1, 0, c0 + 1], dtype=torch.int32), dev)
+                chunks.append(ch)
+            self.pending = StepPlan(None, chunks, block_table.index_select(0, rows))
+        return keep, kept_carries
+
+    def stash_captured(self, layers, policy) -> None:
+        """The last step's captured rows into their carries, at every layer (layers: [(layer index, attention
+        layer)], whose impl holds the captured rows), before this step's forward overwrites them; a request whose
+        last prompt token it was is marked for late_steps."""
+        step, self.pending = self.pending, None
+        if step is None:
+            return
+        for idx, layer in layers:
+            impl = layer.impl
+            stash_chunks(step, idx, policy, *impl.prune_captured, impl.prune_kv_views(layer.kv_cache), impl.scale)
+        for ch in step.stash:
+            if ch.c0 + 1 == ch.prompt:
+                ch.carry["late"] = True
+
+    @staticmethod
+    def late_steps(steps, carries, query_start_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, prompts):
+        """The rows of this step whose request's prompt ended in a captured one-token step and is not pruned yet:
+        [(row, 0, P, 0, P)] for plan_prefills (the whole prompt in the cache, this step adding none of it), with
+        their carries. Rows that prefill their prompt again from position 0 (recomputed after a preemption) are
+        left to that prefill (plan_prefills clears their carry)."""
+        prefilling = {st[0] for st in steps}
+        out, out_carries = [], []
+        for row, carry in enumerate(carries):
+            if carry is None or not carry.get("late") or row in prefilling:
+                continue
+            computed = int(seq_lens_cpu[row]) - int(query_start_cpu[row + 1] - query_start_cpu[row])
+            if computed >= prompts[row]:
+                out.append((row, 0, prompts[row], 0, prompts[row]))
+                out_carries.append(carry)
+        return out, out_carries
+
+
 class NanWatch:
     """NaN scores reported without a host sync in the layers: each layer's selection appends a device flag
     (`flags(layer)`); `flush` (the builder, once per step, after the previous step's layers were launched) copies
@@ -178,14 +264,20 @@ class RowState:
         self.table = torch.zeros(num_blocks, 3, dtype=torch.int32, device=device)
 
     def update_and_lookup(self, first_blocks: torch.Tensor, fresh_rows: list[int],
-                          fresh_values: list[tuple[int, int, int]], never: list[int] = ()) -> torch.Tensor:
+                          fresh_values: list[tuple[int, int, int]], never: list[int] = (),
+                          now_rows: list[int] = (), now_values: list[tuple[int, int, int]] = ()) -> torch.Tensor:
         """first_blocks (n,) block ids of each row's first block. Rows in fresh_rows start a prefill now: their
         entries are (re)set to fresh_values and they get zeros (this step attends to the full prefill). Rows in
         `never` belong to requests that are never pruned (see prunable_rows): they get zeros whatever their entry
         holds — the builder skips the steps where no row can be pruned (no entry is reset then), so the entry of a
-        block that an unpruned request reused may still be a finished pruned request's.
+        block that an unpruned request reused may still be a finished pruned request's. Rows in now_rows were pruned
+        before this step's forward (LateRows: by the builder): their entries are set to now_values, which they get.
         Returns (n, 3) int32 — the state each row's attention must apply in this step."""
         first_blocks = first_blocks.long()
+        if now_rows:
+            idx = to_device(torch.tensor(now_rows, dtype=torch.long), first_blocks.device)
+            self.table[first_blocks[idx]] = to_device(torch.tensor(now_values, dtype=torch.int32),
+                                                      first_blocks.device)
         vals = self.table[first_blocks]
         if fresh_rows:
             idx = to_device(torch.tensor(fresh_rows, dtype=torch.long), first_blocks.device)

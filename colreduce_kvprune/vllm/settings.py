@@ -106,20 +106,21 @@ def chunked_prefill(vllm_config) -> bool:
     return bool(sc.enable_chunked_prefill or getattr(sc, "long_prefill_token_threshold", 0))
 
 
-def cudagraph_support(support, pruning: bool, chunked: bool):
+def cudagraph_support(support, pruning: bool):
     """The CUDA-graph support a pruning backend declares to vLLM, from its base backend's (AttentionCGSupport).
 
     The plugin's work after a prefill step's attention (scores, selection, compaction, the stash of a chunk) is
     Python in the attention layer's forward: it runs only where attention runs eagerly, never in a replayed full
-    graph. So with pruning: no full graphs of mixed prefill-decode batches (at most UNIFORM_SINGLE_TOKEN_DECODE:
-    vLLM keeps full graphs for decode-only batches, FULL_AND_PIECEWISE); and with chunked prefill no full graphs at
-    all (NEVER: vLLM falls back to PIECEWISE), because vLLM runs a prompt's 1-token chunk beside decodes as a decode,
-    in a full graph. vLLM resolves the cudagraph mode from this and warns, or refuses an explicit full mode."""
+    graph. So with pruning: no full graphs of mixed prefill-decode batches, at most UNIFORM_SINGLE_TOKEN_DECODE
+    (vLLM keeps full graphs for decode-only batches: FULL_AND_PIECEWISE at its defaults). vLLM also runs a prompt's
+    one-token chunk beside decodes as a decode, in such a graph: those rows are captured by the layers and handled
+    at the next build (compaction.LateRows), so this holds with chunked prefill too. vLLM resolves the cudagraph
+    mode from this and warns, or refuses an explicit full mode."""
     from vllm.v1.attention.backend import AttentionCGSupport
 
     if not pruning:
         return support
-    cap = AttentionCGSupport.NEVER if chunked else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    cap = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     return support if support.value <= cap.value else cap
 
 

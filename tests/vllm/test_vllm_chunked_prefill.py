@@ -51,3 +51,41 @@ def test_chunked_prefill_equals_transformers_path(llama_path, policy, monkeypatc
     pruned = [(n, keep_count(config, n)) for n in LENGTHS if keep_count(config, n) < n]
     assert stats.requests_pruned == len(pruned) and stats.kept_tokens == sum(k for _, k in pruned)
     assert stats.blocks_freed == sum(cdiv(n, BLOCK_SIZE) - cdiv(k, BLOCK_SIZE) for n, k in pruned)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "knorm"])
+def test_one_token_chunks_are_captured_and_pruned_at_the_next_step(llama_path, policy, monkeypatch):
+    """Prompt steps of one token (vLLM runs them beside decodes as decodes, on CUDA inside full graphs where the
+    plugin's Python never runs) are captured by every layer's forward and handled at the next build
+    (compaction.LateRows): stashed like any chunk, and a prompt whose last token came that way is pruned by the
+    builder before its next step. 15 short requests decode while a long prompt gets the 16-token budget's last
+    token, one at a time to its end: greedy float32 outputs still equal the transformers path."""
+    from colreduce_kvprune.vllm import compaction
+
+    seen = {"captured": 0, "late": 0}
+    split, late_steps = compaction.LateRows.split, compaction.LateRows.late_steps
+
+    def counted_split(self, config, policy_, steps, carries, bt):
+        kept = split(self, config, policy_, steps, carries, bt)
+        seen["captured"] += len(steps) - len(kept[0])
+        return kept
+
+    def counted_late(*args):
+        got = late_steps(*args)
+        seen["late"] += len(got[0])
+        return got
+
+    monkeypatch.setattr(compaction.LateRows, "split", counted_split)
+    monkeypatch.setattr(compaction.LateRows, "late_steps", staticmethod(counted_late))
+    config = CASES[policy]
+    lengths = (20,) * 15 + (120, 97)
+    prompts = random_prompts(lengths, seed=3)
+    with engine(llama_path, config, enable_chunked_prefill=True, max_num_batched_tokens=16,
+                max_num_seqs=16) as llm:
+        got = greedy(llm, prompts, max_tokens=160)
+        stats = get_stats(llm)
+        pool = scheduler(llm).kv_cache_manager.block_pool
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1          # nothing leaked
+    assert seen["captured"] > 0 and seen["late"] > 0, seen          # one-token steps happened, and ended prompts
+    assert got == reference(llama_path, prompts, config, max_tokens=160)
+    assert stats.requests_pruned == 2

@@ -1,6 +1,6 @@
 """`LLM(model, additional_config={"kv_prune": "snapkv.yaml"})` with no other engine argument (the shipped config by
 its bare name), at vLLM's own defaults. On the CPU build: prefix caching and chunked prefill on, torch.compile. On
-CUDA: also CUDA graphs (piecewise: see settings.cudagraph_support) and async scheduling. Greedy tokens equal the transformers
+CUDA: also CUDA graphs (full ones for decode-only batches: settings.cudagraph_support) and async scheduling. Greedy tokens equal the transformers
 path in float32 (on CUDA with TRITON_ATTN: FlashAttention takes 16-bit only); on CUDA the bare call (bfloat16,
 FlashAttention) starts and prunes too."""
 import torch
@@ -45,10 +45,8 @@ def test_vllm_defaults(llama_path):
         assert settings[:2] == (True, True)               # vLLM's CPU defaults, left as they are
     else:
         # what this test is for on CUDA: graphs captured and replayed, async scheduling, prefix caching, chunks;
-        # with chunked prefill the plugin declares no full-graph support, so vLLM resolves its default
-        # FULL_AND_PIECEWISE to PIECEWISE (settings.cudagraph_support)
-        assert settings == (True, True, True, False) and graphs.endswith("PIECEWISE") and "FULL" not in graphs, \
-            (settings, graphs)
+        # vLLM's default FULL_AND_PIECEWISE stays (full graphs for decode-only batches: settings.cudagraph_support)
+        assert settings == (True, True, True, False) and graphs.endswith("FULL_AND_PIECEWISE"), (settings, graphs)
     assert stats.requests_pruned == 3 + 1 + 1 and stats.prompt_tokens == 1500 + 2100 + 1200 + 1500 + 2100
     want = reference(llama_path, prompts, shipped, max_tokens=12)
     assert got == [want, want[:1], want[1:3]]

@@ -113,14 +113,14 @@ def test_unsupported_backend_refused_by_name(monkeypatch):
 
 def test_cudagraph_support_declared_with_pruning():
     """A pruning backend never lets vLLM replay a full CUDA graph over a step whose attention the plugin must follow
-    with its own work: no full graphs of mixed batches, and none at all with chunked prefill (vLLM runs a prompt's
-    1-token chunk beside decodes as a decode). Without a config the base backend's support is unchanged."""
+    with its own work: no full graphs of mixed batches. Decode-only batches keep theirs, with chunked prefill too
+    (a prompt's 1-token chunk that vLLM runs there as a decode is captured: compaction.LateRows). Without a config
+    the base backend's support is unchanged."""
     from vllm.v1.attention.backend import AttentionCGSupport as S
 
     from colreduce_kvprune.vllm.settings import cudagraph_support
 
     for base in S:
-        assert cudagraph_support(base, pruning=False, chunked=True) is base
-        assert cudagraph_support(base, pruning=True, chunked=True) is S.NEVER
-        assert cudagraph_support(base, pruning=True, chunked=False) is (
+        assert cudagraph_support(base, pruning=False) is base
+        assert cudagraph_support(base, pruning=True) is (
             base if base.value <= S.UNIFORM_SINGLE_TOKEN_DECODE.value else S.UNIFORM_SINGLE_TOKEN_DECODE)

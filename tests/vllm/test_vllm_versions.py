@@ -185,6 +185,7 @@ def test_pruning_step_with_key_none_raises():
 
     impl = object.__new__(Impl)                    # no vLLM impl state needed for this path
     impl.prune_cold = False                        # (set by __init__: the scoring kernels' warm-up is done)
+    impl.prune_config = impl.prune_captured = None
     q, out = torch.zeros(4, 2, 16), torch.zeros(4, 2, 16)
     assert impl.forward(None, q, None, None, None, NS(kvprune=None), out) is out
     with pytest.raises(RuntimeError, match="without key/value tensors"):
@@ -208,4 +209,4 @@ def test_builder_caps_a_full_cudagraph_claim(monkeypatch, name):
     monkeypatch.setattr(base, "get_cudagraph_support", classmethod(lambda cls, c, s: cls._cudagraph_support))
     assert ours.get_cudagraph_support(_engine_config(prune=None), None) is S.ALWAYS
     assert ours.get_cudagraph_support(_engine_config(), None) is S.UNIFORM_SINGLE_TOKEN_DECODE
-    assert ours.get_cudagraph_support(_engine_config(chunked=True), None) is S.NEVER
+    assert ours.get_cudagraph_support(_engine_config(chunked=True), None) is S.UNIFORM_SINGLE_TOKEN_DECODE
