@@ -19,6 +19,10 @@ not been preempted. So do steps whose stacked scores would exceed StepSelection.
 selection layout. Either way every read is made into new tensors before the first write, so no slot is read
 after it is written; at a chunked prompt's last chunk the earlier chunks' K/V come from the paged cache
 (compaction.assemble).
+A prompt step of one token over earlier chunks (which vLLM may run inside a full decode graph, where none of the
+above runs) is never planned in its own step: every layer's forward copies its rows, the next build stashes them
+and, when that token ended the prompt, prunes the request through the same per-layer path before the step's forward
+(compaction.LateRows).
 The per-layer work reads nothing back from the device: the plan's device tensors are made once per step by the
 builder, and NaN scores leave a device flag that a later build reads once its copy has landed (compaction.NanWatch).
 """
@@ -151,10 +155,13 @@ class PruneBuilderMixin:
                 len(layers), len(plan.lengths), self.prune_score_heads, max(plan.lengths))):
             selection = compaction.StepSelection(len(layers))
         step = compaction.StepPlan(plan, [], bt, self.prune_nan, selection)
+        start = timing.mark(bt.device) if timing.ENABLED else None
         with torch.no_grad():
             for layer_idx, layer in layers:
                 q, k, v = (t[:0] for t in layer.impl.prune_captured)
                 layer.impl._prune_compact(layer, layer_idx, q, k, v, layer.kv_cache, step, None)
+        if start is not None:          # counted as a pruning step with no attention of its own
+            timing.record(step, start, start, timing.mark(bt.device))
         for carry in late_carries:
             carry.pop("late", None)
         return rows, values

@@ -807,3 +807,25 @@ def test_step_selection_reads_nothing_back_from_the_gpu(case):
     torch.cuda.synchronize()
     watch.check()
     assert sel.done and written == [(sum(plan.keeps), hkv, d)] * layers
+
+
+def test_late_rows_split_capture_index():
+    """LateRows.split takes the one-token prompt steps (c0 > 0) of pruned requests out of the plan, writes their
+    token ids into the persistent index the layers copy (zeros elsewhere, and all zeros again at the next step
+    without any, so a shorter step never reads past its tokens), and refuses more rows than the buffers hold."""
+    config = load_config(dict(policy="snapkv", budget={"keep_tokens": 12}, window=4, sink_tokens=2,
+                              min_prompt_tokens=10))
+    pol = get_policy(config)
+    late = compaction.LateRows("cpu")
+    bt = torch.arange(40, dtype=torch.int32).view(4, 10)
+    steps = [(0, 0, 30, 1, 40), (1, 1, 0, 5, 40), (2, 6, 7, 1, 9), (3, 7, 12, 1, 40)]   # row 2: never pruned
+    carries = [{}, {}, {}, {}]
+    kept, kept_carries = late.split(config, pol, steps, carries, bt)
+    assert kept == steps[1:3] and kept_carries == carries[1:3]
+    assert late.index.tolist() == [0, 7] + [0] * (compaction.LATE_ROWS - 2)
+    assert [(ch.c0, ch.prompt, ch.start) for ch in late.pending.stash] == [(30, 40, 0), (12, 40, 1)]
+    assert torch.equal(late.pending.block_table, bt[[0, 3]])
+    assert late.split(config, pol, [], [], bt) == ([], []) and not late.index.any()
+    many = [(r, r, 5, 1, 40) for r in range(compaction.LATE_ROWS + 1)]
+    with pytest.raises(RuntimeError, match="one-token chunk in one step"):
+        late.split(config, pol, many, [{}] * len(many), bt.repeat(3, 1))
