@@ -89,3 +89,22 @@ def test_rank_selection_equals_one_device(policy, per_head):
     alone = [rank_call(r, None) for r in range(2)]
     if not per_head:
         assert not torch.equal(torch.cat(alone, dim=1), one)
+
+
+@pytest.mark.skipif(not _two_ranks_available(), reason="tensor_parallel_size=2 needs two GPUs on CUDA")
+@pytest.mark.parametrize("name", ["snapkv-shared", "h2o-shared"])
+def test_tp2_one_token_chunks(llama_path, name, monkeypatch):
+    """One-token prompt steps (compaction.LateRows) under TP=2: each rank captures its own heads' rows, stashes
+    them at the next build, and prunes the prompt there when its last token came that way; with per_head=false
+    that late pruning gathers every rank's scores inside the builders, which run the same step on every rank.
+    15 short requests decode while a 120-token prompt gets one token per step: equal to the transformers path."""
+    config = CASES[name]
+    prompts = random_prompts((20,) * 15 + (120,), seed=3)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    with engine(llama_path, config, tensor_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=16,
+                max_num_seqs=16) as llm:
+        got = greedy(llm, prompts, max_tokens=160)
+        stats = get_stats(llm)
+    assert stats.requests_pruned == 1
+    assert got == reference(llama_path, prompts, config, max_tokens=160)
