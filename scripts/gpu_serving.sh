@@ -18,6 +18,9 @@ export PYTHONUNBUFFERED=1
 quiet() { grep -v -E " (INFO|DEBUG) |^\s*warnings.warn|DeprecationWarning" ; }
 rc=0
 for part in "$@"; do
+    # what else loads the machine (a leftover engine's process would slow host-bound runs)
+    echo "== $part: $(uptime | sed 's/.*load average/load average/'); engine processes already running:" \
+        "$(pgrep -fc 'VLLM::|EngineCore')" | tee -a "$out/host_state.log"
     case "$part" in
         long|short|mixed|decode|smoke)
             python3 -P benchmarks/serving_gpu.py --workload "$part" --shape "${SHAPE:-llama-3.1-8b}" ${NUM:+--num "$NUM"} \
