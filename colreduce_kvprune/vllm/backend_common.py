@@ -106,6 +106,7 @@ class PruneBuilderMixin:
             self.prune_selection = None              # the last step's compaction.StepSelection
             self.prune_late = compaction.LateRows(device)   # one-token prompt steps (captured by the layers)
             self.prune_layer_names = list(layer_names)
+            self.prune_layer_list = None             # _prune_layers
             self.prune_forward_context = vllm_config.compilation_config.static_forward_context
             self.prune_prompts = tracker_for(vllm_config)
             if self.prune_prompts is None:
@@ -136,12 +137,14 @@ class PruneBuilderMixin:
 
     def _prune_layers(self):
         """[(layer index, attention layer)] of the layers that read this builder's metadata, in model order (each
-        layer's impl and bound kv_cache are its attributes)."""
-        from vllm.model_executor.models.utils import extract_layer_index
+        layer's impl and bound kv_cache are its attributes), looked up once."""
+        if self.prune_layer_list is None:
+            from vllm.model_executor.models.utils import extract_layer_index
 
-        ctx = self.prune_forward_context
-        return sorted(((extract_layer_index(name), ctx[name]) for name in self.prune_layer_names),
-                      key=lambda t: t[0])
+            ctx = self.prune_forward_context
+            self.prune_layer_list = sorted(((extract_layer_index(n), ctx[n]) for n in self.prune_layer_names),
+                                           key=lambda t: t[0])
+        return self.prune_layer_list
 
     def _prune_late(self, late_steps, late_carries, bt):
         """Prune now, before this step's forward, the requests whose last prompt token came in a captured one-token
@@ -209,7 +212,8 @@ class PruneBuilderMixin:
                                                            is_prefilling, n)
         prunes = compaction.prunable_rows(self.prune_config, prompts, n, self.prune_prunes)
         late = self.prune_late
-        late.stash_captured(self._prune_layers(), self.prune_policy)   # the last step's one-token prompt steps
+        if late.pending is not None:          # the last step's one-token prompt steps, before this step's forward
+            late.stash_captured(self._prune_layers(), self.prune_policy)
         if all(p is False for p in prunes):   # no row's request is pruned: nothing to plan, stash or remap
             late.split(self.prune_config, self.prune_policy, [], [], bt)
             out_bt, out_seq = self._prune_buffers(bt, cm.seq_lens)
