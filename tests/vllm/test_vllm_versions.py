@@ -185,7 +185,7 @@ def test_pruning_step_with_key_none_raises():
 
     impl = object.__new__(Impl)                    # no vLLM impl state needed for this path
     impl.prune_cold = False                        # (set by __init__: the scoring kernels' warm-up is done)
-    impl.prune_config = impl.prune_captured = None
+    impl.prune_config = impl.prune_captured = impl.prune_capture_kv = None
     q, out = torch.zeros(4, 2, 16), torch.zeros(4, 2, 16)
     assert impl.forward(None, q, None, None, None, NS(kvprune=None), out) is out
     with pytest.raises(RuntimeError, match="without key/value tensors"):
@@ -210,3 +210,31 @@ def test_builder_caps_a_full_cudagraph_claim(monkeypatch, name):
     assert ours.get_cudagraph_support(_engine_config(prune=None), None) is S.ALWAYS
     assert ours.get_cudagraph_support(_engine_config(), None) is S.UNIFORM_SINGLE_TOKEN_DECODE
     assert ours.get_cudagraph_support(_engine_config(chunked=True), None) is S.UNIFORM_SINGLE_TOKEN_DECODE
+
+
+@pytest.mark.parametrize("readable", [True, False])
+def test_forward_captures_the_late_rows(readable):
+    """Every forward copies the rows of the builder's LateRows index (one-token prompt steps, which full CUDA graphs
+    replay without the plugin's Python): the queries always; the keys and values only where the backend cannot read
+    its cache back (prune_kv_views None, the CPU backend), decided at the first forward with a KV cache."""
+    from colreduce_kvprune.vllm import compaction
+    from colreduce_kvprune.vllm.backend_common import PruneImplMixin
+
+    class Base:
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+            return output
+
+    class Impl(PruneImplMixin, Base):
+        def prune_kv_views(self, kv_cache):
+            return (kv_cache, kv_cache) if readable else None
+
+    impl = object.__new__(Impl)
+    impl.prune_cold, impl.prune_config = False, object()
+    impl.prune_captured = impl.prune_capture_kv = None
+    q, k, v, out = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.zeros(5, 4, 8)
+    index = torch.zeros(compaction.LATE_ROWS, dtype=torch.long)
+    index[:2] = torch.tensor([3, 1])
+    assert impl.forward(None, q, k, v, torch.zeros(2, 3), NS(kvprune=None, kvprune_late=index), out) is out
+    cq, ck, cv = impl.prune_captured
+    assert torch.equal(cq, q[index]) and impl.prune_capture_kv is (not readable)
+    assert torch.equal(ck, k[index]) != readable and torch.equal(cv, v[index]) != readable
