@@ -133,7 +133,8 @@ class StepPlan:
     selection: StepSelection | None = None
 
 
-LATE_ROWS = 8     # one-token prompt steps a step can capture (vLLM's scheduler cuts at most a few per step)
+LATE_ROWS = 32    # one-token prompt steps a step can capture (vLLM's scheduler cuts at most a few per step; the
+                  # buffers: 32 rows of queries per layer, 8 MiB for a Llama-3.1-8B shape)
 
 
 class LateRows:
