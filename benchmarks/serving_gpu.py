@@ -136,6 +136,18 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(math.ceil(q / 100 * len(xs))) - 1)]
 
 
+def slow_steps(result: dict, n: int = 3) -> list[dict]:
+    """The n longest engine steps of a run (the time between two of the Sampler's records), each with the requests
+    running after it, the tokens it generated, and the Triton JIT compiles that started inside it
+    (serving.TritonCompiles): a compile in mid-run is one long step."""
+    tl = result["timeline"]
+    t, compiles = tl["t"], result.get("triton_compiles") or []
+    steps = sorted(range(1, len(t)), key=lambda i: t[i] - t[i - 1], reverse=True)[:n]
+    return [{"t": t[i - 1], "s": t[i] - t[i - 1], "running": tl["running"][i],
+             "generated": (tl.get("generated") or [None] * len(t))[i],
+             "compiles": [c for c in compiles if t[i - 1] <= c["t"] <= t[i]]} for i in steps]
+
+
 def summarize(result: dict) -> dict:
     running = result["timeline"]["running"]
     return {k: result[k] for k in ("requests", "prompt_tokens", "output_tokens", "num_blocks", "peak_running",
@@ -145,7 +157,8 @@ def summarize(result: dict) -> dict:
         "mean_running": sum(running) / len(running) if running else 0.0,
         "ttft_p50_s": percentile(result["ttft_s"], 50), "ttft_p99_s": percentile(result["ttft_s"], 99),
         "tpot_p50_s": percentile(result["tpot_s"], 50), "tpot_p99_s": percentile(result["tpot_s"], 99),
-        "timeline": result["timeline"]}
+        "timeline": result["timeline"], "triton_compiles": result.get("triton_compiles"),
+        "slow_steps": slow_steps(result)}
 
 
 def _versions() -> dict:
@@ -219,6 +232,14 @@ def main(argv=None) -> int:
                 print(f"{run:18s} host clock: pruning work {t['pruning_host_ms']:.1f} ms, decoder layers "
                       f"{t['decoder_span_host_ms']:.1f} ms; steps that only stash a chunk: {t['stash_steps']} "
                       f"({t['stash_ms']:.1f} ms device, {t['stash_host_ms']:.1f} ms host)", flush=True)
+        for step in r.get("slow_steps", []):
+            what = ", ".join(f"{c['kernel']} {c['s']:.2f} s" for c in step["compiles"]) or "none"
+            print(f"{run:18s} long step: {step['s']:.2f} s at t = {step['t']:.2f} s ({step['running']} running, "
+                  f"{step['generated']} tokens generated; Triton compiles in it: {what})", flush=True)
+        if r.get("triton_compiles") is not None:
+            mid = [c for c in r["triton_compiles"] if c["t"] >= 0]
+            print(f"{run:18s} Triton compiles: {len(r['triton_compiles']) - len(mid)} at engine start, {len(mid)} "
+                  f"during the run ({sum(c['s'] for c in mid):.2f} s)", flush=True)
         print(f"{run:18s} " + (r["error"] if "error" in r else
               f"{r['output_tokens_per_s']:9.1f} tok/s  peak running {r['peak_running']:4d}  preemptions "
               f"{r['preemptions']:4d}  TTFT p50 {r['ttft_p50_s']:.2f} s  TPOT p50 {r['tpot_p50_s']:.4f} s"),

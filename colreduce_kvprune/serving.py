@@ -184,6 +184,54 @@ def make_job(model: str, prompts: list[dict], *, max_tokens: int = 32, kv_blocks
 
 # ------------------------------------------------------------------------------------------- one run (child)
 
+class TritonCompiles:
+    """Records the Triton JIT compiles of this process while installed (Triton's jit_cache_hook, called before a
+    kernel specialisation's compile, and jit_post_compile_hook, after it; both chain to any hook already set):
+    (perf_counter at its start, seconds taken, kernel name). A compile in the middle of a run shows as one long
+    engine step; this says whose kernel it was. Inductor's generated kernels (vLLM's compiled graphs) do not pass
+    through these hooks. A Triton without the hooks records nothing (`available` False). run_engine installs it
+    for its whole process (a run's own child), engine start included."""
+
+    def __init__(self):
+        self.events, self._open = [], {}
+        try:
+            from triton import knobs
+            self._knobs = knobs.runtime
+            self.available = hasattr(self._knobs, "jit_cache_hook")
+        except Exception:          # noqa: BLE001 - no Triton, or one without knobs: nothing to record
+            self._knobs, self.available = None, False
+
+    def since(self, t0: float) -> list[dict] | None:
+        """The events with start times in seconds since t0 (None where nothing could be recorded)."""
+        if not self.available:
+            return None
+        return [{"t": start - t0, "s": took, "kernel": name} for start, took, name in self.events]
+
+    def __enter__(self):
+        if self.available:
+            self._saved = (self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook)
+            before, after = self._saved
+
+            def cache_hook(*args, **kw):
+                self._open[id(kw.get("compile", {}).get("key"))] = time.perf_counter()
+                return before(*args, **kw) if before else None
+
+            def post_hook(*args, **kw):
+                end = time.perf_counter()
+                start = self._open.pop(id(kw.get("compile", {}).get("key")), end)
+                fn = kw.get("fn")
+                self.events.append((start, end - start, getattr(fn, "name", str(fn))))
+                return after(*args, **kw) if after else None
+
+            self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = cache_hook, post_hook
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = self._saved
+        return False
+
+
 def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> dict:
     """Run every prompt of `job` through one fresh in-process LLMEngine; return the run's measurements.
 
@@ -195,8 +243,8 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
 
     from .vllm.settings import resolved_settings
 
-    samples: list[tuple[float, float, int, int, int]] = []   # (t, kv usage, running, waiting, preempted)
-    clock = {"t0": time.perf_counter()}
+    samples: list[tuple[float, float, int, int, int, int]] = []   # (t, kv usage, running, waiting, preempted,
+    clock = {"t0": time.perf_counter()}                              # tokens generated)
 
     class Sampler(StatLoggerBase):
         """Records vLLM's scheduler stats after every engine step."""
@@ -208,7 +256,8 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
             if scheduler_stats is not None:
                 samples.append((time.perf_counter() - clock["t0"], scheduler_stats.kv_cache_usage,
                                 scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                                iteration_stats.num_preempted_reqs if iteration_stats is not None else 0))
+                                iteration_stats.num_preempted_reqs if iteration_stats is not None else 0,
+                                iteration_stats.num_generation_tokens if iteration_stats is not None else 0))
 
         def log_engine_initialized(self):
             pass
@@ -217,6 +266,7 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
     if prune is not None:
         kw["additional_config"] = {"kv_prune": prune}
     t_start = time.perf_counter()
+    compiles = TritonCompiles().__enter__()      # engine start's compiles too (negative times in the result)
     engine = LLMEngine.from_engine_args(EngineArgs(**kw), stat_loggers=[Sampler])
     engine_start_s = time.perf_counter() - t_start
     num_blocks = engine.vllm_config.cache_config.num_gpu_blocks - 1          # without the null block
@@ -244,6 +294,7 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
                 done += 1
                 emit({"event": "progress", "done": done, "total": len(prompts)})
     wall_s = time.perf_counter() - clock["t0"]
+    compiles.__exit__(None, None, None)
 
     prune_stats = None
     if prune is not None:
@@ -274,7 +325,8 @@ def run_engine(job: dict, prune: dict | None, emit: Callable[[dict], None]) -> d
         "tpot_s": [(f - t) / (len(o) - 1) if len(o) > 1 else None
                    for t, f, o in zip(first_token_s, finish_s, outputs)],
         "timeline": {"t": [s[0] for s in samples], "kv_blocks": blocks, "running": [s[2] for s in samples],
-                     "waiting": [s[3] for s in samples]},
+                     "waiting": [s[3] for s in samples], "generated": [s[5] for s in samples]},
+        "triton_compiles": compiles.since(clock["t0"]),
         "prune_stats": prune_stats,
         "outputs": outputs,
     }
