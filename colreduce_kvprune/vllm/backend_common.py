@@ -60,6 +60,18 @@ def _engine_lengths() -> tuple[int, int]:
     return vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size or 16
 
 
+def _late_rows(vllm_config=None) -> int:
+    """compaction.late_rows for this engine (the builder's index and every layer's capture buffers agree)."""
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return compaction.LATE_ROWS
+    sched = vllm_config.scheduler_config
+    return compaction.late_rows(sched.max_num_seqs, getattr(sched, "long_prefill_token_threshold", 0) or 0)
+
+
 def _remember(config) -> None:
     global _last_config_json
     _last_config_json = None if config is None else config_to_json(config)
@@ -104,7 +116,8 @@ class PruneBuilderMixin:
             self.prune_score_heads = kv_cache_spec.num_kv_heads * (
                 1 if self.prune_config.per_head else vllm_config.parallel_config.tensor_parallel_size)
             self.prune_selection = None              # the last step's compaction.StepSelection
-            self.prune_late = compaction.LateRows(device)   # one-token prompt steps (captured by the layers)
+            self.prune_late = compaction.LateRows(device, _late_rows(vllm_config))   # one-token prompt steps
+                                                                                    # (captured by the layers)
             self.prune_layer_names = list(layer_names)
             self.prune_layer_list = None             # _prune_layers
             self.prune_forward_context = vllm_config.compilation_config.static_forward_context
@@ -287,6 +300,7 @@ class PruneImplMixin:
         if self.prune_config is not None:
             self.prune_policy = get_policy(self.prune_config)
             self.prune_lengths = _engine_lengths()
+            self.prune_late_rows = _late_rows()
             self.prune_tp = _tensor_parallel_heads(self.num_kv_heads)
             extras = [name for name in ("alibi_slopes", "sinks") if getattr(self, name, None) is not None]
             if getattr(self, "logits_soft_cap", None):
@@ -340,7 +354,7 @@ class PruneImplMixin:
             return
         if self.prune_captured is None:
             self.prune_captured = tuple(
-                t.new_zeros((compaction.LATE_ROWS,) + tuple(t.shape[1:])) for t in (query, key, value))
+                t.new_zeros((self.prune_late_rows,) + tuple(t.shape[1:])) for t in (query, key, value))
         if self.prune_capture_kv is None and kv_cache is not None and kv_cache.numel():
             self.prune_capture_kv = self.prune_kv_views(kv_cache) is None
         if index is None:

@@ -133,8 +133,18 @@ class StepPlan:
     selection: StepSelection | None = None
 
 
-LATE_ROWS = 32    # one-token prompt steps a step can capture (vLLM's scheduler cuts at most a few per step; the
-                  # buffers: 32 rows of queries per layer, 8 MiB for a Llama-3.1-8B shape)
+LATE_ROWS = 32    # one-token prompt steps a step can capture by default (the buffers: 32 rows of queries per
+                  # layer, 8 MiB for a Llama-3.1-8B shape)
+
+
+def late_rows(max_num_seqs: int, long_prefill_token_threshold: int) -> int:
+    """How many one-token prompt steps of pruned requests one step may hold, so LateRows never overflows. vLLM's
+    scheduler cuts only the last prompt it schedules in a step short of its token budget, so at most one prompt
+    a step is left with a one-token remainder, run at its next step: LATE_ROWS is ample. With
+    long_prefill_token_threshold > 0 (not vLLM's default) every running prompt may be cut to that many tokens each
+    step, so every request could end on a one-token step at once: max_num_seqs rows. (A pruned request never
+    reads the prefix cache, so a cache hit cannot leave it one token either.)"""
+    return max(LATE_ROWS, max_num_seqs) if long_prefill_token_threshold > 0 else LATE_ROWS
 
 
 class LateRows:
@@ -149,8 +159,9 @@ class LateRows:
       the builder (`late_steps`: plan_prefills of an empty step, c0 = P, qlen = 0). The scheduler frees its tail at
       that step's scheduling either way (manager.py), and that step attends to the pruned layout."""
 
-    def __init__(self, device):
-        self.index = torch.zeros(LATE_ROWS, dtype=torch.long, device=device)
+    def __init__(self, device, rows: int = LATE_ROWS):
+        self.rows = rows         # late_rows(): the layers' capture buffers have as many rows
+        self.index = torch.zeros(rows, dtype=torch.long, device=device)
         self.pending = None      # StepPlan(None, [Chunk], block-table rows) captured by the last step's forward
         self.dirty = False       # index holds some step's token ids (reset before a step that may be shorter)
 
@@ -168,12 +179,12 @@ class LateRows:
             else:
                 keep.append(st)
                 kept_carries.append(carry)
-        if len(captured) > LATE_ROWS:
+        if len(captured) > self.rows:        # (late_rows() sizes it so that vLLM's scheduler cannot get here)
             raise RuntimeError(f"colreduce_kvprune: {len(captured)} prompts prefill a one-token chunk in one step, "
-                               f"more than the {LATE_ROWS} the attention layers capture")
+                               f"more than the {self.rows} the attention layers capture")
         dev = block_table.device
         if captured or self.dirty:
-            ids = torch.zeros(LATE_ROWS, dtype=torch.long)
+            ids = torch.zeros(self.rows, dtype=torch.long)
             ids[: len(captured)] = torch.tensor([st[1] for st, _ in captured], dtype=torch.long)
             self.index.copy_(to_device(ids, dev), non_blocking=True)
             self.dirty = bool(captured)

@@ -89,3 +89,39 @@ def test_one_token_chunks_are_captured_and_pruned_at_the_next_step(llama_path, p
     assert seen["captured"] > 0 and seen["late"] > 0, seen          # one-token steps happened, and ended prompts
     assert got == reference(llama_path, prompts, config, max_tokens=160)
     assert stats.requests_pruned == 2
+
+
+def test_every_prompt_ending_on_a_one_token_step_at_once(llama_path, monkeypatch):
+    """With long_prefill_token_threshold (not vLLM's default) every running prompt is cut to that many tokens a
+    step, so 40 prompts of 2 × 20 + 1 tokens all end on a one-token step together: more than compaction.LATE_ROWS.
+    The capture buffers are sized for it (compaction.late_rows: max_num_seqs rows), and every prompt is pruned at its
+    next step with outputs equal to the transformers path."""
+    from colreduce_kvprune.vllm import compaction
+
+    seen = {"most": 0}
+    split = compaction.LateRows.split
+
+    def counted_split(self, config, policy_, steps, carries, bt):
+        kept = split(self, config, policy_, steps, carries, bt)
+        seen["most"] = max(seen["most"], len(steps) - len(kept[0]))
+        return kept
+
+    monkeypatch.setattr(compaction.LateRows, "split", counted_split)
+    config = dict(policy="snapkv", budget={"keep_tokens": 16}, window=8, sink_tokens=2, min_prompt_tokens=24,
+                  pooling={"kind": "max", "kernel": 3})
+    prompts = random_prompts((41,) * 40, seed=5)
+    with engine(llama_path, config, enable_chunked_prefill=True, max_num_batched_tokens=96, max_num_seqs=48,
+                long_prefill_token_threshold=2) as llm:
+        got = greedy(llm, prompts, max_tokens=8)
+        stats = get_stats(llm)
+    assert seen["most"] > compaction.LATE_ROWS, seen
+    assert got == reference(llama_path, prompts, config, max_tokens=8)
+    assert stats.requests_pruned == 40 and stats.kept_tokens == 40 * 16
+
+
+def test_late_rows_cover_what_the_scheduler_can_cut():
+    from colreduce_kvprune.vllm import compaction
+
+    assert compaction.late_rows(256, 0) == compaction.LATE_ROWS          # vLLM's default: one cut prompt a step
+    assert compaction.late_rows(256, 512) == 256                          # every running prompt cut each step
+    assert compaction.late_rows(8, 512) == compaction.LATE_ROWS

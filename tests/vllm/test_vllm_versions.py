@@ -231,6 +231,7 @@ def test_forward_captures_the_late_rows(readable):
     impl = object.__new__(Impl)
     impl.prune_cold, impl.prune_config = False, object()
     impl.prune_captured = impl.prune_capture_kv = None
+    impl.prune_late_rows = compaction.LATE_ROWS
     q, k, v, out = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.zeros(5, 4, 8)
     index = torch.zeros(compaction.LATE_ROWS, dtype=torch.long)
     index[:2] = torch.tensor([3, 1])
