@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-vllm-out}
 T=tests/vllm
 G1="$T/test_vllm_compaction.py $T/test_vllm_guards.py $T/test_vllm_policies.py $T/test_vllm_timing.py $T/test_vllm_versions.py"
-G2="$T/test_vllm_blocks.py $T/test_vllm_capacity.py $T/test_vllm_passthrough.py $T/test_vllm_prefix_caching.py"
+G2="$T/test_vllm_blocks.py $T/test_vllm_capacity.py $T/test_vllm_passthrough.py $T/test_vllm_prefix_caching.py $T/test_vllm_server.py"
 G3="$T/test_quality_vllm.py $T/test_vllm_tensor_parallel.py $T/test_vllm_chunked_prefill.py"
 ALONE="$T/test_vllm_defaults.py $T/test_cli_run.py"
 # the kernel tests again, under vLLM's torch and Triton (benchmarks/gpu_sweep.sh runs them under the image's)

@@ -1,0 +1,103 @@
+"""vLLM's OpenAI-compatible server with a pruning config, the way a user starts it:
+`python -m vllm.entrypoints.openai.api_server --model M --additional-config '{"kv_prune": "snapkv.yaml"}'` (what
+`vllm serve` runs), its engine core in its own process, at vLLM's defaults but for what the tiny test model needs
+(float32, its length, the test's KV pool). Greedy completions of token-id prompts equal the transformers path with
+the shipped SnapKV config, where that differs from the unpruned answer; a bad config stops the server at start with
+a message naming the key, and no server is left behind."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from colreduce_kvprune.config import load_config
+from vllm_helpers import BLOCK_SIZE, DEVICE, random_prompts, reference
+
+START_TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_cmd(model: str, port: int, kv_prune) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "2048",
+           "--block-size", str(BLOCK_SIZE), "--seed", "0",
+           "--additional-config", json.dumps({"kv_prune": kv_prune})]
+    if DEVICE == "cuda":                     # the tests' fixed 1 GiB pool (vllm_helpers.ENGINE_KW)
+        cmd += ["--kv-cache-memory-bytes", str(1 << 30), "--gpu-memory-utilization", "0.15"]
+    return cmd
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)     # the server's own default: the engine core in a process
+    return env
+
+
+def _post(port: int, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def _wait_ready(proc, port: int, log) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"the server exited with {proc.returncode} before it was ready:\n{log.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"the server was not ready after {START_TIMEOUT} s")
+
+
+def test_openai_server_prunes_with_the_shipped_config(llama_path, tmp_path):
+    config = load_config("snapkv.yaml")                  # keep 25%, prompts of >= 1024 tokens
+    prompts = random_prompts((1100, 1500, 300), seed=11)
+    want = reference(llama_path, prompts, config, max_tokens=16)
+    unpruned = reference(llama_path, prompts, dict(config.to_dict(), min_prompt_tokens=100_000), max_tokens=16)
+    assert want[2] == unpruned[2] and want[:2] != unpruned[:2]     # the comparison can tell pruned from not
+    port = _free_port()
+    with open(tmp_path / "server.log", "w+") as log:
+        proc = subprocess.Popen(_server_cmd(llama_path, port, "snapkv.yaml"), stdout=log, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=tmp_path)           # "snapkv.yaml" is not a file there: the shipped one
+        try:
+            _wait_ready(proc, port, log)
+            got = []
+            for p in prompts:
+                out = _post(port, {"model": llama_path, "prompt": p, "max_tokens": 16, "temperature": 0.0,
+                                   "ignore_eos": True, "return_token_ids": True})
+                got.append(out["choices"][0]["token_ids"])
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert got == want
+
+
+def test_openai_server_refuses_a_bad_config_at_start(llama_path, tmp_path):
+    port = _free_port()
+    proc = subprocess.run(_server_cmd(llama_path, port, {"policy": "snapkv", "budget": {"keep_ratio": 0.25},
+                                                         "windoww": 32}),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path,
+                          timeout=START_TIMEOUT)
+    assert proc.returncode != 0
+    assert "windoww" in proc.stdout and "ConfigError" in proc.stdout, proc.stdout[-4000:]
