@@ -4,11 +4,14 @@
     python benchmarks/serving_online.py --shape tiny --workload smoke --rates 4,8 --out smoke.json   # CPU build
 
 Each run (vanilla vLLM with the package disabled, VLLM_PLUGINS=none; the plugin with configs/snapkv.yaml at a keep
-ratio) is one engine in its own process: vLLM's AsyncLLM at its defaults (the engine core in its own process, as
-`vllm serve` runs it), fed token-id prompts of the workload (benchmarks/serving_gpu.py: same shapes, prompts and
-seeds) at each rate in turn, with exponential inter-arrival times (seeded). Per rate: TTFT p50/p99 (submission to
-the first output token), TPOT p50/p99 ((last − first token time) / (tokens − 1)), end-to-end latency p50/p99,
-output tokens/s over the rate's span. The HTTP layer of vLLM's OpenAI server is not included (same for both runs).
+ratio) is one engine, fed token-id prompts of the workload (benchmarks/serving_gpu.py: same shapes, prompts and
+seeds) at each rate in turn, with exponential inter-arrival times (seeded). `--frontend server` (the default): vLLM's
+OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs) at its defaults,
+started with the run's engine arguments as its command-line flags (the plugin's config through
+`--additional-config`), and streamed /v1/completions requests over HTTP, one thread each. `--frontend engine`:
+vLLM's AsyncLLM in a child process (the engine core in its own process, as the server runs it), without the HTTP
+layer. Per rate: TTFT p50/p99 (submission to the first output token), TPOT p50/p99 ((last − first token time) /
+(tokens − 1)), end-to-end latency p50/p99, output tokens/s over the rate's span.
 """
 from __future__ import annotations
 
@@ -17,10 +20,15 @@ import asyncio
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -41,6 +49,48 @@ async def _one(engine, i: int, prompt: list[int], params, t_submit: float) -> di
             "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
 
 
+def _one_http(port: int, model: str, prompt: list[int], max_tokens: int, t_submit: float) -> dict:
+    """One streamed /v1/completions request of token ids; its timings as _one's."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    first, n = None, 0
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                n += len(choice.get("token_ids") or [])
+            if first is None and n:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft_s": None if first is None else first - t_submit, "e2e_s": end - t_submit, "tokens": n,
+            "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
+
+
+async def _rates(spec: dict, submit) -> dict:
+    """Each rate in turn: Poisson arrivals of the spec's prompts, `submit(index, prompt, t_submit)` an awaitable
+    of _one's result per request; → {rate: summary}."""
+    out = {}
+    for rate in spec["rates"]:
+        rng = random.Random(spec["seed"])
+        t0 = time.perf_counter()
+        arrival, tasks = 0.0, []
+        for prompt in spec["prompts"]:
+            arrival += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(submit(len(tasks) + 1000 * len(out), prompt, time.perf_counter())))
+        res = await asyncio.gather(*tasks)
+        span = max(r["end"] for r in res) - t0
+        col = {k: [r[k] for r in res] for k in ("ttft_s", "tpot_s", "e2e_s")}
+        out[str(rate)] = {
+            "requests": len(res), "span_s": span, "output_tokens_per_s": sum(r["tokens"] for r in res) / span,
+            **{f"{k[:-2]}_p{q}_s": percentile(v, q) for k, v in col.items() for q in (50, 99)}}
+    return out
+
+
 async def _run_rates(spec: dict) -> dict:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -50,32 +100,80 @@ async def _run_rates(spec: dict) -> dict:
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec["engine"]))
     start_s = time.perf_counter() - t
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
-    out = {"engine_start_s": start_s, "rates": {}}
     try:
-        for rate in spec["rates"]:
-            rng = random.Random(spec["seed"])
-            t0 = time.perf_counter()
-            arrival, tasks = 0.0, []
-            for i, prompt in enumerate(spec["prompts"]):
-                arrival += rng.expovariate(rate)
-                await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
-                tasks.append(asyncio.create_task(_one(engine, len(tasks) + 1000 * len(out["rates"]), prompt,
-                                                      params, time.perf_counter())))
-            res = await asyncio.gather(*tasks)
-            span = max(r["end"] for r in res) - t0
-            col = {k: [r[k] for r in res] for k in ("ttft_s", "tpot_s", "e2e_s")}
-            out["rates"][str(rate)] = {
-                "requests": len(res), "span_s": span, "output_tokens_per_s": sum(r["tokens"] for r in res) / span,
-                **{f"{k[:-2]}_p{q}_s": percentile(v, q) for k, v in col.items() for q in (50, 99)}}
+        rates = await _rates(spec, lambda i, prompt, t_submit: _one(engine, i, prompt, params, t_submit))
     finally:
         engine.shutdown()
+    return {"frontend": "engine", "engine_start_s": start_s, "rates": rates}
+
+
+def cli_args(engine: dict) -> list[str]:
+    """EngineArgs fields as vLLM's command-line flags (what `vllm serve` and the api_server module take)."""
+    out = []
+    for key, value in engine.items():
+        flag = key.replace("_", "-")
+        if value is True:
+            out.append(f"--{flag}")
+        elif value is False:
+            out.append(f"--no-{flag}")
+        elif isinstance(value, dict):
+            out += [f"--{flag}", json.dumps(value)]
+        else:
+            out += [f"--{flag}", str(value)]
     return out
+
+
+def _wait_ready(proc, port: int, log_path: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise RuntimeError(f"the server exited with {proc.returncode} at start:\n{f.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready after {timeout} s")
+
+
+async def _run_rates_server(spec: dict, log_path: str) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+           *cli_args(spec["engine"])]
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    pool = ThreadPoolExecutor(max_workers=max(1, len(spec["prompts"])))     # every request in flight at once
+    try:
+        _wait_ready(proc, port, log_path)
+        start_s = time.perf_counter() - t
+        loop = asyncio.get_running_loop()
+        model = spec["engine"]["model"]
+        rates = await _rates(spec, lambda i, prompt, t_submit: loop.run_in_executor(
+            pool, _one_http, port, model, prompt, spec["max_tokens"], t_submit))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"frontend": "server", "engine_start_s": start_s, "rates": rates}
 
 
 def _child(spec_path: str, out_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
-    result = asyncio.run(_run_rates(spec))
+    if spec.get("frontend") == "server":
+        result = asyncio.run(_run_rates_server(spec, out_path + ".server.log"))
+    else:
+        result = asyncio.run(_run_rates(spec))
     with open(out_path, "w") as f:
         json.dump(result, f)
     return 0
@@ -94,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "colreduce-serving-models"))
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (all its rates)")
+    p.add_argument("--frontend", choices=("server", "engine"), default="server",
+                   help="vLLM's OpenAI server over HTTP (default), or AsyncLLM without the HTTP layer")
     p.add_argument("--out")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -107,7 +207,8 @@ def main(argv=None) -> int:
     model = model_folder(a.shape, a.model_root)
     ids, max_tokens = prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed, a.num)
     rates = [float(r) for r in a.rates.split(",")]
-    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "requests_per_rate": len(ids),
+    report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "frontend": a.frontend,
+              "requests_per_rate": len(ids),
               "max_tokens": max_tokens, "rates": rates, "runs": {}}
     for run in a.runs.split(","):
         engine = engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem)
@@ -119,18 +220,27 @@ def main(argv=None) -> int:
             spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             with open(spec_path, "w") as f:
                 json.dump({"engine": engine, "prompts": ids, "max_tokens": max_tokens, "rates": rates,
-                           "seed": a.seed}, f)
+                           "seed": a.seed, "frontend": a.frontend}, f)
             env = child_env(prune is not None)
             env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)      # the engine core in its own process, as served
+            # its own process group: a run that times out is killed with the server and engine it started
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec_path, out_path],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
             try:
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec_path, out_path],
-                                      env=env, capture_output=True, text=True, timeout=a.timeout)
+                _, err = proc.communicate(timeout=a.timeout)
                 if proc.returncode != 0 or not os.path.exists(out_path):
-                    report["runs"][run] = {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+                    server_log = out_path + ".server.log"
+                    if os.path.exists(server_log):
+                        with open(server_log) as f:
+                            err += "\n-- server log --\n" + f.read()[-2000:]
+                    report["runs"][run] = {"error": f"exit {proc.returncode}: {err[-3000:]}"}
                 else:
                     with open(out_path) as f:
                         report["runs"][run] = json.load(f)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
                 report["runs"][run] = {"error": f"timed out after {a.timeout} s"}
         r = report["runs"][run]
         if "error" in r:

@@ -44,8 +44,10 @@ def offline_table(report: dict) -> list[str]:
 
 
 def online_table(report: dict) -> list[str]:
+    via = {"server": ", through vLLM's OpenAI server (streamed /v1/completions)",
+           "engine": ", through AsyncLLM (no HTTP layer)"}.get(report.get("frontend", "engine"), "")
     lines = [f"### Online: Poisson arrivals, {report['requests_per_rate']} requests per rate, workload "
-             f"{report['workload']}, {report['shape']}, {report['dtype']}", "",
+             f"{report['workload']}, {report['shape']}, {report['dtype']}{via}", "",
              "| run | rate (req/s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | latency p50 / p99 (s) | output tok/s |",
              "|" + "---|" * 6]
     for name, r in report["runs"].items():

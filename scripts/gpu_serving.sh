@@ -8,7 +8,8 @@
 # kernels' launch), and RUN@2 for a second sample of RUN (benchmarks/serving_gpu.py).
 # Environment: PROFILE_STEPS (offline workloads: torch.profiler tables of that many pruning steps inside each pruned
 # run's engine, serving_WORKLOAD.json.profile_RUN.txt), NUM (requests of the offline workloads, default the workload's), RUNS (default
-# vanilla,snapkv-0.25,snapkv-0.1), RATES (online, default 1,2), RUN_TIMEOUT (seconds per run, default 280), SHAPE
+# vanilla,snapkv-0.25,snapkv-0.1), RATES (online, default 1,2), FRONTEND (online: server, vLLM's OpenAI server over
+# HTTP, the default; or engine, AsyncLLM), RUN_TIMEOUT (seconds per run, default 280), SHAPE
 # (default llama-3.1-8b; `SHAPE=tiny bash scripts/gpu_serving.sh smoke online report` is a quick check on vLLM's CPU
 # build, with WORKLOAD=smoke for the online part).
 set -uo pipefail
@@ -31,7 +32,7 @@ for part in "$@"; do
             python3 -P benchmarks/serving_online.py --rates "${RATES:-1,2}" --num "${NUM:-64}" \
                 --shape "${SHAPE:-llama-3.1-8b}" --workload "${WORKLOAD:-long}" \
                 --runs "${RUNS:-vanilla,snapkv-0.1}" --timeout "${RUN_TIMEOUT:-280}" \
-                --out "$out/serving_online.json" 2>&1 | quiet | tee "$out/serving_online.log" ;;
+                --frontend "${FRONTEND:-server}" --out "$out/serving_online.json" 2>&1 | quiet | tee "$out/serving_online.log" ;;
         report)
             python3 -P benchmarks/serving_report.py "$out"/serving_*.json --md "$out/h200_serving.md" \
                 --png "$out/h200_serving.png" ;;

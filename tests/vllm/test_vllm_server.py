@@ -101,3 +101,29 @@ def test_openai_server_refuses_a_bad_config_at_start(llama_path, tmp_path):
                           timeout=START_TIMEOUT)
     assert proc.returncode != 0
     assert "windoww" in proc.stdout and "ConfigError" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_online_benchmark_passes_engine_arguments_as_server_flags(llama_path):
+    """benchmarks/serving_online.py --frontend server starts the server with the run's engine arguments as flags:
+    vLLM's own parser reads them back to the same EngineArgs (booleans off, JSON mappings, the pruning config)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:              # the layout before vLLM 0.32
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    try:
+        from serving_online import cli_args
+    finally:
+        sys.path.pop(0)
+    prune = {"policy": "snapkv", "budget": {"keep_ratio": 0.1}, "min_prompt_tokens": 2048}
+    engine = dict(model=llama_path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+                  max_model_len=18432, tensor_parallel_size=1, gpu_memory_utilization=0.9,
+                  compilation_config={"cudagraph_mode": "PIECEWISE"}, async_scheduling=False,
+                  enable_prefix_caching=True, additional_config={"kv_prune": prune})
+    args = AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args(engine)))
+    got = {k: getattr(args, k) for k in engine}
+    got["compilation_config"] = {"cudagraph_mode": str(got["compilation_config"].cudagraph_mode).split(".")[-1]}
+    assert got == engine
