@@ -123,7 +123,15 @@ def cli_args(engine: dict) -> list[str]:
     return out
 
 
-def _wait_ready(proc, port: int, log_path: str, timeout: float = 900) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, port: int, log_path: str, timeout: float = 900) -> None:
+    """Until the server started as proc answers /health on port; RuntimeError with the end of its log if it exits
+    first or is not ready within timeout seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -140,9 +148,7 @@ def _wait_ready(proc, port: int, log_path: str, timeout: float = 900) -> None:
 
 
 async def _run_rates_server(spec: dict, log_path: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            *cli_args(spec["engine"])]
     t = time.perf_counter()
@@ -150,7 +156,7 @@ async def _run_rates_server(spec: dict, log_path: str) -> dict:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     pool = ThreadPoolExecutor(max_workers=max(1, len(spec["prompts"])))     # every request in flight at once
     try:
-        _wait_ready(proc, port, log_path)
+        wait_ready(proc, port, log_path)
         start_s = time.perf_counter() - t
         loop = asyncio.get_running_loop()
         model = spec["engine"]["model"]

@@ -6,25 +6,20 @@ the shipped SnapKV config, where that differs from the unpruned answer; a bad co
 a message naming the key, and no server is left behind."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
-
-import pytest
 
 from colreduce_kvprune.config import load_config
 from vllm_helpers import BLOCK_SIZE, DEVICE, random_prompts, reference
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+try:
+    from serving_online import cli_args, free_port, wait_ready      # the online benchmark's server helpers
+finally:
+    sys.path.pop(0)
+
 START_TIMEOUT = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_cmd(model: str, port: int, kv_prune) -> list[str]:
@@ -50,34 +45,18 @@ def _post(port: int, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _wait_ready(proc, port: int, log) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the server exited with {proc.returncode} before it was ready:\n{log.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"the server was not ready after {START_TIMEOUT} s")
-
-
 def test_openai_server_prunes_with_the_shipped_config(llama_path, tmp_path):
     config = load_config("snapkv.yaml")                  # keep 25%, prompts of >= 1024 tokens
     prompts = random_prompts((1100, 1500, 300), seed=11)
     want = reference(llama_path, prompts, config, max_tokens=16)
     unpruned = reference(llama_path, prompts, dict(config.to_dict(), min_prompt_tokens=100_000), max_tokens=16)
     assert want[2] == unpruned[2] and want[:2] != unpruned[:2]     # the comparison can tell pruned from not
-    port = _free_port()
-    with open(tmp_path / "server.log", "w+") as log:
+    port, log_path = free_port(), str(tmp_path / "server.log")
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(_server_cmd(llama_path, port, "snapkv.yaml"), stdout=log, stderr=subprocess.STDOUT,
                                 env=_env(), cwd=tmp_path)           # "snapkv.yaml" is not a file there: the shipped one
         try:
-            _wait_ready(proc, port, log)
+            wait_ready(proc, port, log_path, START_TIMEOUT)
             got = []
             for p in prompts:
                 out = _post(port, {"model": llama_path, "prompt": p, "max_tokens": 16, "temperature": 0.0,
@@ -94,7 +73,7 @@ def test_openai_server_prunes_with_the_shipped_config(llama_path, tmp_path):
 
 
 def test_openai_server_refuses_a_bad_config_at_start(llama_path, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(_server_cmd(llama_path, port, {"policy": "snapkv", "budget": {"keep_ratio": 0.25},
                                                          "windoww": 32}),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path,
@@ -113,11 +92,6 @@ def test_online_benchmark_passes_engine_arguments_as_server_flags(llama_path):
     except ImportError:              # the layout before vLLM 0.32
         from vllm.entrypoints.openai.cli_args import make_arg_parser
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    try:
-        from serving_online import cli_args
-    finally:
-        sys.path.pop(0)
     prune = {"policy": "snapkv", "budget": {"keep_ratio": 0.1}, "min_prompt_tokens": 2048}
     engine = dict(model=llama_path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
                   max_model_len=18432, tensor_parallel_size=1, gpu_memory_utilization=0.9,
