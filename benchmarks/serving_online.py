@@ -147,6 +147,16 @@ def wait_ready(proc, port: int, log_path: str, timeout: float = 900) -> None:
     raise RuntimeError(f"the server was not ready after {timeout} s")
 
 
+def stop_server(proc) -> None:
+    """Terminate a server process, killing it if it has not exited after 60 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 async def _run_rates_server(spec: dict, log_path: str) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
@@ -164,12 +174,7 @@ async def _run_rates_server(spec: dict, log_path: str) -> dict:
             pool, _one_http, port, model, prompt, spec["max_tokens"], t_submit))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     return {"frontend": "server", "engine_start_s": start_s, "rates": rates}
 
 

@@ -15,7 +15,7 @@ from vllm_helpers import BLOCK_SIZE, DEVICE, random_prompts, reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 try:
-    from serving_online import cli_args, free_port, wait_ready      # the online benchmark's server helpers
+    from serving_online import cli_args, free_port, stop_server, wait_ready      # the online benchmark's server helpers
 finally:
     sys.path.pop(0)
 
@@ -63,12 +63,7 @@ def test_openai_server_prunes_with_the_shipped_config(llama_path, tmp_path):
                                    "ignore_eos": True, "return_token_ids": True})
                 got.append(out["choices"][0]["token_ids"])
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
     assert got == want
 
 
