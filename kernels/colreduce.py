@@ -1,11 +1,11 @@
 """Triton kernels: column reductions of softmax(q·kᵀ·scale) over the query axis, without the attention matrix.
 
-Two passes over K, each program owning its outputs (no atomics: bitwise deterministic):
+Two passes over K, each program owning its outputs (bitwise deterministic):
 1. ``_row_stats_kernel`` (skipped when the caller passes the row log-sum-exp): the key axis is split across
    programs so that a short query window still fills the GPU; the rows of all query heads of a kv group are one
    tile, so each K tile is loaded once per group. Each program writes a partial row max and sum of exponentials;
-   ``_combine_row_stats_kernel`` merges the splits in a fixed order into the row log-sum-exp (with one split the
-   row pass writes it itself).
+   the last program of a row block to finish (an atomic count per row block, the only atomic) merges the splits
+   in a fixed order into the row log-sum-exp (``_combine_splits``; with one split the row pass writes it itself).
 2. the column pass: each program owns BLOCK_N key columns of one kv head, loads that K tile once, and loops over
    the query heads of the group and their query blocks, reducing exp2(s − lse) over rows (sum or max).
    ``_window_column_kernel`` (query windows ≤ 128 rows) keeps the K tile in registers and reduces each k·qᵀ tile at
@@ -118,19 +118,21 @@ def _row_stats_tile(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m_i, l_i, m,
 
 
 @triton.jit
-def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part,
+def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part, LSE2, Counter,
                       sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
-                      spp, sph, max_m, max_n, split_len, qk_scale,
+                      spp, sph, max_m, max_n, split_len, S, qk_scale,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, COMBINE: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial (max, sum of exp2) of each query row over one split of the keys, rows of all G heads together.
 
     Writes M_part/L_part[split, b·Hq + h, m] (log2 domain; -inf and 0 for a row that saw no key). FINAL (one split
-    only): writes the row log-sum-exp (log2 domain, +inf for a row that saw no key) to M_part instead, as
-    _combine_row_stats_kernel would from that one split.
+    only): writes the row log-sum-exp (log2 domain, +inf for a row that saw no key) to M_part instead.
+    COMBINE (S > 1 splits): the last of the S programs of a (row block, sequence × kv head) to finish, counted in
+    Counter (int32 per such pair, zero before the launch and reset to zero by that program), combines the splits'
+    partials of its rows into LSE2[b·Hq + h, m] (_combine_splits), so no separate combine launch is needed.
     """
     split = tl.program_id(0)
     rb = tl.program_id(1)
@@ -174,12 +176,22 @@ def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part,
         m_i, l_i = _row_stats_tile(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m_i, l_i, m, shift, hi,
                                    qk_scale, d, D, UPCAST, DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE,
                                    BLOCK_N)
-    out = split * spp + (b * HKV * G + hk * G + g) * sph + m
+    row = (b * HKV * G + hk * G + g) * sph + m
+    out = split * spp + row
     if FINAL:
         tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
     else:
         tl.store(M_part + out, m_i, mask=r_ok)
         tl.store(L_part + out, l_i, mask=r_ok)
+        if COMBINE:
+            # every thread's partials written, then one release-acquire count per program: the program that
+            # counts last sees the other programs' partials (the threadfence reduction)
+            tl.debug_barrier()
+            slot = Counter + rb * tl.num_programs(2) + bh
+            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == S - 1:
+                tl.debug_barrier()
+                tl.store(LSE2 + row, _combine_splits(M_part, L_part, row, r_ok, spp, S), mask=r_ok)
+                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")       # ready for the next launch
 
 
 @triton.jit
@@ -189,22 +201,21 @@ def _row_lse(m_max, total):
 
 
 @triton.jit
-def _combine_row_stats_kernel(M_part, L_part, LSE2, n_rows, spp, S, BLOCK: tl.constexpr):
-    """LSE2[i] = log2-domain log-sum-exp of row i from its S partials (M_part/L_part[s, i]), the splits combined
-    in a fixed order (deterministic); +inf for a row that saw no key; NaN stays NaN."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < n_rows
-    m_max = tl.full([BLOCK], float("-inf"), tl.float32)
+def _combine_splits(M_part, L_part, i, ok, spp, S):
+    """log2-domain log-sum-exp of rows i from their S partials (M_part/L_part[s, i]), the splits combined in a fixed
+    order (deterministic); +inf for a row that saw no key; NaN stays NaN. The loads bypass L1 (".cg"): other
+    programs wrote these partials during this launch."""
+    m_max = tl.full(i.shape, float("-inf"), tl.float32)
     for s in range(S):
-        m_max = tl.maximum(m_max, tl.load(M_part + s * spp + i, mask=ok, other=float("-inf")),
+        m_max = tl.maximum(m_max, tl.load(M_part + s * spp + i, mask=ok, other=float("-inf"), cache_modifier=".cg"),
                            propagate_nan=tl.PropagateNan.ALL)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.zeros([BLOCK], tl.float32)
+    total = tl.zeros(i.shape, tl.float32)
     for s in range(S):
-        mp = tl.load(M_part + s * spp + i, mask=ok, other=float("-inf"))
-        lp = tl.load(L_part + s * spp + i, mask=ok, other=0.0)
+        mp = tl.load(M_part + s * spp + i, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        lp = tl.load(L_part + s * spp + i, mask=ok, other=0.0, cache_modifier=".cg")
         total += lp * tl.exp2(mp - m_max)
-    tl.store(LSE2 + i, _row_lse(m_max, total), mask=ok)
+    return _row_lse(m_max, total)
 
 
 @triton.jit
@@ -537,7 +548,8 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
                   UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
     final = variant != "old" and splits == 1 and not lse_given
-    row_kw = dict(FINAL=final, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
+    combine = variant != "old" and splits > 1 and not lse_given
+    row_kw = dict(FINAL=final, COMBINE=combine, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
                   num_stages=cfg["stages1"], **common)
     col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
@@ -592,7 +604,7 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
     """(S, …) partial row max and sum of exp2 → log2-domain row log-sum-exp, +inf where a row sees no key.
 
     Reduces the split axis in a fixed order (deterministic). The "old" launch variant's combine (torch ops);
-    the "new" one runs _combine_row_stats_kernel."""
+    the others combine in the row pass's last program per row block (_combine_splits)."""
     m_max = m_part.amax(0)
     m_max = torch.where(torch.isneginf(m_max), torch.zeros_like(m_max), m_max)
     total = (l_part * torch.exp2(m_part - m_max)).sum(0)
@@ -607,7 +619,17 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
 # 16-byte alignment, the constexprs/options (the recipe), the device. Any failure while building a launcher falls
 # back to the JIT dispatch for that key.
 _direct_launchers: dict = {}
-_COMBINE_KW = {"BLOCK": 1024}
+_counters: dict = {}       # (device, stream) -> int32 zeros: the row pass's split counters (COMBINE)
+
+
+def _counter(n: int, device: torch.device, dev: int) -> torch.Tensor:
+    """At least n zeroed int32 split counters for launches on the current stream (one buffer per stream, so that
+    launches on concurrent streams never share one; each launch leaves its counters at zero)."""
+    key = (str(device), torch._C._cuda_getCurrentRawStream(dev) if dev >= 0 else 0)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _counters[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def _spec(args) -> tuple:
@@ -740,6 +762,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
     qk_scale = scale * LOG2E
     if lse is None:
+        counter = out                                      # unused placeholder (COMBINE is False)
         if final:                                          # one split: the row pass writes the lse itself
             m_part = l_part = lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
             spp = Hq * max_m
@@ -747,19 +770,18 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             parts = torch.empty(2, splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
             m_part, l_part = parts[0], parts[1]
             spp = B * Hq * max_m
+            if variant != "old":                           # the row pass's last program per row block combines
+                lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
+                counter = _counter(row_blocks * B * Hkv, q.device, dev)
         if max_m:
             _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
                     (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                     sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, qk_scale),
+                     lse2 if not final and variant != "old" else m_part, counter,
+                     sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, splits,
+                     qk_scale),
                     row_kw, rkey, dev)
         if not final:
-            if variant != "old":
-                lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
-                rows = B * Hq * max_m
-                if rows:
-                    _launch(_combine_row_stats_kernel, ((rows + 1023) // 1024,),
-                            (m_part, l_part, lse2, rows, spp, splits), _COMBINE_KW, rkey, dev)
-            else:
+            if variant == "old":
                 lse2 = _combine_row_stats(m_part, l_part)      # (B, Hq, max_m), rows local per sequence
         slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0
     else:

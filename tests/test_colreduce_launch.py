@@ -161,3 +161,24 @@ def test_direct_launch_matches_jit_dispatch():
     finally:
         kmod.set_launch_variant(before)
     assert any(v is not None for v in kmod._direct_launchers.values()), "no direct launcher was built"
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_row_pass_combines_its_splits(splits, monkeypatch):
+    """With the key axis split, the last row-pass program of each (row block, sequence × kv head) combines the
+    splits' partials into the lse (an atomic count per row block; no combine launch): several row blocks, kv heads,
+    sequences and splits, equal to the float64 reference and to the "old" variant's torch combine; a second call
+    gives the same bits (the counters are back at zero, as the test then checks)."""
+    _poison_empty(monkeypatch)
+    monkeypatch.setattr(kmod, "_num_splits", lambda *a, **k: splits)
+    shape = (2, 4, 2, 24, 150, 16)                   # G·M = 48 rows per kv head: 3 row blocks of 16
+    q, k = rand_qk(shape, torch.float32, seed=5)
+    cfg = dict(_gpu_like_config(24, 150, 16, 2, 4), BLOCK_R=16, BLOCK_N1=16, BLOCK_N=32, stages1=1, stages=1)
+    assert kmod._plan(24, 150, 16, 2, 2, 2, True, "new", 1, cfg)[2] == splits
+    kw = dict(is_causal=True, scale=0.25, group_reduce="mean", config=cfg)
+    ref = reference(q, k, "sum", True, "mean")
+    first = colreduce_triton(q, k, "sum", variant="new", **kw)
+    assert rel_err(first, ref) < TOL[torch.float32]
+    assert rel_err(first, colreduce_triton(q, k, "sum", variant="old", **kw)) < 1e-6
+    assert torch.equal(colreduce_triton(q, k, "sum", variant="new", **kw), first)
+    assert kmod._counters and all(int(c.abs().sum()) == 0 for c in kmod._counters.values())
