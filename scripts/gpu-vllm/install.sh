@@ -58,7 +58,8 @@ _gpu_vllm_install() {
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}      # the device has no network
   awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN{printf "gpu-vllm: ";
     if (c > a) printf "checksums %.1f s, wheels %.1f s, ", b-a, c-b; printf "project %.1f s\n", d-c}'
-  # A full `import vllm` (about 5 s) only right after installing the wheels; later calls read its version.
+  # A full `import vllm` and of its OpenAI server (seconds) only right after installing the wheels; later calls read
+  # vLLM's version.
   python3 - "$proj" "$([ "$t2" = "$t0" ] && echo 0 || echo 1)" <<'EOF' \
     || { echo "gpu-vllm: CUDA not available or version check failed"; return 1; }
 import importlib.metadata as md, sys
@@ -66,6 +67,12 @@ import torch, triton
 if sys.argv[2] == "1":
     import vllm
     vv = vllm.__version__
+    # The OpenAI server imports more than the engine (uvicorn & co.); a missing one shows here, not at a server start.
+    try:
+        import vllm.entrypoints.openai.api_server  # noqa: F401
+        print("gpu-vllm: OpenAI server imports: ok")
+    except ImportError as e:
+        print(f"gpu-vllm: OpenAI server imports: MISSING {e.name!r} ({e}); `vllm serve` and the server tests will fail")
 else:
     vv = md.version("vllm")
 ok = torch.cuda.is_available()
