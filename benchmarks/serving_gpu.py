@@ -190,7 +190,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "colreduce-serving-models"))
     p.add_argument("--out", required=True)
-    p.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per run once its engine is up (the engine's start is limited by --start-timeout)")
+    p.add_argument("--start-timeout", type=float, default=None,
+                   help="seconds for a run's engine to start (cold compile caches: 60-80 s on the H200)")
     p.add_argument("--timing", action="store_true",
                    help="pruned runs: time the plugin's work per layer against vLLM's attention and the prefill's "
                         "decoder layers (KVPRUNE_TIMING=1, CUDA events)")
@@ -218,7 +221,8 @@ def main(argv=None) -> int:
         else:
             os.environ["COLREDUCE_KVPRUNE_LAUNCH"] = variant
         try:
-            res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout)
+            res = run_in_subprocess(job, prune_config(run, a.min_prompt_tokens), timeout=a.timeout,
+                                    start_timeout=a.start_timeout)
             report["runs"][run] = summarize(res) | {"launch_variant": variant or "default"}
         except RunError as e:
             report["runs"][run] = {"error": str(e)}

@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -387,10 +388,52 @@ def child_command(module: str) -> list[str]:
     return [sys.executable, "-c", boot]
 
 
+class _Watchdog:
+    """Kills a run's process when its engine start or, once the engine is up, its run passes the limit (None: no
+    limit), from a thread: a child that stops printing is stopped too. `expired` then says which limit passed."""
+
+    def __init__(self, proc: subprocess.Popen, timeout: float | None, start_timeout: float | None):
+        self.proc, self.timeout, self.start_timeout = proc, timeout, start_timeout
+        self.t0 = time.monotonic()
+        self.deadline = None if start_timeout is None else self.t0 + start_timeout
+        self.up_at: float | None = None
+        self.expired: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def engine_up(self) -> None:
+        if self.up_at is None:
+            self.up_at = time.monotonic()
+            self.deadline = None if self.timeout is None else self.up_at + self.timeout
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.25):
+            deadline = self.deadline
+            if deadline is None or time.monotonic() <= deadline or self.proc.poll() is not None:
+                continue
+            if self.up_at is None:
+                self.expired = f"the engine did not start within {self.start_timeout:.0f} s"
+            else:
+                self.expired = (f"timed out after {self.timeout:.0f} s of the run (the engine started in "
+                                f"{self.up_at - self.t0:.0f} s)")
+            self.proc.kill()
+            return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], None] | None = None, *,
                       log: Callable[[str], None] | None = None, log_dir: str | None = None,
-                      timeout: float | None = None) -> dict:
+                      timeout: float | None = None, start_timeout: float | None = None) -> dict:
     """Run `job` in a fresh Python process (see `run_engine`); return its result.
+
+    timeout: seconds for the run once its engine is up (the child's "started" event, SGLang's "generating");
+    start_timeout: seconds from the process's start to that point (a cold engine start compiles for a minute or
+    more, which a run's limit should not have to cover). Past either, the process is killed, whether it prints or
+    not, and RunError says which limit it was.
 
     on_event gets the child's "started" / "progress" events; log gets every other output line (vLLM's log). The
     full log is kept in `log_dir` (a temp folder by default); RunError carries the failing line and that path.
@@ -418,22 +461,20 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
         cmd = child_command("colreduce_kvprune.serving")
     tail: deque[str] = deque(maxlen=40)
     result, error = None, None
-    deadline = None if timeout is None else time.monotonic() + timeout
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, bufsize=1)
+        watchdog = _Watchdog(proc, timeout, start_timeout)
         proc.stdin.write(json.dumps({"job": job, "prune": payload}))
         proc.stdin.close()
         for line in proc.stdout:
-            if deadline is not None and time.monotonic() > deadline:
-                proc.kill()
-                error = f"timed out after {timeout:.0f} s"
-                break
             if line.startswith(EVENT_PREFIX):
                 # raw_decode: another process writing to the same pipe (SGLang's scheduler) may have put its own
                 # line right after the event, before the event's newline; that rest is log output
                 event, end = _DECODER.raw_decode(line, len(EVENT_PREFIX))
                 line = line[end:]
+                if event["event"] in ("started", "generating"):
+                    watchdog.engine_up()
                 if event["event"] == "result":
                     result = event["result"]
                 elif event["event"] == "error":
@@ -452,6 +493,9 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
             if log is not None:
                 log(line.rstrip())
         rc = proc.wait()
+        watchdog.stop()
+    if watchdog.expired is not None:
+        error = watchdog.expired
     if result is not None and rc == 0:
         return result if sampler is None else dict(result, **sampler.stats())
     if error is None:

@@ -9,7 +9,9 @@
 # Environment: PROFILE_STEPS (offline workloads: torch.profiler tables of that many pruning steps inside each pruned
 # run's engine, serving_WORKLOAD.json.profile_RUN.txt), NUM (requests of the offline workloads, default the workload's), RUNS (default
 # vanilla,snapkv-0.25,snapkv-0.1), RATES (online, default 1,2), FRONTEND (online: server, vLLM's OpenAI server over
-# HTTP, the default; or engine, AsyncLLM), RUN_TIMEOUT (seconds per run, default 280), SHAPE
+# HTTP, the default; or engine, AsyncLLM), RUN_TIMEOUT (seconds per run, default 280: for the offline workloads
+# counted from the engine's start-up, which START_TIMEOUT limits, default 240; online: the whole run, server start
+# included), SHAPE
 # (default llama-3.1-8b; `SHAPE=tiny bash scripts/gpu_serving.sh smoke online report` is a quick check on vLLM's CPU
 # build, with WORKLOAD=smoke for the online part).
 set -uo pipefail
@@ -25,7 +27,7 @@ for part in "$@"; do
     case "$part" in
         long|short|mixed|decode|smoke)
             python3 -P benchmarks/serving_gpu.py --workload "$part" --shape "${SHAPE:-llama-3.1-8b}" ${NUM:+--num "$NUM"} \
-                --runs "${RUNS:-vanilla,snapkv-0.25,snapkv-0.1}" --timing --timeout "${RUN_TIMEOUT:-280}" \
+                --runs "${RUNS:-vanilla,snapkv-0.25,snapkv-0.1}" --timing --timeout "${RUN_TIMEOUT:-280}" --start-timeout "${START_TIMEOUT:-240}" \
                 ${PROFILE_STEPS:+--profile-steps "$PROFILE_STEPS"} \
                 --out "$out/serving_$part.json" 2>&1 | quiet | tee "$out/serving_$part.log" ;;
         online)

@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -213,6 +214,33 @@ def test_failed_run_is_reported_with_its_log(model_dir, tmp_path):
                        ) as e:
         serving.run_in_subprocess(job, None, log_dir=str(tmp_path))
     assert (tmp_path / "baseline.log").is_file() and str(tmp_path / "baseline.log") in str(e.value)
+
+
+def _scripted_child(monkeypatch, script: str):
+    """Runs of run_in_subprocess start `script` (Python; `ev(dict)` prints an event) instead of an engine."""
+    prelude = (f"import json, sys, time\nsys.stdin.read()\n"
+               f"def ev(e): print({serving.EVENT_PREFIX!r} + json.dumps(e), flush=True)\n")
+    monkeypatch.setattr(serving, "child_command", lambda module: [sys.executable, "-c", prelude + script])
+
+
+def test_run_limits_kill_a_silent_child(monkeypatch, tmp_path):
+    """The start limit and the run limit stop a child that prints nothing more, and say which limit passed; the
+    time the engine takes to start does not count against the run's limit."""
+    job = {"engine": {}, "prompts": [[1]], "max_tokens": 1}
+    _scripted_child(monkeypatch, "time.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"the engine did not start within 1 s"):
+        serving.run_in_subprocess(job, None, log_dir=str(tmp_path), timeout=100, start_timeout=1)
+    assert time.monotonic() - t0 < 30
+    _scripted_child(monkeypatch, "ev({'event': 'started', 'engine_start_s': 0.0, 'num_blocks': 1})\ntime.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"timed out after 1 s of the run \(the engine started in \d+ s\)"):
+        serving.run_in_subprocess(job, None, log_dir=str(tmp_path), timeout=1, start_timeout=100)
+    assert time.monotonic() - t0 < 30
+    _scripted_child(monkeypatch, "time.sleep(3)\nev({'event': 'started', 'engine_start_s': 3.0, 'num_blocks': 1})\n"
+                                 "ev({'event': 'result', 'result': {'requests': 1}})")
+    got = serving.run_in_subprocess(job, None, log_dir=str(tmp_path), timeout=2, start_timeout=30)
+    assert got == {"requests": 1}
 
 
 # ------------------------------------------------------------------------------------------------ the report
