@@ -5,7 +5,8 @@
 
 Model: random weights (load_format="dummy") of a Llama-3.1-8B shape (32 layers, hidden 4096, 32 query / 8 kv heads,
 head dim 128, vocabulary 128256, intermediate 14336), bf16; `--shape llama-3.1-70b --tp 2` for two GPUs; `--shape
-tiny` for a smoke run. Workloads (random
+qwen3-8b` for Qwen3-8B's (Qwen3 architecture, 36 layers, intermediate 12288, vocabulary 151936); `--shape tiny`
+(or tiny-qwen3) for a smoke run. Workloads (random
 token prompts, fixed seeds, ignore_eos, fixed output lengths):
   long   256 requests x 16k prompt tokens, 128 output tokens
   mixed  256 requests, prompt lengths 2k-32k log-uniform, 256 output tokens
@@ -53,8 +54,15 @@ SHAPES = {
     "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                           num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                           rope_theta=500000.0),
+    # Qwen3-8B's shape (36 layers, 32 / 8 heads of 128, q/k RMSNorm: the Qwen3 architecture, not Llama's)
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096),
+    "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
+                       max_position_embeddings=4096),
 }
 WORKLOADS = {
     "long": dict(num=256, lengths=(16384, 16384), max_tokens=128),
@@ -66,12 +74,17 @@ WORKLOADS = {
 
 
 def model_folder(shape: str, root: str) -> str:
-    """A config-only model folder (weights are vLLM's dummy load)."""
-    from transformers import LlamaConfig
+    """A config-only model folder (weights are vLLM's dummy load); the architecture is the shape's model_type
+    (default llama)."""
+    import transformers
 
+    fields = dict(SHAPES[shape])
+    config_class, arch = {"llama": (transformers.LlamaConfig, "LlamaForCausalLM"),
+                          "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM")}[fields.pop("model_type", "llama")]
     path = os.path.join(root, shape)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16").save_pretrained(path)
+        config_class(**fields, architectures=[arch], bos_token_id=1, eos_token_id=2,
+                     torch_dtype="bfloat16").save_pretrained(path)
     return path
 
 
