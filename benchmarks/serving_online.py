@@ -11,7 +11,9 @@ started with the run's engine arguments as its command-line flags (the plugin's 
 `--additional-config`), and streamed /v1/completions requests over HTTP, one thread each. `--frontend engine`:
 vLLM's AsyncLLM in a child process (the engine core in its own process, as the server runs it), without the HTTP
 layer. Per rate: TTFT p50/p99 (submission to the first output token), TPOT p50/p99 ((last − first token time) /
-(tokens − 1)), end-to-end latency p50/p99, output tokens/s over the rate's span.
+(tokens − 1)), end-to-end latency p50/p99, output tokens/s over the rate's span; and from vLLM's own Prometheus
+metrics, sampled every 0.25 s over the rate's span (the server's /metrics; in-process for AsyncLLM): requests
+running and waiting and the KV cache usage over time, their peaks and means, and the preemptions.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -70,12 +73,79 @@ def _one_http(port: int, model: str, prompt: list[int], max_tokens: int, t_submi
             "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
 
 
-async def _rates(spec: dict, submit) -> dict:
+# vLLM's Prometheus metrics sampled during a rate (summed over the label sets: one per engine)
+METRICS = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+           "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions"}
+
+
+def parse_metrics(text: str) -> dict:
+    """The METRICS values of a Prometheus text exposition, by their short names (absent ones left out)."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in METRICS:
+            key = METRICS[name]
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class MetricsSampler:
+    """Samples `fetch()` (Prometheus text) every `interval` s from a thread, between start() and stop(); stop()
+    returns the timeline and its summary: peak and mean running requests (mean over the samples), peak waiting,
+    peak and mean KV cache usage (fraction of the pool), preemptions during the span."""
+
+    def __init__(self, fetch, interval: float = 0.25):
+        self.fetch, self.interval = fetch, interval
+        self.samples: list[dict] = []
+        self._done = threading.Event()
+        self._thread = None
+
+    def _sample(self, t0: float) -> None:
+        try:
+            self.samples.append(dict(parse_metrics(self.fetch()), t=time.perf_counter() - t0))
+        except Exception as e:        # noqa: BLE001 - a missed sample is reported, not fatal to the run
+            self.samples.append({"t": time.perf_counter() - t0, "error": repr(e)[:200]})
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._sample(self._t0)
+
+        def loop():
+            while not self._done.wait(self.interval):
+                self._sample(self._t0)
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        self._done.set()
+        self._thread.join()
+        self._sample(self._t0)                    # the state at the end (the last preemptions)
+        ok = [x for x in self.samples if "error" not in x]
+        col = {k: [x[k] for x in ok if k in x] for k in ("running", "waiting", "kv_usage", "preemptions")}
+        return {
+            "metrics_samples": len(ok), "metrics_errors": len(self.samples) - len(ok),
+            "peak_running": max(col["running"], default=None),
+            "mean_running": sum(col["running"]) / len(col["running"]) if col["running"] else None,
+            "peak_waiting": max(col["waiting"], default=None),
+            "peak_kv_usage": max(col["kv_usage"], default=None),
+            "mean_kv_usage": sum(col["kv_usage"]) / len(col["kv_usage"]) if col["kv_usage"] else None,
+            "preemptions": col["preemptions"][-1] - col["preemptions"][0] if len(col["preemptions"]) > 1 else None,
+            "timeline": {k: [x.get(k) for x in ok] for k in ("t", "running", "waiting", "kv_usage")},
+        }
+
+
+async def _rates(spec: dict, submit, fetch_metrics=None) -> dict:
     """Each rate in turn: Poisson arrivals of the spec's prompts, `submit(index, prompt, t_submit)` an awaitable
-    of _one's result per request; → {rate: summary}."""
+    of _one's result per request; → {rate: summary}. fetch_metrics: () → vLLM's Prometheus text, sampled over
+    each rate (MetricsSampler)."""
     out = {}
     for rate in spec["rates"]:
         rng = random.Random(spec["seed"])
+        sampler = None if fetch_metrics is None else MetricsSampler(fetch_metrics)
+        if sampler is not None:
+            sampler.start()
         t0 = time.perf_counter()
         arrival, tasks = 0.0, []
         for prompt in spec["prompts"]:
@@ -87,7 +157,8 @@ async def _rates(spec: dict, submit) -> dict:
         col = {k: [r[k] for r in res] for k in ("ttft_s", "tpot_s", "e2e_s")}
         out[str(rate)] = {
             "requests": len(res), "span_s": span, "output_tokens_per_s": sum(r["tokens"] for r in res) / span,
-            **{f"{k[:-2]}_p{q}_s": percentile(v, q) for k, v in col.items() for q in (50, 99)}}
+            **{f"{k[:-2]}_p{q}_s": percentile(v, q) for k, v in col.items() for q in (50, 99)},
+            **(sampler.stop() if sampler is not None else {})}
     return out
 
 
@@ -100,8 +171,11 @@ async def _run_rates(spec: dict) -> dict:
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec["engine"]))
     start_s = time.perf_counter() - t
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
+    import prometheus_client           # AsyncLLM's Prometheus stat logger registers its metrics in this process
+
     try:
-        rates = await _rates(spec, lambda i, prompt, t_submit: _one(engine, i, prompt, params, t_submit))
+        rates = await _rates(spec, lambda i, prompt, t_submit: _one(engine, i, prompt, params, t_submit),
+                             lambda: prometheus_client.generate_latest().decode())
     finally:
         engine.shutdown()
     return {"frontend": "engine", "engine_start_s": start_s, "rates": rates}
@@ -147,6 +221,11 @@ def wait_ready(proc, port: int, log_path: str, timeout: float = 900) -> None:
     raise RuntimeError(f"the server was not ready after {timeout} s")
 
 
+def _get_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
 def stop_server(proc) -> None:
     """Terminate a server process, killing it if it has not exited after 60 s."""
     proc.terminate()
@@ -171,7 +250,7 @@ async def _run_rates_server(spec: dict, log_path: str) -> dict:
         loop = asyncio.get_running_loop()
         model = spec["engine"]["model"]
         rates = await _rates(spec, lambda i, prompt, t_submit: loop.run_in_executor(
-            pool, _one_http, port, model, prompt, spec["max_tokens"], t_submit))
+            pool, _one_http, port, model, prompt, spec["max_tokens"], t_submit), lambda: _get_metrics(port))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         stop_server(proc)
@@ -260,7 +339,8 @@ def main(argv=None) -> int:
             for rate, x in r["rates"].items():
                 print(f"{run:12s} rate {rate:>5s}/s  TTFT p50 {x['ttft_p50_s']:.3f} s p99 {x['ttft_p99_s']:.3f} s  "
                       f"TPOT p50 {x['tpot_p50_s']:.4f} s p99 {x['tpot_p99_s']:.4f} s  "
-                      f"{x['output_tokens_per_s']:.1f} tok/s", flush=True)
+                      f"{x['output_tokens_per_s']:.1f} tok/s  peak running {x.get('peak_running')}  "
+                      f"peak KV usage {x.get('peak_kv_usage')}  preemptions {x.get('preemptions')}", flush=True)
         with open(a.out, "w") as f:
             json.dump(report, f)
     return 0 if all("error" not in r for r in report["runs"].values()) else 1

@@ -48,17 +48,25 @@ def online_table(report: dict) -> list[str]:
            "engine": ", through AsyncLLM (no HTTP layer)"}.get(report.get("frontend", "engine"), "")
     lines = [f"### Online: Poisson arrivals, {report['requests_per_rate']} requests per rate, workload "
              f"{report['workload']}, {report['shape']}, {report['dtype']}{via}", "",
-             "| run | rate (req/s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | latency p50 / p99 (s) | output tok/s |",
-             "|" + "---|" * 6]
+             "| run | rate (req/s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | latency p50 / p99 (s) | output tok/s "
+             "| peak / mean running | peak / mean KV cache usage | preemptions |",
+             "|" + "---|" * 9]
     for name, r in report["runs"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:120]} | | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 7)
             continue
-        for rate, x in r["rates"].items():
+        for rate, x in r["rates"].items():       # the last three from vLLM's metrics (absent in older JSON: –)
             lines.append(f"| {name} | {rate} | {_fmt(x['ttft_p50_s'])} / {_fmt(x['ttft_p99_s'])} | "
                          f"{_fmt(x['tpot_p50_s'], 4)} / {_fmt(x['tpot_p99_s'], 4)} | {_fmt(x['e2e_p50_s'])} / "
-                         f"{_fmt(x['e2e_p99_s'])} | {_fmt(x['output_tokens_per_s'], 1)} |")
+                         f"{_fmt(x['e2e_p99_s'])} | {_fmt(x['output_tokens_per_s'], 1)} | "
+                         f"{_fmt(_int(x.get('peak_running')))} / {_fmt(x.get('mean_running'), 1)} | "
+                         f"{_pct(x.get('peak_kv_usage'))} / {_pct(x.get('mean_kv_usage'))} | "
+                         f"{_fmt(_int(x.get('preemptions')))} |")
     return lines
+
+
+def _int(x):
+    return None if x is None else int(round(x))
 
 
 def _pct(x):
