@@ -70,3 +70,10 @@ def qwen2_path(tmp_path_factory):
     from vllm_helpers import build_model
 
     return build_model("qwen2", tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tmp_path_factory):
+    from vllm_helpers import build_model
+
+    return build_model("qwen3", tmp_path_factory.mktemp("tiny_qwen3"))

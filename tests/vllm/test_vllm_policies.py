@@ -16,7 +16,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("kind,policy", [("llama", "snapkv"), ("llama", "h2o"), ("llama", "tova"),
-                                         ("llama", "streamingllm"), ("qwen2", "snapkv"), ("qwen2", "h2o")])
+                                         ("llama", "streamingllm"), ("qwen2", "snapkv"), ("qwen2", "h2o"),
+                                         ("qwen3", "snapkv")])
 def test_pruned_outputs_equal_transformers_path(request, monkeypatch, kind, policy):
     from colreduce_kvprune.vllm import compaction
 
