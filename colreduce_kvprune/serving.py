@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -390,7 +391,13 @@ def child_command(module: str) -> list[str]:
 
 class _Watchdog:
     """Kills a run's process when its engine start or, once the engine is up, its run passes the limit (None: no
-    limit), from a thread: a child that stops printing is stopped too. `expired` then says which limit passed."""
+    limit), from a thread: a child that stops printing is stopped too. `expired` then says which limit passed.
+    The process leads its own process group when limited (`limited`): the group is killed, so the workers of a
+    tensor-parallel engine go with it and release the output pipe."""
+
+    @staticmethod
+    def limited(timeout: float | None, start_timeout: float | None) -> bool:
+        return timeout is not None or start_timeout is not None
 
     def __init__(self, proc: subprocess.Popen, timeout: float | None, start_timeout: float | None):
         self.proc, self.timeout, self.start_timeout = proc, timeout, start_timeout
@@ -417,12 +424,55 @@ class _Watchdog:
             else:
                 self.expired = (f"timed out after {self.timeout:.0f} s of the run (the engine started in "
                                 f"{self.up_at - self.t0:.0f} s)")
-            self.proc.kill()
+            self.kill()
             return
+
+    def kill(self) -> None:
+        if self.limited(self.timeout, self.start_timeout):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            self.proc.kill()
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
+
+
+def _read_child(proc, job, payload, watchdog, sampler, on_event, log, logf, tail) -> tuple:
+    """Send the child its job, then read its output to the end: events to (result, error), the watchdog and
+    on_event; every other line to the log file, the sampler, tail and log."""
+    result, error = None, None
+    proc.stdin.write(json.dumps({"job": job, "prune": payload}))
+    proc.stdin.close()
+    for line in proc.stdout:
+        if line.startswith(EVENT_PREFIX):
+            # raw_decode: another process writing to the same pipe (SGLang's scheduler) may have put its own
+            # line right after the event, before the event's newline; that rest is log output
+            event, end = _DECODER.raw_decode(line, len(EVENT_PREFIX))
+            line = line[end:]
+            if event["event"] in ("started", "generating"):
+                watchdog.engine_up()
+            if event["event"] == "result":
+                result = event["result"]
+            elif event["event"] == "error":
+                error = event["message"]
+            elif event["event"] == "generating":
+                if sampler is not None:
+                    sampler.start()
+            elif on_event is not None:
+                on_event(event)
+            if not line.strip():
+                continue
+        logf.write(line)
+        if sampler is not None:
+            sampler(line)
+        tail.append(line.rstrip())
+        if log is not None:
+            log(line.rstrip())
+    return result, error
 
 
 def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], None] | None = None, *,
@@ -463,37 +513,17 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
     result, error = None, None
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env, bufsize=1)
+                                text=True, env=env, bufsize=1,
+                                start_new_session=_Watchdog.limited(timeout, start_timeout))
         watchdog = _Watchdog(proc, timeout, start_timeout)
-        proc.stdin.write(json.dumps({"job": job, "prune": payload}))
-        proc.stdin.close()
-        for line in proc.stdout:
-            if line.startswith(EVENT_PREFIX):
-                # raw_decode: another process writing to the same pipe (SGLang's scheduler) may have put its own
-                # line right after the event, before the event's newline; that rest is log output
-                event, end = _DECODER.raw_decode(line, len(EVENT_PREFIX))
-                line = line[end:]
-                if event["event"] in ("started", "generating"):
-                    watchdog.engine_up()
-                if event["event"] == "result":
-                    result = event["result"]
-                elif event["event"] == "error":
-                    error = event["message"]
-                elif event["event"] == "generating":
-                    if sampler is not None:
-                        sampler.start()
-                elif on_event is not None:
-                    on_event(event)
-                if not line.strip():
-                    continue
-            logf.write(line)
-            if sampler is not None:
-                sampler(line)
-            tail.append(line.rstrip())
-            if log is not None:
-                log(line.rstrip())
+        try:
+            result, error = _read_child(proc, job, payload, watchdog, sampler, on_event, log, logf, tail)
+        except BaseException:              # Ctrl-C or an error here: its own process group would outlive us
+            watchdog.kill()
+            raise
+        finally:
+            watchdog.stop()
         rc = proc.wait()
-        watchdog.stop()
     if watchdog.expired is not None:
         error = watchdog.expired
     if result is not None and rc == 0:

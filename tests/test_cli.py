@@ -237,6 +237,14 @@ def test_run_limits_kill_a_silent_child(monkeypatch, tmp_path):
     with pytest.raises(RunError, match=r"timed out after 1 s of the run \(the engine started in \d+ s\)"):
         serving.run_in_subprocess(job, None, log_dir=str(tmp_path), timeout=1, start_timeout=100)
     assert time.monotonic() - t0 < 30
+    # a worker process of the child (tensor parallelism) holds the output pipe too: the whole group is killed
+    _scripted_child(monkeypatch, "import subprocess\nsubprocess.Popen([sys.executable, '-c', 'import time; "
+                                 "time.sleep(60)'])\nev({'event': 'started', 'engine_start_s': 0.0, 'num_blocks': 1})\n"
+                                 "time.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"timed out after 1 s of the run"):
+        serving.run_in_subprocess(job, None, log_dir=str(tmp_path), timeout=1)
+    assert time.monotonic() - t0 < 30
     _scripted_child(monkeypatch, "time.sleep(3)\nev({'event': 'started', 'engine_start_s': 3.0, 'num_blocks': 1})\n"
                                  "ev({'event': 'result', 'result': {'requests': 1}})")
     got = serving.run_in_subprocess(job, None, log_dir=str(tmp_path), timeout=2, start_timeout=30)
