@@ -31,9 +31,10 @@ _LOG2E = tl.constexpr(LOG2E)
 _REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
 _GROUP_REDUCE = {None: 0, "sum": 1, "mean": 2, "max": 3}
 
-# Launch path. "new": launch plan (tiles, splits, grids) cached per shape, row statistics combined by a Triton
-# kernel (or written directly by the row pass when it has one split), a given natural-log lse converted inside the
-# column kernel, tile sizes fitted to short windows and small grids; every launch through Triton's dispatch.
+# Launch path. "new": launch plan (tiles, splits, grids) cached per shape, row statistics combined by the row
+# pass itself (its last program per row block combines the splits; with one split it writes the lse directly), a
+# given natural-log lse converted inside the column kernel, tile sizes fitted to short windows and small grids;
+# every launch through Triton's dispatch.
 # "direct": "new" with each compiled kernel launched through its cached launcher after its first dispatch (below;
 # bitwise the same kernels, ~50 µs less host time per call on the H200). The default is "direct" under the Triton
 # versions whose launcher call it was checked against on a GPU (test_direct_launch_matches_jit_dispatch passed on
@@ -578,8 +579,9 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
                    paged: bool = False, page: int = 1, sms: int | None = None) -> list[int]:
     """Key lengths for a warm-up: the smallest max_seqlen_k in [n_lo, n_hi] of each distinct compiled launch
     colreduce_triton makes for this shape over that range: the recipe's constexprs (the tiles change with the key
-    length: mid-size windows take 64-key tiles, short ones skip the combine kernel) and Triton's specialisation of
-    the integer arguments that follow the length (max_seqlen_k, the split length and count: == 1, % 16 == 0).
+    length: mid-size windows take 64-key tiles, short ones take one split and skip the combine) and Triton's
+    specialisation of the integer arguments that follow the length (max_seqlen_k, the split length and count: == 1,
+    % 16 == 0).
     An engine that compiled its kernels on short dummies otherwise still compiled at its first long prompt (the
     H200's eleventh visit: a 2.1 s stall at the first 16k prompt). The other integer arguments (strides, the block
     table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks)."""
