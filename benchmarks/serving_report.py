@@ -73,24 +73,46 @@ def _pct(x):
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def _panels(reports: list[dict]) -> list[tuple[str, str, list[tuple[str, list, list, list]], float | None]]:
+    """The chart's columns: (title, KV axis label, [(run, t, kv, running)], KV capacity line or None). An offline
+    workload is one column (KV blocks in use); an online report one column per rate whose runs recorded vLLM's
+    metrics (KV cache usage in %)."""
+    out = []
+    for rep in reports:
+        if "rates" not in rep:
+            lines = [(name, r["timeline"]["t"], r["timeline"]["kv_blocks"], r["timeline"]["running"])
+                     for name, r in rep["runs"].items() if "error" not in r]
+            cap = next((r["num_blocks"] for r in rep["runs"].values() if "error" not in r), None)
+            out.append((rep["workload"], "KV blocks in use", lines, cap))
+            continue
+        for rate in rep["rates"]:
+            lines = []
+            for name, r in rep["runs"].items():
+                tl = r.get("rates", {}).get(str(float(rate)), {}).get("timeline") if "error" not in r else None
+                if tl and tl["t"]:
+                    lines.append((name, tl["t"], [None if u is None else 100 * u for u in tl["kv_usage"]],
+                                  tl["running"]))
+            if lines:
+                out.append((f"online {rate} req/s", "KV cache usage (%)", lines, 100.0))
+    return out
+
+
 def chart(reports: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    offline = [r for r in reports if "rates" not in r]
-    fig, axes = plt.subplots(2, max(1, len(offline)), figsize=(6 * max(1, len(offline)), 7), squeeze=False)
-    for col, rep in enumerate(offline):
-        for name, r in rep["runs"].items():
-            if "error" in r:
-                continue
-            tl = r["timeline"]
-            axes[0][col].plot(tl["t"], tl["kv_blocks"], label=name)
-            axes[1][col].plot(tl["t"], tl["running"], label=name)
-            axes[0][col].axhline(r["num_blocks"], linestyle="--", linewidth=0.8, color="grey")
-        axes[0][col].set_title(f"{rep['workload']}: KV blocks in use")
-        axes[1][col].set_title(f"{rep['workload']}: requests running")
+    panels = _panels(reports)
+    fig, axes = plt.subplots(2, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 7), squeeze=False)
+    for col, (title, kv_label, lines, cap) in enumerate(panels):
+        for name, t, kv, running in lines:
+            axes[0][col].plot(t, kv, label=name)
+            axes[1][col].plot(t, running, label=name)
+        if cap is not None:
+            axes[0][col].axhline(cap, linestyle="--", linewidth=0.8, color="grey")
+        axes[0][col].set_title(f"{title}: {kv_label}")
+        axes[1][col].set_title(f"{title}: requests running")
         axes[1][col].set_xlabel("seconds")
         axes[0][col].legend()
     fig.tight_layout()

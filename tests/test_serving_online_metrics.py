@@ -77,3 +77,33 @@ def test_sampler_counts_failed_samples(online):
     got = s.stop()
     assert got["metrics_samples"] == 0 and got["metrics_errors"] >= 2
     assert got["peak_running"] is None and got["preemptions"] is None and got["timeline"]["t"] == []
+
+
+def test_report_shows_the_online_metrics(tmp_path):
+    """serving_report: the online table's metric columns (– where a JSON predates them), and a chart column per
+    rate that recorded a timeline, beside the offline workloads'."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import serving_report
+    finally:
+        sys.path.pop(0)
+    tl = {"t": [0.0, 0.5, 1.0], "running": [0.0, 3.0, 1.0], "waiting": [0.0, 1.0, 0.0], "kv_usage": [0.0, 0.25, 0.1]}
+    x = {"requests": 4, "span_s": 1.0, "output_tokens_per_s": 10.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2,
+         "tpot_p50_s": 0.01, "tpot_p99_s": 0.02, "e2e_p50_s": 0.5, "e2e_p99_s": 0.9}
+    online = {"workload": "smoke", "shape": "tiny", "dtype": "float32", "frontend": "server", "requests_per_rate": 4,
+              "max_tokens": 8, "rates": [1.0, 2.0],
+              "runs": {"vanilla": {"rates": {"1.0": dict(x, peak_running=3.0, mean_running=4 / 3, peak_kv_usage=0.25,
+                                                         mean_kv_usage=0.35 / 3, preemptions=2.0, timeline=tl),
+                                             "2.0": dict(x)}},
+                       "snapkv-0.1": {"error": "pruned run failed: boom"}}}
+    rows = [r for r in serving_report.online_table(online) if r.startswith("| vanilla")]
+    assert rows[0].endswith("| 10.0 | 3 / 1.3 | 25.0% / 11.7% | 2 |")
+    assert rows[1].endswith("| 10.0 | – / – | – / – | – |")
+    offline = {"workload": "long", "runs": {"vanilla": {"num_blocks": 100, "timeline": {
+        "t": [0, 1], "kv_blocks": [5, 7], "running": [1, 2]}}}}
+    panels = serving_report._panels([offline, online])
+    assert [(p[0], p[1], [name for name, *_ in p[2]], p[3]) for p in panels] == [
+        ("long", "KV blocks in use", ["vanilla"], 100), ("online 1.0 req/s", "KV cache usage (%)", ["vanilla"], 100.0)]
+    assert panels[1][2][0][2] == [0.0, 25.0, 10.0]
+    serving_report.chart([offline, online], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 0
