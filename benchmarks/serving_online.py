@@ -73,14 +73,16 @@ def _one_http(port: int, model: str, prompt: list[int], max_tokens: int, t_submi
             "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
 
 
-# vLLM's Prometheus metrics sampled during a rate (summed over the label sets: one per engine)
+# vLLM's Prometheus metrics sampled during a rate (one label set per engine: counts summed, the KV cache usage, a
+# fraction of each engine's pool, averaged)
 METRICS = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
            "vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_preemptions_total": "preemptions"}
+_AVERAGED = ("kv_usage",)
 
 
 def parse_metrics(text: str) -> dict:
     """The METRICS values of a Prometheus text exposition, by their short names (absent ones left out)."""
-    out = {}
+    out, seen = {}, {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -88,6 +90,10 @@ def parse_metrics(text: str) -> dict:
         if name in METRICS:
             key = METRICS[name]
             out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+            seen[key] = seen.get(key, 0) + 1
+    for key in _AVERAGED:
+        if key in out:
+            out[key] /= seen[key]
     return out
 
 

@@ -20,7 +20,8 @@ def online():
 
 
 def _exposition(running, waiting, usage, preempted, engines=2):
-    """Prometheus text as vLLM's server writes it, one label set per engine (values split across them)."""
+    """Prometheus text as vLLM's server writes it, one label set per engine: counts split across the engines, KV
+    usages that average to `usage`."""
     lines = ["# HELP vllm:num_requests_running Number of requests in model execution batches.",
              "# TYPE vllm:num_requests_running gauge"]
     for e in range(engines):
@@ -28,7 +29,7 @@ def _exposition(running, waiting, usage, preempted, engines=2):
         lines += [f"vllm:num_requests_running{lab} {running / engines}",
                   f"vllm:num_requests_waiting{lab} {waiting / engines}",
                   f"vllm:num_requests_waiting_by_reason{lab} 99.0",            # not one of ours: ignored
-                  f"vllm:kv_cache_usage_perc{lab} {usage / engines}",
+                  f"vllm:kv_cache_usage_perc{lab} {usage * (0.5 + e) / (engines / 2)}",   # mean: usage
                   f"vllm:num_preemptions_total{lab} {preempted / engines}",
                   f"vllm:num_preemptions_created{lab} 1.7e9"]
     return "\n".join(lines) + "\n"
@@ -36,7 +37,8 @@ def _exposition(running, waiting, usage, preempted, engines=2):
 
 def test_parse_metrics_sums_engines_and_skips_other_names(online):
     got = online.parse_metrics(_exposition(6, 2, 0.5, 4))
-    assert got == {"running": 6.0, "waiting": 2.0, "kv_usage": 0.5, "preemptions": 4.0}
+    assert got == {"running": 6.0, "waiting": 2.0, "kv_usage": pytest.approx(0.5), "preemptions": 4.0}
+    assert online.parse_metrics(_exposition(6, 2, 0.5, 4, engines=1))["kv_usage"] == pytest.approx(0.5)
     assert online.parse_metrics("# only comments\n\nvllm:other 1\n") == {}
 
 
