@@ -40,6 +40,13 @@ sys.path.append(os.path.dirname(HERE))      # the source tree only when the pack
 from serving_gpu import SHAPES, WORKLOADS, engine_settings, model_folder, percentile, prompts, prune_config  # noqa
 
 
+def _timings(t_submit: float, first: float | None, end: float, n: int) -> dict:
+    """One request's timings: submitted at t_submit, first output token at `first` (None: none came), done at end
+    with n output tokens."""
+    return {"ttft_s": None if first is None else first - t_submit, "e2e_s": end - t_submit, "tokens": n,
+            "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
+
+
 async def _one(engine, i: int, prompt: list[int], params, t_submit: float) -> dict:
     first = None
     n = 0
@@ -47,9 +54,7 @@ async def _one(engine, i: int, prompt: list[int], params, t_submit: float) -> di
         n = len(out.outputs[0].token_ids)
         if first is None and n:
             first = time.perf_counter()
-    end = time.perf_counter()
-    return {"ttft_s": None if first is None else first - t_submit, "e2e_s": end - t_submit, "tokens": n,
-            "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
+    return _timings(t_submit, first, time.perf_counter(), n)
 
 
 def _one_http(port: int, model: str, prompt: list[int], max_tokens: int, t_submit: float) -> dict:
@@ -68,9 +73,7 @@ def _one_http(port: int, model: str, prompt: list[int], max_tokens: int, t_submi
                 n += len(choice.get("token_ids") or [])
             if first is None and n:
                 first = time.perf_counter()
-    end = time.perf_counter()
-    return {"ttft_s": None if first is None else first - t_submit, "e2e_s": end - t_submit, "tokens": n,
-            "tpot_s": (end - first) / (n - 1) if first is not None and n > 1 else None, "end": end}
+    return _timings(t_submit, first, time.perf_counter(), n)
 
 
 # vLLM's Prometheus metrics sampled during a rate (one label set per engine: counts summed, the KV cache usage, a

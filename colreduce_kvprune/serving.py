@@ -401,6 +401,7 @@ class _Watchdog:
 
     def __init__(self, proc: subprocess.Popen, timeout: float | None, start_timeout: float | None):
         self.proc, self.timeout, self.start_timeout = proc, timeout, start_timeout
+        self.group = self.limited(timeout, start_timeout)     # the process leads its own group (see Popen)
         self.t0 = time.monotonic()
         self.deadline = None if start_timeout is None else self.t0 + start_timeout
         self.up_at: float | None = None
@@ -428,7 +429,7 @@ class _Watchdog:
             return
 
     def kill(self) -> None:
-        if self.limited(self.timeout, self.start_timeout):
+        if self.group:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -510,7 +511,6 @@ def run_in_subprocess(job: dict, prune: dict | None, on_event: Callable[[dict], 
         sampler, payload, env = None, prune, child_env(prune is not None)
         cmd = child_command("colreduce_kvprune.serving")
     tail: deque[str] = deque(maxlen=40)
-    result, error = None, None
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, bufsize=1,
