@@ -772,13 +772,13 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             parts = torch.empty(2, splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
             m_part, l_part = parts[0], parts[1]
             spp = B * Hq * max_m
-            if variant != "old":                           # the row pass's last program per row block combines
+            if row_kw["COMBINE"]:                          # the row pass's last program per row block combines
                 lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
                 counter = _counter(row_blocks * B * Hkv, q.device, dev)
         if max_m:
             _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
                     (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                     lse2 if not final and variant != "old" else m_part, counter,
+                     lse2 if row_kw["COMBINE"] else m_part, counter,
                      sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, splits,
                      qk_scale),
                     row_kw, rkey, dev)
