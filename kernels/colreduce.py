@@ -566,12 +566,28 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
 _cached_recipe = functools.lru_cache(maxsize=4096)(_recipe)
 
 
+def _out_strides(varlen: bool, paged: bool, heads: int, max_n: int) -> tuple[int, int, int]:
+    """(batch, head, key) strides of the column pass's output, (B, heads, max_n) padded and paged, (ΣN, heads)
+    varlen. The padded ones are integer launch arguments that change with the key length, so Triton specialises
+    the column kernel on them (heads · max_n % 16 == 0 for an even max_n when heads is 8)."""
+    if varlen and not paged:
+        return 0, 1, heads
+    return heads * max_n, max_n, 1
+
+
 def _launch_key(max_m, max_n, *shape):
     """What decides which compiled kernels a launch of this shape runs (launch_lengths): the recipe's constexprs and
-    Triton's specialisation classes of the integers that follow the key length."""
+    Triton's specialisation classes of the integers that follow the key length: max_n, the split length and count,
+    and the column pass's output strides (of the head-split partials too)."""
+    D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
     _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False)
+    if hs > 1 and group_reduce is not None:           # the head split's partials (colreduce_triton's last launch)
+        heads = Hkv * hs
+    else:
+        heads = G * Hkv if group_reduce is None else Hkv
+    strides = _out_strides(varlen, paged, heads, max_n)
     return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs,
-            _spec((max_n, split_len, splits)))
+            _spec((max_n, split_len, splits) + strides))
 
 
 def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv: int, *, is_causal: bool,
@@ -580,8 +596,10 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
     """Key lengths for a warm-up: the smallest max_seqlen_k in [n_lo, n_hi] of each distinct compiled launch
     colreduce_triton makes for this shape over that range: the recipe's constexprs (the tiles change with the key
     length: mid-size windows take 64-key tiles, short ones take one split and skip the combine) and Triton's
-    specialisation of the integer arguments that follow the length (max_seqlen_k, the split length and count: == 1,
-    % 16 == 0).
+    specialisation of the integer arguments that follow the length (max_seqlen_k, the split length and count, the
+    column pass's output strides: == 1, % 16 == 0). The output strides are multiples of the length (8·N for 8 kv
+    heads), so lengths ≡ 2, 4, 8 (mod 16) can launch differently from ≡ 0 and 1: the thirteenth H200 visit's mixed
+    workload compiled the paged window kernel twice mid-run (1.0-1.1 s stalls) before these were warmed too.
     An engine that compiled its kernels on short dummies otherwise still compiled at its first long prompt (the
     H200's eleventh visit: a 2.1 s stall at the first 16k prompt). The other integer arguments (strides, the block
     table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks)."""
@@ -591,7 +609,9 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
         sms = 1 if interpreting else _sm_count(torch.cuda.current_device() if index is None else index)
     seen, out = set(), []
     for base in range(-(-max(n_lo, 1) // 16) * 16, n_hi + 16, 16):
-        for n in (base, base + 1):
+        # one length per class of n mod 16 that an integer argument a·n (a ≤ 64, a power of 2 times an odd number)
+        # can tell apart: 16 | a·n depends on the 2-adic valuation of n, capped at 4
+        for n in (base, base + 1, base + 2, base + 4, base + 8):
             if not n_lo <= n <= n_hi:
                 continue
             key = _launch_key(max_m, n, D, G, B, Hkv, is_causal, _VARIANT, sms, reduction, group_reduce, varlen,
@@ -717,7 +737,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         sbt = block_table.stride(0)
         heads = Hq if group_reduce is None else Hkv
         out = torch.zeros(B, heads, max_n, dtype=torch.float32, device=q.device)
-        sob, soh, son = heads * max_n, max_n, 1
+        sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         cu_seqlens_k = seqlens_k
         numel = B * heads * max_n
     elif varlen:
@@ -729,7 +749,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         skb, skh, skn = 0, ks[1], ks[0]
         heads = Hq if group_reduce is None else Hkv
         out = torch.empty(k.shape[0], heads, dtype=torch.float32, device=q.device)
-        sob, soh, son = 0, 1, heads
+        sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         numel = k.shape[0] * heads
     else:
         B, Hq, max_m, D = q.shape
@@ -738,7 +758,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         skb, skh, skn = ks[0], ks[1], ks[2]
         heads = Hq if group_reduce is None else Hkv
         out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)
-        sob, soh, son = heads * max_n, max_n, 1
+        sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         cu_seqlens_q = cu_seqlens_k = out  # unused placeholders (IS_VARLEN is False)
         numel = B * heads * max_n
     if block_table is None:
@@ -811,15 +831,13 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     if paged:
         part = torch.zeros(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
         parts_view = part.view(B, Hkv, hs, max_n)
-        pstrides = (Hkv * hs * max_n, max_n, 1)
     elif varlen:
         part = torch.empty(k.shape[0], Hkv * hs, dtype=torch.float32, device=q.device)
         parts_view = part.view(-1, Hkv, hs)
-        pstrides = (0, 1, Hkv * hs)
     else:
         part = torch.empty(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
         parts_view = part.view(B, Hkv, hs, max_n)
-        pstrides = (Hkv * hs * max_n, max_n, 1)
+    pstrides = _out_strides(varlen, paged, Hkv * hs, max_n)
     _launch(_long_column_kernel, (grid[0], grid[1] * hs),
             (q, k, block_table, lse2, part, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
              slb, slh, slm, lse_q0, *pstrides, max_m, max_n, qk_scale), col_kw, rkey, dev)

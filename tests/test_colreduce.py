@@ -1,5 +1,6 @@
 """colreduce (Triton kernel under the interpreter on CPU, and the torch backend) against a float64 reference."""
 import math
+import random
 
 import pytest
 import torch
@@ -255,3 +256,46 @@ def test_large_negative_logits_do_not_underflow():
         for is_causal in (False, True):
             out = colreduce(q, k, "sum", is_causal=is_causal, scale=1.0, backend=backend)
             assert rel_err(out, reference(q, k, "sum", is_causal, scale=1.0)) < tol, (backend, is_causal, tol)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
+def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(paged, monkeypatch):
+    """launch_lengths gives the vLLM warm-up one key length per distinct compiled launch, so that no prompt compiles
+    a kernel mid-serving (the thirteenth H200 visit: two 1 s window-kernel compiles during the mixed workload, at
+    lengths whose output strides 8·N were multiples of 16 and N was not). Checked against what colreduce_triton
+    really launches, as the H200 plans it (132 SMs): each launch's kernel, constexprs and Triton's specialisation
+    of every argument, recorded instead of run, for lengths of every residue mod 16 and random ones."""
+    from colreduce_kvprune.kernels import colreduce as C
+
+    launched = []
+    monkeypatch.setattr(C, "_interpreting", lambda: False)
+    monkeypatch.setattr(C, "_sm_count", lambda dev: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)      # CPU tensors: no device, no stream
+    monkeypatch.setattr(C, "_launch", lambda fn, grid, args, kw, rkey, dev: launched.append(
+        (getattr(fn, "__name__", None) or fn.fn.__name__, tuple(sorted(kw.items())), C._spec(args))))
+    m, hq, hkv, d, page, hi = 32, 32, 8, 128, 16, 40000
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(m, hq, d, generator=gen).to(torch.bfloat16)
+    k_all = torch.randn(1 if paged else hi, *((page,) if paged else ()), hkv, d, generator=gen).to(torch.bfloat16)
+    cu_q = torch.tensor([0, m], dtype=torch.int32)
+
+    def launches(n):
+        del launched[:]
+        kw = dict(is_causal=True, scale=d ** -0.5, group_reduce="mean", cu_seqlens_q=cu_q, max_seqlen_q=m,
+                  max_seqlen_k=n)
+        if paged:
+            table = torch.zeros(1, -(-n // (16 * page)) * 16, dtype=torch.int32)      # as compaction's tables
+            C.colreduce_triton(q, k_all, "sum", block_table=table, seqlens_k=torch.tensor([n], dtype=torch.int32),
+                               **kw)
+        else:
+            C.colreduce_triton(q, k_all[:n], "sum", cu_seqlens_k=torch.tensor([0, n], dtype=torch.int32), **kw)
+        return tuple(launched)
+
+    lengths = C.launch_lengths(m, 1024, hi, d, hq // hkv, 1, hkv, is_causal=True, reduction="sum",
+                               group_reduce="mean", dtype=torch.bfloat16, device="cpu", paged=paged,
+                               page=page if paged else 1, sms=132)
+    warmed = {launches(n) for n in lengths}
+    assert len(warmed) == len(lengths)                 # each warm-up length compiles something the others do not
+    rng = random.Random(1)
+    for n in list(range(16384, 16416)) + [1024, hi] + [rng.randrange(1024, hi + 1) for _ in range(150)]:
+        assert launches(n) in warmed, n
