@@ -4,8 +4,11 @@
     python benchmarks/serving_online.py --shape tiny --workload smoke --rates 4,8 --out smoke.json   # CPU build
 
 Each run (vanilla vLLM with the package disabled, VLLM_PLUGINS=none; the plugin with configs/snapkv.yaml at a keep
-ratio) is one engine, fed token-id prompts of the workload (benchmarks/serving_gpu.py: same shapes, prompts and
-seeds) at each rate in turn, with exponential inter-arrival times (seeded). `--frontend server` (the default): vLLM's
+ratio) is one engine, fed token-id prompts of the workload (benchmarks/serving_gpu.py: same shapes and prompt
+generator) at each rate in turn, with exponential inter-arrival times (seeded). Each rate gets prompts of its own
+(seed + 1000 × the rate's index): replaying one rate's prompts at the next would hit vLLM's prefix cache (the
+thirteenth H200 visit measured a TTFT p50 of 34 ms for 16k prompts at the second rate that way). Between runs every
+process the run started (server, engine core) is waited for, so the next engine finds the GPU's memory free. `--frontend server` (the default): vLLM's
 OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs) at its defaults,
 started with the run's engine arguments as its command-line flags (the plugin's config through
 `--additional-config`), and streamed /v1/completions requests over HTTP, one thread each. `--frontend engine`:
@@ -22,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -145,19 +149,26 @@ class MetricsSampler:
         }
 
 
+def rate_prompts(workload: str, vocab: int, seed: int, num: int | None, n_rates: int) -> tuple[list, int]:
+    """([the prompts of rate 0, of rate 1, ...], max_tokens): each rate its own prompts (seed + 1000 × its index),
+    so no rate finds its prompts in vLLM's prefix cache from an earlier rate."""
+    per_rate = [prompts(workload, vocab, seed + 1000 * i, num) for i in range(n_rates)]
+    return [ids for ids, _ in per_rate], per_rate[0][1]
+
+
 async def _rates(spec: dict, submit, fetch_metrics=None) -> dict:
-    """Each rate in turn: Poisson arrivals of the spec's prompts, `submit(index, prompt, t_submit)` an awaitable
-    of _one's result per request; → {rate: summary}. fetch_metrics: () → vLLM's Prometheus text, sampled over
-    each rate (MetricsSampler)."""
+    """Each rate in turn: Poisson arrivals of that rate's prompts (spec["prompts"][i] for spec["rates"][i]),
+    `submit(index, prompt, t_submit)` an awaitable of _one's result per request; → {rate: summary}.
+    fetch_metrics: () → vLLM's Prometheus text, sampled over each rate (MetricsSampler)."""
     out = {}
-    for rate in spec["rates"]:
+    for rate, rate_ids in zip(spec["rates"], spec["prompts"], strict=True):
         rng = random.Random(spec["seed"])
         sampler = None if fetch_metrics is None else MetricsSampler(fetch_metrics)
         if sampler is not None:
             sampler.start()
         t0 = time.perf_counter()
         arrival, tasks = 0.0, []
-        for prompt in spec["prompts"]:
+        for prompt in rate_ids:
             arrival += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
             tasks.append(asyncio.ensure_future(submit(len(tasks) + 1000 * len(out), prompt, time.perf_counter())))
@@ -245,6 +256,48 @@ def stop_server(proc) -> None:
         proc.wait()
 
 
+# an exception's own line in a log, also behind vLLM's process prefix: "(EngineCore_DP0 pid=7) ValueError: ..."
+_EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\)\s*)?(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::|$)")
+
+
+def exception_lines(text: str, limit: int = 8) -> list[str]:
+    """The distinct exception lines of a log, in order (at most `limit`): the first is usually the root cause
+    (an engine core's error), the last the wrapper that ended the process ("Engine core initialization failed")."""
+    out: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if _EXCEPTION_LINE.match(line) and line not in out:
+            out.append(line)
+    return out[:limit - 1] + out[-1:] if len(out) > limit else out
+
+
+def reap_group(pgid: int, grace: float = 30.0, hard: float = 30.0) -> float | None:
+    """Waits until no process is left in process group pgid (a run's server and engine core can outlive its child
+    process: the server exits before its engine core has let go of the GPU): SIGTERM, SIGKILL after grace s,
+    RuntimeError after grace + hard s. Returns the seconds waited, None when the group was already empty. The next
+    engine's start checks the GPU's free memory against its gpu_memory_utilization, so a run must not start while
+    the last one still holds its pool."""
+    def signal_group(sig) -> bool:            # False: no process left in the group
+        try:
+            os.killpg(pgid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    if not signal_group(signal.SIGTERM):
+        return None
+    t0, killed = time.monotonic(), False
+    while signal_group(0):
+        waited = time.monotonic() - t0
+        if waited > grace + hard:
+            raise RuntimeError(f"process group {pgid} still has processes {waited:.0f} s after SIGTERM and SIGKILL")
+        if waited > grace and not killed:
+            killed = True
+            signal_group(signal.SIGKILL)
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 async def _run_rates_server(spec: dict, log_path: str) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
@@ -252,7 +305,7 @@ async def _run_rates_server(spec: dict, log_path: str) -> dict:
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    pool = ThreadPoolExecutor(max_workers=max(1, len(spec["prompts"])))     # every request in flight at once
+    pool = ThreadPoolExecutor(max_workers=max(1, *map(len, spec["prompts"])))   # every request in flight at once
     try:
         wait_ready(proc, port, log_path)
         start_s = time.perf_counter() - t
@@ -270,7 +323,7 @@ def _child(spec_path: str, out_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     if spec.get("frontend") == "server":
-        result = asyncio.run(_run_rates_server(spec, out_path + ".server.log"))
+        result = asyncio.run(_run_rates_server(spec, spec["server_log"]))
     else:
         result = asyncio.run(_run_rates(spec))
     with open(out_path, "w") as f:
@@ -304,22 +357,23 @@ def main(argv=None) -> int:
     from colreduce_kvprune.serving import child_env
 
     model = model_folder(a.shape, a.model_root)
-    ids, max_tokens = prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed, a.num)
     rates = [float(r) for r in a.rates.split(",")]
+    ids, max_tokens = rate_prompts(a.workload, SHAPES[a.shape]["vocab_size"], a.seed, a.num, len(rates))
     report = {"workload": a.workload, "shape": a.shape, "dtype": a.dtype, "frontend": a.frontend,
-              "requests_per_rate": len(ids),
+              "requests_per_rate": len(ids[0]),
               "max_tokens": max_tokens, "rates": rates, "runs": {}}
     for run in a.runs.split(","):
-        engine = engine_settings(run, model, max(map(len, ids)), max_tokens, a.dtype, a.gpu_mem)
+        engine = engine_settings(run, model, max(len(x) for r in ids for x in r), max_tokens, a.dtype, a.gpu_mem)
         engine.pop("disable_log_stats", None)
         prune = prune_config(run, a.min_prompt_tokens)
         if prune is not None:
             engine["additional_config"] = {"kv_prune": prune}
+        server_log = f"{os.path.splitext(a.out)[0]}.{run}.server.log"      # kept beside the report, whole
         with tempfile.TemporaryDirectory() as tmp:
             spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
             with open(spec_path, "w") as f:
                 json.dump({"engine": engine, "prompts": ids, "max_tokens": max_tokens, "rates": rates,
-                           "seed": a.seed, "frontend": a.frontend}, f)
+                           "seed": a.seed, "frontend": a.frontend, "server_log": server_log}, f)
             env = child_env(prune is not None)
             env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)      # the engine core in its own process, as served
             # its own process group: a run that times out is killed with the server and engine it started
@@ -329,11 +383,14 @@ def main(argv=None) -> int:
             try:
                 _, err = proc.communicate(timeout=a.timeout)
                 if proc.returncode != 0 or not os.path.exists(out_path):
-                    server_log = out_path + ".server.log"
+                    log = ""
                     if os.path.exists(server_log):
                         with open(server_log) as f:
-                            err += "\n-- server log --\n" + f.read()[-2000:]
-                    report["runs"][run] = {"error": f"exit {proc.returncode}: {err[-3000:]}"}
+                            log = f.read()
+                    causes = exception_lines(err + "\n" + log)
+                    report["runs"][run] = {
+                        "error": f"exit {proc.returncode}: " + ("\n".join(causes) if causes else err[-3000:]),
+                        "stderr_tail": err[-3000:], "server_log": server_log if log else None}
                 else:
                     with open(out_path) as f:
                         report["runs"][run] = json.load(f)
@@ -341,9 +398,13 @@ def main(argv=None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
                 report["runs"][run] = {"error": f"timed out after {a.timeout} s"}
+            reaped = reap_group(proc.pid)
+            if reaped is not None:
+                report["runs"][run]["reaped_s"] = reaped
+                print(f"{run:12s} waited {reaped:.1f} s for the processes it left (server, engine core)", flush=True)
         r = report["runs"][run]
         if "error" in r:
-            print(f"{run:12s} failed: {r['error'][-300:]}", flush=True)
+            print(f"{run:12s} failed: {r['error'][-1500:]}", flush=True)
         else:
             for rate, x in r["rates"].items():
                 print(f"{run:12s} rate {rate:>5s}/s  TTFT p50 {x['ttft_p50_s']:.3f} s p99 {x['ttft_p99_s']:.3f} s  "
