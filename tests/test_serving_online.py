@@ -9,18 +9,6 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def online():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import serving_online
-    finally:
-        sys.path.pop(0)
-    return serving_online
-
 
 def test_each_rate_gets_prompts_of_its_own(online):
     ids, max_tokens = online.rate_prompts("smoke", 1000, seed=3, num=6, n_rates=3)

@@ -9,16 +9,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def online():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import serving_online
-    finally:
-        sys.path.pop(0)
-    return serving_online
-
-
 def _exposition(running, waiting, usage, preempted, engines=2):
     """Prometheus text as vLLM's server writes it, one label set per engine: counts split across the engines, KV
     usages that average to `usage`."""
