@@ -7,11 +7,12 @@ Each run (vanilla vLLM with the package disabled, VLLM_PLUGINS=none; the plugin 
 ratio) is one engine, fed token-id prompts of the workload (benchmarks/serving_gpu.py: same shapes and prompt
 generator) at each rate in turn, with exponential inter-arrival times (seeded). Each rate gets prompts of its own
 (seed + 1000 × the rate's index): replaying one rate's prompts at the next would hit vLLM's prefix cache (the
-thirteenth H200 visit measured a TTFT p50 of 34 ms for 16k prompts at the second rate that way). Between runs every
-process the run started (server, engine core) is waited for, so the next engine finds the GPU's memory free. `--frontend server` (the default): vLLM's
-OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs) at its defaults,
-started with the run's engine arguments as its command-line flags (the plugin's config through
-`--additional-config`), and streamed /v1/completions requests over HTTP, one thread each. `--frontend engine`:
+twelfth session's H200 visit measured a TTFT p50 of 34 ms for 16k prompts at the second rate that way). Between
+runs every process the run started (server, engine core) is waited for, so the next engine finds the GPU's memory
+free. `--frontend server` (the default): vLLM's OpenAI-compatible server (`python -m
+vllm.entrypoints.openai.api_server`, what `vllm serve` runs) at its defaults, started with the run's engine arguments
+as its command-line flags (the plugin's config through `--additional-config`), and streamed /v1/completions requests
+over HTTP, one thread each. `--frontend engine`:
 vLLM's AsyncLLM in a child process (the engine core in its own process, as the server runs it), without the HTTP
 layer. Per rate: TTFT p50/p99 (submission to the first output token), TPOT p50/p99 ((last − first token time) /
 (tokens − 1)), end-to-end latency p50/p99, output tokens/s over the rate's span; and from vLLM's own Prometheus
@@ -257,7 +258,8 @@ def stop_server(proc) -> None:
 
 
 # an exception's own line in a log, also behind vLLM's process prefix: "(EngineCore_DP0 pid=7) ValueError: ..."
-_EXCEPTION_LINE = re.compile(r"^(?:\([^)]*\)\s*)?(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::|$)")
+_EXCEPTION_LINE = re.compile(
+    r"^(?:\([^)]*\)\s*)?(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::|$)")
 
 
 def exception_lines(text: str, limit: int = 8) -> list[str]:

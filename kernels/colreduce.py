@@ -598,7 +598,7 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
     length: mid-size windows take 64-key tiles, short ones take one split and skip the combine) and Triton's
     specialisation of the integer arguments that follow the length (max_seqlen_k, the split length and count, the
     column pass's output strides: == 1, % 16 == 0). The output strides are multiples of the length (8·N for 8 kv
-    heads), so lengths ≡ 2, 4, 8 (mod 16) can launch differently from ≡ 0 and 1: the thirteenth H200 visit's mixed
+    heads), so lengths ≡ 2, 4, 8 (mod 16) can launch differently from ≡ 0 and 1: the twelfth session's H200 mixed
     workload compiled the paged window kernel twice mid-run (1.0-1.1 s stalls) before these were warmed too.
     An engine that compiled its kernels on short dummies otherwise still compiled at its first long prompt (the
     H200's eleventh visit: a 2.1 s stall at the first 16k prompt). The other integer arguments (strides, the block

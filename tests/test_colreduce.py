@@ -261,7 +261,7 @@ def test_large_negative_logits_do_not_underflow():
 @pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
 def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(paged, monkeypatch):
     """launch_lengths gives the vLLM warm-up one key length per distinct compiled launch, so that no prompt compiles
-    a kernel mid-serving (the thirteenth H200 visit: two 1 s window-kernel compiles during the mixed workload, at
+    a kernel mid-serving (the twelfth session's H200 visit: two 1 s window-kernel compiles during the mixed workload, at
     lengths whose output strides 8·N were multiples of 16 and N was not). Checked against what colreduce_triton
     really launches, as the H200 plans it (132 SMs): each launch's kernel, constexprs and Triton's specialisation
     of every argument, recorded instead of run, for lengths of every residue mod 16 and random ones."""
