@@ -13,6 +13,12 @@ import json
 import sys
 
 
+def _failed(error: str, width: int = 160) -> str:
+    """A failed run's error as one table cell: its lines joined (the root cause first, as the benchmarks write it),
+    pipes escaped, cut at width characters."""
+    return "failed: " + " ".join(error.split()).replace("|", "\\|")[:width]
+
+
 def _fmt(x, digits=2):
     return "–" if x is None else (f"{x:,.{digits}f}" if isinstance(x, float) else f"{x:,}")
 
@@ -29,7 +35,7 @@ def offline_table(report: dict) -> list[str]:
              "decoder layers |", "|" + "---|" * 12]
     for name, r in runs.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 11)
+            lines.append(f"| {name} | {_failed(r['error'])} |" + " |" * 11)
             continue
         t = (r.get("prune_stats") or {}).get("timing") or {}
         ratio = (r["output_tokens_per_s"] / base["output_tokens_per_s"]
@@ -53,7 +59,7 @@ def online_table(report: dict) -> list[str]:
              "|" + "---|" * 9]
     for name, r in report["runs"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 7)
+            lines.append(f"| {name} | {_failed(r['error'])} |" + " |" * 7)
             continue
         for rate, x in r["rates"].items():       # the last three from vLLM's metrics (absent in older JSON: –)
             lines.append(f"| {name} | {rate} | {_fmt(x['ttft_p50_s'])} / {_fmt(x['ttft_p99_s'])} | "

@@ -87,10 +87,15 @@ def test_report_shows_the_online_metrics(tmp_path):
               "runs": {"vanilla": {"rates": {"1.0": dict(x, peak_running=3.0, mean_running=4 / 3, peak_kv_usage=0.25,
                                                          mean_kv_usage=0.35 / 3, preemptions=2.0, timeline=tl),
                                              "2.0": dict(x)}},
-                       "snapkv-0.1": {"error": "pruned run failed: boom"}}}
-    rows = [r for r in serving_report.online_table(online) if r.startswith("| vanilla")]
+                       "snapkv-0.1": {"error": "exit 1: (EngineCore pid=7) ValueError: no | memory\nRuntimeError: x"}}}
+    table = serving_report.online_table(online)
+    rows = [r for r in table if r.startswith("| vanilla")]
     assert rows[0].endswith("| 10.0 | 3 / 1.3 | 25.0% / 11.7% | 2 |")
     assert rows[1].endswith("| 10.0 | – / – | – / – | – |")
+    # a failed run is one row of the table's width: its error's lines joined, the root cause first, pipes escaped
+    failed = [r for r in table if r.startswith("| snapkv-0.1")]
+    assert failed == ["| snapkv-0.1 | failed: exit 1: (EngineCore pid=7) ValueError: no \\| memory RuntimeError: x |"
+                      + " |" * 7]
     offline = {"workload": "long", "runs": {"vanilla": {"num_blocks": 100, "timeline": {
         "t": [0, 1], "kv_blocks": [5, 7], "running": [1, 2]}}}}
     panels = serving_report._panels([offline, online])
