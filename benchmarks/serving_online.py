@@ -300,9 +300,18 @@ def reap_group(pgid: int, grace: float = 30.0, hard: float = 30.0) -> float | No
     return time.monotonic() - t0
 
 
+def server_python() -> list[str]:
+    """The interpreter that runs the server, with -P: `python -m` would otherwise put the working directory first on
+    sys.path, and from the repository root that is the source tree's colreduce_kvprune, which has no `kernels`
+    subpackage (packaging maps kernels/ into it). On the device machine, where the package is installed as a copy, the
+    plugin's server died at start of exactly that (ModuleNotFoundError: colreduce_kvprune.kernels, found in the
+    thirteenth session's server log). An editable install (CPU CI) hides it."""
+    return [sys.executable, "-P"]
+
+
 async def _run_rates_server(spec: dict, log_path: str) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [*server_python(), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            *cli_args(spec["engine"])]
     t = time.perf_counter()
     with open(log_path, "w") as log:

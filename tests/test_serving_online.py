@@ -1,6 +1,6 @@
 """benchmarks/serving_online.py's run plumbing: each rate's own prompts (no prefix-cache hits from an earlier rate),
-the root cause picked out of a failed server's log, and the wait for a run's leftover processes before the next
-engine starts."""
+the root cause picked out of a failed server's log, the wait for a run's leftover processes before the next engine
+starts, and a server interpreter that ignores the working directory."""
 import asyncio
 import os
 import subprocess
@@ -92,3 +92,17 @@ def test_reap_group_kills_what_ignores_sigterm(online):
     waited = online.reap_group(pgid, grace=1.0)
     assert not _group_alive(pgid)
     assert 1.0 <= waited < 10 and time.monotonic() - t0 >= 1.0     # SIGTERM was ignored: killed after the grace
+
+
+def test_server_python_ignores_a_shadowing_package_in_the_working_directory(online, tmp_path):
+    # The server is started from the repository root, whose colreduce_kvprune (the source tree) has no kernels
+    # subpackage: the server's interpreter must import the installed package, not the working directory's.
+    shadow = tmp_path / "colreduce_kvprune"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("SHADOW = True\n")
+    probe = "import colreduce_kvprune as c; print(hasattr(c, 'SHADOW'))"
+    shadowed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert shadowed.stdout.strip() == "True", shadowed.stderr      # the hazard is real without -P
+    got = subprocess.run([*online.server_python(), "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "False"
