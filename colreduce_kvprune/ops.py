@@ -1,6 +1,7 @@
 """Public column-reduction API: argument checks, then the Triton kernels or the pure-torch reference."""
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -56,12 +57,30 @@ def _check_heads(hq: int, hkv: int, q_name="q", k_name="k") -> None:
 _launcher = None
 
 
+def kernels_module(name: str):
+    """colreduce_kvprune.kernels.<name>, or an error that says why the subpackage is missing.
+
+    It exists only in an installed copy: packaging maps the repository's kernels/ into it. `python -m` and
+    `python -c` put the working directory first on sys.path, so from the repository root they import the source
+    tree's colreduce_kvprune, which has no kernels (an editable install still resolves it; a regular one does not)."""
+    try:
+        return importlib.import_module(f"colreduce_kvprune.kernels.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "colreduce_kvprune.kernels":
+            raise
+        here = os.path.dirname(os.path.abspath(__file__))
+        raise ModuleNotFoundError(
+            f"colreduce_kvprune.kernels is missing: colreduce_kvprune was imported from {here}, a source checkout "
+            "(the working directory comes first on sys.path under `python -m` and `python -c`), not from an "
+            "installed copy. Install the checkout (`pip install -e .`), or start Python from another directory "
+            "or with -P.", name=e.name) from e
+
+
 def _triton_launcher():
     """kernels.colreduce.colreduce_triton, imported once (lazily: importing triton is slow and CPU users need not)."""
     global _launcher
     if _launcher is None:
-        from colreduce_kvprune.kernels.colreduce import colreduce_triton
-        _launcher = colreduce_triton
+        _launcher = kernels_module("colreduce").colreduce_triton
     return _launcher
 
 

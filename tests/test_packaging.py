@@ -1,4 +1,5 @@
-"""kernels/ ships as colreduce_kvprune.kernels (never a top-level `kernels`), in editable and plain installs."""
+"""kernels/ ships as colreduce_kvprune.kernels (never a top-level `kernels`), in editable and plain installs; a
+source checkout imported ahead of the installed copy says so."""
 import pathlib
 import subprocess
 import sys
@@ -40,3 +41,26 @@ def test_plain_install_ships_kernels_inside_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert all(path.startswith(str(site)) for path in out), out
+
+
+def test_a_source_checkout_first_on_sys_path_names_the_missing_kernels(tmp_path):
+    # The source tree's colreduce_kvprune has no kernels subpackage; `python -m` from the repository root imports it
+    # ahead of an installed copy (this stopped the serving benchmark's vLLM server at start on the H200). Without
+    # site (-S) there is no editable-install finder to paper over it, as with a regular install.
+    import shutil
+
+    import torch
+
+    shutil.copytree(REPO / "colreduce_kvprune", tmp_path / "colreduce_kvprune",
+                    ignore=shutil.ignore_patterns("__pycache__", "kernels"))
+    probe = ("import colreduce_kvprune, colreduce_kvprune.ops as o\n"
+             "print(colreduce_kvprune.__file__)\n"
+             "try:\n    o.kernels_module('colreduce')\nexcept ModuleNotFoundError as e:\n    print('ERROR', e.name, e)\n")
+    site = pathlib.Path(torch.__file__).parents[1]
+    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    first, error = out.stdout.splitlines()[:2]
+    assert first.startswith(str(tmp_path))                                  # the shadowing copy was imported
+    assert error.startswith("ERROR colreduce_kvprune.kernels ")
+    assert "source checkout" in error and str(tmp_path / "colreduce_kvprune") in error and "-P" in error

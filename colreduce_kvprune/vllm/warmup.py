@@ -78,7 +78,9 @@ def score_lengths(policy, device, dtype, num_heads: int, num_kv_heads: int, head
     Window policies only (num_queries < the prompt); packed keys over max_bytes are skipped (they compile at first
     use). → [(paged, length)] scored (none for other policies)."""
     from .. import colreduce_paged, colreduce_varlen
-    from ..kernels.colreduce import launch_lengths
+    from ..ops import kernels_module
+
+    launch_lengths = kernels_module("colreduce").launch_lengths
 
     lo = max(int(policy.config.min_prompt_tokens), 256)
     if max_len <= lo:
