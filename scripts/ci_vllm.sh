@@ -10,6 +10,5 @@ source "$ROOT/scripts/vllm_venv.sh" -e "$ROOT[test]"
 cd "$ROOT"
 export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 unset KVPRUNE_CONFIG VLLM_PLUGINS
-echo "== pytest"
-# VLLM_TEST_ARGS: extra pytest arguments from scripts/test.sh (its pytest-xdist workers)
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider ${VLLM_TEST_ARGS:-} tests/vllm "$@"
+echo "== pytest"      # scripts/test.sh waits for this line (the -e install above is done)
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@"

@@ -9,7 +9,8 @@
 # On a 2-core machine the three suites take about 40 minutes one after another (twelfth session: 2,423 s), so they
 # overlap: the engines' venvs download while .venv is set up and the core suite runs (network against CPU), then
 # two lanes share the cores: the core suite followed by the SGLang suite, and the vLLM suite on two pytest-xdist
-# workers (VLLM_TEST_WORKERS, default 2). `pip install -e` of this checkout runs one at a time (it writes the
+# workers (VLLM_TEST_WORKERS, default 2). The vLLM lane is the longest, so the other runs at a lower priority
+# (nice 10) and takes the cycles it leaves. `pip install -e` of this checkout runs one at a time (it writes the
 # checkout's egg-info). Each part's output goes to a log, printed whole when the part ends; any failure exits
 # non-zero, after every part has finished.
 set -euo pipefail
@@ -43,14 +44,14 @@ finish() {
 "$VENV/bin/python" -m pip install -q torch==2.13.0 triton==3.7.1 numpy
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 say "core tests: started"
-TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests --ignore=tests/vllm --ignore=tests/sglang \
+TRITON_INTERPRET=1 nice -n 10 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests --ignore=tests/vllm --ignore=tests/sglang \
     > "$logs/core.log" 2>&1 &
 core=$!
 
 if [ "$vllm" = 1 ]; then
     if finish vllm-venv "$vllm_venv"; then
         say "vLLM plugin tests: started"
-        VLLM_TEST_ARGS="-n ${VLLM_TEST_WORKERS:-2} --dist loadfile" bash scripts/ci_vllm.sh > "$logs/vllm.log" 2>&1 &
+        PYTEST_ADDOPTS="-n ${VLLM_TEST_WORKERS:-2} --dist loadfile" bash scripts/ci_vllm.sh > "$logs/vllm.log" 2>&1 &
         vllm_tests=$!
         # ci_vllm.sh's -e install first, alone (the SGLang venv's comes after it)
         while kill -0 "$vllm_tests" 2>/dev/null && ! grep -q "^== pytest" "$logs/vllm.log"; do sleep 2; done
@@ -59,7 +60,7 @@ fi
 finish core "$core" || true
 if [ "$sglang" = 1 ] && finish sglang-venv "$sglang_venv"; then
     say "SGLang plugin tests: started"
-    bash scripts/ci_sglang.sh > "$logs/sglang.log" 2>&1 || rc=$?
+    nice -n 10 bash scripts/ci_sglang.sh > "$logs/sglang.log" 2>&1 || rc=$?
     say "SGLang plugin tests: done"
     cat "$logs/sglang.log"
 fi

@@ -77,12 +77,17 @@ def test_register_refuses_other_releases(monkeypatch):
 
 def test_other_release_refused_at_engine_start(llama_path, monkeypatch):
     """An engine with a pruning config on another vLLM release stops at start, naming the supported ones (the
-    backends were registered by the real release earlier in this process: their resolve() refuses)."""
+    backends are registered by the real release first, as in any process that ran an engine before: their
+    resolve() refuses)."""
     import vllm
+    from vllm.plugins import load_general_plugins
     from vllm_helpers import make_llm, shutdown
 
     from colreduce_kvprune.vllm.stats import managers_created
 
+    # vLLM loads plugins once per process. Loaded first under the patched release, register() would install nothing
+    # and every later engine of this process (a pytest-xdist worker runs this file first at times) would not prune.
+    load_general_plugins()
     monkeypatch.setattr(vllm, "__version__", "0.34.0")
     created, llm = managers_created(), None
     try:
