@@ -289,6 +289,29 @@ def _window_tile(k, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D
 
 
 @triton.jit
+def _live_columns(n, n_ok, Nb, Mb, m_lo, m_full, max_n, IS_PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(Mb, m_lo, m_full, columns to store) of a column-pass program that did not return early.
+
+    Paged outputs are padded to max_n and the launcher does not clear them (no memset launch): every program
+    stores its columns below max_n, and a program past its sequence's keys runs no query rows (Mb = 0) and stores
+    zeros. Dense and varlen outputs hold only real keys: those programs returned, and the stores are the keys'."""
+    if IS_PAGED:
+        live = tl.program_id(0) * BLOCK_N < Nb
+        return tl.where(live, Mb, 0), tl.where(live, m_lo, 0), tl.where(live, m_full, 0), n < max_n
+    else:
+        return Mb, m_lo, m_full, n_ok
+
+
+@triton.jit
+def _padded(v, n_ok, IS_PAGED: tl.constexpr):
+    """v with 0 in the columns past the sequence's keys (paged: they are stored too, see _live_columns)."""
+    if IS_PAGED:
+        return tl.where(n_ok, v, 0.0)
+    else:
+        return v
+
+
+@triton.jit
 def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
                           max_m, max_n, qk_scale,
@@ -309,8 +332,10 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
         cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
         1)
-    if tl.program_id(0) * BLOCK_N >= Nb:
-        return
+    if not IS_PAGED:
+        if tl.program_id(0) * BLOCK_N >= Nb:
+            return
+    Mb, m_lo, m_full, n_out = _live_columns(n, n_ok, Nb, Mb, m_lo, m_full, max_n, IS_PAGED, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     k = tl.load(K + hk * skh + rows[:, None] + d[None, :], mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
     if UPCAST:
@@ -341,9 +366,10 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     if REDUCTION == 1:
         count = _column_counts(n, shift, Mb, IS_CAUSAL)
         cols = tl.where(count[:, None] > 0, cols / tl.maximum(count, 1).to(tl.float32)[:, None], 0.0)
+    cols = _padded(cols, n_ok[:, None], IS_PAGED)
     if GROUP_REDUCE == 0:
         tl.store(Out + b * sob + (hk * G + gi)[None, :] * soh + (k0 + n)[:, None] * son, cols,
-                 mask=n_ok[:, None] & (gi[None, :] < G))
+                 mask=n_out[:, None] & (gi[None, :] < G))
     else:
         if GROUP_REDUCE == 3:
             group = tl.max(tl.where(gi[None, :] < G, cols, float("-inf")), 1)
@@ -351,7 +377,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
             group = tl.sum(tl.where(gi[None, :] < G, cols, 0.0), 1)
         if GROUP_REDUCE == 2:
             group = group / G
-        tl.store(Out + b * sob + hk * soh + (k0 + n) * son, group, mask=n_ok)
+        tl.store(Out + b * sob + hk * soh + (k0 + n) * son, group, mask=n_out)
 
 
 @triton.jit
@@ -396,8 +422,10 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
         HS)
     hs = tl.program_id(1) % HS
-    if tl.program_id(0) * BLOCK_N >= Nb:
-        return
+    if not IS_PAGED:
+        if tl.program_id(0) * BLOCK_N >= Nb:
+            return
+    Mb, m_lo, m_full, n_out = _live_columns(n, n_ok, Nb, Mb, m_lo, m_full, max_n, IS_PAGED, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D), other=0.0)
     if UPCAST:
@@ -425,7 +453,7 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
             if REDUCTION == 1:
                 col = tl.where(count > 0, col / tl.maximum(count, 1).to(tl.float32), 0.0)
             if GROUP_REDUCE == 0:
-                tl.store(Out + b * sob + h * soh + (k0 + n) * son, col, mask=n_ok)
+                tl.store(Out + b * sob + h * soh + (k0 + n) * son, _padded(col, n_ok, IS_PAGED), mask=n_out)
             elif GROUP_REDUCE == 3:
                 group = tl.maximum(group, col)
             else:
@@ -440,7 +468,7 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     if GROUP_REDUCE != 0:
         if GROUP_REDUCE == 2 and HS == 1:
             group = group / G
-        tl.store(Out + b * sob + (hk * HS + hs) * soh + (k0 + n) * son, group, mask=n_ok)
+        tl.store(Out + b * sob + (hk * HS + hs) * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
 
 
 def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
@@ -634,27 +662,56 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
     return torch.where(total == 0, torch.full_like(total, float("inf")), m_max + torch.log2(total))
 
 
-# "direct" launch variant: after a kernel's first JIT dispatch for a specialisation,
-# later launches call the compiled kernel's launcher directly (CompiledKernel.run, the call JITFunction.run ends
-# with), skipping Triton's argument binding and cache-key computation (~10-20 µs a launch). The key holds all that
-# Triton specialises on: each int argument (== 1, % 16 == 0, beyond int32), each tensor argument's dtype and
-# 16-byte alignment, the constexprs/options (the recipe), the device. Any failure while building a launcher falls
-# back to the JIT dispatch for that key.
-_direct_launchers: dict = {}
-_counters: dict = {}       # (device, stream) -> int32 zeros: the row pass's split counters (COMBINE)
+# Scratch and the "direct" launch variant.
+#
+# Scratch: the row pass's partials and row log-sum-exp, and the head split's partials, live in one float32 buffer per
+# (device, stream), reused by every call on that stream (a later call's writes are ordered after this call's reads
+# by the stream); the split counters in an int32 buffer beside it, zero between launches. A call therefore
+# allocates only its output.
+#
+# "direct": a call's signature (_call_key: the recipe's key, the inputs' strides, the dtypes and 16-byte alignment of
+# its tensors) fixes every integer argument of both launches and everything Triton specialises on (ints: == 1,
+# % 16 == 0, beyond int32; tensors: dtype and alignment; the constexprs and options of the recipe). After the first
+# JIT dispatch of a signature, its later calls launch the compiled kernels through their own launcher
+# (CompiledKernel.run, the call JITFunction.run ends with), with the integers bound once and the scratch passed as
+# addresses: no argument binding, no cache-key computation, no view of the scratch. Any failure while building a
+# launcher keeps that signature on the JIT dispatch.
+_direct_launchers: dict = {}   # call signature -> (row launcher or None, column launcher, the scratch layout, …),
+#                                or False (that signature stays on the JIT dispatch)
+_scratch_bufs: dict = {}       # (device index, stream) -> [float32 scratch or None, int32 zero counters or None]
+_SCRATCH_ALIGN = 32            # each scratch region starts at a multiple of 32 floats (128 bytes: 16-byte aligned)
 
 
-def _counter(n: int, device: torch.device, dev: int) -> torch.Tensor:
-    """At least n zeroed int32 split counters for launches on the current stream (one buffer per stream, so that
-    launches on concurrent streams never share one; each launch leaves its counters at zero)."""
-    key = (str(device), torch._C._cuda_getCurrentRawStream(dev) if dev >= 0 else 0)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _counters[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
+def _regions(*sizes: int) -> tuple[list[int], int]:
+    """Offsets of consecutive scratch regions of these sizes (elements), each aligned, and the total."""
+    offs, total = [], 0
+    for n in sizes:
+        offs.append(total)
+        total += -(-n // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    return offs, total
+
+
+def _scratch(n_float: int, n_count: int, device: torch.device, dev: int) -> list:
+    """[float32 scratch of at least n_float elements, int32 counters (at least n_count, zero; None if
+    0)] for a call on the current stream. While a CUDA graph is captured: fresh buffers (a graph keeps the addresses
+    it captured, and a later call could replace a shared buffer)."""
+    if dev >= 0 and torch.cuda.is_current_stream_capturing():
+        return [torch.empty(n_float, dtype=torch.float32, device=device),
+                torch.zeros(n_count, dtype=torch.int32, device=device) if n_count else None]
+    key = (dev, torch._C._cuda_getCurrentRawStream(dev) if dev >= 0 else 0)
+    bufs = _scratch_bufs.get(key)
+    if bufs is None:
+        bufs = _scratch_bufs[key] = [None, None]
+    if bufs[0] is None or bufs[0].numel() < n_float:
+        bufs[0] = None                                  # released first: the allocator may reuse it
+        bufs[0] = torch.empty(n_float, dtype=torch.float32, device=device)
+    if n_count and (bufs[1] is None or bufs[1].numel() < n_count):
+        bufs[1] = torch.zeros(max(n_count, 4096), dtype=torch.int32, device=device)
+    return bufs
 
 
 def _spec(args) -> tuple:
+    """What Triton specialises a launch on, per argument (tests compare launches with it)."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -666,26 +723,26 @@ def _spec(args) -> tuple:
     return tuple(out)
 
 
-def _launch(fn, grid, args, kw, recipe_key, device):
-    """fn[grid](*args, **kw); with the "direct" variant (recipe_key given) through a cached launcher of the
-    compiled kernel."""
-    if recipe_key is None:
-        fn[grid](*args, **kw)
-        return
-    key = (id(fn), recipe_key, device, _spec(args))
-    launch = _direct_launchers.get(key, False)
-    if launch:
-        launch(grid, args)
-        return
-    compiled = fn[grid](*args, **kw)
-    if launch is False:                                # first dispatch of this key: build its launcher
-        _direct_launchers[key] = _build_direct(fn, compiled, kw, device)
+def _tensor_sig(q, k, block_table, cu_q, cu_k, lse) -> tuple:
+    """The dtypes and 16-byte alignment of a call's tensors (q and k's dtype is in the recipe's key)."""
+    ptrs = q.data_ptr() | k.data_ptr() | block_table.data_ptr() | cu_q.data_ptr() | cu_k.data_ptr()
+    if lse is not None:
+        ptrs |= lse.data_ptr()
+    if ptrs % 16:                                          # some input misaligned: which ones
+        return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in (q, k, block_table, cu_q, cu_k, lse)
+                      if t is not None])
+    return block_table.dtype, cu_q.dtype, cu_k.dtype, None if lse is None else lse.dtype
 
 
-def _build_direct(fn, compiled, kw, device):
+def _launch(fn, grid, args, kw):
+    """fn[grid](*args, **kw), Triton's JIT dispatch: the compiled kernel (the one place launches go through it)."""
+    return fn[grid](*args, **kw)
+
+
+def _build_direct(fn, compiled, kw, grid, ints):
+    """launch(stream, pointers, qk_scale) for this compiled kernel with its integer arguments bound, or None."""
     try:
         from triton import knobs
-        from triton.runtime import driver
         if compiled is None or not hasattr(compiled, "packed_metadata"):
             return None
         params = list(fn.params)
@@ -695,11 +752,10 @@ def _build_direct(fn, compiled, kw, device):
         constexprs = tuple(kw[p.name] for p in params[first_constexpr:])
         run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        get_stream = driver.active.get_current_stream
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
 
-        def launch(grid, args):
-            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, get_stream(device),
-                function, meta, None, enter, leave, *args, *constexprs)
+        def launch(stream, pointers, qk_scale):
+            run(g0, g1, g2, stream, function, meta, None, enter, leave, *pointers, *ints, qk_scale, *constexprs)
         return launch
     except Exception:  # noqa: BLE001 (an unknown Triton version: stay on the JIT dispatch)
         return None
@@ -736,7 +792,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         skb, skh, skn, skblk, page = 0, ks[2], ks[1], ks[0], k.shape[1]
         sbt = block_table.stride(0)
         heads = Hq if group_reduce is None else Hkv
-        out = torch.zeros(B, heads, max_n, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)   # the kernel writes the padding
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         cu_seqlens_k = seqlens_k
         numel = B * heads * max_n
@@ -777,77 +833,105 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         sms = _sm_count(dev)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
            q.dtype, interpreting, lse is not None)
-    rkey = key if variant == "direct" and config is None and not interpreting else None
+    qk_scale = scale * LOG2E
+    ck = None
+    if variant == "direct" and config is None and not interpreting:
+        ck = (key, qs, ks, sbt, None if lse is None else lse.stride(),
+              _tensor_sig(q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
+        fast = _direct_launchers.get(ck)
+        if fast:                                           # the compiled kernels, launched directly
+            row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, n_part, hs = fast
+            ws, counters = _scratch(n_scratch, n_count, q.device, dev)
+            base = ws.data_ptr()
+            stream = torch._C._cuda_getCurrentRawStream(dev)
+            if row_l is not None:
+                row_l(stream, (q, k, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * off_m, base + 4 * off_l,
+                               base + 4 * off_lse, counters if n_count else out), qk_scale)
+            col_l(stream, (q, k, block_table, base + 4 * off_lse if lse is None else lse,
+                           base + 4 * off_part if n_part else out, cu_seqlens_q, cu_seqlens_k), qk_scale)
+            if n_part:
+                _combine_head_split(ws, off_part, n_part, out, B, Hkv, hs, max_n, varlen, paged, G, group_reduce)
+            return out
     if config is None:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
     else:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
-    qk_scale = scale * LOG2E
+    # scratch (float32): row partials (max, sum: splits each; the lse itself when final), the combined lse, the
+    # head split's partials; counters: one per (row block, sequence × kv head) when the row pass combines
+    rows = B * Hq * max_m
+    row_pass = lse is None and max_m > 0
+    combine = lse is None and row_kw["COMBINE"]
+    head_split = not cfg["WINDOW"] and hs > 1 and group_reduce is not None
+    n_part = (k.shape[0] if varlen and not paged else B * max_n) * Hkv * hs if head_split else 0
+    n_rows = 0 if lse is not None else rows if final else splits * rows
+    (off_m, off_l, off_lse, off_part), n_scratch = _regions(n_rows, n_rows if not final else 0,
+                                                            rows if combine else 0, n_part)
+    n_scratch = max(n_scratch, 1)
+    if final:
+        off_l = off_lse = off_m                            # one split: the row pass writes the lse itself
+    elif not combine:
+        off_lse = off_m                                    # unused by the row pass (old variant: torch combine)
+    n_count = row_blocks * B * Hkv if combine else 0
+    ws, counters = _scratch(n_scratch, n_count, q.device, dev)
+    counter = counters if n_count else out                 # unused placeholder when the row pass does not combine
     if lse is None:
-        counter = out                                      # unused placeholder (COMBINE is False)
-        if final:                                          # one split: the row pass writes the lse itself
-            m_part = l_part = lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
-            spp = Hq * max_m
-        else:
-            parts = torch.empty(2, splits, B, Hq, max_m, dtype=torch.float32, device=q.device)
-            m_part, l_part = parts[0], parts[1]
-            spp = B * Hq * max_m
-            if row_kw["COMBINE"]:                          # the row pass's last program per row block combines
-                lse2 = torch.empty(B, Hq, max_m, dtype=torch.float32, device=q.device)
-                counter = _counter(row_blocks * B * Hkv, q.device, dev)
-        if max_m:
-            _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
-                    (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part,
-                     lse2 if row_kw["COMBINE"] else m_part, counter,
-                     sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, splits,
-                     qk_scale),
-                    row_kw, rkey, dev)
-        if not final:
-            if variant == "old":
-                lse2 = _combine_row_stats(m_part, l_part)      # (B, Hq, max_m), rows local per sequence
-        slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0
+        slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0    # (B, Hq, max_m), rows local per sequence
     else:
-        if variant != "old":
-            lse2 = lse                                     # converted to log2 units in the column kernel
-        else:
-            lse2 = lse.float() * LOG2E
-            lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
-        ls = lse2.stride()
-        if varlen:                                                 # (Hq, total_q), rows global
+        ls = lse.stride()
+        if varlen:                                         # (Hq, total_q), rows global
             slb, slh, slm, lse_q0 = 0, ls[0], ls[1], 1
         else:
             slb, slh, slm, lse_q0 = ls[0], ls[1], ls[2], 0
-    if cfg["WINDOW"]:
-        _launch(_window_column_kernel, grid,
-                (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
-                 slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale), col_kw, rkey, dev)
-        return out
-    if hs == 1 or group_reduce is None:
-        _launch(_long_column_kernel, (grid[0], grid[1] * hs),
-                (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
-                 slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n, qk_scale), col_kw, rkey, dev)
-        return out
-    # head split with a group reduction: partials per (kv head, head split), combined here in a fixed order
-    if paged:
-        part = torch.zeros(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
-        parts_view = part.view(B, Hkv, hs, max_n)
-    elif varlen:
-        part = torch.empty(k.shape[0], Hkv * hs, dtype=torch.float32, device=q.device)
-        parts_view = part.view(-1, Hkv, hs)
+    spp = Hq * max_m if final else rows
+    row_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, splits)
+    col_out = out
+    if head_split:
+        sob, soh, son = _out_strides(varlen, paged, Hkv * hs, max_n)
+    col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n)
+    col_fn = _window_column_kernel if cfg["WINDOW"] else _long_column_kernel
+    col_grid = grid if cfg["WINDOW"] else (grid[0], grid[1] * hs)
+    row_compiled = None
+    if lse is None:
+        m_part = ws[off_m:off_m + n_rows]
+        l_part = ws[off_l:off_l + n_rows]
+        lse2 = ws[off_lse:off_lse + rows]
+        if row_pass:
+            row_compiled = _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
+                                   (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part, lse2, counter,
+                                    *row_ints, qk_scale), row_kw)
+        if not final and not combine:                      # the old variant: the splits combined with torch ops
+            lse2 = _combine_row_stats(m_part.view(splits, B, Hq, max_m), l_part.view(splits, B, Hq, max_m))
+    elif variant != "old":
+        lse2 = lse                                         # converted to log2 units in the column kernel
     else:
-        part = torch.empty(B, Hkv * hs, max_n, dtype=torch.float32, device=q.device)
-        parts_view = part.view(B, Hkv, hs, max_n)
-    pstrides = _out_strides(varlen, paged, Hkv * hs, max_n)
-    _launch(_long_column_kernel, (grid[0], grid[1] * hs),
-            (q, k, block_table, lse2, part, cu_seqlens_q, cu_seqlens_k, sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
-             slb, slh, slm, lse_q0, *pstrides, max_m, max_n, qk_scale), col_kw, rkey, dev)
+        lse2 = lse.float() * LOG2E
+        lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
+    if head_split:
+        col_out = ws[off_part:off_part + n_part]
+    col_compiled = _launch(col_fn, col_grid, (q, k, block_table, lse2, col_out, cu_seqlens_q, cu_seqlens_k,
+                                              *col_ints, qk_scale), col_kw)
+    if head_split:
+        _combine_head_split(ws, off_part, n_part, out, B, Hkv, hs, max_n, varlen, paged, G, group_reduce)
+    if ck is not None and ck not in _direct_launchers:
+        row_l = _build_direct(_row_stats_kernel, row_compiled, row_kw, (splits, row_blocks, B * Hkv), row_ints) \
+            if row_pass else None
+        col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
+        ok = col_l is not None and (row_l is not None or not row_pass)
+        _direct_launchers[ck] = (row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, n_part, hs) \
+            if ok else False
+    return out
+
+
+def _combine_head_split(ws, off, n, out, B, Hkv, hs, max_n, varlen, paged, G, group_reduce):
+    """out = the group reduction of the head split's partials (scratch), their hs axis reduced in a fixed order."""
+    part = ws[off:off + n]
+    parts_view = part.view(-1, Hkv, hs) if varlen and not paged else part.view(B, Hkv, hs, max_n)
     if group_reduce == "max":
         torch.amax(parts_view, 2, out=out)
     else:
         torch.sum(parts_view, 2, out=out)
         if group_reduce == "mean":
             out.div_(G)
-    return out
 
 
 def default_scale(d: int) -> float:

@@ -62,7 +62,8 @@ def rand_qk(shape, dtype, device=DEVICE, seed=0):
 
 
 def _poison_empty(monkeypatch):
-    """Make every torch.empty in the kernel launcher NaN-filled, so an unwritten output column fails."""
+    """Make every torch.empty in the kernel launcher NaN-filled, so an unwritten output column or a scratch value read
+    before it is written fails."""
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -71,6 +72,7 @@ def _poison_empty(monkeypatch):
 
     import colreduce_kvprune.kernels.colreduce as kmod
     monkeypatch.setattr(kmod.torch, "empty", nan_empty)
+    monkeypatch.setattr(kmod, "_scratch_bufs", {})    # the per-stream scratch too, allocated afresh (NaN)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -271,7 +273,7 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(paged, mo
     monkeypatch.setattr(C, "_interpreting", lambda: False)
     monkeypatch.setattr(C, "_sm_count", lambda dev: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)      # CPU tensors: no device, no stream
-    monkeypatch.setattr(C, "_launch", lambda fn, grid, args, kw, rkey, dev: launched.append(
+    monkeypatch.setattr(C, "_launch", lambda fn, grid, args, kw: launched.append(
         (getattr(fn, "__name__", None) or fn.fn.__name__, tuple(sorted(kw.items())), C._spec(args))))
     m, hq, hkv, d, page, hi = 32, 32, 8, 128, 16, 40000
     gen = torch.Generator().manual_seed(0)

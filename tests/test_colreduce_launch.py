@@ -133,6 +133,25 @@ def test_head_split_varlen_and_paged(layout, monkeypatch):
             start += n
 
 
+def test_scratch_is_shared_by_calls_and_grows(monkeypatch):
+    """Calls on one stream share one scratch buffer for the row statistics (a call allocates only its output); a
+    larger call replaces it. Every call matches the float64 reference, and repeating the first call after the larger
+    one gives the same bits (nothing depends on what the scratch held before)."""
+    _poison_empty(monkeypatch)
+    small, big = (1, 4, 2, 16, 200, 16), (2, 4, 2, 40, 300, 16)
+    q1, k1 = rand_qk(small, torch.float32, seed=1)
+    q2, k2 = rand_qk(big, torch.float32, seed=2)
+    kw = dict(is_causal=True, scale=0.25, group_reduce="mean")
+    first = colreduce_triton(q1, k1, "sum", **kw)
+    assert rel_err(first, reference(q1, k1, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
+    (bufs,) = kmod._scratch_bufs.values()
+    held = bufs[0].numel()
+    second = colreduce_triton(q2, k2, "sum", **kw)
+    assert rel_err(second, reference(q2, k2, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
+    assert len(kmod._scratch_bufs) == 1 and bufs[0].numel() > held
+    assert torch.equal(colreduce_triton(q1, k1, "sum", **kw), first)
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="direct launches exist only for compiled kernels (GPU)")
 def test_direct_launch_matches_jit_dispatch():
     """The "direct" variant launches the compiled kernels without Triton's dispatch after their first call:
@@ -160,7 +179,52 @@ def test_direct_launch_matches_jit_dispatch():
             assert torch.equal(colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw), ref)
     finally:
         kmod.set_launch_variant(before)
-    assert any(v is not None for v in kmod._direct_launchers.values()), "no direct launcher was built"
+    assert any(kmod._direct_launchers.values()), "no direct launcher was built"
+
+
+def _paged_batch():
+    """A paged batch of three sequences (one without queries), padded to 700 keys: the window kernel."""
+    from test_colreduce_paged import paged_case
+    q, _, cache, table, cu_q, _, seqlens = paged_case([16, 5, 0], [700, 64, 300], 8, 2, 128, "NHD", torch.float16,
+                                                      seed=3)
+    return (q, cache, table, cu_q, seqlens), dict(max_seqlen_q=16, max_seqlen_k=700, is_causal=True,
+                                                   group_reduce="mean")
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="direct launches and CUDA graphs need the GPU")
+def test_direct_paged_launch_and_cuda_graph_capture():
+    """Paged: "direct" gives the bits of "new", with the padding past each sequence's keys written as zeros by the
+    kernel (the output is not cleared first). Captured in a CUDA graph, a call takes its own scratch: a replay gives
+    the same bits, also after eager calls of other shapes ran on the stream (and replaced its shared scratch)."""
+    from colreduce_kvprune import colreduce_paged
+    args, kw = _paged_batch()
+    before = kmod._VARIANT
+    try:
+        kmod.set_launch_variant("new")
+        ref = colreduce_paged(*args, "sum", **kw)
+        kmod.set_launch_variant("direct")
+        for _ in range(3):
+            assert torch.equal(colreduce_paged(*args, "sum", **kw), ref)
+        assert not torch.isnan(ref).any() and (ref[1, :, 64:] == 0).all() and (ref[2] == 0).all()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                  # warm up off the default stream, as torch's docs advise
+            colreduce_paged(*args, "sum", **kw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = colreduce_paged(*args, "sum", **kw)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, ref)
+        q, k = rand_qk((1, 32, 8, 2048, 2048, 128), torch.float16, seed=6)     # a larger scratch on this stream
+        colreduce_triton(q, k, "sum", is_causal=True, scale=128 ** -0.5, group_reduce="mean")
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, ref)
+    finally:
+        kmod.set_launch_variant(before)
 
 
 @pytest.mark.parametrize("splits", [2, 5])
@@ -181,4 +245,5 @@ def test_row_pass_combines_its_splits(splits, monkeypatch):
     assert rel_err(first, ref) < TOL[torch.float32]
     assert rel_err(first, colreduce_triton(q, k, "sum", variant="old", **kw)) < 1e-6
     assert torch.equal(colreduce_triton(q, k, "sum", variant="new", **kw), first)
-    assert kmod._counters and all(int(c.abs().sum()) == 0 for c in kmod._counters.values())
+    counters = [bufs[1] for bufs in kmod._scratch_bufs.values() if bufs[1] is not None]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)

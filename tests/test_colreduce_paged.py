@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from colreduce_kvprune import colreduce_paged, colreduce_varlen
-from test_colreduce import DEVICE, TOL, rel_err
+from test_colreduce import DEVICE, TOL, _poison_empty, rel_err
 
 BLOCK = 16
 
@@ -49,7 +49,8 @@ def unpack(dense, k_lens, max_n):
 @pytest.mark.parametrize("layout", ["NHD", "HND"], ids=["flash-layout", "cpu-layout"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("group_reduce", [None, "mean"])
-def test_paged_matches_dense(layout, backend, group_reduce):
+def test_paged_matches_dense(layout, backend, group_reduce, monkeypatch):
+    _poison_empty(monkeypatch)                      # the padding past each sequence's keys must be written
     q_lens, k_lens = [8, 5, 12, 0], [70, 33, 12, 20]          # last chunks shorter than keys; an empty window
     q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 2, 32, layout)
     for reduction in ("sum", "mean", "max"):
