@@ -401,9 +401,9 @@ def _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, 
 
 
 @triton.jit
-def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
+def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k, Part, Counter,
                         sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
-                        max_m, max_n, qk_scale,
+                        spb, sph, spn, max_m, max_n, qk_scale,
                         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                         REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
                         HS: tl.constexpr, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
@@ -415,8 +415,10 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     The K tile is the dot's B operand (shared memory); a 2-D accumulator is reduced over rows once per head (once
     in all with FUSE_HEADS: the group combine equals the row combine, sum of sums or max of maxes).
     HS > 1 (head split, G % HS == 0): HS programs per kv head and key tile, each over G / HS of the group's heads;
-    with GROUP_REDUCE each writes its partial group sum (max) to head hk·HS + hs of Out, which the launcher then
-    combines in a fixed order (and divides by G for the mean).
+    with GROUP_REDUCE each writes its partial group sum (max) to head hk·HS + hs of Part (strides spb, sph, spn),
+    and the last of the HS programs to finish, counted in Counter (int32 per key tile and sequence × kv head, zero
+    before the launch and reset to zero by that program), reduces the HS partials in a fixed order (deterministic),
+    divides by G for the mean and writes Out: no launch after this one.
     """
     b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
         cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M, BLOCK_N,
@@ -466,9 +468,28 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         if REDUCTION == 1:
             group = tl.where(count > 0, group / tl.maximum(count, 1).to(tl.float32), 0.0)
     if GROUP_REDUCE != 0:
-        if GROUP_REDUCE == 2 and HS == 1:
-            group = group / G
-        tl.store(Out + b * sob + (hk * HS + hs) * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+        if HS == 1:
+            if GROUP_REDUCE == 2:
+                group = group / G
+            tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+        else:
+            part = Part + b * spb + (k0 + n) * spn
+            tl.store(part + (hk * HS + hs) * sph, _padded(group, n_ok, IS_PAGED), mask=n_out)
+            tl.debug_barrier()                        # every thread's partial written, then one count per program
+            slot = Counter + tl.program_id(0) * (tl.num_programs(1) // HS) + tl.program_id(1) // HS
+            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == HS - 1:
+                tl.debug_barrier()
+                total = tl.load(part + hk * HS * sph, mask=n_out, other=0.0, cache_modifier=".cg")
+                for i in range(1, HS):                # the partials in head order, whoever finished first
+                    v = tl.load(part + (hk * HS + i) * sph, mask=n_out, other=0.0, cache_modifier=".cg")
+                    if GROUP_REDUCE == 3:
+                        total = tl.maximum(total, v, propagate_nan=tl.PropagateNan.ALL)
+                    else:
+                        total += v
+                if GROUP_REDUCE == 2:
+                    total = total / G
+                tl.store(Out + b * sob + hk * soh + (k0 + n) * son, total, mask=n_out)
+                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")       # ready for the next launch
 
 
 def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
@@ -609,11 +630,9 @@ def _launch_key(max_m, max_n, *shape):
     and the column pass's output strides (of the head-split partials too)."""
     D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
     _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False)
-    if hs > 1 and group_reduce is not None:           # the head split's partials (colreduce_triton's last launch)
-        heads = Hkv * hs
-    else:
-        heads = G * Hkv if group_reduce is None else Hkv
-    strides = _out_strides(varlen, paged, heads, max_n)
+    strides = _out_strides(varlen, paged, G * Hkv if group_reduce is None else Hkv, max_n)
+    if hs > 1 and group_reduce is not None:           # the head split's partials (the long column kernel's)
+        strides += _out_strides(varlen, paged, Hkv * hs, max_n)
     return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs,
             _spec((max_n, split_len, splits) + strides))
 
@@ -840,24 +859,25 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
               _tensor_sig(q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
         fast = _direct_launchers.get(ck)
         if fast:                                           # the compiled kernels, launched directly
-            row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, n_part, hs = fast
+            row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc, long = fast
             ws, counters = _scratch(n_scratch, n_count, q.device, dev)
             base = ws.data_ptr()
             stream = torch._C._cuda_getCurrentRawStream(dev)
             if row_l is not None:
                 row_l(stream, (q, k, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * off_m, base + 4 * off_l,
                                base + 4 * off_lse, counters if n_count else out), qk_scale)
-            col_l(stream, (q, k, block_table, base + 4 * off_lse if lse is None else lse,
-                           base + 4 * off_part if n_part else out, cu_seqlens_q, cu_seqlens_k), qk_scale)
-            if n_part:
-                _combine_head_split(ws, off_part, n_part, out, B, Hkv, hs, max_n, varlen, paged, G, group_reduce)
+            col_ptrs = (q, k, block_table, base + 4 * off_lse if lse is None else lse, out, cu_seqlens_q,
+                        cu_seqlens_k)
+            if long:                                       # the head split's partials and counters (placeholders)
+                col_ptrs += (base + 4 * off_part, counters.data_ptr() + 4 * off_cc) if off_cc >= 0 else (out, out)
+            col_l(stream, col_ptrs, qk_scale)
             return out
     if config is None:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
     else:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
     # scratch (float32): row partials (max, sum: splits each; the lse itself when final), the combined lse, the
-    # head split's partials; counters: one per (row block, sequence × kv head) when the row pass combines
+    # head split's partials
     rows = B * Hq * max_m
     row_pass = lse is None and max_m > 0
     combine = lse is None and row_kw["COMBINE"]
@@ -871,9 +891,13 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         off_l = off_lse = off_m                            # one split: the row pass writes the lse itself
     elif not combine:
         off_lse = off_m                                    # unused by the row pass (old variant: torch combine)
-    n_count = row_blocks * B * Hkv if combine else 0
+    # counters (int32, zero between launches): the row pass's, one per (row block, sequence × kv head) when it
+    # combines its splits; then the head split's, one per (key tile, sequence × kv head)
+    (_, off_cc), n_count = _regions(row_blocks * B * Hkv if combine else 0, grid[0] * grid[1] if head_split else 0)
+    if not head_split:
+        off_cc = -1
     ws, counters = _scratch(n_scratch, n_count, q.device, dev)
-    counter = counters if n_count else out                 # unused placeholder when the row pass does not combine
+    counter = counters if combine else out                 # unused placeholder when the row pass does not combine
     if lse is None:
         slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0    # (B, Hq, max_m), rows local per sequence
     else:
@@ -884,12 +908,17 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             slb, slh, slm, lse_q0 = ls[0], ls[1], ls[2], 0
     spp = Hq * max_m if final else rows
     row_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, splits)
-    col_out = out
-    if head_split:
-        sob, soh, son = _out_strides(varlen, paged, Hkv * hs, max_n)
-    col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n)
-    col_fn = _window_column_kernel if cfg["WINDOW"] else _long_column_kernel
-    col_grid = grid if cfg["WINDOW"] else (grid[0], grid[1] * hs)
+    long = not cfg["WINDOW"]
+    col_ptrs = ()
+    if long:               # the head split's partials (heads hk·HS + hs) and counters, else unused placeholders
+        part_strides = _out_strides(varlen, paged, Hkv * hs, max_n) if head_split else (sob, soh, son)
+        col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, *part_strides,
+                    max_m, max_n)
+        col_ptrs = (ws[off_part:off_part + n_part], counters[off_cc:n_count]) if head_split else (out, out)
+    else:
+        col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n)
+    col_fn = _long_column_kernel if long else _window_column_kernel
+    col_grid = (grid[0], grid[1] * hs) if long else grid
     row_compiled = None
     if lse is None:
         m_part = ws[off_m:off_m + n_rows]
@@ -906,32 +935,16 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     else:
         lse2 = lse.float() * LOG2E
         lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
-    if head_split:
-        col_out = ws[off_part:off_part + n_part]
-    col_compiled = _launch(col_fn, col_grid, (q, k, block_table, lse2, col_out, cu_seqlens_q, cu_seqlens_k,
+    col_compiled = _launch(col_fn, col_grid, (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, *col_ptrs,
                                               *col_ints, qk_scale), col_kw)
-    if head_split:
-        _combine_head_split(ws, off_part, n_part, out, B, Hkv, hs, max_n, varlen, paged, G, group_reduce)
     if ck is not None and ck not in _direct_launchers:
         row_l = _build_direct(_row_stats_kernel, row_compiled, row_kw, (splits, row_blocks, B * Hkv), row_ints) \
             if row_pass else None
         col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
         ok = col_l is not None and (row_l is not None or not row_pass)
-        _direct_launchers[ck] = (row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, n_part, hs) \
+        _direct_launchers[ck] = (row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc, long) \
             if ok else False
     return out
-
-
-def _combine_head_split(ws, off, n, out, B, Hkv, hs, max_n, varlen, paged, G, group_reduce):
-    """out = the group reduction of the head split's partials (scratch), their hs axis reduced in a fixed order."""
-    part = ws[off:off + n]
-    parts_view = part.view(-1, Hkv, hs) if varlen and not paged else part.view(B, Hkv, hs, max_n)
-    if group_reduce == "max":
-        torch.amax(parts_view, 2, out=out)
-    else:
-        torch.sum(parts_view, 2, out=out)
-        if group_reduce == "mean":
-            out.div_(G)
 
 
 def default_scale(d: int) -> float:

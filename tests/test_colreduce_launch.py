@@ -106,14 +106,18 @@ def test_launch_variant_default_and_environment(tmp_path):
                           check=True).stdout.strip() == "old"
 
 
+@pytest.mark.parametrize("hs", [2, 4])
 @pytest.mark.parametrize("layout", ["varlen", "paged"])
-def test_head_split_varlen_and_paged(layout, monkeypatch):
+def test_head_split_varlen_and_paged(layout, hs, monkeypatch):
+    """The long column kernel with each kv head's group split over hs programs: the last program of a key tile to
+    finish combines the partials in the kernel. Run twice: its counters are back at zero after a call (the second
+    call's bits equal the first's), and nothing past each sequence's keys is left unwritten (outputs poisoned)."""
     from test_colreduce_paged import paged_case
     from test_colreduce_varlen import per_sequence_reference
     _poison_empty(monkeypatch)
     q_lens, k_lens = [8, 30, 0, 5], [70, 30, 12, 5]
     q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 1, 16, "NHD", seed=7)
-    cfg = dict(_pick_config(max(q_lens), 16, 4, True), WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=2)
+    cfg = dict(_pick_config(max(q_lens), 16, 4, True), WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=hs)
     for reduction, group in (("sum", "mean"), ("max", "max"), ("mean", "sum"), ("sum", None)):
         ref = per_sequence_reference(q, k, cu_q, cu_k, reduction, True, group)
         if layout == "varlen":
@@ -121,10 +125,18 @@ def test_head_split_varlen_and_paged(layout, monkeypatch):
                                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(q_lens),
                                    max_seqlen_k=max(k_lens), config=cfg)
             assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
+            again = colreduce_triton(q, k, reduction, is_causal=True, scale=0.25, group_reduce=group,
+                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(q_lens),
+                                     max_seqlen_k=max(k_lens), config=cfg)
+            assert torch.equal(out, again), (reduction, group)
             continue
         paged = colreduce_triton(q, cache, reduction, is_causal=True, scale=0.25, group_reduce=group,
                                  cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
                                  block_table=table, seqlens_k=seqlens, config=cfg)
+        again = colreduce_triton(q, cache, reduction, is_causal=True, scale=0.25, group_reduce=group,
+                                 cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+                                 block_table=table, seqlens_k=seqlens, config=cfg)
+        assert torch.equal(paged, again), (reduction, group)
         start = 0
         for b, n in enumerate(k_lens):
             assert not torch.isnan(paged[b]).any() and (paged[b, :, n:] == 0).all()
@@ -162,6 +174,8 @@ def test_direct_launch_matches_jit_dispatch():
         q, k = rand_qk(shape, torch.float16, seed=4)
         kw = dict(is_causal=True, scale=shape[-1] ** -0.5, group_reduce=group)
         ref = colreduce_triton(q, k, "sum", variant="new", **kw)
+        # (1, 8, 2, 300, 300, 64): the long kernel with each group split over programs, combined in the kernel
+        assert rel_err(ref, reference(q, k, "sum", True, group)) < TOL[torch.float16], shape
         for _ in range(3):
             assert torch.equal(colreduce_triton(q, k, "sum", variant="direct", **kw), ref), shape
     lens = [700, 64, 2000]
