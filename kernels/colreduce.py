@@ -909,14 +909,12 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     spp = Hq * max_m if final else rows
     row_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, spp, max_m, max_m, max_n, split_len, splits)
     long = not cfg["WINDOW"]
-    col_ptrs = ()
+    col_ptrs, part_strides = (), ()
     if long:               # the head split's partials (heads hk·HS + hs) and counters, else unused placeholders
         part_strides = _out_strides(varlen, paged, Hkv * hs, max_n) if head_split else (sob, soh, son)
-        col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, *part_strides,
-                    max_m, max_n)
         col_ptrs = (ws[off_part:off_part + n_part], counters[off_cc:n_count]) if head_split else (out, out)
-    else:
-        col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, max_m, max_n)
+    col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, *part_strides,
+                max_m, max_n)
     col_fn = _long_column_kernel if long else _window_column_kernel
     col_grid = (grid[0], grid[1] * hs) if long else grid
     row_compiled = None
