@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -695,8 +696,24 @@ def _combine_row_stats(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tens
 # (CompiledKernel.run, the call JITFunction.run ends with), with the integers bound once and the scratch passed as
 # addresses: no argument binding, no cache-key computation, no view of the scratch. Any failure while building a
 # launcher keeps that signature on the JIT dispatch.
-_direct_launchers: dict = {}   # call signature -> (row launcher or None, column launcher, the scratch layout, …),
-#                                or False (that signature stays on the JIT dispatch)
+
+
+class _Direct(NamedTuple):
+    """A signature's direct launch: its two launchers and where its arguments lie in the scratch."""
+    row: object              # the row pass's launcher, None without a row pass (lse given)
+    col: object              # the column kernel's launcher
+    off_m: int               # float32 scratch offsets: row partials (max, sum), the lse, the head split's partials
+    off_l: int
+    off_lse: int
+    off_part: int
+    n_scratch: int           # float32 scratch elements
+    n_count: int             # int32 counters (row combine, then head split)
+    off_cc: int              # the head split's first counter, -1 without a head split
+    long: bool               # the long column kernel (it takes the head split's partials and counters)
+    combine: bool            # the row pass combines its splits (it takes the counters)
+
+
+_direct_launchers: dict = {}   # call signature -> _Direct, or False (that signature stays on the JIT dispatch)
 _scratch_bufs: dict = {}       # (device index, stream) -> [float32 scratch or None, int32 zero counters or None]
 _SCRATCH_ALIGN = 32            # each scratch region starts at a multiple of 32 floats (128 bytes: 16-byte aligned)
 
@@ -859,18 +876,19 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
               _tensor_sig(q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
         fast = _direct_launchers.get(ck)
         if fast:                                           # the compiled kernels, launched directly
-            row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc, long = fast
-            ws, counters = _scratch(n_scratch, n_count, q.device, dev)
+            ws, counters = _scratch(fast.n_scratch, fast.n_count, q.device, dev)
             base = ws.data_ptr()
             stream = torch._C._cuda_getCurrentRawStream(dev)
-            if row_l is not None:
-                row_l(stream, (q, k, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * off_m, base + 4 * off_l,
-                               base + 4 * off_lse, counters if n_count else out), qk_scale)
-            col_ptrs = (q, k, block_table, base + 4 * off_lse if lse is None else lse, out, cu_seqlens_q,
+            if fast.row is not None:                       # the same arguments as the JIT launch below
+                fast.row(stream, (q, k, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
+                                  base + 4 * fast.off_l, base + 4 * fast.off_lse,
+                                  counters if fast.combine else out), qk_scale)
+            col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
                         cu_seqlens_k)
-            if long:                                       # the head split's partials and counters (placeholders)
-                col_ptrs += (base + 4 * off_part, counters.data_ptr() + 4 * off_cc) if off_cc >= 0 else (out, out)
-            col_l(stream, col_ptrs, qk_scale)
+            if fast.long:                                  # the head split's partials and counters (placeholders)
+                col_ptrs += ((base + 4 * fast.off_part, counters.data_ptr() + 4 * fast.off_cc) if fast.off_cc >= 0
+                             else (out, out))
+            fast.col(stream, col_ptrs, qk_scale)
             return out
     if config is None:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
@@ -940,8 +958,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             if row_pass else None
         col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
         ok = col_l is not None and (row_l is not None or not row_pass)
-        _direct_launchers[ck] = (row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc, long) \
-            if ok else False
+        _direct_launchers[ck] = _Direct(row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc,
+                                        long, combine) if ok else False
     return out
 
 
