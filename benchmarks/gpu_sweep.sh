@@ -5,6 +5,7 @@
 # Usage (device tool, repo root, carry [".whl"] holding flash_colreduce-0.2.2-py3-none-any.whl):
 #   bash benchmarks/gpu_sweep.sh          # the sweep, prune path and kernel tests (cut at 110 s: the 2026-12-01 run
 #                                         # got through 133 of about 170 in that time)
+#   TILES_BUDGET=120 bash benchmarks/gpu_sweep.sh   # and then tile configs at the big goal shapes (goal_tiles.json)
 #   bash benchmarks/gpu_sweep.sh tests    # the kernel tests alone (KERNEL_TEST_LIMIT seconds, default 400)
 #   bash benchmarks/gpu_sweep.sh tests path   # the kernel tests, then the per-layer prune path (prune_path.py)
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
@@ -60,6 +61,13 @@ main() {
     timeout "$LEFT" python3 "$REPO/benchmarks/kernels.py" --serving-sweep --out "$OUT"
     echo "== sweep done at ${SECONDS}s (rc $?; 124 = cut by the time limit: serving_sweep.* hold the shapes done)"
     [ -f "$OUT/serving_sweep.md" ] && cat "$OUT/serving_sweep.md"
+
+    # 4. with TILES_BUDGET=s (default 0: skipped): tile configs of both passes at issue 19's big shapes on this GPU
+    if [ "${TILES_BUDGET:-0}" -gt 0 ]; then
+        timeout $((TILES_BUDGET + 60)) python3 "$REPO/benchmarks/kernels.py" --goal-tiles --budget "$TILES_BUDGET" \
+            --out "$OUT"
+        echo "== goal tiles done at ${SECONDS}s (rc $?)"
+    fi
 }
 
 if [ "${1:-}" = tests ]; then     # the kernel tests alone, with the whole call's time (about 170 tests)

@@ -395,7 +395,6 @@ def time3(fn, flush, reps=None, host_calls=30):
       serving loop sees;
     - host_us: CPU wall time of one call (no sync inside): the median of five blocks' means over host_calls calls,
       host_us_min the lowest block's (the host is shared: a block can catch another process's burst)."""
-    import time
     fn()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -404,16 +403,7 @@ def time3(fn, flush, reps=None, host_calls=30):
     e.record()
     torch.cuda.synchronize()
     est = s.elapsed_time(e)
-    calls = max(3, min(host_calls, int(50 / max(est, 1e-3))))
-    blocks = []                                                    # five blocks: a busy host in one is not the path
-    for _ in range(5):
-        torch.cuda._sleep(int(2e6 * min(50.0, est * calls)))      # keep the device busy: launches never wait
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        blocks.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    blocks.sort()
+    blocks = host_blocks(fn, est, host_calls)
     host_us = blocks[2]
     reps = reps or max(5, min(30, int(40 / (est + 0.1))))
     sleep_cycles = int(2000 * (2 * host_us + 30))                  # ~2 GHz: twice the host time, plus 30 µs
@@ -435,6 +425,22 @@ def time3(fn, flush, reps=None, host_calls=30):
     torch.cuda.synchronize()
     return dict(gpu_ms=gpu[len(gpu) // 2], gpu_p20=gpu[len(gpu) // 5], gpu_p80=gpu[(4 * len(gpu)) // 5],
                 e2e_ms=s.elapsed_time(e) / n_e2e, host_us=host_us, host_us_min=blocks[0])
+
+
+def host_blocks(fn, est_ms, host_calls=30):
+    """CPU µs per call of fn (no sync inside) in five blocks of up to host_calls calls, sorted; the device kept busy
+    by a sleep enqueued first, so no launch waits on it. time3's host_us is the median block."""
+    import time
+    calls = max(3, min(host_calls, int(50 / max(est_ms, 1e-3))))
+    blocks = []                                                    # five blocks: a busy host in one is not the path
+    for _ in range(5):
+        torch.cuda._sleep(int(2e6 * min(50.0, est_ms * calls)))   # keep the device busy: launches never wait
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        blocks.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return sorted(blocks)
 
 
 def count_syncs(fn):
@@ -607,6 +613,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil),
                        ours_syncs=count_syncs(fns["ours"]))
             row["variant"] = default
+            row["loadavg_1min"] = os.getloadavg()[0]         # what else loads the host while this row is timed
             try:                                 # the JIT dispatch of the same kernels ("new"): bitwise ours
                 row["jit_equal"] = all(bool(torch.equal(fns["ours_jit"](), new)) for _ in range(2))
             except Exception as e:  # noqa: BLE001
@@ -639,7 +646,121 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
     if compile_only:
         return None
     if result is not None:
+        recheck_host(rows, shapes)
+        json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
+        open(os.path.join(out_dir, "serving_sweep.md"), "w").write(serving_markdown(result) + "\n")
         print(serving_markdown(result), flush=True)
+    return result
+
+
+HOST_GOAL_US = 30      # issue 19: host time per call of our launch path
+
+
+def recheck_host(rows, shapes):
+    """Times the host µs again, after the whole sweep, of every shape whose first timing exceeded HOST_GOAL_US: ours
+    and the old launch path, on the shape rebuilt (row["host_recheck"]). The launch path is the same code at every
+    shape of a kind; a shape slow at first in ours, the old path and the JIT dispatch alike and at the goal when
+    re-timed caught a busy host (another process, a clock change), not a slower path. Both timings are reported."""
+    from colreduce_kvprune.kernels import colreduce as kmod
+    for row in rows:
+        if "error" in row or row["ours"]["host_us"] <= HOST_GOAL_US:
+            continue
+        sh = shapes[row["name"]]
+        try:
+            case = _serving_case(sh)
+            again = {}
+            for key, variant in (("ours", kmod.DEFAULT_VARIANT), ("ours_old", "old")):
+                fn = _ours_fn(sh, case, variant)
+                fn()
+                torch.cuda.synchronize()
+                blocks = host_blocks(fn, row[key]["gpu_ms"])
+                again[key] = dict(host_us=blocks[2], host_us_min=blocks[0])
+            again["loadavg_1min"] = os.getloadavg()[0]
+            row["host_recheck"] = again
+            print(f"{row['name']}: host re-check ours {row['ours']['host_us']:.0f} -> {again['ours']['host_us']:.0f}"
+                  f" us, old {row['ours_old']['host_us']:.0f} -> {again['ours_old']['host_us']:.0f} us", flush=True)
+        except Exception as e:  # noqa: BLE001 (the first timing stays reported)
+            row["host_recheck"] = f"failed: {e!r}"[:200]
+        finally:
+            kmod.set_launch_variant(kmod.DEFAULT_VARIANT)
+            case = None
+            torch.cuda.empty_cache()
+
+
+# issue 19's big shapes, as the serving sweep calls them (fp16, causal, sum over the queries, mean over the group):
+# name -> (B, Hq, Hkv, M, N, D)
+GOAL_SHAPES = {"win64 32/8 N=131072": (1, 32, 8, 64, 131072, 128), "full 32/8 N=16384": (1, 32, 8, 16384, 16384, 128)}
+# column-pass variants tried at each (WINDOW, BLOCK_M, BLOCK_N, warps, stages, HEAD_SPLIT; None = the default's)
+GOAL_COLUMN_TILES = {
+    True: [(True, 16, 128, 4, 3, None), (True, 32, 128, 4, 2, None), (True, 32, 128, 4, 4, None),
+           (True, 32, 128, 8, 3, None), (True, 64, 128, 4, 3, None), (True, 64, 128, 8, 3, None),
+           (True, 32, 256, 8, 2, None), (True, 32, 256, 8, 3, None), (True, 64, 64, 4, 3, None),
+           (True, 32, 64, 4, 3, None), (True, 32, 64, 2, 3, None)],
+    False: [(False, 64, 128, 4, 3, 1), (False, 64, 128, 4, 2, 2), (False, 128, 128, 8, 2, None),
+            (False, 128, 64, 4, 3, None), (False, 128, 64, 8, 3, None), (False, 64, 64, 4, 3, None),
+            (False, 64, 128, 8, 2, None), (False, 128, 128, 8, 3, None), (False, 64, 256, 8, 2, None)]}
+GOAL_ROW_TILES = [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3),
+                  (128, 32, 4, 3), (256, 64, 8, 2), (64, 64, 4, 4)]      # BLOCK_R, BLOCK_N1, warps1, stages1
+
+
+def goal_tiles(out_dir, budget_s=200.0):
+    """Tile configs of both passes on this GPU at GOAL_SHAPES, on the serving path (group mean): the column pass
+    alone (lse given) per column variant, then both passes per row variant with the fastest column variant; each
+    against the default launch (the fitted tiles) in the same run, outputs compared to the default's (any tile is
+    exact: differences are summation order). Results in goal_tiles.json, rewritten after each config; stops at
+    budget_s. The default tiles came from H100 sweeps: this checks them on the H200."""
+    import time
+    from colreduce_kvprune.kernels import colreduce as kmod
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result = dict(env=env_info(), rows=[])
+    flush = _flush_buffer()
+    for name, (B, Hq, Hkv, M, N, D) in GOAL_SHAPES.items():
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, M, D, device="cuda", dtype=torch.float16)
+        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
+        scale = 1 / math.sqrt(D)
+        lse = row_lse(q, k, scale, True)
+        base = kmod._fit_config(kmod._pick_config(M, D, Hq // Hkv, True), M, N, Hq // Hkv, B * Hkv, sms)
+
+        def call(cfg, with_lse):
+            return kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=scale, group_reduce="mean",
+                                         lse=lse if with_lse else None, config=cfg, variant="new")
+        ref = {w: call(base, w) for w in (True, False)}
+
+        def timed(part, tag, cfg, with_lse):
+            row = dict(shape=name, part=part, tiles=tag, config={k_: v for k_, v in cfg.items()})
+            try:
+                out = call(cfg, with_lse)
+                row["rel_err_vs_default"] = ((out - ref[with_lse]).norm() / ref[with_lse].norm()).item()
+                row["gpu_ms"] = time3(lambda: call(cfg, with_lse), flush)["gpu_ms"]
+            except Exception as e:  # noqa: BLE001 (out of resources for this tile: reported)
+                row["error"] = repr(e)[:160]
+                torch.cuda.synchronize()
+            result["rows"].append(row)
+            json.dump(result, open(os.path.join(out_dir, "goal_tiles.json"), "w"), indent=1)
+            print(f"{name:22s} {part:14s} {tag} {row.get('gpu_ms', row.get('error'))}", flush=True)
+            return row
+        best = (timed("column (lse)", "default", base, True)["gpu_ms"], base)
+        timed("both passes", "default", base, False)
+        for window, bm, bn, w, st, hs in GOAL_COLUMN_TILES[bool(base["WINDOW"])]:
+            if time.perf_counter() - t0 > budget_s:
+                break
+            cfg = dict(base, WINDOW=window, BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st)
+            if hs is not None:
+                cfg["HEAD_SPLIT"] = hs
+            r = timed("column (lse)", (bm, bn, w, st, cfg.get("HEAD_SPLIT")), cfg, True)
+            if r.get("gpu_ms", float("inf")) < best[0]:
+                best = (r["gpu_ms"], cfg)
+        for br, bn1, w1, st1 in GOAL_ROW_TILES:
+            if time.perf_counter() - t0 > budget_s:
+                break
+            timed("both passes", ("row", br, bn1, w1, st1, "column", best[1]["BLOCK_M"], best[1]["BLOCK_N"],
+                                  best[1]["warps"], best[1]["stages"]),
+                  dict(best[1], BLOCK_R=br, BLOCK_N1=bn1, warps1=w1, stages1=st1), False)
+        del q, k, lse, ref
+        torch.cuda.empty_cache()
     return result
 
 
@@ -705,9 +826,19 @@ def serving_markdown(result):
     unequal = [r["name"] for r in done if r.get("jit_equal") is not True]
     syncs = sum(r["ours_syncs"]["count"] for r in done)
     errs = max(r["new_vs_old_rel_err"] for r in done)
+    rechecked = [r for r in done if isinstance(r.get("host_recheck"), dict)]
+    best = sorted(min(r["ours"]["host_us"], r["host_recheck"]["ours"]["host_us"]) if r in rechecked
+                  else r["ours"]["host_us"] for r in done)
+    again = "; ".join(f"{r['name']}: ours {r['ours']['host_us']:.0f} → {r['host_recheck']['ours']['host_us']:.0f}, "
+                      f"old {r['ours_old']['host_us']:.0f} → {r['host_recheck']['ours_old']['host_us']:.0f}"
+                      for r in rechecked)
     lines += ["", f"{n} shapes; ours slower than a peer (gpu) at {len(worse)}: {', '.join(worse) or 'none'}. "
-              f"Host µs per call of ours: median {hosts[len(hosts) // 2]:.0f}, max {hosts[-1]:.0f} (goal ≤ 30); "
-              "host "
+              f"Host µs per call of ours: median {hosts[len(hosts) // 2]:.0f}, max {hosts[-1]:.0f} (goal ≤ "
+              f"{HOST_GOAL_US}). "
+              + (f"Re-timed after the sweep (first timing above the goal; ours and the old path, µs): {again}; the "
+                 f"lower of the two timings per shape: median {best[len(best) // 2]:.0f}, max {best[-1]:.0f}. "
+                 if rechecked else "")
+              + "Host "
               f"syncs in our calls (torch sync debug mode): {syncs}; largest relative difference new vs old launch "
               f"path: {errs:.1e}. JIT dispatch (variant 'new'): host µs median "
               f"{jit[len(jit) // 2] if jit else float('nan'):.0f}; not bitwise equal to ours or failed at: "
@@ -758,6 +889,9 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true", help="times next to their floors, and kernel resources")
     ap.add_argument("--serving-sweep", action="store_true",
                     help="the serving shapes (issue 19): ours new/old, peers, host time, floors → serving_sweep.*")
+    ap.add_argument("--goal-tiles", action="store_true",
+                    help="tile configs of both passes at issue 19's big shapes (serving path) → goal_tiles.json")
+    ap.add_argument("--budget", type=float, default=200.0, help="with --goal-tiles: seconds")
     ap.add_argument("--compile-only", action="store_true", help="with --serving-sweep: only compile (fill the cache)")
     ap.add_argument("--shard", help="with --compile-only: i/n, the i-th of n slices of the shapes")
     args = ap.parse_args(argv)
@@ -784,6 +918,9 @@ def main(argv=None):
                 f.write(f"\nHost floor on this machine (µs per call): {hf}\n")
         return
     warm_up_clocks()
+    if args.goal_tiles:
+        goal_tiles(args.out, args.budget)
+        return
     if args.report:
         os.makedirs(args.out, exist_ok=True)
         json.dump(report(dtype), open(os.path.join(args.out, "report.json"), "w"), indent=1)
