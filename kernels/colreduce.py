@@ -500,7 +500,9 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     query windows of at most 128 rows, else _long_column_kernel) and BLOCK_M/BLOCK_N/warps/stages for the column
     pass. From the sweeps of `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/h100_sweep.json and
     benchmarks/NOTES.md): short windows want 32-row query blocks and 128-key tiles held in registers; long prompts
-    64-row query blocks against 128-key tiles in shared memory.
+    64-row query blocks against 128-key tiles in shared memory. The row pass of long prompts (M ≥ 4096) takes
+    128-row tiles at 4 warps: on the H200 (`benchmarks/kernels.py --goal-tiles`, sixteenth session) they beat the
+    H100's 64-row choice at full causal 16k (both passes 4.79 vs 5.21 ms with the same column tiles).
     """
     window = m <= 128
     if _interpreting():
@@ -510,7 +512,7 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
         return dict(BLOCK_R=64, BLOCK_N1=64, warps1=8, stages1=2, WINDOW=window, BLOCK_M=32 if window else 64,
                     BLOCK_N=64, warps=8 if window else 4, stages=2)
     long = m >= 4096
-    row = (128, 4, 3) if window else (64, 4, 3) if long else (128, 8, 2)          # BLOCK_R, warps1, stages1
+    row = (128, 4, 3) if window or long else (128, 8, 2)                           # BLOCK_R, warps1, stages1
     col = (32, 128, 4, 3) if window else (64, 128, 4, 3 if d <= 64 else 2)        # BLOCK_M, BLOCK_N, warps, stages
     return dict(BLOCK_R=row[0], BLOCK_N1=64, warps1=row[1], stages1=row[2], WINDOW=window,
                 BLOCK_M=col[0], BLOCK_N=col[1], warps=col[2], stages=col[3])
@@ -525,8 +527,10 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     - window column pass: BLOCK_M no larger than the window (at least 16).
     - window column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv
       heads: e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs).
-    - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 4 programs per SM;
-      full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks; where
+    - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 8 programs per SM;
+      full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks (the
+      H200's tile run: at 16k, 1,024 programs of one head split 2.50 ms, 2,048 of two 2.37 ms: causal programs
+      differ up to 128× in work, more of them even out the tail); where
       that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles."""
     if _interpreting():
         return cfg
@@ -539,9 +543,9 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     if cfg["WINDOW"]:
         if cfg["BLOCK_N"] > 64 and tiles < 2 * sms:
             cfg["BLOCK_N"] = 64
-    else:                   # long kernel: split the group's heads over programs until ~4 programs per SM
+    else:                   # long kernel: split the group's heads over programs until ~8 programs per SM
         hs = 1
-        while hs < g and tiles * hs < 4 * sms:
+        while hs < g and tiles * hs < 8 * sms:
             hs += 1
             while g % hs:
                 hs += 1
