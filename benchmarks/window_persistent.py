@@ -1,0 +1,162 @@
+"""Experiment (issue 19, item 2): a persistent column pass for query windows, against the product's.
+
+The product's window column pass (`_window_column_kernel`) runs one program per (128-key tile, kv head) and loads
+the group's query tiles again in every program: at window 64, GQA 32/8, N = 128k that is 8,192 programs × 64 KB of
+queries read from L2, twice the bytes of K itself (256 MiB) — a plausible reason why it takes 2.1× its own floor
+(0.223 ms with the lse given; floor 0.105). Here each program loads the group's G·M query rows once (one
+[G·M, D] operand, rows r = g·M + m) with their lse, then loops over key tiles t = pid, pid + P, … (tl.range,
+software-pipelined K loads): per tile one q·kᵀ dot [G·M, BLOCK_N], exp2, the causal mask, and a sum over all G·M
+rows — the group's sum of column sums, divided by G for the group mean. Queries are read P × 64 KB in all.
+
+Scope of the experiment: dense (B, H, M, D) inputs, causal, reduction "sum", group_reduce "mean", the lse given
+(the column pass alone: the product's row pass would give it), G·M ≤ 256, D a power of two. Not in the product:
+the result differs from the product's in summation order only (checked against float64 here and against the
+product on the GPU).
+
+    python benchmarks/window_persistent.py --check          # CPU: TRITON_INTERPRET=1, small shapes vs float64
+    python benchmarks/window_persistent.py --out DIR        # GPU: variants at 32/8, W=64, N=128k vs the product
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _persistent_window_column(Q, K, LSE, Out, sqb, sqh, sqm, skb, skh, skn, slb, slh, slm, sob, soh, son,
+                              M, N, qk_scale, n_prog,
+                              G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                              STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    r = tl.arange(0, BLOCK_R)                  # the group's rows: query m of head hk·G + g at r = g·M + m
+    g = r // M
+    m = r % M
+    r_ok = r < G * M
+    d = tl.arange(0, D)
+    h = hk * G + g
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :], mask=r_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + m * slm, mask=r_ok, other=float("inf")).to(tl.float32) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)     # a row that sees no key contributes nothing
+    shift = N - M
+    for t in tl.range(pid, tl.cdiv(N, BLOCK_N), n_prog, num_stages=STAGES):
+        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        kt = tl.load(K + b * skb + hk * skh + n[None, :] * skn + d[:, None], mask=n_ok[None, :], other=0.0)
+        p = tl.exp2(tl.dot(q, kt) * qk_scale - lse2[:, None])
+        p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
+        tl.store(Out + b * sob + hk * soh + n * son, tl.sum(p, 0) / G, mask=n_ok)
+
+
+def persistent_column(q, k, lse, n_prog, block_n=64, warps=8, stages=3, scale=None, out=None):
+    """(B, Hkv, N) float32: Σ over the group's heads and the window's queries of softmax(q·kᵀ) (causal,
+    bottom-right), divided by G. q (B, Hq, M, D), k (B, Hkv, N, D), lse (B, Hq, M) natural log."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    assert G * M <= 256 and D == triton.next_power_of_2(D), "outside the experiment's scope"
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.empty(B, Hkv, N, dtype=torch.float32, device=q.device) if out is None else out
+    n_prog = max(1, min(n_prog, triton.cdiv(N, block_n)))
+    _persistent_window_column[(n_prog, Hkv, B)](
+        q, k, lse, out, *q.stride()[:3], *k.stride()[:3], *lse.stride(), *out.stride(), M, N, scale * LOG2E, n_prog,
+        G=G, BLOCK_R=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block_n, D=D, STAGES=stages,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def reference(q, k):
+    """float64: (B, Hkv, N) group mean of the causal (bottom-right) column sums, and the natural-log lse."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    s = (q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)) / math.sqrt(D)
+    i = torch.arange(M, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(N, device=q.device)[None, :] > i + (N - M), float("-inf"))
+    lse = s.logsumexp(-1)
+    cols = (s - lse[..., None]).exp().nan_to_num(0.0).sum(2)          # (B, Hq, N)
+    return cols.view(B, Hkv, G, N).mean(2), lse
+
+
+def check():
+    """CPU, TRITON_INTERPRET=1: small shapes against float64, the output pre-filled with NaN (every column must be
+    written)."""
+    torch.manual_seed(0)
+    worst = 0.0
+    for B, Hq, Hkv, M, N, D, block_n, n_prog in [(1, 4, 2, 8, 100, 16, 16, 3), (2, 6, 2, 5, 37, 32, 16, 2),
+                                                   (1, 8, 2, 16, 64, 16, 32, 5), (1, 2, 2, 12, 12, 16, 16, 1)]:
+        q = torch.randn(B, Hq, M, D)
+        k = torch.randn(B, Hkv, N, D)
+        ref, lse = reference(q, k)
+        got = persistent_column(q, k, lse.float(), n_prog, block_n=block_n, warps=4, stages=1,
+                                out=torch.full((B, Hkv, N), float("nan")))
+        assert not got.isnan().any(), "a column was not written"
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        worst = max(worst, err)
+        assert err < 1e-5, (B, Hq, Hkv, M, N, D, err)
+    print(f"persistent window column pass matches float64 (largest relative error {worst:.1e})")
+
+
+def gpu(out_dir):
+    import importlib.util                      # benchmarks/kernels.py, never as a top-level `kernels` module
+    spec = importlib.util.spec_from_file_location("colreduce_bench_kernels", os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    _flush_buffer, env_info, row_lse, time3 = bk._flush_buffer, bk.env_info, bk.row_lse, bk.time3
+    from colreduce_kvprune.kernels import colreduce as kmod
+    torch.manual_seed(0)
+    B, Hq, Hkv, M, N, D = 1, 32, 8, 64, 131072, 128
+    q = torch.randn(B, Hq, M, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
+    lse = row_lse(q, k, 1 / math.sqrt(D), True)
+    flush = _flush_buffer()
+
+    def product():
+        return kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean",
+                                     lse=lse)
+    ref = product()
+    rows = [dict(name="product window column pass (lse given)", gpu_ms=time3(product, flush)["gpu_ms"])]
+    print(rows[-1], flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = [(bn, w, st, per_sm) for bn, w in ((64, 8), (128, 8), (64, 4))   # 128 keys at 4 warps: ~256 regs
+                for st in (2, 3) for per_sm in (1, 2, 4)]                          # of q and p a thread
+    for block_n, warps, stages, per_sm in variants:
+        n_prog = max(1, sms * per_sm // (B * Hkv))
+        row = dict(name="persistent", block_n=block_n, warps=warps, stages=stages, n_prog=n_prog)
+        try:
+            fn = lambda: persistent_column(q, k, lse, n_prog, block_n, warps, stages)  # noqa: E731
+            got = fn()
+            row["rel_err_vs_product"] = ((got - ref).norm() / ref.norm()).item()
+            row["gpu_ms"] = time3(fn, flush)["gpu_ms"]
+        except Exception as e:  # noqa: BLE001 (out of resources: reported)
+            row["error"] = repr(e)[:160]
+            torch.cuda.synchronize()
+        rows.append(row)
+        print(row, flush=True)
+        os.makedirs(out_dir, exist_ok=True)
+        json.dump(dict(env=env_info(), shape=dict(B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D), rows=rows),
+                  open(os.path.join(out_dir, "window_persistent.json"), "w"), indent=1)
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--out", default="out")
+    a = ap.parse_args(argv)
+    if a.check:
+        check()
+    else:
+        gpu(a.out)
+
+
+if __name__ == "__main__":
+    main()
