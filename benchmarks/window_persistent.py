@@ -14,7 +14,8 @@ the result differs from the product's in summation order only (checked against f
 product on the GPU).
 
     python benchmarks/window_persistent.py --check          # CPU: TRITON_INTERPRET=1, small shapes vs float64
-    python benchmarks/window_persistent.py --out DIR        # GPU: variants at 32/8, W=64, N=128k vs the product
+    python benchmarks/window_persistent.py --out DIR        # GPU: variants at 32/8, W=64, N=128k, then 8k–128k,
+                                                            # bf16 and MHA, each against the product's pass
 """
 from __future__ import annotations
 
@@ -107,45 +108,57 @@ def check():
 
 
 def gpu(out_dir):
+    """The product's window column pass (lse given) and the persistent one, timed in one run: a grid of tiles at
+    32/8, W=64, N=128k fp16, then the best tiles of the sixteenth session's run (64 keys, 4 warps, 3 stages) at 1
+    and 2 programs per SM on other window shapes. window_persistent.json in out_dir, rewritten after each row."""
     import importlib.util                      # benchmarks/kernels.py, never as a top-level `kernels` module
     spec = importlib.util.spec_from_file_location("colreduce_bench_kernels", os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
     bk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bk)
-    _flush_buffer, env_info, row_lse, time3 = bk._flush_buffer, bk.env_info, bk.row_lse, bk.time3
     from colreduce_kvprune.kernels import colreduce as kmod
-    torch.manual_seed(0)
-    B, Hq, Hkv, M, N, D = 1, 32, 8, 64, 131072, 128
-    q = torch.randn(B, Hq, M, D, device="cuda", dtype=torch.float16)
-    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
-    lse = row_lse(q, k, 1 / math.sqrt(D), True)
-    flush = _flush_buffer()
-
-    def product():
-        return kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean",
-                                     lse=lse)
-    ref = product()
-    rows = [dict(name="product window column pass (lse given)", gpu_ms=time3(product, flush)["gpu_ms"])]
-    print(rows[-1], flush=True)
+    flush = bk._flush_buffer()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    variants = [(bn, w, st, per_sm) for bn, w in ((64, 8), (128, 8), (64, 4))   # 128 keys at 4 warps: ~256 regs
-                for st in (2, 3) for per_sm in (1, 2, 4)]                          # of q and p a thread
-    for block_n, warps, stages, per_sm in variants:
-        n_prog = max(1, sms * per_sm // (B * Hkv))
-        row = dict(name="persistent", block_n=block_n, warps=warps, stages=stages, n_prog=n_prog)
-        try:
-            fn = lambda: persistent_column(q, k, lse, n_prog, block_n, warps, stages)  # noqa: E731
-            got = fn()
-            row["rel_err_vs_product"] = ((got - ref).norm() / ref.norm()).item()
-            row["gpu_ms"] = time3(fn, flush)["gpu_ms"]
-        except Exception as e:  # noqa: BLE001 (out of resources: reported)
-            row["error"] = repr(e)[:160]
-            torch.cuda.synchronize()
-        rows.append(row)
-        print(row, flush=True)
-        os.makedirs(out_dir, exist_ok=True)
-        json.dump(dict(env=env_info(), shape=dict(B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D), rows=rows),
-                  open(os.path.join(out_dir, "window_persistent.json"), "w"), indent=1)
+    grid = [(bn, w, st, per_sm) for bn, w in ((64, 8), (128, 8), (64, 4))   # 128 keys at 4 warps: ~256 registers
+            for st in (2, 3) for per_sm in (1, 2, 4)]                       # of q and p a thread
+    best = [(64, 4, 3, 1), (64, 4, 3, 2)]
+    shapes = [(32, 8, 131072, torch.float16, grid), (32, 8, 8192, torch.float16, best),
+              (32, 8, 32768, torch.float16, best), (32, 8, 131072, torch.bfloat16, best),
+              (32, 32, 131072, torch.float16, best)]
+    rows = []
+    for Hq, Hkv, N, dtype, variants in shapes:
+        B, M, D = 1, 64, 128
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, M, D, device="cuda", dtype=dtype)
+        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dtype)
+        lse = bk.row_lse(q, k, 1 / math.sqrt(D), True)
+        shape = f"win{M} {Hq}/{Hkv} N={N} {str(dtype).replace('torch.', '')}"
+
+        def product():
+            return kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean",
+                                         lse=lse)
+        ref = product()
+        rows.append(dict(shape=shape, name="product window column pass (lse given)",
+                         gpu_ms=bk.time3(product, flush)["gpu_ms"]))
+        print(rows[-1], flush=True)
+        for block_n, warps, stages, per_sm in variants:
+            n_prog = max(1, sms * per_sm // (B * Hkv))
+            row = dict(shape=shape, name="persistent", block_n=block_n, warps=warps, stages=stages, n_prog=n_prog)
+            try:
+                fn = lambda: persistent_column(q, k, lse, n_prog, block_n, warps, stages)  # noqa: E731
+                got = fn()
+                row["rel_err_vs_product"] = ((got - ref).norm() / ref.norm()).item()
+                row["gpu_ms"] = bk.time3(fn, flush)["gpu_ms"]
+            except Exception as e:  # noqa: BLE001 (out of resources: reported)
+                row["error"] = repr(e)[:160]
+                torch.cuda.synchronize()
+            rows.append(row)
+            print(row, flush=True)
+            os.makedirs(out_dir, exist_ok=True)
+            json.dump(dict(env=bk.env_info(), rows=rows), open(os.path.join(out_dir, "window_persistent.json"), "w"),
+                      indent=1)
+        del q, k, lse, ref
+        torch.cuda.empty_cache()
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
