@@ -29,13 +29,14 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)          # what a jit function may read from the module
 
 
 @triton.jit
 def _persistent_window_column(Q, K, LSE, Out, sqb, sqh, sqm, skb, skh, skn, slb, slh, slm, sob, soh, son,
                               M, N, qk_scale, n_prog,
                               G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                              STAGES: tl.constexpr):
+                              STAGES: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -46,14 +47,14 @@ def _persistent_window_column(Q, K, LSE, Out, sqb, sqh, sqm, skb, skh, skn, slb,
     d = tl.arange(0, D)
     h = hk * G + g
     q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :], mask=r_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + b * slb + h * slh + m * slm, mask=r_ok, other=float("inf")).to(tl.float32) * 1.4426950408889634
+    lse2 = tl.load(LSE + b * slb + h * slh + m * slm, mask=r_ok, other=float("inf")).to(tl.float32) * _LOG2E
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)     # a row that sees no key contributes nothing
     shift = N - M
     for t in tl.range(pid, tl.cdiv(N, BLOCK_N), n_prog, num_stages=STAGES):
         n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         kt = tl.load(K + b * skb + hk * skh + n[None, :] * skn + d[:, None], mask=n_ok[None, :], other=0.0)
-        p = tl.exp2(tl.dot(q, kt) * qk_scale - lse2[:, None])
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None])
         p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
         tl.store(Out + b * sob + hk * soh + n * son, tl.sum(p, 0) / G, mask=n_ok)
 
@@ -71,7 +72,7 @@ def persistent_column(q, k, lse, n_prog, block_n=64, warps=8, stages=3, scale=No
     _persistent_window_column[(n_prog, Hkv, B)](
         q, k, lse, out, *q.stride()[:3], *k.stride()[:3], *lse.stride(), *out.stride(), M, N, scale * LOG2E, n_prog,
         G=G, BLOCK_R=max(16, triton.next_power_of_2(G * M)), BLOCK_N=block_n, D=D, STAGES=stages,
-        num_warps=warps, num_stages=stages)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     return out
 
 
@@ -88,18 +89,18 @@ def reference(q, k):
     return cols.view(B, Hkv, G, N).mean(2), lse
 
 
-def check():
-    """CPU, TRITON_INTERPRET=1: small shapes against float64, the output pre-filled with NaN (every column must be
-    written)."""
+def check(device="cpu"):
+    """Small shapes against float64, the output pre-filled with NaN (every column must be written): on the CPU
+    under TRITON_INTERPRET=1, or on a GPU (tests/test_window_persistent.py runs it)."""
     torch.manual_seed(0)
     worst = 0.0
     for B, Hq, Hkv, M, N, D, block_n, n_prog in [(1, 4, 2, 8, 100, 16, 16, 3), (2, 6, 2, 5, 37, 32, 16, 2),
                                                    (1, 8, 2, 16, 64, 16, 32, 5), (1, 2, 2, 12, 12, 16, 16, 1)]:
-        q = torch.randn(B, Hq, M, D)
-        k = torch.randn(B, Hkv, N, D)
+        q = torch.randn(B, Hq, M, D, device=device)
+        k = torch.randn(B, Hkv, N, D, device=device)
         ref, lse = reference(q, k)
         got = persistent_column(q, k, lse.float(), n_prog, block_n=block_n, warps=4, stages=1,
-                                out=torch.full((B, Hkv, N), float("nan")))
+                                out=torch.full((B, Hkv, N), float("nan"), device=device))
         assert not got.isnan().any(), "a column was not written"
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         worst = max(worst, err)
