@@ -1,6 +1,7 @@
 """The launch path of issue 19: both launch variants ("new": cached plan, Triton combine of the row statistics or a
 row pass that writes the lse itself, lse converted in the column kernel, tiles fitted to the shape; "old": the path
 before) against the float64 reference, with the tiles the "new" variant picks on a GPU forced through `config`."""
+import inspect
 import math
 import os
 
@@ -75,6 +76,24 @@ def test_lse_given_and_no_key_rows(variant, monkeypatch):
     assert torch.isneginf(lse).any()
     out = colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, lse=lse, variant=variant)
     assert rel_err(out, reference(q, k, "sum", True, None, scale=0.25)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("m, n", [(64, 131072), (64, 2048), (1, 8192), (2048, 2048), (16384, 16384)])
+def test_recipe_binds_every_constexpr(m, n):
+    """The direct launch binds each kernel's constexprs from the recipe's kwargs (_build_direct, GPU only): a
+    constexpr the recipe leaves out would silently keep that kernel on Triton's slower dispatch."""
+    for reduction in ("sum", "mean", "max"):
+        for group in (None, "sum", "mean", "max"):
+            for lse_given in (False, True):
+                cfg = _gpu_like_config(m, n, 128, 4, 8)
+                _, _, _, _, _, row_kw, col_kw, _, _ = kmod._recipe(m, n, 128, 4, 1, 8, True, "new", 132, reduction,
+                                                                    group, True, False, 1, torch.float16, False,
+                                                                    lse_given, config=cfg)
+                col_fn = kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel
+                for fn, kw in ((kmod._row_stats_kernel, row_kw), (col_fn, col_kw)):
+                    params = inspect.signature(fn.fn).parameters.values()     # JIT or interpreted alike
+                    missing = [p.name for p in params if "constexpr" in str(p.annotation) and p.name not in kw]
+                    assert not missing, (fn.__name__, missing, reduction, group)
 
 
 def test_plan_is_cached():
