@@ -530,8 +530,8 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 8 programs per SM;
       full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks (the
       H200's tile run: at 16k, 1,024 programs of one head split 2.50 ms, 2,048 of two 2.37 ms: causal programs
-      differ up to 128× in work, more of them even out the tail); where
-      that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles."""
+      differ up to 128× in work, more of them even out the tail); where that still gives fewer than 2 programs
+      per SM (MHA with few heads), 64-key tiles."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)
