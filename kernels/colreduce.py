@@ -382,6 +382,103 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
 
 
 @triton.jit
+def _window_persistent_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
+                              sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
+                              max_m, max_n, qk_scale,
+                              HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                              REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr,
+                              IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                              IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Column pass for short query windows, persistent: the same result as _window_column_kernel (the arguments
+    are the same), summed in another order.
+
+    Program_id(0) of num_programs(0) takes the key tiles pid, pid + P, … of one sequence × kv head
+    (program_id(1)). It loads the group's rows once — G heads × BLOCK_M queries (BLOCK_M ≥ the window), row
+    r = g·BLOCK_M + m, one [GP·BLOCK_M, D] dot operand with its lse — and per key tile computes
+    exp2(q·kᵀ·scale − lse) [GP·BLOCK_M, BLOCK_N] with one dot. The sum (or max) over the rows then gives the
+    group's column values at once where the group combine commutes with the query reduction (sum/mean over queries
+    with a group sum/mean; max with a group max), else per head over a [GP, BLOCK_M, BLOCK_N] view. The window
+    kernel reads the group's queries again in every one of its (key tile × kv head) programs; here each program
+    reads them once (the H200: 0.174 vs 0.223 ms at 32/8, W=64, N=128k with the lse given,
+    benchmarks/window_persistent.py). Paged outputs are padded to max_n: the tiles past the sequence's keys get
+    zeros (a second loop)."""
+    b = tl.program_id(1) // HKV
+    hk = tl.program_id(1) % HKV
+    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
+    shift = Nb - Mb
+    GP: tl.constexpr = triton.next_power_of_2(G)
+    r = tl.arange(0, GP * BLOCK_M)
+    g = r // BLOCK_M
+    m = r % BLOCK_M
+    r_ok = (g < G) & (m < Mb)
+    d = tl.arange(0, BLOCK_D)
+    h = hk * G + g
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + (q0 + m)[:, None] * sqm + d[None, :],
+                mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    lse2 = _load_lse2(LSE2 + b * slb + h * slh + q0 * lse_q0 * slm, m, r_ok, slm, LSE_NATURAL)  # absent rows: +inf
+    gi = tl.arange(0, GP)
+    FUSE: tl.constexpr = (REDUCTION != 2 and (GROUP_REDUCE == 1 or GROUP_REDUCE == 2)) or \
+        (REDUCTION == 2 and GROUP_REDUCE == 3)
+    for t in tl.range(tl.program_id(0), tl.cdiv(Nb, BLOCK_N), tl.num_programs(0)):
+        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < Nb
+        if IS_PAGED:                                  # stored up to max_n: the padding zeroed by _padded
+            n_out = n < max_n
+        else:
+            n_out = n_ok
+        rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
+        kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D), other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        if IS_CAUSAL:
+            p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
+        if REDUCTION == 1:
+            count = _column_counts(n, shift, Mb, IS_CAUSAL)
+        if FUSE:                                      # the group's combine equals the rows' reduction
+            if REDUCTION == 2:
+                group = tl.max(p, 0)
+            else:
+                group = tl.sum(p, 0)
+                if REDUCTION == 1:
+                    group = tl.where(count > 0, group / tl.maximum(count, 1).to(tl.float32), 0.0)
+                if GROUP_REDUCE == 2:
+                    group = group / G
+            tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+        else:                                         # per head: reduce the queries of each head's rows
+            p3 = tl.reshape(p, [GP, BLOCK_M, BLOCK_N])
+            if REDUCTION == 2:
+                cols = tl.max(p3, 1)
+            else:
+                cols = tl.sum(p3, 1)
+                if REDUCTION == 1:
+                    cols = tl.where(count[None, :] > 0, cols / tl.maximum(count, 1).to(tl.float32)[None, :], 0.0)
+            if GROUP_REDUCE == 0:
+                tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + (k0 + n)[None, :] * son,
+                         _padded(cols, n_ok[None, :], IS_PAGED), mask=n_out[None, :] & (gi[:, None] < G))
+            else:
+                if GROUP_REDUCE == 3:
+                    group = tl.max(tl.where(gi[:, None] < G, cols, float("-inf")), 0)
+                else:
+                    group = tl.sum(tl.where(gi[:, None] < G, cols, 0.0), 0)
+                if GROUP_REDUCE == 2:
+                    group = group / G
+                tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+    if IS_PAGED:                                      # the padding past the sequence's keys, up to max_n
+        for t in range(tl.cdiv(Nb, BLOCK_N) + tl.program_id(0), tl.cdiv(max_n, BLOCK_N), tl.num_programs(0)):
+            n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            if GROUP_REDUCE == 0:
+                tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + n[None, :] * son,
+                         tl.zeros([GP, BLOCK_N], tl.float32), mask=(n[None, :] < max_n) & (gi[:, None] < G))
+            else:
+                tl.store(Out + b * sob + hk * soh + n * son, tl.zeros([BLOCK_N], tl.float32), mask=n < max_n)
+
+
+@triton.jit
 def _long_tile(acc, kt, Q_head, LSE_head, ms, n, shift, sqm, slm, qk_scale, Mb, d, D: tl.constexpr,
                REDUCTION: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                MASKED: tl.constexpr, LSE_NATURAL: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -518,7 +615,7 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
                 BLOCK_M=col[0], BLOCK_N=col[1], warps=col[2], stages=col[3])
 
 
-def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> dict:
+def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: int = 128) -> dict:
     """The "new" launch variant's tiles: _pick_config's, fitted to the shape (any choice is exact; these only
     change speed, and are compared with _pick_config's in one GPU run by benchmarks/kernels.py --serving-sweep).
 
@@ -531,7 +628,11 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
       full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks (the
       H200's tile run: at 16k, 1,024 programs of one head split 2.50 ms, 2,048 of two 2.37 ms: causal programs
       differ up to 128× in work, more of them even out the tail); where
-      that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles."""
+      that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles.
+    - window column pass, persistent (PERSISTENT = programs per sequence × kv head, _window_persistent_kernel)
+      where the group's rows fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, D ≤ 128) and each program gets at
+      least 3 key tiles of 64: 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
+      benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given)."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)
@@ -543,6 +644,11 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int) -> d
     if cfg["WINDOW"]:
         if cfg["BLOCK_N"] > 64 and tiles < 2 * sms:
             cfg["BLOCK_N"] = 64
+        block_m = max(16, triton.next_power_of_2(max(1, m)))
+        persistent = max(1, 2 * sms // programs)
+        if (triton.next_power_of_2(g) * block_m <= 256 and triton.next_power_of_2(d) <= 128
+                and triton.cdiv(n, 64) >= 3 * persistent):
+            cfg.update(PERSISTENT=persistent, BLOCK_M=block_m, BLOCK_N=64, warps=4, stages=3)
     else:                   # long kernel: split the group's heads over programs until ~8 programs per SM
         hs = 1
         while hs < g and tiles * hs < 8 * sms:
@@ -585,12 +691,13 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
     else:
         cfg = _pick_config(max_m, D, G, is_causal)
         if variant != "old":
-            cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms)
+            cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
     splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
     split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
     splits = triton.cdiv(max_n, split_len)
-    return cfg, row_blocks, splits, split_len, (triton.cdiv(max_n, cfg["BLOCK_N"]), B * Hkv)
+    col_programs = cfg["PERSISTENT"] if cfg.get("PERSISTENT") else triton.cdiv(max_n, cfg["BLOCK_N"])
+    return cfg, row_blocks, splits, split_len, (col_programs, B * Hkv)
 
 
 def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
@@ -634,11 +741,11 @@ def _launch_key(max_m, max_n, *shape):
     Triton's specialisation classes of the integers that follow the key length: max_n, the split length and count,
     and the column pass's output strides (of the head-split partials too)."""
     D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
-    _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False)
+    cfg, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False)
     strides = _out_strides(varlen, paged, G * Hkv if group_reduce is None else Hkv, max_n)
     if hs > 1 and group_reduce is not None:           # the head split's partials (the long column kernel's)
         strides += _out_strides(varlen, paged, Hkv * hs, max_n)
-    return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs,
+    return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs, bool(cfg.get("PERSISTENT")),
             _spec((max_n, split_len, splits) + strides))
 
 
@@ -937,7 +1044,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         col_ptrs = (ws[off_part:off_part + n_part], counters[off_cc:n_count]) if head_split else (out, out)
     col_ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son, *part_strides,
                 max_m, max_n)
-    col_fn = _long_column_kernel if long else _window_column_kernel
+    col_fn = _long_column_kernel if long else _window_persistent_kernel if cfg.get("PERSISTENT") else \
+        _window_column_kernel
     col_grid = (grid[0], grid[1] * hs) if long else grid
     row_compiled = None
     if lse is None:
