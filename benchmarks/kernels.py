@@ -756,6 +756,12 @@ def goal_tiles(out_dir, budget_s=200.0):
             r = timed("column (lse)", (bm, bn, w, st, cfg.get("HEAD_SPLIT")), cfg, True)
             if r.get("gpu_ms", float("inf")) < best[0]:
                 best = (r["gpu_ms"], cfg)
+        if base.get("PERSISTENT"):                   # the persistent window pass at 1–4 programs per SM
+            for per_sm in (1, 3, 4):
+                cfg = dict(base, PERSISTENT=max(1, per_sm * sms // (B * Hkv)))
+                r = timed("column (lse)", ("persistent", per_sm, "per SM"), cfg, True)
+                if r.get("gpu_ms", float("inf")) < best[0]:
+                    best = (r["gpu_ms"], cfg)
         for br, bn1, w1, st1 in GOAL_ROW_TILES:
             if time.perf_counter() - t0 > budget_s:
                 break
