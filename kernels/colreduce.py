@@ -367,7 +367,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PERSISTENT: tl.constexpr = False):
+                          FUSE_HEADS: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
     """Column pass for short query windows: reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for
     the G query heads of one kv head.
 
@@ -376,7 +376,8 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     LSE2: row log-sum-exp in log2 units, +inf for rows that see no key. Writes Out[b, head, n] (head = query head,
     or kv head when GROUP_REDUCE combines the group).
 
-    PERSISTENT: the same result, summed in another order.
+    PERSISTENT: the same result, summed in another order (FUSE_HEADS: the group's combine commutes with the rows'
+    reduction, _fuse_heads).
 
     Program_id(0) of num_programs(0) takes the key tiles pid, pid + P, … of one sequence × kv head
     (program_id(1)). It loads the group's rows once — G heads × BLOCK_M queries (BLOCK_M ≥ the window), row
@@ -389,12 +390,13 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     benchmarks/window_persistent.py). Paged outputs are padded to max_n: the tiles past the sequence's keys get
     zeros (a second loop).
     """
+    GP: tl.constexpr = triton.next_power_of_2(G)
+    gi = tl.arange(0, GP)
     if PERSISTENT:
         b = tl.program_id(1) // HKV
         hk = tl.program_id(1) % HKV
         q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
         shift = Nb - Mb
-        GP: tl.constexpr = triton.next_power_of_2(G)
         r = tl.arange(0, GP * BLOCK_M)
         g = r // BLOCK_M
         m = r % BLOCK_M
@@ -406,9 +408,6 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         if UPCAST:
             q = q.to(tl.float32)
         lse2 = _load_lse2(LSE2 + b * slb + h * slh + q0 * lse_q0 * slm, m, r_ok, slm, LSE_NATURAL)  # absent: +inf
-        gi = tl.arange(0, GP)
-        FUSE: tl.constexpr = (REDUCTION != 2 and (GROUP_REDUCE == 1 or GROUP_REDUCE == 2)) or \
-            (REDUCTION == 2 and GROUP_REDUCE == 3)
         for t in tl.range(tl.program_id(0), tl.cdiv(Nb, BLOCK_N), tl.num_programs(0)):
             n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < Nb
@@ -425,7 +424,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
             if IS_CAUSAL:
                 p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
             count = _column_counts(n, shift, Mb, IS_CAUSAL)   # the mean's divisor (REDUCTION 1)
-            if FUSE:                                      # the group's combine equals the rows' reduction
+            if FUSE_HEADS:                                # the group's combine equals the rows' reduction
                 group = _reduce_rows(p, count, REDUCTION)
                 if GROUP_REDUCE == 2:
                     group = group / G
@@ -465,8 +464,6 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         k = tl.load(K + hk * skh + rows[:, None] + d[None, :], mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        GP: tl.constexpr = triton.next_power_of_2(G)
-        gi = tl.arange(0, GP)
         cols = tl.zeros([BLOCK_N, GP], tl.float32)
         Q_group = Q + b * sqb + hk * G * sqh + q0 * sqm
         LSE_group = LSE2 + b * slb + hk * G * slh + q0 * lse_q0 * slm
@@ -719,6 +716,8 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     hs = 1 if cfg["WINDOW"] else cfg.get("HEAD_SPLIT", 1)
     if cfg["WINDOW"]:
         col_kw["PERSISTENT"] = bool(cfg.get("PERSISTENT"))
+        if col_kw["PERSISTENT"]:      # the persistent pass reduces a fused group's rows at once
+            col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce)
     else:
         col_kw["HS"] = hs
         col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce) if (hs == 1 or group_reduce is not None) \
