@@ -367,7 +367,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          FUSE_HEADS: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
+                          FUSE_HEADS: tl.constexpr, PERSISTENT: tl.constexpr):
     """Column pass for short query windows: reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for
     the G query heads of one kv head.
 
@@ -714,10 +714,9 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
                   LSE_NATURAL=lse_given and variant != "old", **common)
     hs = 1 if cfg["WINDOW"] else cfg.get("HEAD_SPLIT", 1)
-    if cfg["WINDOW"]:
+    if cfg["WINDOW"]:                 # every constexpr bound (the direct launch reads them from here)
         col_kw["PERSISTENT"] = bool(cfg.get("PERSISTENT"))
-        if col_kw["PERSISTENT"]:      # the persistent pass reduces a fused group's rows at once
-            col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce)
+        col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce)   # the persistent pass: a fused group at once
     else:
         col_kw["HS"] = hs
         col_kw["FUSE_HEADS"] = _fuse_heads(reduction, group_reduce) if (hs == 1 or group_reduce is not None) \
