@@ -641,16 +641,20 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
         rows.append(row)
         result = dict(env=env, ceilings=ceil, rows=rows, partial=len(rows) < len(names),
                       flash_colreduce="present" if have_flash else "absent: column skipped")
-        json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
-        open(os.path.join(out_dir, "serving_sweep.md"), "w").write(serving_markdown(result) + "\n")
+        _save_sweep(out_dir, result)
     if compile_only:
         return None
     if result is not None:
         recheck_host(rows, shapes)
-        json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
-        open(os.path.join(out_dir, "serving_sweep.md"), "w").write(serving_markdown(result) + "\n")
+        _save_sweep(out_dir, result)
         print(serving_markdown(result), flush=True)
     return result
+
+
+def _save_sweep(out_dir, result):
+    """serving_sweep.json and .md, rewritten (after each shape, and after the host re-check)."""
+    json.dump(result, open(os.path.join(out_dir, "serving_sweep.json"), "w"), indent=1)
+    open(os.path.join(out_dir, "serving_sweep.md"), "w").write(serving_markdown(result) + "\n")
 
 
 HOST_GOAL_US = 30      # issue 19: host time per call of our launch path
@@ -836,8 +840,8 @@ def serving_markdown(result):
     syncs = sum(r["ours_syncs"]["count"] for r in done)
     errs = max(r["new_vs_old_rel_err"] for r in done)
     rechecked = [r for r in done if isinstance(r.get("host_recheck"), dict)]
-    best = sorted(min(r["ours"]["host_us"], r["host_recheck"]["ours"]["host_us"]) if r in rechecked
-                  else r["ours"]["host_us"] for r in done)
+    best = sorted(min(r["ours"]["host_us"], r["host_recheck"]["ours"]["host_us"])
+                  if isinstance(r.get("host_recheck"), dict) else r["ours"]["host_us"] for r in done)
     again = "; ".join(f"{r['name']}: ours {r['ours']['host_us']:.0f} → {r['host_recheck']['ours']['host_us']:.0f}, "
                       f"old {r['ours_old']['host_us']:.0f} → {r['host_recheck']['ours_old']['host_us']:.0f}"
                       for r in rechecked)

@@ -24,9 +24,16 @@ import json
 import math
 import os
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
+
+from colreduce_kvprune.reference import colreduce_torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prune_path import _bench_kernels  # noqa: E402 (benchmarks/kernels.py loaded once, as prune_path loads it)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)          # what a jit function may read from the module
@@ -76,19 +83,6 @@ def persistent_column(q, k, lse, n_prog, block_n=64, warps=8, stages=3, scale=No
     return out
 
 
-def reference(q, k):
-    """float64: (B, Hkv, N) group mean of the causal (bottom-right) column sums, and the natural-log lse."""
-    B, Hq, M, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    s = (q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2)) / math.sqrt(D)
-    i = torch.arange(M, device=q.device)[:, None]
-    s = s.masked_fill(torch.arange(N, device=q.device)[None, :] > i + (N - M), float("-inf"))
-    lse = s.logsumexp(-1)
-    cols = (s - lse[..., None]).exp().nan_to_num(0.0).sum(2)          # (B, Hq, N)
-    return cols.view(B, Hkv, G, N).mean(2), lse
-
-
 def check(device="cpu"):
     """Small shapes against float64, the output pre-filled with NaN (every column must be written): on the CPU
     under TRITON_INTERPRET=1, or on a GPU (tests/test_window_persistent.py runs it)."""
@@ -98,8 +92,9 @@ def check(device="cpu"):
                                                    (1, 8, 2, 16, 64, 16, 32, 5), (1, 2, 2, 12, 12, 16, 16, 1)]:
         q = torch.randn(B, Hq, M, D, device=device)
         k = torch.randn(B, Hkv, N, D, device=device)
-        ref, lse = reference(q, k)
-        got = persistent_column(q, k, lse.float(), n_prog, block_n=block_n, warps=4, stages=1,
+        lse = _bench_kernels().row_lse(q, k, 1 / math.sqrt(D), True)
+        ref = colreduce_torch(q.double(), k.double(), "sum", is_causal=True, group_reduce="mean")
+        got = persistent_column(q, k, lse, n_prog, block_n=block_n, warps=4, stages=1,
                                 out=torch.full((B, Hkv, N), float("nan"), device=device))
         assert not got.isnan().any(), "a column was not written"
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
@@ -112,11 +107,7 @@ def gpu(out_dir):
     """The product's window column pass (lse given) and the persistent one, timed in one run: a grid of tiles at
     32/8, W=64, N=128k fp16, then the best tiles of the sixteenth session's run (64 keys, 4 warps, 3 stages) at 1
     and 2 programs per SM on other window shapes. window_persistent.json in out_dir, rewritten after each row."""
-    import importlib.util                      # benchmarks/kernels.py, never as a top-level `kernels` module
-    spec = importlib.util.spec_from_file_location("colreduce_bench_kernels", os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
-    bk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bk)
+    bk = _bench_kernels()
     from colreduce_kvprune.kernels import colreduce as kmod
     flush = bk._flush_buffer()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

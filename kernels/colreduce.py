@@ -623,12 +623,11 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
     - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 8 programs per SM;
       full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks (the
       H200's tile run: at 16k, 1,024 programs of one head split 2.50 ms, 2,048 of two 2.37 ms: causal programs
-      differ up to 128× in work, more of them even out the tail); where
-      that still gives fewer than 2 programs per SM (MHA with few heads), 64-key tiles.
+      differ up to 128× in work, more of them even out the tail); where that still gives fewer than 2 programs
+      per SM (MHA with few heads), 64-key tiles.
     - window column pass, persistent (PERSISTENT = programs per sequence × kv head: _window_column_kernel's
-      persistent mode)
-      where the group's rows fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, D ≤ 128) and each program gets at
-      least 3 key tiles of 64: 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
+      persistent mode) where the group's rows fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, D ≤ 128) and each
+      program gets at least 3 key tiles of 64: 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
       benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given)."""
     if _interpreting():
         return cfg

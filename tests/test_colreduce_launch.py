@@ -86,14 +86,14 @@ def test_lse_given_and_no_key_rows(variant, monkeypatch):
 def test_recipe_binds_every_constexpr(m, n):
     """The direct launch binds each kernel's constexprs from the recipe's kwargs (_build_direct, GPU only): a
     constexpr the recipe leaves out would silently keep that kernel on Triton's slower dispatch."""
+    cfg = _gpu_like_config(m, n, 128, 4, 8)
+    col_fn = kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel
     for reduction in ("sum", "mean", "max"):
         for group in (None, "sum", "mean", "max"):
             for lse_given in (False, True):
-                cfg = _gpu_like_config(m, n, 128, 4, 8)
                 _, _, _, _, _, row_kw, col_kw, _, _ = kmod._recipe(m, n, 128, 4, 1, 8, True, "new", 132, reduction,
                                                                     group, True, False, 1, torch.float16, False,
                                                                     lse_given, config=cfg)
-                col_fn = kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel
                 for fn, kw in ((kmod._row_stats_kernel, row_kw), (col_fn, col_kw)):
                     params = inspect.signature(fn.fn).parameters.values()     # JIT or interpreted alike
                     missing = [p.name for p in params if "constexpr" in str(p.annotation) and p.name not in kw]
