@@ -11,7 +11,7 @@ Two passes over K, each program owning its outputs (bitwise deterministic):
    ``_window_column_kernel`` (query windows ≤ 128 rows) keeps the K tile in registers and reduces each k·qᵀ tile at
    once; ``_long_column_kernel`` (longer queries) keeps it in shared memory and accumulates q·kᵀ tiles in 2-D.
    Where a window's group rows fit one tile (next_pow2(G)·next_pow2(M) ≤ 256), ``_window_column_kernel``'s
-   PERSISTENT mode turns this around: each program loads the group's queries once and strides over key tiles.
+   PERSISTENT mode turns this around: each program loads the group's queries once and loops over a run of key tiles.
 
 Dense (B, H, L, D) and packed varlen (total, H, D) tensors share the kernels through strides: a varlen call passes
 batch stride 0 and cumulative sequence starts. Causal masking is bottom-right aligned per sequence: query i sees
@@ -379,16 +379,19 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     PERSISTENT: the same result, summed in another order (FUSE_HEADS: the group's combine commutes with the rows'
     reduction, _fuse_heads).
 
-    Program_id(0) of num_programs(0) takes the key tiles pid, pid + P, … of one sequence × kv head
-    (program_id(1)). It loads the group's rows once — G heads × BLOCK_M queries (BLOCK_M ≥ the window), row
+    Program_id(0) of num_programs(0) = P takes a run of T = cdiv(cdiv(max_n, BLOCK_N), P) consecutive key tiles,
+    pid·T … pid·T + T − 1, of one sequence × kv head (program_id(1)); in a packed or paged batch the runs past a
+    sequence's keys are empty, so a long sequence gets more working programs than a short one and the GPU's
+    scheduler evens them out (a stride over all P programs per sequence left the longest sequence's programs
+    as the tail: +17% at 4 paged prompts of 8k–32k on the H200). It loads the group's rows once — G heads × BLOCK_M queries (BLOCK_M ≥ the window), row
     r = g·BLOCK_M + m, one [GP·BLOCK_M, D] dot operand with its lse — and per key tile computes
     exp2(q·kᵀ·scale − lse) [GP·BLOCK_M, BLOCK_N] with one dot. The sum (or max) over the rows then gives the
     group's column values at once where the group combine commutes with the query reduction (sum/mean over queries
     with a group sum/mean; max with a group max), else per head over a [GP, BLOCK_M, BLOCK_N] view. The window
     kernel reads the group's queries again in every one of its (key tile × kv head) programs; here each program
     reads them once (the H200: 0.174 vs 0.223 ms at 32/8, W=64, N=128k with the lse given,
-    benchmarks/window_persistent.py). Paged outputs are padded to max_n: the tiles past the sequence's keys get
-    zeros (a second loop).
+    benchmarks/window_persistent.py). Paged outputs are padded to max_n: a run's tiles past the sequence's keys
+    get zeros (a second loop).
     """
     GP: tl.constexpr = triton.next_power_of_2(G)
     gi = tl.arange(0, GP)
@@ -397,6 +400,20 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         hk = tl.program_id(1) % HKV
         q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
         shift = Nb - Mb
+        run = tl.cdiv(tl.cdiv(max_n, BLOCK_N), tl.num_programs(0))      # T key tiles per program
+        t0 = tl.program_id(0) * run
+        t_end = tl.minimum(t0 + run, tl.cdiv(max_n, BLOCK_N))
+        t_keys = tl.minimum(t_end, tl.cdiv(Nb, BLOCK_N))                # the run's tiles that hold keys
+        if IS_PAGED:                                      # the padding past the sequence's keys, up to max_n
+            for t in range(tl.maximum(t0, t_keys), t_end):
+                n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                if GROUP_REDUCE == 0:
+                    tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + n[None, :] * son,
+                             tl.zeros([GP, BLOCK_N], tl.float32), mask=(n[None, :] < max_n) & (gi[:, None] < G))
+                else:
+                    tl.store(Out + b * sob + hk * soh + n * son, tl.zeros([BLOCK_N], tl.float32), mask=n < max_n)
+        if t0 >= t_keys:                                  # no keys in this run: no queries to load
+            return
         r = tl.arange(0, GP * BLOCK_M)
         g = r // BLOCK_M
         m = r % BLOCK_M
@@ -408,7 +425,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         if UPCAST:
             q = q.to(tl.float32)
         lse2 = _load_lse2(LSE2 + b * slb + h * slh + q0 * lse_q0 * slm, m, r_ok, slm, LSE_NATURAL)  # absent: +inf
-        for t in tl.range(tl.program_id(0), tl.cdiv(Nb, BLOCK_N), tl.num_programs(0)):
+        for t in tl.range(t0, t_keys):
             n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < Nb
             if IS_PAGED:                                  # stored up to max_n: the padding zeroed by _padded
@@ -444,14 +461,6 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                 else:
                     group = _group_of(cols, gi[:, None] < G, G, GROUP_REDUCE, 0)
                     tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
-        if IS_PAGED:                                      # the padding past the sequence's keys, up to max_n
-            for t in range(tl.cdiv(Nb, BLOCK_N) + tl.program_id(0), tl.cdiv(max_n, BLOCK_N), tl.num_programs(0)):
-                n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-                if GROUP_REDUCE == 0:
-                    tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + n[None, :] * son,
-                             tl.zeros([GP, BLOCK_N], tl.float32), mask=(n[None, :] < max_n) & (gi[:, None] < G))
-                else:
-                    tl.store(Out + b * sob + hk * soh + n * son, tl.zeros([BLOCK_N], tl.float32), mask=n < max_n)
     else:
         b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
             cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M,
@@ -611,7 +620,8 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
                 BLOCK_M=col[0], BLOCK_N=col[1], warps=col[2], stages=col[3])
 
 
-def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: int = 128) -> dict:
+def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: int = 128,
+                ragged: bool = False) -> dict:
     """The "new" launch variant's tiles: _pick_config's, fitted to the shape (any choice is exact; these only
     change speed, and are compared with _pick_config's in one GPU run by benchmarks/kernels.py --serving-sweep).
 
@@ -627,8 +637,12 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
       per SM (MHA with few heads), 64-key tiles.
     - window column pass, persistent (PERSISTENT = programs per sequence × kv head: _window_column_kernel's
       persistent mode) where the group's rows fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, D ≤ 128) and each
-      program gets at least 3 key tiles of 64: 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
-      benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given)."""
+      program gets a run of at least 3 key tiles of 64 (8 where the group's rows are fewer than 128: they
+      save less per tile — MHA 8 heads, W=64, N=8k ran 7% slower at ~4 tiles a program on the H200, MHA 32
+      heads 10% faster at 16): 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
+      benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given). Packed and paged
+      batches (ragged) get 8 programs per SM by their longest sequence, shorter runs: the shorter sequences
+      leave their runs empty, and the runs that remain must still be many and short enough to balance."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)
@@ -641,9 +655,10 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
         if cfg["BLOCK_N"] > 64 and tiles < 2 * sms:
             cfg["BLOCK_N"] = 64
         block_m = max(16, triton.next_power_of_2(max(1, m)))
-        persistent = max(1, 2 * sms // programs)
-        if (triton.next_power_of_2(g) * block_m <= 256 and triton.next_power_of_2(d) <= 128
-                and triton.cdiv(n, 64) >= 3 * persistent):
+        group_rows = triton.next_power_of_2(g) * block_m
+        persistent = max(1, (8 if ragged else 2) * sms // programs)
+        run = triton.cdiv(triton.cdiv(n, 64), persistent)
+        if group_rows <= 256 and triton.next_power_of_2(d) <= 128 and run >= (3 if group_rows >= 128 else 8):
             cfg.update(PERSISTENT=persistent, BLOCK_M=block_m, BLOCK_N=64, warps=4, stages=3)
     else:                   # long kernel: split the group's heads over programs until ~8 programs per SM
         hs = 1
@@ -680,14 +695,14 @@ def _num_splits(rows_programs: int, n: int, block_n: int, sms: int | None = None
 
 
 def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: bool, variant: str, sms: int,
-          config: dict | None):
+          config: dict | None, ragged: bool = False):
     """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape."""
     if config is not None:
         cfg = config
     else:
         cfg = _pick_config(max_m, D, G, is_causal)
         if variant != "old":
-            cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D)
+            cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D, ragged)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
     splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
     split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
@@ -700,7 +715,8 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
             dtype, interpreting, lse_given, config=None):
     """Everything a launch needs that is a function of the shape and flags (no tensors): the plan, the kwargs of
     the row and column kernels, whether the row pass writes the lse itself (final), the head split."""
-    cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config)
+    cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config,
+                                                     varlen or paged)
     upcast = interpreting and dtype == torch.bfloat16
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,

@@ -17,12 +17,12 @@ SHAPES = {"M1-N90-g4": (1, 4, 1, 1, 90, 32), "M16-N200-g2": (1, 4, 2, 16, 200, 1
           "M24-N24-g1-B2": (2, 2, 2, 24, 24, 16)}
 
 
-def _gpu_like_config(m, n, d, g, programs, sms=132):
+def _gpu_like_config(m, n, d, g, programs, sms=132, ragged=False):
     """What the "new" variant picks on an H200-sized GPU (computed as if not interpreting)."""
     real = kmod._interpreting
     kmod._interpreting = lambda: False
     try:
-        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms)
+        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms, d, ragged)
     finally:
         kmod._interpreting = real
 
@@ -133,10 +133,16 @@ def test_launch_variant_default_and_environment(tmp_path):
 
 
 def test_fit_config_persistent_window():
-    """The persistent window kernel where the group's rows fit one tile and each program gets ≥ 3 key tiles."""
+    """The persistent window kernel where the group's rows fit one tile and each program gets a run of ≥ 3 key
+    tiles (≥ 8 with fewer than 128 group rows); packed and paged batches: 8 programs per SM by the longest."""
     win = _gpu_like_config(64, 131072, 128, 4, 8)
     assert win["PERSISTENT"] == 33 and win["BLOCK_M"] == 64 and win["BLOCK_N"] == 64 and win["warps"] == 4
-    assert _gpu_like_config(64, 8192, 128, 4, 8)["PERSISTENT"] == 33              # 128 tiles ≥ 3 × 33
+    assert _gpu_like_config(64, 8192, 128, 4, 8)["PERSISTENT"] == 33              # runs of 4 tiles (128 / 33)
+    assert not _gpu_like_config(64, 8192, 64, 1, 8).get("PERSISTENT")           # 64 rows, runs of 4 < 8
+    assert not _gpu_like_config(64, 2048, 128, 1, 32).get("PERSISTENT")         # 64 rows, runs of 4 < 8
+    assert _gpu_like_config(64, 32768, 128, 4, 32, ragged=True)["PERSISTENT"] == 33   # 4 prompts: runs of 16
+    assert _gpu_like_config(64, 4096, 128, 4, 64, ragged=True)["PERSISTENT"] == 16    # 8 prompts: runs of 4
+    assert not _gpu_like_config(64, 2048, 128, 4, 64, ragged=True).get("PERSISTENT")  # runs of 2
     assert not _gpu_like_config(64, 2048, 128, 4, 8).get("PERSISTENT")          # 32 tiles: per-tile programs
     assert not _gpu_like_config(64, 131072, 128, 8, 8).get("PERSISTENT")        # 8 heads × 64 rows > 256
     assert _gpu_like_config(32, 131072, 128, 8, 8)["PERSISTENT"] == 33           # 8 × 32 = 256 rows
