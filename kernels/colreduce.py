@@ -640,9 +640,12 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
       program gets a run of at least 3 key tiles of 64 (8 where the group's rows are fewer than 128: they
       save less per tile — MHA 8 heads, W=64, N=8k ran 7% slower at ~4 tiles a program on the H200, MHA 32
       heads 10% faster at 16): 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
-      benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given). Packed and paged
-      batches (ragged) get 8 programs per SM by their longest sequence, shorter runs: the shorter sequences
-      leave their runs empty, and the runs that remain must still be many and short enough to balance."""
+      benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given). Not for packed
+      and paged batches (ragged) yet: with P programs striding over each sequence's tiles the longest sequence's
+      programs were the tail on the H200 (paged 4 prompts 8k–32k +17%, varlen 8 prompts 0.5k–4k +12%); runs of
+      consecutive tiles at 8 programs per SM by the longest sequence (_persistent_config(..., per_sm=8)) let the
+      shorter sequences' runs end early and are correctness-tested on the H200, but not timed yet
+      (benchmarks/kernels.py --serving-sweep times them beside ours as ours_persistent)."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)
@@ -654,12 +657,8 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
     if cfg["WINDOW"]:
         if cfg["BLOCK_N"] > 64 and tiles < 2 * sms:
             cfg["BLOCK_N"] = 64
-        block_m = max(16, triton.next_power_of_2(max(1, m)))
-        group_rows = triton.next_power_of_2(g) * block_m
-        persistent = max(1, (8 if ragged else 2) * sms // programs)
-        run = triton.cdiv(triton.cdiv(n, 64), persistent)
-        if group_rows <= 256 and triton.next_power_of_2(d) <= 128 and run >= (3 if group_rows >= 128 else 8):
-            cfg.update(PERSISTENT=persistent, BLOCK_M=block_m, BLOCK_N=64, warps=4, stages=3)
+        if not ragged:
+            cfg = _persistent_config(cfg, m, n, g, programs, sms, d, 2) or cfg
     else:                   # long kernel: split the group's heads over programs until ~8 programs per SM
         hs = 1
         while hs < g and tiles * hs < 8 * sms:
@@ -670,6 +669,21 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
         if cfg["BLOCK_N"] > 64 and tiles * hs < 2 * sms:    # heads exhausted (MHA, few heads): narrower tiles
             cfg["BLOCK_N"] = 64
     return cfg
+
+
+def _persistent_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: int, per_sm: int):
+    """cfg with the persistent window pass at per_sm programs per SM in all (PERSISTENT = programs per sequence ×
+    kv head, 64-key tiles, 4 warps, 3 stages), or None where it does not apply: the group's rows must fit one tile
+    (next_pow2(G) · next_pow2(M) ≤ 256, D ≤ 128) and each program get a run of at least 3 key tiles (8 where the
+    group has fewer than 128 rows: they save less per tile — MHA 8 heads, D 64, W=64, N=8k ran 9% slower at ~4
+    tiles a program on the H200, MHA 32 heads 10% faster at 16)."""
+    block_m = max(16, triton.next_power_of_2(max(1, m)))
+    group_rows = triton.next_power_of_2(g) * block_m
+    persistent = max(1, per_sm * sms // programs)
+    run = triton.cdiv(triton.cdiv(n, 64), persistent)
+    if group_rows <= 256 and triton.next_power_of_2(d) <= 128 and run >= (3 if group_rows >= 128 else 8):
+        return dict(cfg, PERSISTENT=persistent, BLOCK_M=block_m, BLOCK_N=64, warps=4, stages=3)
+    return None
 
 
 def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:

@@ -134,15 +134,18 @@ def test_launch_variant_default_and_environment(tmp_path):
 
 def test_fit_config_persistent_window():
     """The persistent window kernel where the group's rows fit one tile and each program gets a run of ≥ 3 key
-    tiles (≥ 8 with fewer than 128 group rows); packed and paged batches: 8 programs per SM by the longest."""
+    tiles (≥ 8 with fewer than 128 group rows); not for packed and paged batches by default (their runs at 8
+    programs per SM are what the sweep times beside ours)."""
     win = _gpu_like_config(64, 131072, 128, 4, 8)
     assert win["PERSISTENT"] == 33 and win["BLOCK_M"] == 64 and win["BLOCK_N"] == 64 and win["warps"] == 4
     assert _gpu_like_config(64, 8192, 128, 4, 8)["PERSISTENT"] == 33              # runs of 4 tiles (128 / 33)
     assert not _gpu_like_config(64, 8192, 64, 1, 8).get("PERSISTENT")           # 64 rows, runs of 4 < 8
     assert not _gpu_like_config(64, 2048, 128, 1, 32).get("PERSISTENT")         # 64 rows, runs of 4 < 8
-    assert _gpu_like_config(64, 32768, 128, 4, 32, ragged=True)["PERSISTENT"] == 33   # 4 prompts: runs of 16
-    assert _gpu_like_config(64, 4096, 128, 4, 64, ragged=True)["PERSISTENT"] == 16    # 8 prompts: runs of 4
-    assert not _gpu_like_config(64, 2048, 128, 4, 64, ragged=True).get("PERSISTENT")  # runs of 2
+    ragged = _gpu_like_config(64, 32768, 128, 4, 32, ragged=True)
+    assert not ragged.get("PERSISTENT")
+    assert kmod._persistent_config(ragged, 64, 32768, 4, 32, 132, 128, 8)["PERSISTENT"] == 33  # 4 prompts: runs of 16
+    assert kmod._persistent_config(ragged, 64, 4096, 4, 64, 132, 128, 8)["PERSISTENT"] == 16   # 8 prompts: runs of 4
+    assert kmod._persistent_config(ragged, 64, 2048, 4, 64, 132, 128, 8) is None               # runs of 2
     assert not _gpu_like_config(64, 2048, 128, 4, 8).get("PERSISTENT")          # 32 tiles: per-tile programs
     assert not _gpu_like_config(64, 131072, 128, 8, 8).get("PERSISTENT")        # 8 heads × 64 rows > 256
     assert _gpu_like_config(32, 131072, 128, 8, 8)["PERSISTENT"] == 33           # 8 × 32 = 256 rows
