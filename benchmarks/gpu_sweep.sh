@@ -9,6 +9,8 @@
 #   TILES_BUDGET=120 bash benchmarks/gpu_sweep.sh   # and then tile configs at the big goal shapes (goal_tiles.json)
 #   bash benchmarks/gpu_sweep.sh tests    # the kernel tests alone (KERNEL_TEST_LIMIT seconds, default 400)
 #   bash benchmarks/gpu_sweep.sh tests path   # the kernel tests, then the per-layer prune path (prune_path.py)
+#   SWEEP_ONLY="varlen paged" KERNEL_TESTS=0 bash benchmarks/gpu_sweep.sh   # only the shapes whose names hold one
+#                                         # of these words; without the kernel tests (when another call runs them)
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}")
@@ -46,9 +48,9 @@ main() {
     cd /tmp || return
     for i in $(seq 0 11); do
         timeout 100 python3 "$REPO/benchmarks/kernels.py" --serving-sweep --compile-only --shard "$i/12" \
-            --out /tmp/warm > "/tmp/warm_$i.log" 2>&1 &
+            ${SWEEP_ONLY:+--only $SWEEP_ONLY} --out /tmp/warm > "/tmp/warm_$i.log" 2>&1 &
     done
-    kernel_tests 140
+    [ "${KERNEL_TESTS:-1}" = 0 ] || kernel_tests 140
     wait
     for f in /tmp/warm_*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -15 "$f"; }; done
     echo "== compiled at ${SECONDS}s"
@@ -59,7 +61,7 @@ main() {
 
     # 3. the serving sweep in what is left (json and md rewritten after each shape)
     LEFT=$((${SWEEP_BUDGET:-285} - SECONDS))
-    timeout "$LEFT" python3 "$REPO/benchmarks/kernels.py" --serving-sweep --out "$OUT"
+    timeout "$LEFT" python3 "$REPO/benchmarks/kernels.py" --serving-sweep ${SWEEP_ONLY:+--only $SWEEP_ONLY} --out "$OUT"
     echo "== sweep done at ${SECONDS}s (rc $?; 124 = cut by the time limit: serving_sweep.* hold the shapes done)"
     [ -f "$OUT/serving_sweep.md" ] && cat "$OUT/serving_sweep.md"
 

@@ -17,19 +17,21 @@ SHAPES = {"M1-N90-g4": (1, 4, 1, 1, 90, 32), "M16-N200-g2": (1, 4, 2, 16, 200, 1
           "M24-N24-g1-B2": (2, 2, 2, 24, 24, 16)}
 
 
-def _gpu_like_config(m, n, d, g, programs, sms=132):
+def _gpu_like_config(m, n, d, g, programs, sms=132, ragged=False):
     """What the "new" variant picks on an H200-sized GPU (computed as if not interpreting)."""
     real = kmod._interpreting
     kmod._interpreting = lambda: False
     try:
-        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms)
+        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms, d, ragged)
     finally:
         kmod._interpreting = real
 
 
 def test_fit_config_rules():
-    mha = _gpu_like_config(64, 8192, 128, 1, 32)
-    assert mha["BLOCK_R"] == 64 and mha["BLOCK_M"] == 32 and mha["BLOCK_N"] == 128
+    mha = _gpu_like_config(64, 8192, 128, 1, 32)                                 # persistent (rows fit a tile)
+    assert mha["BLOCK_R"] == 64 and mha["BLOCK_M"] == 64 and mha["PERSISTENT"] == 8
+    g8 = _gpu_like_config(64, 8192, 128, 8, 8)                                   # 8 × 64 rows: per-tile programs
+    assert g8["BLOCK_M"] == 32 and g8["BLOCK_N"] == 128 and not g8.get("PERSISTENT")
     w1 = _gpu_like_config(1, 2048, 128, 4, 8)
     assert w1["BLOCK_R"] == 16 and w1["BLOCK_M"] == 16 and w1["BLOCK_N"] == 64   # 16 key tiles × 8 heads < 264
     gqa = _gpu_like_config(2048, 2048, 128, 4, 8)
@@ -57,6 +59,8 @@ def test_variants_match_float64(shape, variant, monkeypatch):
     configs = [None, cfg]
     if Hq // Hkv % 2 == 0:        # the long kernel with its heads split over two programs per kv head
         configs.append(dict(cfg, WINDOW=False, BLOCK_M=16, BLOCK_N=32, HEAD_SPLIT=2))
+    # the persistent window kernel: 2 programs per sequence × kv head over the 32-key tiles
+    configs.append(dict(cfg, WINDOW=True, PERSISTENT=2, BLOCK_M=max(16, 1 << (M - 1).bit_length()), BLOCK_N=32))
     for reduction, group in (("sum", "mean"), ("max", None), ("mean", "max"), ("max", "max"), ("sum", "sum")):
         ref = reference(q, k, reduction, True, group)
         for c in configs:
@@ -126,6 +130,57 @@ def test_launch_variant_default_and_environment(tmp_path):
     env["COLREDUCE_KVPRUNE_LAUNCH"] = "old"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
                           check=True).stdout.strip() == "old"
+
+
+def test_fit_config_persistent_window():
+    """The persistent window kernel where the group's rows fit one tile and each program gets a run of ≥ 3 key
+    tiles (≥ 8 with fewer than 128 group rows); not for packed and paged batches by default (their runs at 8
+    programs per SM are what the sweep times beside ours)."""
+    win = _gpu_like_config(64, 131072, 128, 4, 8)
+    assert win["PERSISTENT"] == 33 and win["BLOCK_M"] == 64 and win["BLOCK_N"] == 64 and win["warps"] == 4
+    assert _gpu_like_config(64, 8192, 128, 4, 8)["PERSISTENT"] == 33              # runs of 4 tiles (128 / 33)
+    assert not _gpu_like_config(64, 8192, 64, 1, 8).get("PERSISTENT")           # 64 rows, runs of 4 < 8
+    assert not _gpu_like_config(64, 2048, 128, 1, 32).get("PERSISTENT")         # 64 rows, runs of 4 < 8
+    ragged = _gpu_like_config(64, 32768, 128, 4, 32, ragged=True)
+    assert not ragged.get("PERSISTENT")
+    assert kmod._persistent_config(ragged, 64, 32768, 4, 32, 132, 128, 8)["PERSISTENT"] == 33  # 4 prompts: runs of 16
+    assert kmod._persistent_config(ragged, 64, 4096, 4, 64, 132, 128, 8)["PERSISTENT"] == 16   # 8 prompts: runs of 4
+    assert kmod._persistent_config(ragged, 64, 2048, 4, 64, 132, 128, 8) is None               # runs of 2
+    assert not _gpu_like_config(64, 2048, 128, 4, 8).get("PERSISTENT")          # 32 tiles: per-tile programs
+    assert not _gpu_like_config(64, 131072, 128, 8, 8).get("PERSISTENT")        # 8 heads × 64 rows > 256
+    assert _gpu_like_config(32, 131072, 128, 8, 8)["PERSISTENT"] == 33           # 8 × 32 = 256 rows
+    assert not _gpu_like_config(2048, 131072, 128, 4, 8).get("PERSISTENT")      # not a window
+
+
+@pytest.mark.parametrize("layout", ["varlen", "paged"])
+def test_persistent_window_varlen_and_paged(layout, monkeypatch):
+    """The persistent window kernel over packed and paged keys: every reduction and group reduction against the
+    float64 reference, repeated calls bitwise equal, the paged padding written (outputs poisoned), a sequence
+    without queries or keys, and more programs than a short sequence has key tiles."""
+    from test_colreduce_paged import paged_case
+    from test_colreduce_varlen import per_sequence_reference
+    _poison_empty(monkeypatch)
+    q_lens, k_lens = [8, 3, 0, 5, 0], [70, 30, 12, 5, 0]
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 1, 16, "NHD", seed=9)
+    cfg = dict(_pick_config(max(q_lens), 16, 4, True), WINDOW=True, PERSISTENT=3, BLOCK_M=16, BLOCK_N=16)
+    for reduction, group in (("sum", "mean"), ("max", "max"), ("mean", "sum"), ("sum", None), ("max", "mean"),
+                             ("mean", None)):
+        ref = per_sequence_reference(q, k, cu_q, cu_k, reduction, True, group)
+        kw = dict(is_causal=True, scale=0.25, group_reduce=group, cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens),
+                  max_seqlen_k=max(k_lens), config=cfg)
+        if layout == "varlen":
+            out = colreduce_triton(q, k, reduction, cu_seqlens_k=cu_k, **kw)
+            assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
+            assert torch.equal(out, colreduce_triton(q, k, reduction, cu_seqlens_k=cu_k, **kw)), (reduction, group)
+            continue
+        paged = colreduce_triton(q, cache, reduction, block_table=table, seqlens_k=seqlens, **kw)
+        assert torch.equal(paged, colreduce_triton(q, cache, reduction, block_table=table, seqlens_k=seqlens, **kw))
+        start = 0
+        for b, n in enumerate(k_lens):
+            assert not torch.isnan(paged[b]).any() and (paged[b, :, n:] == 0).all(), (reduction, group, b)
+            if n and q_lens[b]:
+                assert rel_err(paged[b, :, :n].T, ref[start:start + n]) < TOL[torch.float32], (reduction, group, b)
+            start += n
 
 
 @pytest.mark.parametrize("hs", [2, 4])
