@@ -521,24 +521,35 @@ def _ours_fn(sh, case, variant, with_lse=False, lse=None):
     return call
 
 
-def _ragged_persistent_fn(sh, case, sms):
-    """A packed or paged shape through the persistent window pass at 8 programs per SM (runs of consecutive key
-    tiles; _persistent_config), which the fitted default does not pick for these batches yet; None where it does
-    not apply (or for dense shapes). The kernel's own entry with a config: host time not comparable, GPU time is."""
+def _candidate_fns(sh, case, sms):
+    """Configs that are not the default yet, timed beside ours (name → call; GPU time comparable, host time not:
+    they go through the kernel's own entry with a config). For packed and paged shapes, the persistent window pass
+    at 8 programs per SM (runs of consecutive key tiles; _persistent_config), which _fit_config does not pick for
+    them yet; for full causal prompts of 4k–8k, the row pass on the 64-row tiles it had before 611a6b2 (three
+    sweeps put 4k ~3% slower against SDPA with the 128-row tiles)."""
     from colreduce_kvprune.kernels import colreduce as kmod
+    M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
+    B = sh["B"] if sh["mode"] == "dense" else len(sh["lens"])
+    base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, sh["mode"] != "dense")
+    kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
+    fns = {}
     if sh["mode"] == "dense":
-        return None
-    M, N, D, G, B = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"], len(sh["lens"])
-    base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, True)
+        if 4096 <= M <= 8192:
+            cfg = dict(base, BLOCK_R=64, warps1=4, stages1=3)
+            fns["ours_row64"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", config=cfg, **kw)
+        return fns
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None
     if cfg is None:
-        return None
-    kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", cu_seqlens_q=case["cu_q"], max_seqlen_q=M,
-              max_seqlen_k=N, config=cfg)
+        return fns
+    kw.update(cu_seqlens_q=case["cu_q"], config=cfg)
     if sh["mode"] == "varlen":
-        return lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", cu_seqlens_k=case["cu_k"], **kw)
-    return lambda: kmod.colreduce_triton(case["q"], case["cache"], "sum", block_table=case["table"],
-                                         seqlens_k=case["seqlens"], **kw)
+        fns["ours_persistent"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum",
+                                                               cu_seqlens_k=case["cu_k"], **kw)
+    else:
+        fns["ours_persistent"] = lambda: kmod.colreduce_triton(case["q"], case["cache"], "sum",
+                                                               block_table=case["table"], seqlens_k=case["seqlens"],
+                                                               **kw)
+    return fns
 
 
 def _lse_for(sh, case):
@@ -620,9 +631,8 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             default = kmod.DEFAULT_VARIANT               # what users get: "direct" under the checked Tritons
             fns = {"ours": _ours_fn(sh, case, default), "ours_old": _ours_fn(sh, case, "old"),
                    "ours_lse": _ours_fn(sh, case, default, True, lse), "ours_jit": _ours_fn(sh, case, "new")}
-            persistent = _ragged_persistent_fn(sh, case, torch.cuda.get_device_properties(0).multi_processor_count)
-            if persistent is not None:           # a candidate default for packed/paged batches, timed beside ours
-                fns["ours_persistent"] = persistent
+            candidates = _candidate_fns(sh, case, torch.cuda.get_device_properties(0).multi_processor_count)
+            fns.update(candidates)               # candidate defaults, timed beside ours
             if compile_only:                     # fill Triton's disk cache (parallel processes before the sweep)
                 for fn in fns.values():
                     fn()
@@ -635,9 +645,10 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             err = ((new - ref).norm() / ref.norm().clamp(min=1e-30)).item()
             row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil),
                        ours_syncs=count_syncs(fns["ours"]))
-            if "ours_persistent" in fns:
-                got = fns["ours_persistent"]()
-                row["persistent_vs_old_rel_err"] = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+            row["candidates"] = {}
+            for key, fn in candidates.items():   # their difference to the old path (exact: summation order only)
+                got = fn()
+                row["candidates"][key] = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
             row["variant"] = default
             row["loadavg_1min"] = os.getloadavg()[0]         # what else loads the host while this row is timed
             try:                                 # the JIT dispatch of the same kernels ("new"): bitwise ours
@@ -882,13 +893,13 @@ def serving_markdown(result):
               f"path: {errs:.1e}. JIT dispatch (variant 'new'): host µs median "
               f"{jit[len(jit) // 2] if jit else float('nan'):.0f}; not bitwise equal to ours or failed at: "
               f"{', '.join(unequal) or 'none'}."]
-    cand = [r for r in done if r.get("ours_persistent")]
-    if cand:                                  # the candidate default for packed/paged batches (not ours yet)
-        lines += ["", "Persistent window pass at 8 programs per SM, runs of consecutive key tiles (packed/paged "
-                  "batches; not the default yet), gpu ms against ours: " + "; ".join(
-                      f"{r['name']}: {r['ours_persistent']['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
-                      f"({r['ours_persistent']['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. "
-                      f"{r['persistent_vs_old_rel_err']:.1e})" for r in cand) + "."]
+    cand = [(r, key) for r in done for key in r.get("candidates", {}) if r.get(key)]
+    if cand:                                  # candidate defaults (_candidate_fns), not ours yet
+        lines += ["", "Candidate defaults (ours_persistent: the persistent window pass at 8 programs per SM for "
+                  "packed/paged batches; ours_row64: 64-row row tiles at full causal 4k–8k), gpu ms against ours: "
+                  + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
+                              f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
+                              f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]
     return "\n".join(lines)
 
 
