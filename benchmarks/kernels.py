@@ -619,6 +619,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
         i, n = shard
         names = names[i::n]
     ceil = _ceilings()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     env = env_info()
     flush = _flush_buffer()
     rows, result = [], None
@@ -631,7 +632,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             default = kmod.DEFAULT_VARIANT               # what users get: "direct" under the checked Tritons
             fns = {"ours": _ours_fn(sh, case, default), "ours_old": _ours_fn(sh, case, "old"),
                    "ours_lse": _ours_fn(sh, case, default, True, lse), "ours_jit": _ours_fn(sh, case, "new")}
-            candidates = _candidate_fns(sh, case, torch.cuda.get_device_properties(0).multi_processor_count)
+            candidates = _candidate_fns(sh, case, sms)
             fns.update(candidates)               # candidate defaults, timed beside ours
             if compile_only:                     # fill Triton's disk cache (parallel processes before the sweep)
                 for fn in fns.values():

@@ -383,15 +383,16 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
     pid·T … pid·T + T − 1, of one sequence × kv head (program_id(1)); in a packed or paged batch the runs past a
     sequence's keys are empty, so a long sequence gets more working programs than a short one and the GPU's
     scheduler evens them out (a stride over all P programs per sequence left the longest sequence's programs
-    as the tail: +17% at 4 paged prompts of 8k–32k on the H200). It loads the group's rows once — G heads × BLOCK_M queries (BLOCK_M ≥ the window), row
-    r = g·BLOCK_M + m, one [GP·BLOCK_M, D] dot operand with its lse — and per key tile computes
+    as the tail: +17% at 4 paged prompts of 8k–32k on the H200). It loads the group's rows once — G heads ×
+    BLOCK_M queries (BLOCK_M ≥ the window), row r = g·BLOCK_M + m, one [GP·BLOCK_M, D] dot operand with its
+    lse — and per key tile computes
     exp2(q·kᵀ·scale − lse) [GP·BLOCK_M, BLOCK_N] with one dot. The sum (or max) over the rows then gives the
     group's column values at once where the group combine commutes with the query reduction (sum/mean over queries
     with a group sum/mean; max with a group max), else per head over a [GP, BLOCK_M, BLOCK_N] view. The window
     kernel reads the group's queries again in every one of its (key tile × kv head) programs; here each program
     reads them once (the H200's serving sweep: 0.170 vs 0.222 ms at 32/8, W=64, N=128k with the lse given;
-    benchmarks/results/h200_kernels, seventeenth session). Paged outputs are padded to max_n: a run's tiles past the sequence's keys
-    get zeros (a second loop).
+    benchmarks/results/h200_kernels, seventeenth session). Paged outputs are padded to max_n: a run's tiles
+    past the sequence's keys get zeros (a second loop).
     """
     GP: tl.constexpr = triton.next_power_of_2(G)
     gi = tl.arange(0, GP)
@@ -635,12 +636,9 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
       H200's tile run: at 16k, 1,024 programs of one head split 2.50 ms, 2,048 of two 2.37 ms: causal programs
       differ up to 128× in work, more of them even out the tail); where that still gives fewer than 2 programs
       per SM (MHA with few heads), 64-key tiles.
-    - window column pass, persistent (PERSISTENT = programs per sequence × kv head: _window_column_kernel's
-      persistent mode) where the group's rows fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, D ≤ 128) and each
-      program gets a run of at least 3 key tiles of 64 (8 where the group's rows are fewer than 128: they
-      save less per tile — MHA 8 heads, W=64, N=8k ran 7% slower at ~4 tiles a program on the H200, MHA 32
-      heads 10% faster at 16): 2 programs per SM in all, 4 warps, 3 stages (the H200's best in
-      benchmarks/window_persistent.py: 0.174 vs 0.223 ms at 32/8, W=64, N=128k, lse given). Not for packed
+    - window column pass, persistent (_window_column_kernel's persistent mode) where _persistent_config allows
+      it, at 2 programs per SM in all (the H200's best in benchmarks/window_persistent.py: 0.174 vs 0.223 ms at
+      32/8, W=64, N=128k, lse given). Not for packed
       and paged batches (ragged) yet: with P programs striding over each sequence's tiles the longest sequence's
       programs were the tail on the H200 (paged 4 prompts 8k–32k +17%, varlen 8 prompts 0.5k–4k +12%); runs of
       consecutive tiles at 8 programs per SM by the longest sequence (_persistent_config(..., per_sm=8)) let the

@@ -1,8 +1,8 @@
 """benchmarks/kernels.py's candidate defaults (_candidate_fns), which the serving sweep times beside ours: the
 persistent window pass on packed and paged keys against the float64 reference, so a candidate that a later session
 makes the default was exact when it was timed (interpreter on CPU, the GPU where there is one)."""
-import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -13,11 +13,13 @@ from test_colreduce_varlen import per_sequence_reference
 
 
 def _kernels_bench():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
-    spec = importlib.util.spec_from_file_location("kernels_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks/kernels.py through prune_path's loader (benchmarks/ is not a package: imported from its folder)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from prune_path import _bench_kernels
+    finally:
+        sys.path.pop(0)
+    return _bench_kernels()
 
 
 @pytest.mark.parametrize("mode", ["varlen", "paged"])
