@@ -333,6 +333,12 @@ def _window_blocks(cols, k, Q_group, LSE_group, m0, nb, gi, n, shift, sqh, slh, 
 
 
 @triton.jit
+def _mean_by_count(v, count):
+    """v divided by the count of queries that see each column (count broadcast to v's shape), 0 where none does."""
+    return tl.where(count > 0, v / tl.maximum(count, 1).to(tl.float32), 0.0)
+
+
+@triton.jit
 def _reduce_rows(p, count, REDUCTION: tl.constexpr):
     """p (rows, BLOCK_N) reduced over its rows: sum, max, or the mean over the count of queries that see each
     column (0 where none does)."""
@@ -341,7 +347,7 @@ def _reduce_rows(p, count, REDUCTION: tl.constexpr):
     else:
         col = tl.sum(p, 0)
         if REDUCTION == 1:
-            col = tl.where(count > 0, col / tl.maximum(count, 1).to(tl.float32), 0.0)
+            col = _mean_by_count(col, count)
     return col
 
 
@@ -454,8 +460,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                 else:
                     cols = tl.sum(p3, 1)
                     if REDUCTION == 1:
-                        cols = tl.where(count[None, :] > 0, cols / tl.maximum(count, 1).to(tl.float32)[None, :],
-                                        0.0)
+                        cols = _mean_by_count(cols, count[None, :])
                 if GROUP_REDUCE == 0:
                     tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + (k0 + n)[None, :] * son,
                              _padded(cols, n_ok[None, :], IS_PAGED), mask=n_out[None, :] & (gi[:, None] < G))
@@ -485,7 +490,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                               qk_scale, Mb, d, G, D, REDUCTION, UPCAST, DOT_PRECISION, False, LSE_NATURAL, BLOCK_M)
         if REDUCTION == 1:
             count = _column_counts(n, shift, Mb, IS_CAUSAL)
-            cols = tl.where(count[:, None] > 0, cols / tl.maximum(count, 1).to(tl.float32)[:, None], 0.0)
+            cols = _mean_by_count(cols, count[:, None])
         cols = _padded(cols, n_ok[:, None], IS_PAGED)
         if GROUP_REDUCE == 0:
             tl.store(Out + b * sob + (hk * G + gi)[None, :] * soh + (k0 + n)[:, None] * son, cols,
