@@ -608,9 +608,11 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     query windows of at most 128 rows, else _long_column_kernel) and BLOCK_M/BLOCK_N/warps/stages for the column
     pass. From the sweeps of `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/h100_sweep.json and
     benchmarks/NOTES.md): short windows want 32-row query blocks and 128-key tiles held in registers; long prompts
-    64-row query blocks against 128-key tiles in shared memory. The row pass of long prompts (M ≥ 4096) takes
+    64-row query blocks against 128-key tiles in shared memory. The row pass of long prompts (M ≥ 8192) takes
     128-row tiles at 4 warps: on the H200 (`benchmarks/kernels.py --goal-tiles`, sixteenth session) they beat the
-    H100's 64-row choice at full causal 16k (both passes 4.79 vs 5.21 ms with the same column tiles).
+    H100's 64-row choice at full causal 16k (both passes 4.79 vs 5.21 ms with the same column tiles); prompts of
+    4096 ≤ M < 8192 keep the 64-row tiles at 4 warps (the H200's serving sweep, eighteenth session, both passes:
+    full 32/8 4k 0.397 vs 0.411 ms, 8k 1.402 vs 1.373 ms with 64- vs 128-row tiles).
     """
     window = m <= 128
     if _interpreting():
@@ -619,8 +621,10 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     if triton.next_power_of_2(d) > 128:
         return dict(BLOCK_R=64, BLOCK_N1=64, warps1=8, stages1=2, WINDOW=window, BLOCK_M=32 if window else 64,
                     BLOCK_N=64, warps=8 if window else 4, stages=2)
-    long = m >= 4096
-    row = (128, 4, 3) if window or long else (128, 8, 2)                           # BLOCK_R, warps1, stages1
+    if window or m >= 8192:
+        row = (128, 4, 3)                                                          # BLOCK_R, warps1, stages1
+    else:
+        row = (64, 4, 3) if m >= 4096 else (128, 8, 2)
     col = (32, 128, 4, 3) if window else (64, 128, 4, 3 if d <= 64 else 2)        # BLOCK_M, BLOCK_N, warps, stages
     return dict(BLOCK_R=row[0], BLOCK_N1=64, warps1=row[1], stages1=row[2], WINDOW=window,
                 BLOCK_M=col[0], BLOCK_N=col[1], warps=col[2], stages=col[3])
@@ -647,8 +651,9 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
       and paged batches (ragged) yet: with P programs striding over each sequence's tiles the longest sequence's
       programs were the tail on the H200 (paged 4 prompts 8k–32k +17%, varlen 8 prompts 0.5k–4k +12%); runs of
       consecutive tiles at 8 programs per SM by the longest sequence (_persistent_config(..., per_sm=8)) let the
-      shorter sequences' runs end early and are correctness-tested on the H200, but not timed yet
-      (benchmarks/kernels.py --serving-sweep times them beside ours as ours_persistent)."""
+      shorter sequences' runs end early: on the H200 1–3% faster at three packed/paged shapes and 10% slower at
+      4 paged prompts of 8k–32k (benchmarks/kernels.py --serving-sweep times them beside ours as
+      ours_persistent; eighteenth session), so ragged batches keep the per-tile pass."""
     if _interpreting():
         return cfg
     cfg = dict(cfg)

@@ -41,8 +41,11 @@ def test_fit_config_rules():
     assert few["HEAD_SPLIT"] == 1 and few["BLOCK_N"] == 64                       # MHA 8 heads: 128 programs
     full = _gpu_like_config(2048, 2048, 128, 1, 32)
     assert full["BLOCK_R"] == 128 and full["BLOCK_N"] == 128                     # 512 programs: unchanged
-    long = _gpu_like_config(16384, 16384, 128, 4, 8)                             # 128-row tiles for M ≥ 4096 too
+    long = _gpu_like_config(16384, 16384, 128, 4, 8)                             # 128-row tiles for M ≥ 8192
     assert long["BLOCK_R"] == 128 and long["warps1"] == 4 and long["HEAD_SPLIT"] == 2  # 1,024 tiles < 8 × 132
+    mid = _gpu_like_config(4096, 4096, 128, 4, 8)                                # 64-row tiles for 4096 ≤ M < 8192
+    assert (mid["BLOCK_R"], mid["warps1"], mid["stages1"]) == (64, 4, 3)
+    assert _gpu_like_config(8192, 8192, 128, 4, 8)["BLOCK_R"] == 128
     assert _gpu_like_config(32768, 32768, 128, 4, 8)["HEAD_SPLIT"] == 1          # 2,048 programs without a split
 
 
