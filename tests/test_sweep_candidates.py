@@ -37,4 +37,4 @@ def test_ragged_persistent_candidate_matches_float64(mode):
         assert all((out[b, :, n:] == 0).all() for b, n in enumerate(k_lens))      # padding written
         out = torch.cat([out[b, :, :n].T for b, n in enumerate(k_lens)])
     assert rel_err(out, ref) < TOL[torch.float32]
-    assert kb._candidate_fns(dict(sh, M=4096, N=4096, mode="dense", lens=None), {}, 2).keys() == {"ours_row64"}
+    assert kb._candidate_fns(dict(sh, M=4096, N=4096, mode="dense", lens=None), {}, 2) == {}
