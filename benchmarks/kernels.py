@@ -266,6 +266,20 @@ def report(dtype):
     return dict(workloads=out, kernels=kernels)
 
 
+def experiment_main(doc, check, gpu, argv=None):
+    """The command line of a kernel experiment in benchmarks/ (window_persistent.py, row_pass.py): --check runs its
+    check against float64 (on the CPU under TRITON_INTERPRET=1), otherwise its GPU timing writes into --out."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--out", default="out")
+    a = ap.parse_args(argv)
+    if a.check:
+        check()
+    else:
+        gpu(a.out)
+
+
 def env_info():
     import triton
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

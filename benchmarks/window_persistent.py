@@ -19,7 +19,6 @@ product on the GPU).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -85,7 +84,7 @@ def persistent_column(q, k, lse, n_prog, block_n=64, warps=8, stages=3, scale=No
 
 def check(device="cpu"):
     """Small shapes against float64, the output pre-filled with NaN (every column must be written): on the CPU
-    under TRITON_INTERPRET=1, or on a GPU (tests/test_window_persistent.py runs it)."""
+    under TRITON_INTERPRET=1, or on a GPU (tests/test_experiments.py runs it)."""
     torch.manual_seed(0)
     worst = 0.0
     for B, Hq, Hkv, M, N, D, block_n, n_prog in [(1, 4, 2, 8, 100, 16, 16, 3), (2, 6, 2, 5, 37, 32, 16, 2),
@@ -153,14 +152,7 @@ def gpu(out_dir):
         torch.cuda.empty_cache()
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true")
-    ap.add_argument("--out", default="out")
-    a = ap.parse_args(argv)
-    if a.check:
-        check()
-    else:
-        gpu(a.out)
+    _bench_kernels().experiment_main(__doc__, check, gpu, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,236 @@
+"""Experiment (issue 19, item 2: full causal 16k ≤ 1.0× SDPA): variants of the row pass, against a replica of the
+product's.
+
+At full causal 32/8, N = 16k on the H200 the product takes ~2.7 ms for its row pass (the row log-sum-exp) and ~2.2
+ms for its column pass, against SDPA's 3.98 ms forward (benchmarks/results/h200_kernels, goal_tiles_visit18/19).
+Per 128 × 64 row-pass tile the H200 needs ~490 clocks of MMA and ~510 of MUFU exp2: a loop that waits for each dot
+before its exp2 costs their sum. The goal needs the row pass at ≤ 1.8 ms. Variants, each a constexpr of one kernel:
+
+- LOOKAHEAD: the unmasked loop issues the next tile's q·kᵀ before the current tile's exp2 (the dot's result is
+  carried to the next iteration), so an asynchronous wgmma can overlap the exp2 — FA3's intra-warpgroup overlap,
+  written by hand.
+- FUSED_SCALE: the running max in raw q·kᵀ units and exp2(s·scale − max·scale) as one FMA per element, instead of
+  a multiply, a max and a subtract (the scale is positive, so the max commutes with it).
+- WS: `tl.range(..., warp_specialize=True)` on the unmasked loop (Triton documents it for Blackwell; whether this
+  Triton compiles it for Hopper is part of the experiment: an error is recorded, not raised).
+- REVERSE: row blocks launched last-first, so the longest causal programs start first and the short ones fill the
+  tail.
+
+Scope: dense (B, H, M, D) inputs, causal (bottom-right), one split of the keys, D a power of two. Output: the row
+log-sum-exp in log2 units, (B, Hq, M), +inf for a row that sees no key (as the product's row pass). Not in the
+product.
+
+    python benchmarks/row_pass.py --check          # CPU: TRITON_INTERPRET=1, small shapes vs float64, every variant
+    python benchmarks/row_pass.py --out DIR        # GPU: the variants at full causal 32/8 16k, 8k and 4k fp16, against
+                                                   # the replica, SDPA's forward and the product's two passes
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prune_path import _bench_kernels  # noqa: E402 (benchmarks/kernels.py loaded once, as prune_path loads it)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, MASKED: tl.constexpr, FUSED_SCALE: tl.constexpr,
+          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """q·kᵀ of the key tile [n0, n0 + BLOCK_N) (raw units when FUSED_SCALE, else times qk_scale)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=n[None, :] < N, other=0.0)
+    else:
+        kt = tl.load(K_head + n[None, :] * skn + d[:, None])
+    s = tl.dot(q, kt, input_precision=PRECISION)
+    if not FUSED_SCALE:
+        s = s * qk_scale
+    if MASKED:
+        s = tl.where((n[None, :] < N) & (n[None, :] <= m[:, None] + shift), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _update(s, m_i, l_i, qk_scale, MASKED: tl.constexpr, FUSED_SCALE: tl.constexpr):
+    """Online (max, sum of exp2) update of the rows with one tile's s."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)        # rows that have seen nothing yet
+    else:
+        m_sub = m_new
+    if FUSED_SCALE:
+        c = m_sub * qk_scale
+        l_i = l_i * tl.exp2(m_i * qk_scale - c) + tl.sum(tl.exp2(s * qk_scale - c[:, None]), 1)
+    else:
+        l_i = l_i * tl.exp2(m_i - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, N, qk_scale,
+                    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                    LOOKAHEAD: tl.constexpr, FUSED_SCALE: tl.constexpr, WS: tl.constexpr, REVERSE: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    if REVERSE:
+        rb = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        rb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    m = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqm + d[None, :], mask=m[:, None] < M, other=0.0)
+    K_head = K + b * skb + (h // G) * skh
+    shift = N - M                                        # query m sees key j iff j <= m + shift
+    r_last = tl.minimum(rb * BLOCK_R + BLOCK_R, M) - 1
+    hi = tl.minimum(N, r_last + shift + 1)
+    full_hi = tl.minimum(hi, rb * BLOCK_R + shift + 1)
+    full_end = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    if LOOKAHEAD:
+        if full_end > 0:
+            s = _tile(q, K_head, 0, m, shift, N, skn, qk_scale, d, False, FUSED_SCALE, PRECISION, BLOCK_N)
+            for n0 in range(BLOCK_N, full_end, BLOCK_N):
+                s_next = _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, False, FUSED_SCALE, PRECISION,
+                               BLOCK_N)
+                m_i, l_i = _update(s, m_i, l_i, qk_scale, False, FUSED_SCALE)
+                s = s_next
+            m_i, l_i = _update(s, m_i, l_i, qk_scale, False, FUSED_SCALE)
+    else:
+        for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
+            s = _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, False, FUSED_SCALE, PRECISION, BLOCK_N)
+            m_i, l_i = _update(s, m_i, l_i, qk_scale, False, FUSED_SCALE)
+    for n0 in range(full_end, hi, BLOCK_N):              # the diagonal and the ragged end
+        s = _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, True, FUSED_SCALE, PRECISION, BLOCK_N)
+        m_i, l_i = _update(s, m_i, l_i, qk_scale, True, FUSED_SCALE)
+    if FUSED_SCALE:
+        m_i = m_i * qk_scale
+    lse2 = tl.where(l_i == 0, float("inf"), m_i + tl.log2(l_i))
+    tl.store(Out + b * sob + h * soh + m, lse2, mask=m < M)
+
+
+VARIANTS = {                      # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE); "replica" is the product's loop
+    "replica": (False, False, False, False),
+    "lookahead": (True, False, False, False),
+    "fused_scale": (False, True, False, False),
+    "lookahead+fused": (True, True, False, False),
+    "reverse": (False, False, False, True),
+    "lookahead+fused+reverse": (True, True, False, True),
+    "warp_specialize": (False, False, True, False),
+}
+
+
+def row_lse2(q, k, variant="replica", block_r=128, block_n=64, warps=4, stages=3, scale=None, out=None):
+    """(B, Hq, M) float32 row log-sum-exp in log2 units of softmax(q·kᵀ·scale), causal (bottom-right); +inf for a
+    row that sees no key. q (B, Hq, M, D), k (B, Hkv, N, D), the last dimension contiguous."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    assert D == triton.next_power_of_2(D) and q.stride(3) == 1 and k.stride(3) == 1, "outside the experiment's scope"
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    assert scale > 0
+    out = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device) if out is None else out
+    lookahead, fused, ws, reverse = VARIANTS[variant]
+    _row_lse_kernel[(triton.cdiv(M, block_r), Hq, B)](
+        q, k, out, *q.stride()[:3], *k.stride()[:3], *out.stride()[:2], M, N, scale * LOG2E,
+        G=Hq // Hkv, D=D, BLOCK_R=block_r, BLOCK_N=block_n, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
+        REVERSE=reverse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
+        num_stages=stages)
+    return out
+
+
+def _reference_lse2(q, k, scale):
+    """float64 row log-sum-exp in log2 units, causal bottom-right, +inf where a row sees no key."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    visible = torch.arange(N, device=q.device)[None, :] <= torch.arange(M, device=q.device)[:, None] + (N - M)
+    lse = torch.logsumexp(s.masked_fill(~visible, float("-inf")), dim=-1) / math.log(2)
+    return torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+
+
+def check(device="cpu"):
+    """Every variant on small shapes against float64, the output pre-filled with NaN: on the CPU under
+    TRITON_INTERPRET=1, or on a GPU (tests/test_experiments.py runs it). Shapes cover full tiles before the
+    diagonal, a ragged end, more queries than keys (rows that see nothing) and GQA."""
+    torch.manual_seed(0)
+    worst = 0.0
+    for B, Hq, Hkv, M, N, D, block_r, block_n in [(1, 4, 2, 40, 100, 16, 16, 16), (2, 2, 1, 33, 33, 32, 16, 16),
+                                                   (1, 2, 2, 24, 10, 16, 16, 16), (1, 4, 1, 16, 130, 16, 16, 32)]:
+        q = torch.randn(B, Hq, M, D, device=device)
+        k = torch.randn(B, Hkv, N, D, device=device)
+        ref = _reference_lse2(q, k, 1 / math.sqrt(D))
+        for variant in VARIANTS:
+            got = row_lse2(q, k, variant, block_r, block_n, warps=4, stages=1,
+                           out=torch.full((B, Hq, M), float("nan"), device=device))
+            assert not got.isnan().any(), (variant, "a row was not written")
+            assert torch.equal(torch.isinf(got), torch.isinf(ref)), (variant, "rows that see no key")
+            fin = torch.isfinite(ref)
+            err = (got.double()[fin] - ref[fin]).abs().max().item()
+            worst = max(worst, err)
+            assert err < 1e-5, (variant, B, Hq, Hkv, M, N, D, err)
+    print(f"row pass variants match float64 (largest absolute error of the log2 lse {worst:.1e})")
+
+
+def gpu(out_dir):
+    """The variants at full causal 32/8 (fp16, D 128) 16k, 8k and 4k, each at the product's row tiles (128 rows,
+    64 keys, 4 warps, 3 stages) and 128 × 128 at 8 warps, against the replica at the product's tiles, SDPA's forward
+    and the product's two passes (with and without the lse given: the difference is its row pass), all timed in
+    one run. row_pass.json in out_dir, rewritten after each row."""
+    bk = _bench_kernels()
+    from colreduce_kvprune.kernels import colreduce as kmod
+    flush = bk._flush_buffer()
+    rows = []
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save(row):
+        rows.append(row)
+        print(row, flush=True)
+        json.dump(dict(env=bk.env_info(), rows=rows), open(os.path.join(out_dir, "row_pass.json"), "w"), indent=1)
+
+    for N in (16384, 8192, 4096):
+        B, Hq, Hkv, D = 1, 32, 8, 128
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, N, D, device="cuda", dtype=torch.float16)
+        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        shape = f"full {Hq}/{Hkv} N={N} fp16"
+        kw = dict(is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean")
+        lse = bk.row_lse(q, k, 1 / math.sqrt(D), True)
+        for name, fn in (("product both passes", lambda: kmod.colreduce_triton(q, k, "sum", **kw)),
+                         ("product column pass (lse given)", lambda: kmod.colreduce_triton(q, k, "sum", lse=lse, **kw)),
+                         ("SDPA forward", lambda: torch.nn.functional.scaled_dot_product_attention(
+                             q, k, v, is_causal=True, enable_gqa=True))):
+            save(dict(shape=shape, name=name, gpu_ms=bk.time3(fn, flush)["gpu_ms"]))
+        ref = row_lse2(q, k, "replica")
+        for tiles in ((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3)):
+            for variant in VARIANTS:
+                row = dict(shape=shape, name=variant, tiles=tiles)
+                try:
+                    fn = lambda: row_lse2(q, k, variant, *tiles)  # noqa: E731
+                    got = fn()
+                    row["max_abs_diff_vs_replica"] = (got - ref).abs().max().item()
+                    row["gpu_ms"] = bk.time3(fn, flush)["gpu_ms"]
+                except Exception as e:  # noqa: BLE001 (compile failure or out of resources: reported)
+                    row["error"] = repr(e)[:200]
+                    torch.cuda.synchronize()
+                save(row)
+        del q, k, v, lse, ref
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    _bench_kernels().experiment_main(__doc__, check, gpu, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""The kernel experiments of benchmarks/ (issue 19): benchmarks/window_persistent.py (the persistent window column
+pass) and benchmarks/row_pass.py (row pass variants), each one's check() against float64 on small shapes
+(interpreter on CPU, the GPU where there is one), so what the benchmarks time stays exact."""
+import importlib.util
+import os
+
+import pytest
+
+from test_colreduce import DEVICE
+
+
+@pytest.mark.parametrize("script", ["window_persistent.py", "row_pass.py"])
+def test_experiment_matches_float64(script):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", script)
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.check(DEVICE)
