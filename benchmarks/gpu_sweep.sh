@@ -84,7 +84,7 @@ elif [ "${1:-}" = rowpass ]; then
     { setup; cd /tmp || exit
       timeout 120 python3 -m pytest "$REPO"/tests/test_experiments.py -q -p no:cacheprovider > "$OUT/pytest_experiments.log" 2>&1
       echo "== experiments against float64 on the GPU (rc $?): $(tail -1 "$OUT/pytest_experiments.log")"
-      timeout "${ROWPASS_LIMIT:-300}" python3 "$REPO/benchmarks/row_pass.py" --out "$OUT"
+      timeout "${ROWPASS_LIMIT:-420}" python3 "$REPO/benchmarks/row_pass.py" --out "$OUT"
       echo "== row pass experiment done at ${SECONDS}s (rc $?)"; } 2>&1 | tee "$OUT/gpu_sweep.log"
 else
     main 2>&1 | tee "$OUT/gpu_sweep.log"
