@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_sweep.sh tests path   # the kernel tests, then the per-layer prune path (prune_path.py)
 #   SWEEP_ONLY="varlen paged" KERNEL_TESTS=0 bash benchmarks/gpu_sweep.sh   # only the shapes whose names hold one
 #                                         # of these words; without the kernel tests (when another call runs them)
-#   bash benchmarks/gpu_sweep.sh rowpass  # the row pass experiment (benchmarks/row_pass.py): its variants against
-#                                         # float64 on the GPU (tests/test_experiments.py), then timed (row_pass.json)
+#   bash benchmarks/gpu_sweep.sh passes   # the full causal experiments (benchmarks/row_pass.py, column_pass.py):
+#                                         # their variants against float64 on the GPU (tests/test_experiments.py),
+#                                         # then timed (row_pass.json, column_pass.json; PASSES_LIMIT s each)
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}")
@@ -80,12 +81,14 @@ if [ "${1:-}" = tests ]; then     # the kernel tests alone, with the whole call'
       if [ "${2:-}" = path ]; then
           timeout 90 python3 "$REPO/benchmarks/prune_path.py" --out "$OUT"; echo "== prune path done at ${SECONDS}s (rc $?)"
       fi; } 2>&1 | tee "$OUT/gpu_sweep.log"
-elif [ "${1:-}" = rowpass ]; then
+elif [ "${1:-}" = passes ]; then
     { setup; cd /tmp || exit
       timeout 120 python3 -m pytest "$REPO"/tests/test_experiments.py -q -p no:cacheprovider > "$OUT/pytest_experiments.log" 2>&1
       echo "== experiments against float64 on the GPU (rc $?): $(tail -1 "$OUT/pytest_experiments.log")"
-      timeout "${ROWPASS_LIMIT:-420}" python3 "$REPO/benchmarks/row_pass.py" --out "$OUT"
-      echo "== row pass experiment done at ${SECONDS}s (rc $?)"; } 2>&1 | tee "$OUT/gpu_sweep.log"
+      for exp in row_pass column_pass; do
+          timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/$exp.py" --out "$OUT"
+          echo "== $exp done at ${SECONDS}s (rc $?)"
+      done; } 2>&1 | tee "$OUT/gpu_sweep.log"
 else
     main 2>&1 | tee "$OUT/gpu_sweep.log"
 fi

@@ -243,6 +243,31 @@ def check(device="cpu"):
     print(f"row pass variants match float64 (largest error of the log2 lse, relative to max(1, |lse|): {worst:.1e})")
 
 
+def experiment_rows(bk, out_dir, name, flush):
+    """record(row, fn=None, diff=None): times fn on the GPU into row (gpu_ms; diff(fn()) adds how far its result is
+    from a reference; a compile failure or out-of-resources error is recorded as the row's error, not raised),
+    prints the row and rewrites out_dir/name (the GPU's versions and every row so far), so a run cut by its time
+    limit keeps what it timed."""
+    rows = []
+    os.makedirs(out_dir, exist_ok=True)
+
+    def record(row, fn=None, diff=None):
+        if fn is not None:
+            try:
+                got = fn()
+                if diff is not None:
+                    row.update(diff(got))
+                row["gpu_ms"] = bk.time3(fn, flush)["gpu_ms"]
+            except Exception as e:  # noqa: BLE001 (compile failure or out of resources: reported)
+                row["error"] = repr(e)[:200]
+                torch.cuda.synchronize()
+        rows.append(row)
+        print(row, flush=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(dict(env=bk.env_info(), rows=rows), f, indent=1)
+    return record
+
+
 def gpu(out_dir):
     """The variants at full causal 32/8 (fp16, D 128) 16k, 8k and 4k, each at the product's row tiles (128 rows,
     64 keys, 4 warps, 3 stages) and 128 × 128 at 8 warps, against the replica at the product's tiles, SDPA's forward
@@ -251,14 +276,7 @@ def gpu(out_dir):
     bk = _bench_kernels()
     from colreduce_kvprune.kernels import colreduce as kmod
     flush = bk._flush_buffer()
-    rows = []
-    os.makedirs(out_dir, exist_ok=True)
-
-    def save(row):
-        rows.append(row)
-        print(row, flush=True)
-        json.dump(dict(env=bk.env_info(), rows=rows), open(os.path.join(out_dir, "row_pass.json"), "w"), indent=1)
-
+    record = experiment_rows(bk, out_dir, "row_pass.json", flush)
     for N in (16384, 8192, 4096):
         B, Hq, Hkv, D = 1, 32, 8, 128
         torch.manual_seed(0)
@@ -272,20 +290,12 @@ def gpu(out_dir):
                          ("product column pass (lse given)", lambda: kmod.colreduce_triton(q, k, "sum", lse=lse, **kw)),
                          ("SDPA forward", lambda: torch.nn.functional.scaled_dot_product_attention(
                              q, k, v, is_causal=True, enable_gqa=True))):
-            save(dict(shape=shape, name=name, gpu_ms=bk.time3(fn, flush)["gpu_ms"]))
+            record(dict(shape=shape, name=name), fn)
         ref = row_lse2(q, k, "replica")
         for tiles in ((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3)):
             for variant in VARIANTS:
-                row = dict(shape=shape, name=variant, tiles=tiles)
-                try:
-                    fn = lambda: row_lse2(q, k, variant, *tiles)  # noqa: E731
-                    got = fn()
-                    row["max_abs_diff_vs_replica"] = (got - ref).abs().max().item()
-                    row["gpu_ms"] = bk.time3(fn, flush)["gpu_ms"]
-                except Exception as e:  # noqa: BLE001 (compile failure or out of resources: reported)
-                    row["error"] = repr(e)[:200]
-                    torch.cuda.synchronize()
-                save(row)
+                record(dict(shape=shape, name=variant, tiles=tiles), lambda: row_lse2(q, k, variant, *tiles),
+                       lambda got: {"max_abs_diff_vs_replica": (got - ref).abs().max().item()})
         del q, k, v, lse, ref
         torch.cuda.empty_cache()
 

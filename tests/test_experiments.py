@@ -1,6 +1,7 @@
-"""The kernel experiments of benchmarks/ (issue 19): benchmarks/window_persistent.py (the persistent window column
-pass) and benchmarks/row_pass.py (row pass variants), each one's check() against float64 on small shapes
-(interpreter on CPU, the GPU where there is one), so what the benchmarks time stays exact."""
+"""The kernel experiments of benchmarks/ (issue 19): window_persistent.py (the persistent window column pass),
+row_pass.py (row pass variants) and column_pass.py (the long column pass's loop), each one's check() against
+float64 on small shapes (interpreter on CPU, the GPU where there is one), so what the benchmarks time stays
+exact."""
 import importlib.util
 import os
 
@@ -9,7 +10,7 @@ import pytest
 from test_colreduce import DEVICE
 
 
-@pytest.mark.parametrize("script", ["window_persistent.py", "row_pass.py"])
+@pytest.mark.parametrize("script", ["window_persistent.py", "row_pass.py", "column_pass.py"])
 def test_experiment_matches_float64(script):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", script)
     spec = importlib.util.spec_from_file_location(script[:-3] + "_bench", path)
