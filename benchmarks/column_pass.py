@@ -26,7 +26,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prune_path import _bench_kernels  # noqa: E402 (benchmarks/kernels.py loaded once, as prune_path loads it)
-from row_pass import LOG2E, _reference_lse2, experiment_rows  # noqa: E402
+from row_pass import LOG2E, _reference_lse2  # noqa: E402
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def gpu(out_dir):
     from colreduce_kvprune.kernels import colreduce as kmod
     flush = bk._flush_buffer()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    record = experiment_rows(bk, out_dir, "column_pass.json", flush)
+    record = bk.experiment_rows(out_dir, "column_pass.json", flush)
     for N in (16384, 8192, 4096):
         B, Hq, Hkv, D = 1, 32, 8, 128
         torch.manual_seed(0)

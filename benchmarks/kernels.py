@@ -267,9 +267,9 @@ def report(dtype):
 
 
 def experiment_main(doc, check, gpu, argv=None):
-    """The command line of a kernel experiment in benchmarks/ (window_persistent.py, row_pass.py): --check runs its
-    check against float64 (on the CPU under TRITON_INTERPRET=1), otherwise its GPU timing writes into --out."""
-    import argparse
+    """The command line of a kernel experiment in benchmarks/ (window_persistent.py, row_pass.py, column_pass.py):
+    --check runs its check against float64 (on the CPU under TRITON_INTERPRET=1), otherwise its GPU timing writes
+    into --out (through experiment_rows)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default="out")
@@ -278,6 +278,31 @@ def experiment_main(doc, check, gpu, argv=None):
         check()
     else:
         gpu(a.out)
+
+
+def experiment_rows(out_dir, name, flush):
+    """record(row, fn=None, diff=None): times fn on the GPU into row (gpu_ms; diff(fn()) adds how far its result is
+    from a reference; a compile failure or out-of-resources error is recorded as the row's error, not raised),
+    prints the row and rewrites out_dir/name (the GPU's versions and every row so far), so a run cut by its time
+    limit keeps what it timed."""
+    rows = []
+    os.makedirs(out_dir, exist_ok=True)
+
+    def record(row, fn=None, diff=None):
+        if fn is not None:
+            try:
+                got = fn()
+                if diff is not None:
+                    row.update(diff(got))
+                row["gpu_ms"] = time3(fn, flush)["gpu_ms"]
+            except Exception as e:  # noqa: BLE001 (compile failure or out of resources: reported)
+                row["error"] = repr(e)[:200]
+                torch.cuda.synchronize()
+        rows.append(row)
+        print(row, flush=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(dict(env=env_info(), rows=rows), f, indent=1)
+    return record
 
 
 def env_info():

@@ -33,7 +33,6 @@ product.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -243,31 +242,6 @@ def check(device="cpu"):
     print(f"row pass variants match float64 (largest error of the log2 lse, relative to max(1, |lse|): {worst:.1e})")
 
 
-def experiment_rows(bk, out_dir, name, flush):
-    """record(row, fn=None, diff=None): times fn on the GPU into row (gpu_ms; diff(fn()) adds how far its result is
-    from a reference; a compile failure or out-of-resources error is recorded as the row's error, not raised),
-    prints the row and rewrites out_dir/name (the GPU's versions and every row so far), so a run cut by its time
-    limit keeps what it timed."""
-    rows = []
-    os.makedirs(out_dir, exist_ok=True)
-
-    def record(row, fn=None, diff=None):
-        if fn is not None:
-            try:
-                got = fn()
-                if diff is not None:
-                    row.update(diff(got))
-                row["gpu_ms"] = bk.time3(fn, flush)["gpu_ms"]
-            except Exception as e:  # noqa: BLE001 (compile failure or out of resources: reported)
-                row["error"] = repr(e)[:200]
-                torch.cuda.synchronize()
-        rows.append(row)
-        print(row, flush=True)
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(dict(env=bk.env_info(), rows=rows), f, indent=1)
-    return record
-
-
 def gpu(out_dir):
     """The variants at full causal 32/8 (fp16, D 128) 16k, 8k and 4k, each at the product's row tiles (128 rows,
     64 keys, 4 warps, 3 stages) and 128 × 128 at 8 warps, against the replica at the product's tiles, SDPA's forward
@@ -276,7 +250,7 @@ def gpu(out_dir):
     bk = _bench_kernels()
     from colreduce_kvprune.kernels import colreduce as kmod
     flush = bk._flush_buffer()
-    record = experiment_rows(bk, out_dir, "row_pass.json", flush)
+    record = bk.experiment_rows(out_dir, "row_pass.json", flush)
     for N in (16384, 8192, 4096):
         B, Hq, Hkv, D = 1, 32, 8, 128
         torch.manual_seed(0)

@@ -19,7 +19,6 @@ product on the GPU).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -116,7 +115,7 @@ def gpu(out_dir):
     shapes = [(32, 8, 131072, torch.float16, grid), (32, 8, 8192, torch.float16, best),
               (32, 8, 32768, torch.float16, best), (32, 8, 131072, torch.bfloat16, best),
               (32, 32, 131072, torch.float16, best)]
-    rows = []
+    record = bk.experiment_rows(out_dir, "window_persistent.json", flush)
     for Hq, Hkv, N, dtype, variants in shapes:
         B, M, D = 1, 64, 128
         torch.manual_seed(0)
@@ -129,25 +128,12 @@ def gpu(out_dir):
             return kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean",
                                          lse=lse)
         ref = product()
-        rows.append(dict(shape=shape, name="product window column pass (lse given)",
-                         gpu_ms=bk.time3(product, flush)["gpu_ms"]))
-        print(rows[-1], flush=True)
+        record(dict(shape=shape, name="product window column pass (lse given)"), product)
         for block_n, warps, stages, per_sm in variants:
             n_prog = max(1, sms * per_sm // (B * Hkv))
-            row = dict(shape=shape, name="persistent", block_n=block_n, warps=warps, stages=stages, n_prog=n_prog)
-            try:
-                fn = lambda: persistent_column(q, k, lse, n_prog, block_n, warps, stages)  # noqa: E731
-                got = fn()
-                row["rel_err_vs_product"] = ((got - ref).norm() / ref.norm()).item()
-                row["gpu_ms"] = bk.time3(fn, flush)["gpu_ms"]
-            except Exception as e:  # noqa: BLE001 (out of resources: reported)
-                row["error"] = repr(e)[:160]
-                torch.cuda.synchronize()
-            rows.append(row)
-            print(row, flush=True)
-            os.makedirs(out_dir, exist_ok=True)
-            json.dump(dict(env=bk.env_info(), rows=rows), open(os.path.join(out_dir, "window_persistent.json"), "w"),
-                      indent=1)
+            record(dict(shape=shape, name="persistent", block_n=block_n, warps=warps, stages=stages, n_prog=n_prog),
+                   lambda: persistent_column(q, k, lse, n_prog, block_n, warps, stages),
+                   lambda got: {"rel_err_vs_product": ((got - ref).norm() / ref.norm()).item()})
         del q, k, lse, ref
         torch.cuda.empty_cache()
 
