@@ -647,9 +647,8 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
       per SM (MHA with few heads), 64-key tiles.
     - window column pass, persistent (_window_column_kernel's persistent mode) where _persistent_config allows
       it, at 2 programs per SM in all (the H200's best in benchmarks/window_persistent.py: 0.174 vs 0.223 ms at
-      32/8, W=64, N=128k, lse given). Not for packed
-      and paged batches (ragged) yet: with P programs striding over each sequence's tiles the longest sequence's
-      programs were the tail on the H200 (paged 4 prompts 8k–32k +17%, varlen 8 prompts 0.5k–4k +12%); runs of
+      32/8, W=64, N=128k, lse given). Not for packed and paged batches (ragged): with P programs striding over
+      each sequence's tiles the longest sequence's programs were the tail on the H200 (paged 4 prompts 8k–32k +17%, varlen 8 prompts 0.5k–4k +12%); runs of
       consecutive tiles at 8 programs per SM by the longest sequence (_persistent_config(..., per_sm=8)) let the
       shorter sequences' runs end early: on the H200 1–3% faster at three packed/paged shapes and 10% slower at
       4 paged prompts of 8k–32k (benchmarks/kernels.py --serving-sweep times them beside ours as
