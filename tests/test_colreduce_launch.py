@@ -341,3 +341,30 @@ def test_row_pass_combines_its_splits(splits, monkeypatch):
     assert torch.equal(colreduce_triton(q, k, "sum", variant="new", **kw), first)
     counters = [bufs[1] for bufs in kmod._scratch_bufs.values() if bufs[1] is not None]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_row_pass_far_logit(splits, is_causal, monkeypatch):
+    """The row pass sums exp2(s − c) with one offset c per row, taken from the row's first key tile of its split
+    (+8), and falls back to a running max for a row block where that sum overflows. Here the even query rows score
+    key 100 (past the first tile of every split) ~300 log2 units above the rest of their keys: their sums overflow,
+    and their row blocks, odd rows with ordinary scores among them, must still match the float64 reference, with
+    and without the key axis split, causal and not."""
+    _poison_empty(monkeypatch)
+    monkeypatch.setattr(kmod, "_num_splits", lambda *a, **k: splits)
+    B, Hq, Hkv, M, N, D = 1, 4, 2, 160, 160, 16
+    q, k = rand_qk((B, Hq, Hkv, M, N, D), torch.float32, device="cpu", seed=11)
+    scale = 0.25
+    q[:, :, 0::2, 0] = 1.0
+    q[:, :, 1::2, 0] = 0.0
+    k[:, :, 100, :] = 0.0
+    k[:, :, 100, 0] = 300 / (scale * math.log2(math.e))     # 300 in log2 units for the even rows, 0 for the odd
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    cfg = dict(_gpu_like_config(M, N, D, 2, 2), BLOCK_R=32, BLOCK_N1=32, BLOCK_N=32, stages1=1, stages=1)
+    plan = kmod._plan(M, N, D, 2, B, Hkv, is_causal, "new", 1, cfg)
+    assert plan[2] == splits and all(not s0 <= 100 < s0 + 32 for s0 in range(0, N, plan[3]))  # never a first tile
+    ref = reference(q, k, "sum", is_causal, "mean", scale=scale)
+    out = colreduce_triton(q, k, "sum", is_causal=is_causal, scale=scale, group_reduce="mean", config=cfg,
+                           variant="new")
+    assert rel_err(out, ref) < TOL[torch.float32]
