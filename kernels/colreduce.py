@@ -350,9 +350,20 @@ def _live_columns(n, n_ok, Nb, Mb, m_lo, m_full, max_n, IS_PAGED: tl.constexpr, 
     zeros. Dense and varlen outputs hold only real keys: those programs returned, and the stores are the keys'."""
     if IS_PAGED:
         live = tl.program_id(0) * BLOCK_N < Nb
-        return tl.where(live, Mb, 0), tl.where(live, m_lo, 0), tl.where(live, m_full, 0), n < max_n
+        return tl.where(live, Mb, 0), tl.where(live, m_lo, 0), tl.where(live, m_full, 0), _stored_columns(
+            n, n_ok, max_n, IS_PAGED)
     else:
-        return Mb, m_lo, m_full, n_ok
+        return Mb, m_lo, m_full, _stored_columns(n, n_ok, max_n, IS_PAGED)
+
+
+@triton.jit
+def _stored_columns(n, n_ok, max_n, IS_PAGED: tl.constexpr):
+    """Which of the columns n a program stores: paged outputs are padded to max_n (the padding gets zeros, see
+    _padded), dense and varlen outputs hold only the sequence's keys (n_ok)."""
+    if IS_PAGED:
+        return n < max_n
+    else:
+        return n_ok
 
 
 @triton.jit
@@ -389,13 +400,13 @@ def _mean_by_count(v, count):
 
 
 @triton.jit
-def _reduce_rows(p, count, REDUCTION: tl.constexpr):
-    """p (rows, BLOCK_N) reduced over its rows: sum, max, or the mean over the count of queries that see each
-    column (0 where none does)."""
+def _reduce_rows(p, count, REDUCTION: tl.constexpr, AXIS: tl.constexpr = 0):
+    """p's query rows (along AXIS) reduced: sum, max, or the mean over the count of queries that see each column
+    (count broadcastable to the result; 0 where none does)."""
     if REDUCTION == 2:
-        col = tl.max(p, 0)
+        col = tl.max(p, AXIS)
     else:
-        col = tl.sum(p, 0)
+        col = tl.sum(p, AXIS)
         if REDUCTION == 1:
             col = _mean_by_count(col, count)
     return col
@@ -408,6 +419,12 @@ def _group_of(cols, g_ok, G: tl.constexpr, GROUP_REDUCE: tl.constexpr, AXIS: tl.
         group = tl.max(tl.where(g_ok, cols, float("-inf")), AXIS)
     else:
         group = tl.sum(tl.where(g_ok, cols, 0.0), AXIS)
+    return _group_mean(group, G, GROUP_REDUCE)
+
+
+@triton.jit
+def _group_mean(group, G: tl.constexpr, GROUP_REDUCE: tl.constexpr):
+    """The group's sum divided by its G heads where the group combine is the mean (GROUP_REDUCE 2)."""
     if GROUP_REDUCE == 2:
         group = group / G
     return group
@@ -485,10 +502,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         for t in tl.range(t0, t_keys):
             n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < Nb
-            if IS_PAGED:                                  # stored up to max_n: the padding zeroed by _padded
-                n_out = n < max_n
-            else:
-                n_out = n_ok
+            n_out = _stored_columns(n, n_ok, max_n, IS_PAGED)
             rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
             kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D),
                          other=0.0)
@@ -499,18 +513,10 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                 p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
             count = _column_counts(n, shift, Mb, IS_CAUSAL)   # the mean's divisor (REDUCTION 1)
             if FUSE_HEADS:                                # the group's combine equals the rows' reduction
-                group = _reduce_rows(p, count, REDUCTION)
-                if GROUP_REDUCE == 2:
-                    group = group / G
+                group = _group_mean(_reduce_rows(p, count, REDUCTION), G, GROUP_REDUCE)
                 tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
             else:                                         # per head: reduce the queries of each head's rows
-                p3 = tl.reshape(p, [GP, BLOCK_M, BLOCK_N])
-                if REDUCTION == 2:
-                    cols = tl.max(p3, 1)
-                else:
-                    cols = tl.sum(p3, 1)
-                    if REDUCTION == 1:
-                        cols = _mean_by_count(cols, count[None, :])
+                cols = _reduce_rows(tl.reshape(p, [GP, BLOCK_M, BLOCK_N]), count[None, :], REDUCTION, 1)
                 if GROUP_REDUCE == 0:
                     tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + (k0 + n)[None, :] * son,
                              _padded(cols, n_ok[None, :], IS_PAGED), mask=n_out[None, :] & (gi[:, None] < G))
@@ -628,9 +634,8 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k, Part, Counter,
         group = _reduce_rows(acc, count, REDUCTION)
     if GROUP_REDUCE != 0:
         if HS == 1:
-            if GROUP_REDUCE == 2:
-                group = group / G
-            tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+            tl.store(Out + b * sob + hk * soh + (k0 + n) * son,
+                     _padded(_group_mean(group, G, GROUP_REDUCE), n_ok, IS_PAGED), mask=n_out)
         else:
             part = Part + b * spb + (k0 + n) * spn
             tl.store(part + (hk * HS + hs) * sph, _padded(group, n_ok, IS_PAGED), mask=n_out)
@@ -645,9 +650,8 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k, Part, Counter,
                         total = tl.maximum(total, v, propagate_nan=tl.PropagateNan.ALL)
                     else:
                         total += v
-                if GROUP_REDUCE == 2:
-                    total = total / G
-                tl.store(Out + b * sob + hk * soh + (k0 + n) * son, total, mask=n_out)
+                tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _group_mean(total, G, GROUP_REDUCE),
+                         mask=n_out)
                 tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")       # ready for the next launch
 
 
