@@ -22,6 +22,12 @@ before its exp2 costs their sum. The goal needs the row pass at ≤ 1.8 ms. Vari
   the first tile's and what underflows is below 2^-118 of the largest term; a key more than 135 above the first
   tile's max overflows the row's sum to +inf, and such a row block is computed again with the running max (the
   check covers that case). Real prompts' first tokens (attention sinks) tend to hold the largest logits.
+- POLY (with FIXED): part of each tile's exp2 on the FMA pipe instead of the MUFU (FA4's software exp2): 2^x =
+  2^⌊x⌋ (an add into the float's exponent field) × p(x − ⌊x⌋), p a degree-5 polynomial (relative error 1.6e-7 in
+  float32, about the MUFU ex2.approx's 2 ulp), x clamped to [-127, 128] so that x ≥ 128 still gives +inf (the
+  fallback's signal), -inf (masked) gives 0 and what underflows stays below 2^-118 of the row's sum. POLY = 2: half of the columns
+  (tl.split of column pairs), 1: a quarter. The MUFU does 16 exp2 per clock per SM, the FMA pipe 128 FP32 ops:
+  at ~10 ops per software exp2 the two pipes balance near a third on the FMA pipe, if nothing else fills it.
 
 Scope: dense (B, H, M, D) inputs, causal (bottom-right), one split of the keys, D a power of two. Output: the row
 log-sum-exp in log2 units, (B, Hq, M), +inf for a row that sees no key (as the product's row pass). Not in the
@@ -109,8 +115,43 @@ def _online_lse2(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, LOOKAHE
 
 
 @triton.jit
+def _poly_exp2(x):
+    """2^x on the FMA pipe: p(f)·2^⌊x⌋ with f = x − ⌊x⌋ and the power of two added into the exponent field. x is
+    clamped to [-127, 128], where p(0) = 1 exactly: 128 gives the exponent field all ones, +inf (an overflow stays
+    visible), -127 gives 0 (so do masked scores, -inf); between -127 and -126 a value below 2^-126."""
+    x = tl.minimum(tl.maximum(x, -127.0), 128.0)
+    xi = tl.floor(x)
+    f = x - xi
+    p = 0.0018671179423108697 * f + 0.009017059579491615
+    p = p * f + 0.05579989030957222
+    p = p * f + 0.24016445875167847
+    p = p * f + 0.6931512951850891
+    p = p * f + 1.0
+    return (p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_exp2_sum(acc, x, POLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + exp2(x), elementwise. POLY 0: acc and x (BLOCK_R, BLOCK_N), every exp2 on the MUFU. POLY 1 or 2: acc is
+    (BLOCK_R, BLOCK_N // 2, 2), the column pairs of x; POLY 2 takes the second of each pair in software (half),
+    POLY 1 the second of every other pair (a quarter). Only the final row sum reads acc."""
+    if POLY == 0:
+        return acc + tl.exp2(x)
+    else:
+        a, b = tl.split(tl.reshape(x, [BLOCK_R, BLOCK_N // 2, 2]))
+        a = tl.exp2(a)
+        if POLY == 2:
+            b = _poly_exp2(b)
+        else:
+            b1, b2 = tl.split(tl.reshape(b, [BLOCK_R, BLOCK_N // 4, 2]))
+            b = tl.reshape(tl.join(tl.exp2(b1), _poly_exp2(b2)), [BLOCK_R, BLOCK_N // 2])
+        return acc + tl.join(a, b)
+
+
+@triton.jit
 def _fixed_offset_sums(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, LOOKAHEAD: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, POLY: tl.constexpr = 0,
+                       BLOCK_R: tl.constexpr = 16):
     """(c, l): per row one offset c (log2 units: the max of the range's first key tile, + 8) and l = Σ exp2(s − c)
     over the row's keys, summed into a 2-D accumulator — per element one FMA, one exp2 and one add, no per-tile
     row reductions and no rescaling. Exact where it does not overflow: in causal (and full) rows every key range
@@ -120,30 +161,37 @@ def _fixed_offset_sums(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, L
     s0 = _tile(q, K_head, 0, m, shift, N, skn, qk_scale, d, True, True, PRECISION, BLOCK_N)   # raw units, masked
     m0 = tl.max(s0, 1) * qk_scale
     c = tl.where(m0 == float("-inf"), 0.0, m0) + 8.0
-    acc = tl.exp2(s0 * qk_scale - c[:, None])
+    if POLY == 0:
+        acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_N // 2, 2], tl.float32)
+    acc = _split_exp2_sum(acc, s0 * qk_scale - c[:, None], POLY, BLOCK_R, BLOCK_N)
     if LOOKAHEAD:
         if full_end > BLOCK_N:
             s = _tile(q, K_head, BLOCK_N, m, shift, N, skn, qk_scale, d, False, True, PRECISION, BLOCK_N)
             for n0 in range(2 * BLOCK_N, full_end, BLOCK_N):
                 s_next = _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, False, True, PRECISION, BLOCK_N)
-                acc += tl.exp2(s * qk_scale - c[:, None])
+                acc = _split_exp2_sum(acc, s * qk_scale - c[:, None], POLY, BLOCK_R, BLOCK_N)
                 s = s_next
-            acc += tl.exp2(s * qk_scale - c[:, None])
+            acc = _split_exp2_sum(acc, s * qk_scale - c[:, None], POLY, BLOCK_R, BLOCK_N)
     else:
         for n0 in range(BLOCK_N, full_end, BLOCK_N):
             s = _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, False, True, PRECISION, BLOCK_N)
-            acc += tl.exp2(s * qk_scale - c[:, None])
+            acc = _split_exp2_sum(acc, s * qk_scale - c[:, None], POLY, BLOCK_R, BLOCK_N)
     for n0 in range(tl.maximum(full_end, BLOCK_N), hi, BLOCK_N):      # the diagonal and the ragged end
         s = _tile(q, K_head, n0, m, shift, N, skn, qk_scale, d, True, True, PRECISION, BLOCK_N)
-        acc += tl.exp2(s * qk_scale - c[:, None])
-    return c, tl.sum(acc, 1)
+        acc = _split_exp2_sum(acc, s * qk_scale - c[:, None], POLY, BLOCK_R, BLOCK_N)
+    if POLY == 0:
+        return c, tl.sum(acc, 1)
+    else:
+        return c, tl.sum(tl.sum(acc, 2), 1)
 
 
 @triton.jit
 def _row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, N, qk_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                     LOOKAHEAD: tl.constexpr, FUSED_SCALE: tl.constexpr, WS: tl.constexpr, REVERSE: tl.constexpr,
-                    FIXED: tl.constexpr, PRECISION: tl.constexpr):
+                    FIXED: tl.constexpr, PRECISION: tl.constexpr, POLY: tl.constexpr = 0):
     if REVERSE:
         rb = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -161,7 +209,7 @@ def _row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, N, qk_
     full_end = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
     if FIXED:
         c, l_i = _fixed_offset_sums(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, LOOKAHEAD, PRECISION,
-                                    BLOCK_N)
+                                    BLOCK_N, POLY, BLOCK_R)
         lse2 = tl.where(l_i == 0, float("inf"), c + tl.log2(l_i))
         if tl.max(l_i, 0) == float("inf"):              # a term overflowed: this block again with a running max
             lse2 = _online_lse2(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, False, False, False,
@@ -172,7 +220,7 @@ def _row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, N, qk_
     tl.store(Out + b * sob + h * soh + m, lse2, mask=m < M)
 
 
-VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED); "replica" is the product's loop
+VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED[, POLY]); "replica" is the product's loop
     "replica": (False, False, False, False, False),
     "lookahead": (True, False, False, False, False),
     "fused_scale": (False, True, False, False, False),
@@ -183,6 +231,8 @@ VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED); "r
     "fixed_offset": (False, False, False, False, True),
     "fixed_offset+lookahead": (True, False, False, False, True),
     "fixed_offset+reverse": (False, False, False, True, True),
+    "fixed_offset+poly_half": (False, False, False, False, True, 2),
+    "fixed_offset+poly_quarter": (False, False, False, False, True, 1),
 }
 
 
@@ -195,11 +245,11 @@ def row_lse2(q, k, variant="replica", block_r=128, block_n=64, warps=4, stages=3
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     assert scale > 0
     out = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device) if out is None else out
-    lookahead, fused, ws, reverse, fixed = VARIANTS[variant]
+    lookahead, fused, ws, reverse, fixed, poly = (VARIANTS[variant] + (0,))[:6]
     _row_lse_kernel[(triton.cdiv(M, block_r), Hq, B)](
         q, k, out, *q.stride()[:3], *k.stride()[:3], *out.stride()[:2], M, N, scale * LOG2E,
         G=Hq // Hkv, D=D, BLOCK_R=block_r, BLOCK_N=block_n, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-        REVERSE=reverse, FIXED=fixed, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
+        REVERSE=reverse, FIXED=fixed, POLY=poly, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
         num_stages=stages)
     return out
 
@@ -223,12 +273,13 @@ def check(device="cpu"):
     torch.manual_seed(0)
     worst = 0.0
     for B, Hq, Hkv, M, N, D, block_r, block_n in [(1, 4, 2, 40, 100, 16, 16, 16), (2, 2, 1, 33, 33, 32, 16, 16),
-                                                   (1, 2, 2, 24, 10, 16, 16, 16), (1, 4, 1, 16, 130, 16, 16, 32)]:
+                                                   (1, 2, 2, 24, 10, 16, 16, 16), (1, 4, 1, 16, 130, 16, 16, 32),
+                                                   (1, 4, 1, 16, 131, 16, 16, 32)]:
         q = torch.randn(B, Hq, M, D, device=device)
         k = torch.randn(B, Hkv, N, D, device=device)
-        if N == 130:            # one key ~300 log2 units above the first tile's max: the fixed offset overflows
-            q[..., 0] += 30.0   # there, and those blocks fall back to the running max
-            k[:, :, 50, 0] = 30.0
+        if N in (130, 131):     # one key ~300 log2 units above the first tile's max: the fixed offset overflows
+            q[..., 0] += 30.0   # there, and those blocks fall back to the running max. Key 50 is a column whose
+            k[:, :, N - 80, 0] = 30.0   # exp2 the MUFU takes, key 51 one that POLY 1 and 2 take in software
         ref = _reference_lse2(q, k, 1 / math.sqrt(D))
         for variant in VARIANTS:
             got = row_lse2(q, k, variant, block_r, block_n, warps=4, stages=1,
@@ -246,7 +297,13 @@ def gpu(out_dir):
     """The variants at full causal 32/8 (fp16, D 128) 16k, 8k and 4k, each at the product's row tiles (128 rows,
     64 keys, 4 warps, 3 stages) and 128 × 128 at 8 warps, against the replica at the product's tiles, SDPA's forward
     and the product's two passes (with and without the lse given: the difference is its row pass), all timed in
-    one run. row_pass.json in out_dir, rewritten after each row."""
+    one run. row_pass.json in out_dir, rewritten after each row. ROW_PASS_VARIANTS (comma-separated names) and
+    ROW_PASS_TILES ("128x64x4x3,…") narrow the run."""
+    variants = os.environ.get("ROW_PASS_VARIANTS", ",".join(VARIANTS)).split(",")
+    unknown = set(variants) - set(VARIANTS)
+    assert not unknown, f"ROW_PASS_VARIANTS: unknown {sorted(unknown)}; known: {list(VARIANTS)}"
+    tile_list = [tuple(int(x) for x in t.split("x")) for t in
+                 os.environ.get("ROW_PASS_TILES", "128x64x4x3,128x128x8x2,128x64x8x3").split(",")]
     bk = _bench_kernels()
     from colreduce_kvprune.kernels import colreduce as kmod
     flush = bk._flush_buffer()
@@ -266,8 +323,8 @@ def gpu(out_dir):
                              q, k, v, is_causal=True, enable_gqa=True))):
             record(dict(shape=shape, name=name), fn)
         ref = row_lse2(q, k, "replica")
-        for tiles in ((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3)):
-            for variant in VARIANTS:
+        for tiles in tile_list:
+            for variant in variants:
                 record(dict(shape=shape, name=variant, tiles=tiles), lambda: row_lse2(q, k, variant, *tiles),
                        lambda got: {"max_abs_diff_vs_replica": (got - ref).abs().max().item()})
         del q, k, v, lse, ref
