@@ -4,7 +4,8 @@ q·kᵀ issued before the current block's exp2, against a replica of the product
 The product's `_long_column_kernel` takes ~2.2 ms at full causal 32/8, N = 16k on the H200 (the lse given), against
 a floor of ~1.7 ms per pass; each query block's exp2 waits for its dot. LOOKAHEAD carries the dot's result to the
 next iteration, so an asynchronous wgmma can run under the previous block's exp2 (the row pass's version of this is
-in benchmarks/row_pass.py).
+in benchmarks/row_pass.py). POLY: half of the exp2 in software on the FMA pipe (row_pass.py's _poly_exp2, every
+second column), as the row pass's POLY 2.
 
 Scope: dense (B, H, M, D) inputs, causal (bottom-right), reduction "sum" with the group mean, the lse given (log2
 units, +inf for a row that sees no key), D a power of two, HS programs per kv head and key tile each over G / HS of
@@ -26,7 +27,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prune_path import _bench_kernels  # noqa: E402 (benchmarks/kernels.py loaded once, as prune_path loads it)
-from row_pass import LOG2E, _reference_lse2  # noqa: E402
+from row_pass import LOG2E, _poly_exp2, _reference_lse2  # noqa: E402
 
 
 @triton.jit
@@ -38,11 +39,19 @@ def _scores(kt, Q_head, ms, sqm, M, d, PRECISION: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc + exp2(s·scale − lse) of the query rows [ms, ms + BLOCK_M) (absent rows: lse +inf, so 0)."""
+def _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+         POLY: tl.constexpr = False, BLOCK_N: tl.constexpr = 16):
+    """acc + exp2(s·scale − lse) of the query rows [ms, ms + BLOCK_M) (absent rows: lse +inf, so 0). POLY: acc is
+    (BLOCK_M, BLOCK_N // 2, 2), the column pairs, the second of each pair's exp2 in software."""
     m = ms + tl.arange(0, BLOCK_M)
     lse2 = tl.load(LSE_head + m, mask=m < M, other=float("inf"))
-    p = tl.exp2(s * qk_scale - lse2[:, None])
+    x = s * qk_scale - lse2[:, None]
+    if POLY:
+        if MASKED:
+            x = tl.where(n[None, :] <= m[:, None] + shift, x, float("-inf"))
+        a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
+        return acc + tl.join(tl.exp2(a), _poly_exp2(b))
+    p = tl.exp2(x)
     if MASKED:
         p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
     return acc + p
@@ -51,7 +60,7 @@ def _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, MASKED: tl.constexpr, BLOC
 @triton.jit
 def _column_kernel(Q, K, LSE2, Out, sqb, sqh, sqm, skb, skh, skn, slb, slh, sob, soh, M, N, qk_scale,
                    G: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, LOOKAHEAD: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, LOOKAHEAD: tl.constexpr, PRECISION: tl.constexpr, POLY: tl.constexpr):
     t = tl.program_id(0)
     hk = tl.program_id(1) // HS
     hs = tl.program_id(1) % HS
@@ -64,31 +73,34 @@ def _column_kernel(Q, K, LSE2, Out, sqb, sqh, sqm, skb, skh, skn, slb, slh, sob,
     m_lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
     n_last = tl.minimum(n0 + BLOCK_N, N) - 1
     m_full = m_lo + tl.cdiv(tl.maximum(n_last - shift - m_lo, 0), BLOCK_M) * BLOCK_M   # blocks that see it whole
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if POLY:
+        acc = tl.zeros([BLOCK_M, BLOCK_N // 2, 2], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for gg in range(G // HS):
         h = hk * G + hs * (G // HS) + gg
         Q_head = Q + b * sqb + h * sqh
         LSE_head = LSE2 + b * slb + h * slh
         for ms in range(m_lo, m_full, BLOCK_M):          # the diagonal: causal mask
             s = _scores(kt, Q_head, ms, sqm, M, d, PRECISION, BLOCK_M)
-            acc = _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, True, BLOCK_M)
+            acc = _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, True, BLOCK_M, POLY, BLOCK_N)
         if LOOKAHEAD:
             if m_full < M:
                 s = _scores(kt, Q_head, m_full, sqm, M, d, PRECISION, BLOCK_M)
                 for ms in range(m_full + BLOCK_M, M, BLOCK_M):
                     s_next = _scores(kt, Q_head, ms, sqm, M, d, PRECISION, BLOCK_M)
-                    acc = _add(acc, s, LSE_head, ms - BLOCK_M, n, shift, M, qk_scale, False, BLOCK_M)
+                    acc = _add(acc, s, LSE_head, ms - BLOCK_M, n, shift, M, qk_scale, False, BLOCK_M, POLY, BLOCK_N)
                     s = s_next
                 acc = _add(acc, s, LSE_head, m_full + (M - 1 - m_full) // BLOCK_M * BLOCK_M, n, shift, M, qk_scale,
-                           False, BLOCK_M)
+                           False, BLOCK_M, POLY, BLOCK_N)
         else:
             for ms in range(m_full, M, BLOCK_M):
                 s = _scores(kt, Q_head, ms, sqm, M, d, PRECISION, BLOCK_M)
-                acc = _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, False, BLOCK_M)
-    tl.store(Out + b * sob + (hk * HS + hs) * soh + n, tl.sum(acc, 0) / G, mask=n < N)
+                acc = _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, False, BLOCK_M, POLY, BLOCK_N)
+    tl.store(Out + b * sob + (hk * HS + hs) * soh + n, tl.reshape(tl.sum(acc, 0), [BLOCK_N]) / G, mask=n < N)
 
 
-VARIANTS = {"replica": False, "lookahead": True}     # name → LOOKAHEAD
+VARIANTS = {"replica": (False, False), "lookahead": (True, False), "poly_half": (False, True)}  # → LOOKAHEAD, POLY
 
 
 def column_mean(q, k, lse2, variant="replica", hs=1, block_m=64, block_n=128, warps=4, stages=2, scale=None):
@@ -102,8 +114,9 @@ def column_mean(q, k, lse2, variant="replica", hs=1, block_m=64, block_n=128, wa
     part = torch.full((B, Hkv * hs, N), float("nan"), dtype=torch.float32, device=q.device)
     _column_kernel[(triton.cdiv(N, block_n), Hkv * hs, B)](
         q, k, lse2, part, *q.stride()[:3], *k.stride()[:3], *lse2.stride()[:2], *part.stride()[:2], M, N,
-        scale * LOG2E, G=G, HS=hs, D=D, BLOCK_M=block_m, BLOCK_N=block_n, LOOKAHEAD=VARIANTS[variant],
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+        scale * LOG2E, G=G, HS=hs, D=D, BLOCK_M=block_m, BLOCK_N=block_n, LOOKAHEAD=VARIANTS[variant][0],
+        POLY=VARIANTS[variant][1], PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
+        num_stages=stages)
     return part.view(B, Hkv, hs, N).sum(2)
 
 

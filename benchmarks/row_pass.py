@@ -25,9 +25,10 @@ before its exp2 costs their sum. The goal needs the row pass at ≤ 1.8 ms. Vari
 - POLY (with FIXED): part of each tile's exp2 on the FMA pipe instead of the MUFU (FA4's software exp2): 2^x =
   2^⌊x⌋ (an add into the float's exponent field) × p(x − ⌊x⌋), p a degree-5 polynomial (relative error 1.6e-7 in
   float32, about the MUFU ex2.approx's 2 ulp), x clamped to [-127, 128] so that x ≥ 128 still gives +inf (the
-  fallback's signal), -inf (masked) gives 0 and what underflows stays below 2^-118 of the row's sum. POLY = 2: half of the columns
-  (tl.split of column pairs), 1: a quarter. The MUFU does 16 exp2 per clock per SM, the FMA pipe 128 FP32 ops:
-  at ~10 ops per software exp2 the two pipes balance near a third on the FMA pipe, if nothing else fills it.
+  fallback's signal), -inf (masked) gives 0 and what underflows stays below 2^-118 of the row's sum. POLY = 2:
+  half of the columns (tl.split of column pairs), 1: a quarter. The MUFU does 16 exp2 per clock per SM, the FMA
+  pipe 128 FP32 ops: at ~10 ops per software exp2 the two pipes balance near a third on the FMA pipe, if nothing
+  else fills it.
 
 Scope: dense (B, H, M, D) inputs, causal (bottom-right), one split of the keys, D a power of two. Output: the row
 log-sum-exp in log2 units, (B, Hq, M), +inf for a row that sees no key (as the product's row pass). Not in the
@@ -249,8 +250,8 @@ def row_lse2(q, k, variant="replica", block_r=128, block_n=64, warps=4, stages=3
     _row_lse_kernel[(triton.cdiv(M, block_r), Hq, B)](
         q, k, out, *q.stride()[:3], *k.stride()[:3], *out.stride()[:2], M, N, scale * LOG2E,
         G=Hq // Hkv, D=D, BLOCK_R=block_r, BLOCK_N=block_n, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-        REVERSE=reverse, FIXED=fixed, POLY=poly, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
-        num_stages=stages)
+        REVERSE=reverse, FIXED=fixed, POLY=poly, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages)
     return out
 
 
