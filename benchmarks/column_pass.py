@@ -46,15 +46,17 @@ def _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, MASKED: tl.constexpr, BLOC
     m = ms + tl.arange(0, BLOCK_M)
     lse2 = tl.load(LSE_head + m, mask=m < M, other=float("inf"))
     x = s * qk_scale - lse2[:, None]
-    if POLY:
+    if POLY:                                             # (no early return: Triton compiles none in a branch)
         if MASKED:
             x = tl.where(n[None, :] <= m[:, None] + shift, x, float("-inf"))
         a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-        return acc + tl.join(tl.exp2(a), _poly_exp2(b))
-    p = tl.exp2(x)
-    if MASKED:
-        p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
-    return acc + p
+        acc = acc + tl.join(tl.exp2(a), _poly_exp2(b))
+    else:
+        p = tl.exp2(x)
+        if MASKED:
+            p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
+        acc = acc + p
+    return acc
 
 
 @triton.jit
