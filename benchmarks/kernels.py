@@ -562,19 +562,27 @@ def _ours_fn(sh, case, variant, with_lse=False, lse=None):
 
 def _candidate_fns(sh, case, sms):
     """Configs that are not the default, timed beside ours (name → call; GPU time comparable, host time not: they
-    go through the kernel's own entry with a config). For packed and paged shapes, the persistent window pass at 8
-    programs per SM (runs of consecutive key tiles; _persistent_config), which _fit_config does not pick for them:
-    the H200's sweep of the eighteenth session put it 1–3% faster at three ragged shapes and 10% slower at 4 paged
-    prompts of 8k–32k, so it stays a candidate. (The 64-row row tiles at full causal 4k, the other candidate of
-    the seventeenth session, became the default for 4096 ≤ M < 8192 in that sweep.)"""
+    go through the kernel's own entry with a config; each call's config is its `.config`).
+    - ours_persistent, packed and paged shapes: the persistent window pass at 8 programs per SM (runs of consecutive
+      key tiles; _persistent_config), which _fit_config does not pick for them: the H200's sweep of the eighteenth
+      session put it 1–3% faster at three ragged shapes and 10% slower at 4 paged prompts of 8k–32k.
+    - ours_row64, full causal 8192 ≤ M < 16384: the row pass on 64-row tiles (4 warps, 3 stages) instead of 128.
+      With the fixed-offset row pass (nineteenth session) row_pass.py timed them at 8k 0.592 vs 0.631 ms, at 16k
+      the same; the product's two passes have not been timed with them. (4096 ≤ M < 8192 has them already.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
+    fns = {}
     if sh["mode"] == "dense":
-        return {}
+        base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, sh["B"] * sh["Hkv"], sms, D)
+        if not base["WINDOW"] and 8192 <= M < 16384 and base["BLOCK_R"] == 128:
+            cfg = dict(base, BLOCK_R=64, warps1=4, stages1=3)
+            fns["ours_row64"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True,
+                                                              scale=D ** -0.5, group_reduce="mean", config=cfg)
+            fns["ours_row64"].config = cfg
+        return fns
     B = len(sh["lens"])
     base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, True)
     kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
-    fns = {}
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None
     if cfg is None:
         return fns
@@ -586,6 +594,7 @@ def _candidate_fns(sh, case, sms):
         fns["ours_persistent"] = lambda: kmod.colreduce_triton(case["q"], case["cache"], "sum",
                                                                block_table=case["table"], seqlens_k=case["seqlens"],
                                                                **kw)
+    fns["ours_persistent"].config = cfg
     return fns
 
 
@@ -934,7 +943,7 @@ def serving_markdown(result):
     cand = [(r, key) for r in done for key in r.get("candidates", {}) if r.get(key)]
     if cand:                                  # candidate defaults (_candidate_fns), not ours yet
         lines += ["", "Candidate defaults (ours_persistent: the persistent window pass at 8 programs per SM for "
-                  "packed/paged batches), gpu ms against ours: "
+                  "packed/paged batches; ours_row64: 64-row row tiles at full causal 8k), gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
                               f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]

@@ -1,6 +1,7 @@
 """benchmarks/kernels.py's candidate defaults (_candidate_fns), which the serving sweep times beside ours: the
 persistent window pass on packed and paged keys against the float64 reference, so a candidate that a later session
-makes the default was exact when it was timed (interpreter on CPU, the GPU where there is one)."""
+makes the default was exact when it was timed (interpreter on CPU, the GPU where there is one); and the full causal
+64-row candidate's config (its shapes are beyond the interpreter)."""
 import os
 import sys
 
@@ -38,3 +39,21 @@ def test_ragged_persistent_candidate_matches_float64(mode):
         out = torch.cat([out[b, :, :n].T for b, n in enumerate(k_lens)])
     assert rel_err(out, ref) < TOL[torch.float32]
     assert kb._candidate_fns(dict(sh, M=4096, N=4096, mode="dense", lens=None), {}, 2) == {}
+
+
+def test_row64_candidate_config(monkeypatch):
+    """Full causal 8192 ≤ M < 16384: the candidate is the default config (as an H200 gets it) with the row pass on
+    64-row tiles at 4 warps and 3 stages, nothing else changed; not offered where the default already has them
+    (4k), at 16k, or for windows. (Not run here: 8k prompts are beyond the interpreter; the sweep records its
+    difference to the old launch path beside its time.)"""
+    kb = _kernels_bench()
+    import colreduce_kvprune.kernels.colreduce as kmod
+    monkeypatch.setattr(kmod, "_interpreting", lambda: False)
+    sh = dict(B=1, D=128, Hq=32, Hkv=8, mode="dense", lens=None)
+    fns = kb._candidate_fns(dict(sh, M=8192, N=8192), {}, 132)
+    assert list(fns) == ["ours_row64"]
+    default = kmod._fit_config(kmod._pick_config(8192, 128, 4, True), 8192, 8192, 4, 8, 132, 128)
+    assert default["BLOCK_R"] == 128
+    assert fns["ours_row64"].config == dict(default, BLOCK_R=64, warps1=4, stages1=3)
+    for m, n in ((4096, 4096), (16384, 16384), (64, 8192)):
+        assert kb._candidate_fns(dict(sh, M=m, N=n), {}, 132) == {}, (m, n)
