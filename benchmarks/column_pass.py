@@ -5,7 +5,7 @@ The product's `_long_column_kernel` takes ~2.2 ms at full causal 32/8, N = 16k o
 a floor of ~1.7 ms per pass; each query block's exp2 waits for its dot. LOOKAHEAD carries the dot's result to the
 next iteration, so an asynchronous wgmma can run under the previous block's exp2 (the row pass's version of this is
 in benchmarks/row_pass.py). POLY: half of the exp2 in software on the FMA pipe (row_pass.py's _poly_exp2, every
-second column), as the row pass's POLY 2.
+second column), as the row pass's POLY 2 (its _split_exp2_sum).
 
 Scope: dense (B, H, M, D) inputs, causal (bottom-right), reduction "sum" with the group mean, the lse given (log2
 units, +inf for a row that sees no key), D a power of two, HS programs per kv head and key tile each over G / HS of
@@ -27,7 +27,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prune_path import _bench_kernels  # noqa: E402 (benchmarks/kernels.py loaded once, as prune_path loads it)
-from row_pass import LOG2E, _poly_exp2, _reference_lse2  # noqa: E402
+from row_pass import LOG2E, _reference_lse2, _split_exp2_sum  # noqa: E402
 
 
 @triton.jit
@@ -49,8 +49,7 @@ def _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, MASKED: tl.constexpr, BLOC
     if POLY:                                             # (no early return: Triton compiles none in a branch)
         if MASKED:
             x = tl.where(n[None, :] <= m[:, None] + shift, x, float("-inf"))
-        a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-        acc = acc + tl.join(tl.exp2(a), _poly_exp2(b))
+        acc = _split_exp2_sum(acc, x, 2, BLOCK_M, BLOCK_N)
     else:
         p = tl.exp2(x)
         if MASKED:

@@ -571,17 +571,17 @@ def _candidate_fns(sh, case, sms):
       the same; the product's two passes have not been timed with them. (4096 ≤ M < 8192 has them already.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
+    ragged = sh["mode"] != "dense"
+    B = len(sh["lens"]) if ragged else sh["B"]
+    base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, ragged)
     fns = {}
-    if sh["mode"] == "dense":
-        base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, sh["B"] * sh["Hkv"], sms, D)
+    if not ragged:
         if not base["WINDOW"] and 8192 <= M < 16384 and base["BLOCK_R"] == 128:
             cfg = dict(base, BLOCK_R=64, warps1=4, stages1=3)
             fns["ours_row64"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True,
                                                               scale=D ** -0.5, group_reduce="mean", config=cfg)
             fns["ours_row64"].config = cfg
         return fns
-    B = len(sh["lens"])
-    base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, True)
     kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None
     if cfg is None:

@@ -221,17 +221,17 @@ def _row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, N, qk_
     tl.store(Out + b * sob + h * soh + m, lse2, mask=m < M)
 
 
-VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED[, POLY]); "replica" is the product's loop
-    "replica": (False, False, False, False, False),
-    "lookahead": (True, False, False, False, False),
-    "fused_scale": (False, True, False, False, False),
-    "lookahead+fused": (True, True, False, False, False),
-    "reverse": (False, False, False, True, False),
-    "lookahead+fused+reverse": (True, True, False, True, False),
-    "warp_specialize": (False, False, True, False, False),
-    "fixed_offset": (False, False, False, False, True),
-    "fixed_offset+lookahead": (True, False, False, False, True),
-    "fixed_offset+reverse": (False, False, False, True, True),
+VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED, POLY); "replica" is the product's loop
+    "replica": (False, False, False, False, False, 0),
+    "lookahead": (True, False, False, False, False, 0),
+    "fused_scale": (False, True, False, False, False, 0),
+    "lookahead+fused": (True, True, False, False, False, 0),
+    "reverse": (False, False, False, True, False, 0),
+    "lookahead+fused+reverse": (True, True, False, True, False, 0),
+    "warp_specialize": (False, False, True, False, False, 0),
+    "fixed_offset": (False, False, False, False, True, 0),
+    "fixed_offset+lookahead": (True, False, False, False, True, 0),
+    "fixed_offset+reverse": (False, False, False, True, True, 0),
     "fixed_offset+poly_half": (False, False, False, False, True, 2),
     "fixed_offset+poly_quarter": (False, False, False, False, True, 1),
 }
@@ -246,7 +246,7 @@ def row_lse2(q, k, variant="replica", block_r=128, block_n=64, warps=4, stages=3
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     assert scale > 0
     out = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device) if out is None else out
-    lookahead, fused, ws, reverse, fixed, poly = (VARIANTS[variant] + (0,))[:6]
+    lookahead, fused, ws, reverse, fixed, poly = VARIANTS[variant]
     _row_lse_kernel[(triton.cdiv(M, block_r), Hq, B)](
         q, k, out, *q.stride()[:3], *k.stride()[:3], *out.stride()[:2], M, N, scale * LOG2E,
         G=Hq // Hkv, D=D, BLOCK_R=block_r, BLOCK_N=block_n, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,

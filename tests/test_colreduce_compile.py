@@ -56,7 +56,6 @@ def _compile_all() -> list[dict]:
     """Compile each launch's row and column kernels for sm_90 (run with TRITON_INTERPRET unset)."""
     import colreduce_kvprune.kernels.colreduce as kmod
 
-    kmod._interpreting = lambda: False                 # the GPU's tiles, as _gpu_like_config in the launch tests
     elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     done = []
     for name, max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given in LAUNCHES:
@@ -87,7 +86,7 @@ def _compile_experiments() -> list[dict]:
     fp16 = dict(Q="*fp16", K="*fp16", Out="*fp32", LSE2="*fp32", LSE="*fp32")
     done = []
     for variant, flags in row_pass.VARIANTS.items():
-        lookahead, fused, ws, reverse, fixed, poly = (flags + (0,))[:6]
+        lookahead, fused, ws, reverse, fixed, poly = flags
         if ws:
             continue        # warp_specialize: Triton 3.6 rejects it at 4 warps (a recorded result, not a defect)
         const = dict(G=4, D=128, BLOCK_R=128, BLOCK_N=64, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,

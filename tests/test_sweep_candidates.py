@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_colreduce import TOL, rel_err
+from test_colreduce_launch import _gpu_like_config
 from test_colreduce_paged import paged_case
 from test_colreduce_varlen import per_sequence_reference
 
@@ -52,7 +53,7 @@ def test_row64_candidate_config(monkeypatch):
     sh = dict(B=1, D=128, Hq=32, Hkv=8, mode="dense", lens=None)
     fns = kb._candidate_fns(dict(sh, M=8192, N=8192), {}, 132)
     assert list(fns) == ["ours_row64"]
-    default = kmod._fit_config(kmod._pick_config(8192, 128, 4, True), 8192, 8192, 4, 8, 132, 128)
+    default = _gpu_like_config(8192, 8192, 128, 4, 8)
     assert default["BLOCK_R"] == 128
     assert fns["ours_row64"].config == dict(default, BLOCK_R=64, warps1=4, stages1=3)
     for m, n in ((4096, 4096), (16384, 16384), (64, 8192)):
