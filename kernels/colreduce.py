@@ -117,6 +117,14 @@ def _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk
 
 
 @triton.jit
+def _running_max_step(m_i, l_i, s):
+    """One key tile of the running-max row statistics: (max, sum of exp2(s − max)) of the rows so far and tile s."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)     # rows that have seen nothing yet (masked tiles)
+    return m_new, l_i * tl.exp2(m_i - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
+
+
+@triton.jit
 def _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi, qk_scale, d,
                       D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
                       IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -127,16 +135,11 @@ def _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, 
     for n0 in range(lo, full_end, BLOCK_N):           # tiles every row sees whole: no masks
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
                         DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = _running_max_step(m_i, l_i, s)
     for n0 in range(full_end, hi, BLOCK_N):           # the diagonal and the ragged end
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
                         DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)     # rows that have seen nothing yet
-        l_i = l_i * tl.exp2(m_i - m_sub) + tl.sum(tl.exp2(s - m_sub[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = _running_max_step(m_i, l_i, s)
     return m_i, l_i
 
 
