@@ -29,6 +29,11 @@ before its exp2 costs their sum. The goal needs the row pass at ≤ 1.8 ms. Vari
   half of the columns (tl.split of column pairs), 1: a quarter. The MUFU does 16 exp2 per clock per SM, the FMA
   pipe 128 FP32 ops: at ~10 ops per software exp2 the two pipes balance near a third on the FMA pipe, if nothing
   else fills it.
+- PAIR (with FIXED): each program's row block as two halves of BLOCK_R / 2 rows that share each key tile's load,
+  with both halves' q·kᵀ issued before either half's exp2 — so that the second half's asynchronous wgmma can run
+  while the first half's exp2 does (FA3's ping-pong of two tiles, within one warpgroup and without warp
+  specialisation). Same registers as one BLOCK_R tile; whether Triton waits for both dots before the first exp2
+  shows in the PTX (wgmma.wait_group 1 between them) and in the timing.
 
 Scope: dense (B, H, M, D) inputs, causal (bottom-right), one split of the keys, D a power of two. Output: the row
 log-sum-exp in log2 units, (B, Hq, M), +inf for a row that sees no key (as the product's row pass). Not in the
@@ -189,51 +194,115 @@ def _fixed_offset_sums(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, L
 
 
 @triton.jit
+def _pair_scores(q, kt, n, m, shift, N, qk_scale, c, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """s·scale − c of one half's rows against a loaded key tile (masked: -inf where a row does not see key n)."""
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - c[:, None]
+    if MASKED:
+        s = tl.where((n[None, :] < N) & (n[None, :] <= m[:, None] + shift), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fixed_offset_pair(qa, qb, K_head, ma, mb, shift, N, skn, qk_scale, d, full_end, hi, PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """_fixed_offset_sums for two halves of a row block at once (PAIR): each key tile loaded once, both halves'
+    dots before either half's exp2. Returns (ca, la, cb, lb)."""
+    n = tl.arange(0, BLOCK_N)
+    kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=n[None, :] < N, other=0.0)
+    sa = _pair_scores(qa, kt, n, ma, shift, N, qk_scale, ma * 0.0, True, PRECISION)
+    sb = _pair_scores(qb, kt, n, mb, shift, N, qk_scale, mb * 0.0, True, PRECISION)
+    fa = tl.max(sa, 1)
+    fb = tl.max(sb, 1)
+    ca = tl.where(fa == float("-inf"), 0.0, fa) + 8.0
+    cb = tl.where(fb == float("-inf"), 0.0, fb) + 8.0
+    acca = tl.exp2(sa - ca[:, None])
+    accb = tl.exp2(sb - cb[:, None])
+    for n0 in range(BLOCK_N, full_end, BLOCK_N):          # tiles both halves see whole
+        n = n0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(K_head + n[None, :] * skn + d[:, None])
+        sa = _pair_scores(qa, kt, n, ma, shift, N, qk_scale, ca, False, PRECISION)
+        sb = _pair_scores(qb, kt, n, mb, shift, N, qk_scale, cb, False, PRECISION)
+        acca += tl.exp2(sa)
+        accb += tl.exp2(sb)
+    for n0 in range(tl.maximum(full_end, BLOCK_N), hi, BLOCK_N):      # the diagonal and the ragged end
+        n = n0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(K_head + n[None, :] * skn + d[:, None], mask=n[None, :] < N, other=0.0)
+        sa = _pair_scores(qa, kt, n, ma, shift, N, qk_scale, ca, True, PRECISION)
+        sb = _pair_scores(qb, kt, n, mb, shift, N, qk_scale, cb, True, PRECISION)
+        acca += tl.exp2(sa)
+        accb += tl.exp2(sb)
+    return ca, tl.sum(acca, 1), cb, tl.sum(accb, 1)
+
+
+@triton.jit
+def _fixed_lse2_store(c, l_i, q, K_head, Out_row, m, shift, M, N, skn, qk_scale, d, full_end, hi,
+                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stores c + log2(l) (+inf where l is 0) for the rows m, or their running-max lse where a term overflowed."""
+    lse2 = tl.where(l_i == 0, float("inf"), c + tl.log2(l_i))
+    if tl.max(l_i, 0) == float("inf"):              # a term overflowed: this block again with a running max
+        lse2 = _online_lse2(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, False, False, False,
+                            PRECISION, BLOCK_R, BLOCK_N)
+    tl.store(Out_row + m, lse2, mask=m < M)
+
+
+@triton.jit
 def _row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, N, qk_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                     LOOKAHEAD: tl.constexpr, FUSED_SCALE: tl.constexpr, WS: tl.constexpr, REVERSE: tl.constexpr,
-                    FIXED: tl.constexpr, PRECISION: tl.constexpr, POLY: tl.constexpr = 0):
+                    FIXED: tl.constexpr, PRECISION: tl.constexpr, POLY: tl.constexpr = 0, PAIR: tl.constexpr = False):
     if REVERSE:
         rb = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         rb = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    m = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqm + d[None, :], mask=m[:, None] < M, other=0.0)
     K_head = K + b * skb + (h // G) * skh
     shift = N - M                                        # query m sees key j iff j <= m + shift
     r_last = tl.minimum(rb * BLOCK_R + BLOCK_R, M) - 1
     hi = tl.minimum(N, r_last + shift + 1)
     full_hi = tl.minimum(hi, rb * BLOCK_R + shift + 1)
     full_end = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    if PAIR:
+        ma = rb * BLOCK_R + tl.arange(0, BLOCK_R // 2)
+        mb = ma + BLOCK_R // 2
+        qa = tl.load(Q + b * sqb + h * sqh + ma[:, None] * sqm + d[None, :], mask=ma[:, None] < M, other=0.0)
+        qb = tl.load(Q + b * sqb + h * sqh + mb[:, None] * sqm + d[None, :], mask=mb[:, None] < M, other=0.0)
+        ca, la, cb, lb = _fixed_offset_pair(qa, qb, K_head, ma, mb, shift, N, skn, qk_scale, d, full_end, hi,
+                                            PRECISION, BLOCK_N)
+        Out_row = Out + b * sob + h * soh
+        _fixed_lse2_store(ca, la, qa, K_head, Out_row, ma, shift, M, N, skn, qk_scale, d, full_end, hi, PRECISION,
+                          BLOCK_R // 2, BLOCK_N)
+        _fixed_lse2_store(cb, lb, qb, K_head, Out_row, mb, shift, M, N, skn, qk_scale, d, full_end, hi, PRECISION,
+                          BLOCK_R // 2, BLOCK_N)
+        return
+    m = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqm + d[None, :], mask=m[:, None] < M, other=0.0)
     if FIXED:
         c, l_i = _fixed_offset_sums(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, LOOKAHEAD, PRECISION,
                                     BLOCK_N, POLY, BLOCK_R)
-        lse2 = tl.where(l_i == 0, float("inf"), c + tl.log2(l_i))
-        if tl.max(l_i, 0) == float("inf"):              # a term overflowed: this block again with a running max
-            lse2 = _online_lse2(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, False, False, False,
-                                PRECISION, BLOCK_R, BLOCK_N)
+        _fixed_lse2_store(c, l_i, q, K_head, Out + b * sob + h * soh, m, shift, M, N, skn, qk_scale, d, full_end, hi,
+                          PRECISION, BLOCK_R, BLOCK_N)
     else:
         lse2 = _online_lse2(q, K_head, m, shift, N, skn, qk_scale, d, full_end, hi, LOOKAHEAD, FUSED_SCALE, WS,
                             PRECISION, BLOCK_R, BLOCK_N)
-    tl.store(Out + b * sob + h * soh + m, lse2, mask=m < M)
+        tl.store(Out + b * sob + h * soh + m, lse2, mask=m < M)
 
 
-VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED, POLY); "replica" is the product's loop
-    "replica": (False, False, False, False, False, 0),
-    "lookahead": (True, False, False, False, False, 0),
-    "fused_scale": (False, True, False, False, False, 0),
-    "lookahead+fused": (True, True, False, False, False, 0),
-    "reverse": (False, False, False, True, False, 0),
-    "lookahead+fused+reverse": (True, True, False, True, False, 0),
-    "warp_specialize": (False, False, True, False, False, 0),
-    "fixed_offset": (False, False, False, False, True, 0),
-    "fixed_offset+lookahead": (True, False, False, False, True, 0),
-    "fixed_offset+reverse": (False, False, False, True, True, 0),
-    "fixed_offset+poly_half": (False, False, False, False, True, 2),
-    "fixed_offset+poly_quarter": (False, False, False, False, True, 1),
+VARIANTS = {         # name → (LOOKAHEAD, FUSED_SCALE, WS, REVERSE, FIXED, POLY, PAIR); "replica": the product's old loop
+    "replica": (False, False, False, False, False, 0, False),
+    "lookahead": (True, False, False, False, False, 0, False),
+    "fused_scale": (False, True, False, False, False, 0, False),
+    "lookahead+fused": (True, True, False, False, False, 0, False),
+    "reverse": (False, False, False, True, False, 0, False),
+    "lookahead+fused+reverse": (True, True, False, True, False, 0, False),
+    "warp_specialize": (False, False, True, False, False, 0, False),
+    "fixed_offset": (False, False, False, False, True, 0, False),
+    "fixed_offset+lookahead": (True, False, False, False, True, 0, False),
+    "fixed_offset+reverse": (False, False, False, True, True, 0, False),
+    "fixed_offset+poly_half": (False, False, False, False, True, 2, False),
+    "fixed_offset+poly_quarter": (False, False, False, False, True, 1, False),
+    "fixed_offset+pair": (False, False, False, False, True, 0, True),
 }
 
 
@@ -246,11 +315,11 @@ def row_lse2(q, k, variant="replica", block_r=128, block_n=64, warps=4, stages=3
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     assert scale > 0
     out = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device) if out is None else out
-    lookahead, fused, ws, reverse, fixed, poly = VARIANTS[variant]
+    lookahead, fused, ws, reverse, fixed, poly, pair = VARIANTS[variant]
     _row_lse_kernel[(triton.cdiv(M, block_r), Hq, B)](
         q, k, out, *q.stride()[:3], *k.stride()[:3], *out.stride()[:2], M, N, scale * LOG2E,
         G=Hq // Hkv, D=D, BLOCK_R=block_r, BLOCK_N=block_n, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-        REVERSE=reverse, FIXED=fixed, POLY=poly, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        REVERSE=reverse, FIXED=fixed, POLY=poly, PAIR=pair, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages)
     return out
 
@@ -283,7 +352,8 @@ def check(device="cpu"):
             k[:, :, N - 80, 0] = 30.0   # exp2 the MUFU takes, key 51 one that POLY 1 and 2 take in software
         ref = _reference_lse2(q, k, 1 / math.sqrt(D))
         for variant in VARIANTS:
-            got = row_lse2(q, k, variant, block_r, block_n, warps=4, stages=1,
+            rows = 2 * block_r if VARIANTS[variant][6] else block_r     # PAIR: halves of ≥ 16 rows (tl.dot)
+            got = row_lse2(q, k, variant, rows, block_n, warps=4, stages=1,
                            out=torch.full((B, Hq, M), float("nan"), device=device))
             assert not got.isnan().any(), (variant, "a row was not written")
             assert torch.equal(torch.isinf(got), torch.isinf(ref)), (variant, "rows that see no key")

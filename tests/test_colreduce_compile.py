@@ -86,11 +86,11 @@ def _compile_experiments() -> list[dict]:
     fp16 = dict(Q="*fp16", K="*fp16", Out="*fp32", LSE2="*fp32", LSE="*fp32")
     done = []
     for variant, flags in row_pass.VARIANTS.items():
-        lookahead, fused, ws, reverse, fixed, poly = flags
+        lookahead, fused, ws, reverse, fixed, poly, pair = flags
         if ws:
             continue        # warp_specialize: Triton 3.6 rejects it at 4 warps (a recorded result, not a defect)
         const = dict(G=4, D=128, BLOCK_R=128, BLOCK_N=64, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-                     REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly)
+                     REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly, PAIR=pair)
         _compile_sm90(row_pass._row_lse_kernel, const, fp16, 4, 3)
         done.append(dict(experiment="row_pass", variant=variant))
     for variant, (lookahead, poly) in column_pass.VARIANTS.items():
