@@ -23,9 +23,15 @@ REPO=$PWD
 kernel_tests() {    # $1: seconds; rc 124 = cut by the limit (the log's progress shows how far it got)
     XDIST=""
     python3 -c "import xdist" 2>/dev/null && XDIST="-n 12"
-    timeout "$1" python3 -m pytest "$REPO"/tests/test_colreduce*.py -q -p no:cacheprovider $XDIST \
-        > "$OUT/pytest.log" 2>&1
-    echo "== kernel tests on the GPU (rc $?): $(tail -1 "$OUT/pytest.log")"
+    # In a process group of their own, killed whole at the limit: a plain `timeout` stops pytest but not
+    # necessarily its xdist workers, which would then load the host while the sweep times host µs.
+    setsid python3 -m pytest "$REPO"/tests/test_colreduce*.py -q -p no:cacheprovider $XDIST \
+        > "$OUT/pytest.log" 2>&1 &
+    local pid=$! waited=0 rc
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$1" ]; do sleep 1; waited=$((waited + 1)); done
+    if kill -0 "$pid" 2>/dev/null; then rc=124; else wait "$pid"; rc=$?; fi
+    kill -KILL -- "-$pid" 2>/dev/null
+    echo "== kernel tests on the GPU (rc $rc): $(tail -1 "$OUT/pytest.log")"
     grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 }
 
