@@ -364,6 +364,35 @@ def check(device="cpu"):
     print(f"row pass variants match float64 (largest error of the log2 lse, relative to max(1, |lse|): {worst:.1e})")
 
 
+def full_causal_runs(out_dir, name, extra=()):
+    """Yields (q, k, shape, record) at full causal 32/8 fp16 D 128 for N = 16k, 8k and 4k, after timing there the
+    baselines of a row-pass experiment: the product's two passes, its column pass with the lse given (the
+    difference is its row pass), SDPA's forward, and `extra` ((name, fn(q, k)), …). record (experiment_rows) writes
+    out_dir/name after each row."""
+    bk = _bench_kernels()
+    from colreduce_kvprune.kernels import colreduce as kmod
+    record = bk.experiment_rows(out_dir, name, bk._flush_buffer())
+    for N in (16384, 8192, 4096):
+        B, Hq, Hkv, D = 1, 32, 8, 128
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, N, D, device="cuda", dtype=torch.float16)
+        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        shape = f"full {Hq}/{Hkv} N={N} fp16"
+        kw = dict(is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean")
+        lse = bk.row_lse(q, k, 1 / math.sqrt(D), True)
+        for label, fn in (("product both passes", lambda: kmod.colreduce_triton(q, k, "sum", **kw)),
+                          ("product column pass (lse given)",
+                           lambda: kmod.colreduce_triton(q, k, "sum", lse=lse, **kw)),
+                          ("SDPA forward", lambda: torch.nn.functional.scaled_dot_product_attention(
+                              q, k, v, is_causal=True, enable_gqa=True)),
+                          *((label, lambda fn=fn: fn(q, k)) for label, fn in extra)):
+            record(dict(shape=shape, name=label), fn)
+        yield q, k, shape, record
+        del q, k, v, lse
+        torch.cuda.empty_cache()
+
+
 def gpu(out_dir):
     """The variants at full causal 32/8 (fp16, D 128) 16k, 8k and 4k, each at the product's row tiles (128 rows,
     64 keys, 4 warps, 3 stages) and 128 × 128 at 8 warps, against the replica at the product's tiles, SDPA's forward
@@ -375,31 +404,12 @@ def gpu(out_dir):
     assert not unknown, f"ROW_PASS_VARIANTS: unknown {sorted(unknown)}; known: {list(VARIANTS)}"
     tile_list = [tuple(int(x) for x in t.split("x")) for t in
                  os.environ.get("ROW_PASS_TILES", "128x64x4x3,128x128x8x2,128x64x8x3").split(",")]
-    bk = _bench_kernels()
-    from colreduce_kvprune.kernels import colreduce as kmod
-    flush = bk._flush_buffer()
-    record = bk.experiment_rows(out_dir, "row_pass.json", flush)
-    for N in (16384, 8192, 4096):
-        B, Hq, Hkv, D = 1, 32, 8, 128
-        torch.manual_seed(0)
-        q = torch.randn(B, Hq, N, D, device="cuda", dtype=torch.float16)
-        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
-        v = torch.randn_like(k)
-        shape = f"full {Hq}/{Hkv} N={N} fp16"
-        kw = dict(is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean")
-        lse = bk.row_lse(q, k, 1 / math.sqrt(D), True)
-        for name, fn in (("product both passes", lambda: kmod.colreduce_triton(q, k, "sum", **kw)),
-                         ("product column pass (lse given)", lambda: kmod.colreduce_triton(q, k, "sum", lse=lse, **kw)),
-                         ("SDPA forward", lambda: torch.nn.functional.scaled_dot_product_attention(
-                             q, k, v, is_causal=True, enable_gqa=True))):
-            record(dict(shape=shape, name=name), fn)
+    for q, k, shape, record in full_causal_runs(out_dir, "row_pass.json"):
         ref = row_lse2(q, k, "replica")
         for tiles in tile_list:
             for variant in variants:
                 record(dict(shape=shape, name=variant, tiles=tiles), lambda: row_lse2(q, k, variant, *tiles),
                        lambda got: {"max_abs_diff_vs_replica": (got - ref).abs().max().item()})
-        del q, k, v, lse, ref
-        torch.cuda.empty_cache()
 
 
 def main(argv=None):
