@@ -13,15 +13,16 @@ wgmma instructions, the pending counts of their waits, and ex2 instructions. Ker
 - two controls: an attention-like loop (s = q·kᵀ, p = exp2(s), acc = p·v + acc) and a matmul loop (acc = a·b +
   acc), to see what Triton keeps in flight at all.
 
-Result with Triton 3.7.1 (vLLM 0.32's pin; twentieth session, benchmarks/results/h200_kernels/ptx_overlap_triton3.7.1_cpu.json):
-every wait in every kernel, ours and the controls, is wait_group 0. A dot that accumulates into a loop-carried
-accumulator is left in flight without a wait inside its loop (the matmul control has one wait, after its loop);
-any other dot is waited for completely before its result's first use. So within one warp group a tile's exp2
-always follows its own q·kᵀ and no other wgmma is in flight: lookahead and pair only reorder the issue, and the
-SASS (ptxas -v, nvdisasm) of the fixed offset shows per tile: WARPGROUP.ARRIVE, 16 HGMMA.64x64x16, WARPGROUP.DEPBAR,
-64 MUFU.EX2 per thread (168 registers). Overlap is left to other CTAs on the same SM.
+Result with Triton 3.7.1 (vLLM 0.32's pin) on the CPU and 3.6 on the H200, twentieth session (the same counts;
+benchmarks/results/h200_kernels/ptx_overlap_triton3.7.1_cpu.json, ptx_overlap_triton3.6_h200.json): every wait in
+every kernel, ours and the controls, is wait_group 0. A dot that accumulates into a loop-carried accumulator is left
+in flight without a wait inside its loop (the matmul control has one wait, after its loop); any other dot is waited
+for completely before its result's first use. So within one warp group a tile's exp2 always follows its own q·kᵀ
+and no other wgmma is in flight: lookahead and pair only reorder the issue, and the SASS (ptxas -v, nvdisasm) of
+the fixed offset shows per tile: WARPGROUP.ARRIVE, 16 HGMMA.64x64x16, WARPGROUP.DEPBAR, 64 MUFU.EX2 per thread (168
+registers). Overlap is left to other CTAs on the same SM. benchmarks/gluon_row_pass.py states the overlap by hand.
 
-    python benchmarks/ptx_overlap.py [--out DIR]     # ptx_overlap.json in DIR; ~1 min on 2 cores
+    python benchmarks/ptx_overlap.py [--out DIR]     # ptx_overlap.json in DIR; ~10 s on 2 cores
 """
 from __future__ import annotations
 
