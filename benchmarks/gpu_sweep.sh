@@ -14,8 +14,8 @@
 #   bash benchmarks/gpu_sweep.sh passes   # the full causal experiments (benchmarks/row_pass.py, column_pass.py):
 #                                         # their variants against float64 on the GPU (tests/test_experiments.py),
 #                                         # then timed (row_pass.json, column_pass.json; PASSES_LIMIT s each)
-#   bash benchmarks/gpu_sweep.sh gluon    # the Gluon row pass (benchmarks/gluon_row_pass.py): its float64 check on
-#                                         # the GPU, then timed beside row_pass.py's fixed offset and SDPA
+#   bash benchmarks/gpu_sweep.sh gluon    # the Gluon passes (benchmarks/gluon_row_pass.py, gluon_column_pass.py):
+#                                         # their float64 checks on the GPU, then timed beside the product and SDPA
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}")
@@ -97,13 +97,15 @@ elif [ "${1:-}" = passes ]; then
           timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/$exp.py" --out "$OUT"
           echo "== $exp done at ${SECONDS}s (rc $?)"
       done; } 2>&1 | tee "$OUT/gpu_sweep.log"
-elif [ "${1:-}" = gluon ]; then     # benchmarks/gluon_row_pass.py: against float64 on the GPU, then timed
+elif [ "${1:-}" = gluon ]; then     # benchmarks/gluon_{row,column}_pass.py: against float64 on the GPU, then timed
     { setup; cd /tmp || exit
       timeout 150 python3 -m pytest "$REPO"/tests/test_experiments.py -k gluon -q -p no:cacheprovider -rs \
           > "$OUT/pytest_gluon.log" 2>&1
-      echo "== the Gluon row pass against float64 on the GPU (rc $?): $(tail -1 "$OUT/pytest_gluon.log")"
-      timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/gluon_row_pass.py" --out "$OUT"
-      echo "== gluon_row_pass done at ${SECONDS}s (rc $?)"; } 2>&1 | tee "$OUT/gpu_sweep.log"
+      echo "== the Gluon passes against float64 on the GPU (rc $?): $(tail -1 "$OUT/pytest_gluon.log")"
+      for exp in gluon_row_pass gluon_column_pass; do
+          timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/$exp.py" --out "$OUT"
+          echo "== $exp done at ${SECONDS}s (rc $?)"
+      done; } 2>&1 | tee "$OUT/gpu_sweep.log"
 else
     main 2>&1 | tee "$OUT/gpu_sweep.log"
 fi
