@@ -60,14 +60,14 @@ def load_layout(num_warps):
 
 
 @gluon.jit
-def _copy_k_tile(k_smem, K_head, t, N, skn, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+def _copy_k_tile(k_smem, K_head, t, hi, skn, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                  LOAD: gl.constexpr):
-    """cp.async of key tile t (rows t·BLOCK_N …) into ring slot t % STAGES, rows ≥ N zero-filled; one commit group
-    per call, empty past the end, so that the group counts stay fixed."""
+    """cp.async of key tile t (rows t·BLOCK_N …) into ring slot t % STAGES, keys ≥ hi (seen by no row of the block)
+    zero-filled; one commit group per call, empty past the end, so that the group counts stay fixed."""
     n = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
     d = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
     cp.async_copy_global_to_shared(k_smem.index(t % STAGES), K_head + n[:, None] * skn + d[None, :],
-                                   mask=(n < N)[:, None])
+                                   mask=(n < hi)[:, None])
     cp.commit_group()
 
 
@@ -89,14 +89,14 @@ def _first_tile(s, rows, shift, N, qk_scale, BLOCK_N: gl.constexpr, MMA: gl.cons
 
 
 @gluon.jit
-def _issue(q_smem, k_smem, K_head, j, N, skn, zero, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+def _issue(q_smem, k_smem, K_head, j, hi, skn, zero, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
            LOAD: gl.constexpr):
     """Key tile j's wgmma, issued and not waited for, after its copy landed; the copy of tile j + STAGES − 2 goes
     into tile j − 2's slot (free: every warp group waited for wgmma j − 1, hence j − 2, before this barrier)."""
     cp.wait_group(STAGES - 3)
     fence_async_shared()
     _cta_barrier()
-    _copy_k_tile(k_smem, K_head, j + STAGES - 2, N, skn, STAGES, BLOCK_N, D, LOAD)
+    _copy_k_tile(k_smem, K_head, j + STAGES - 2, hi, skn, STAGES, BLOCK_N, D, LOAD)
     return warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), zero, use_acc=False, is_async=True)
 
 
@@ -133,11 +133,11 @@ def _gluon_row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, 
     n_full = gl.maximum(full_hi, 0) // BLOCK_N          # tiles every row of the block sees whole
 
     for t in gl.static_range(STAGES - 2):
-        _copy_k_tile(k_smem, K_head, t, N, skn, STAGES, BLOCK_N, D, LOAD)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue(q_smem, k_smem, K_head, 0, N, skn, zero, STAGES, BLOCK_N,
+        _copy_k_tile(k_smem, K_head, t, hi, skn, STAGES, BLOCK_N, D, LOAD)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue(q_smem, k_smem, K_head, 0, hi, skn, zero, STAGES, BLOCK_N,
                                                            D, LOAD), ))
     if n_tiles > 1:                                      # tile 0's offsets and exp2 while wgmma 1 runs
-        token = _issue(q_smem, k_smem, K_head, 1, N, skn, zero, STAGES, BLOCK_N, D, LOAD)
+        token = _issue(q_smem, k_smem, K_head, 1, hi, skn, zero, STAGES, BLOCK_N, D, LOAD)
         acc, c = _first_tile(s, rows, shift, N, qk_scale, BLOCK_N, MMA)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
     else:
@@ -145,11 +145,11 @@ def _gluon_row_lse_kernel(Q, K, Out, sqb, sqh, sqm, skb, skh, skn, sob, soh, M, 
     # From here each step issues wgmma j and, while it runs, takes the exp2 of tile j − 1. No branch between the
     # issue and the wait (ptxas waits early across one), so the unmasked and the masked tiles have loops of their own.
     for j in range(2, gl.minimum(n_full + 1, n_tiles)):          # tile j − 1 seen whole by every row
-        token = _issue(q_smem, k_smem, K_head, j, N, skn, zero, STAGES, BLOCK_N, D, LOAD)
+        token = _issue(q_smem, k_smem, K_head, j, hi, skn, zero, STAGES, BLOCK_N, D, LOAD)
         acc += gl.exp2(s * qk_scale - c[:, None])
         s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
     for j in range(gl.maximum(n_full + 1, 2), n_tiles):          # tile j − 1 on the diagonal or the ragged end
-        token = _issue(q_smem, k_smem, K_head, j, N, skn, zero, STAGES, BLOCK_N, D, LOAD)
+        token = _issue(q_smem, k_smem, K_head, j, hi, skn, zero, STAGES, BLOCK_N, D, LOAD)
         acc += gl.exp2(_masked(s, j - 1, rows, shift, N, qk_scale, BLOCK_N, MMA) - c[:, None])
         s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
     if n_tiles > 1:                                      # the last tile (tile 0 was taken above)
