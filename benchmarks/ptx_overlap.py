@@ -33,7 +33,6 @@ import os
 import re
 import sys
 
-import torch
 import triton
 import triton.language as tl
 
@@ -84,31 +83,12 @@ def main(argv=None) -> list[dict]:
     assert not os.environ.get("TRITON_INTERPRET"), "compiles for sm_90: run without TRITON_INTERPRET"
     import row_pass
     import test_colreduce_compile as tcc
-    import colreduce_kvprune.kernels.colreduce as kmod
 
-    rows = []
-    for name, max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given in tcc.LAUNCHES:
-        cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
-                                                          group, varlen, paged, page, getattr(torch, dtype), False,
-                                                          lse_given)
-        elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
-        pointers = dict(Q="*" + elem, K="*" + elem, BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32",
-                        M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32")
-        kernels = [(kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel, col_kw)]
-        if not lse_given:
-            kernels.insert(0, (kmod._row_stats_kernel, row_kw))
-        for fn, kw in kernels:
-            const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-            compiled = tcc._compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"])
-            rows.append(dict(kernel=f"product {fn.__name__}", launch=name, **_count(compiled.asm["ptx"])))
-    fp16 = dict(Q="*fp16", K="*fp16", Out="*fp32")
+    rows = [dict(kernel=f"product {fn.__name__}", launch=name, **_count(compiled.asm["ptx"]))
+            for name, fn, _, compiled in tcc.product_launches()]
     for variant in ("fixed_offset", "fixed_offset+lookahead", "fixed_offset+pair", "lookahead"):
-        lookahead, fused, ws, reverse, fixed, poly, pair = row_pass.VARIANTS[variant]
-        const = dict(G=4, D=128, BLOCK_R=128, BLOCK_N=64, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-                     REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly, PAIR=pair)
-        compiled = tcc._compile_sm90(row_pass._row_lse_kernel, const, fp16, 4, 3)
         rows.append(dict(kernel=f"row_pass.py {variant}", launch="128x64, 4 warps, 3 stages",
-                         **_count(compiled.asm["ptx"])))
+                         **_count(tcc.compile_row_pass_variant(row_pass, variant).asm["ptx"])))
     compiled = tcc._compile_sm90(_attention_like_kernel, dict(D=128, BLOCK_R=128, BLOCK_N=64),
                                  dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp32"), 4, 3)
     rows.append(dict(kernel="control: attention-like loop (acc = p·v + acc)", launch="128x64, 4 warps, 3 stages",

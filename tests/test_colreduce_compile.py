@@ -54,12 +54,12 @@ def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: i
     return compiled
 
 
-def _compile_all() -> list[dict]:
-    """Compile each launch's row and column kernels for sm_90 (run with TRITON_INTERPRET unset)."""
+def product_launches():
+    """(launch name, kernel, its launch keywords, compiled) for each launch's row and column kernels, compiled for
+    sm_90 (run with TRITON_INTERPRET unset); benchmarks/ptx_overlap.py reads their PTX."""
     import colreduce_kvprune.kernels.colreduce as kmod
 
     elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-    done = []
     for name, max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given in LAUNCHES:
         cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
                                                           group, varlen, paged, page, getattr(torch, dtype), False,
@@ -71,10 +71,23 @@ def _compile_all() -> list[dict]:
                         Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32")
         for fn, kw in kernels:
             const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-            compiled = _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"])
-            done.append(dict(launch=name, kernel=fn.__name__, cubin_bytes=len(compiled.asm["cubin"]),
-                             tiles={k: kw[k] for k in kw if k.startswith("BLOCK") or k.startswith("num_")}))
-    return done
+            yield name, fn, kw, _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"])
+
+
+def _compile_all() -> list[dict]:
+    """Compile each launch's row and column kernels for sm_90."""
+    return [dict(launch=name, kernel=fn.__name__, cubin_bytes=len(compiled.asm["cubin"]),
+                 tiles={k: kw[k] for k in kw if k.startswith("BLOCK") or k.startswith("num_")})
+            for name, fn, kw, compiled in product_launches()]
+
+
+def compile_row_pass_variant(row_pass, variant: str):
+    """benchmarks/row_pass.py's kernel for one variant at the product's row tiles (128 × 64, 4 warps, 3 stages),
+    fp16, D 128, GQA 4, compiled for sm_90."""
+    lookahead, fused, ws, reverse, fixed, poly, pair = row_pass.VARIANTS[variant]
+    const = dict(G=4, D=128, BLOCK_R=128, BLOCK_N=64, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
+                 REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly, PAIR=pair)
+    return _compile_sm90(row_pass._row_lse_kernel, const, dict(Q="*fp16", K="*fp16", Out="*fp32"), 4, 3)
 
 
 def _compile_experiments() -> list[dict]:
@@ -87,13 +100,10 @@ def _compile_experiments() -> list[dict]:
 
     fp16 = dict(Q="*fp16", K="*fp16", Out="*fp32", LSE2="*fp32", LSE="*fp32")
     done = []
-    for variant, flags in row_pass.VARIANTS.items():
-        lookahead, fused, ws, reverse, fixed, poly, pair = flags
-        if ws:
-            continue        # warp_specialize: Triton 3.6 rejects it at 4 warps (a recorded result, not a defect)
-        const = dict(G=4, D=128, BLOCK_R=128, BLOCK_N=64, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-                     REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly, PAIR=pair)
-        _compile_sm90(row_pass._row_lse_kernel, const, fp16, 4, 3)
+    for variant in row_pass.VARIANTS:
+        if variant == "warp_specialize":
+            continue        # Triton 3.6 rejects it at 4 warps (a recorded result, not a defect)
+        compile_row_pass_variant(row_pass, variant)
         done.append(dict(experiment="row_pass", variant=variant))
     for variant, (lookahead, poly) in column_pass.VARIANTS.items():
         const = dict(G=4, HS=2, D=128, BLOCK_M=64, BLOCK_N=128, LOOKAHEAD=lookahead, PRECISION="tf32", POLY=poly)
