@@ -65,6 +65,42 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The row pass reads its key tiles through a tensor descriptor (Hopper's TMA copies, tracked by mbarriers, instead
+# of per-thread loads) where that is possible: dense or varlen K (not paged) in row-major order with 16-byte aligned
+# base and strides, on a GPU of compute capability ≥ 9 (and under the interpreter, so CPU tests cover it). On the
+# H200 it took the fixed-offset row pass from 2.32 to 2.12 ms at full causal 32/8 16k (benchmarks/row_pass.py, the
+# twenty-first session). COLREDUCE_KVPRUNE_TMA=0 turns it off (the pointer loads of before).
+K_TMA = os.environ.get("COLREDUCE_KVPRUNE_TMA", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _k_tma(k: torch.Tensor, paged: bool, dev: int) -> bool:
+    """Whether the row pass can read k through a tensor descriptor (see K_TMA). dev: -1 under the interpreter."""
+    if not K_TMA or paged or (dev >= 0 and not _has_tma(dev)):
+        return False
+    st, es = k.stride(), k.element_size()
+    return (k.data_ptr() % 16 == 0 and st[-1] == 1 and all(x * es % 16 == 0 for x in st[:-1])
+            and all(st[i] >= st[i + 1] * k.shape[i + 1] for i in range(k.dim() - 1)))
+
+
+def _k_box(row_kw: dict, varlen: bool) -> list:
+    """The box (one key tile) of the row pass's descriptor of k: [BLOCK_N, 1, BLOCK_D] of varlen (total_k, Hkv, D),
+    [1, 1, BLOCK_N, BLOCK_D] of dense (B, Hkv, N, D)."""
+    if varlen:
+        return [row_kw["BLOCK_N"], 1, row_kw["BLOCK_D"]]
+    return [1, 1, row_kw["BLOCK_N"], row_kw["BLOCK_D"]]
+
+
+def _k_descriptor(k: torch.Tensor, box: list):
+    """The row pass's descriptor of k with this box (_k_box); TMA fills zeros past each dimension's end."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(k, list(k.shape), list(k.stride()), box)
+
+
 @triton.jit
 def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr):
     """(first query token, query count, first key token, key count) of sequence b.
@@ -96,14 +132,24 @@ def _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, 
 @triton.jit
 def _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+                IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, K_desc, hk,
+                K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Scaled scores (log2 units) of BLOCK_R rows against the key tile [n0, n0 + BLOCK_N); MASKED: -inf where a row
-    does not see a key (past hi, or causally after the row)."""
+    does not see a key (past hi, or causally after the row). K_TMA: the tile through the tensor descriptor K_desc
+    (_k_descriptor; not paged), which pads with zeros past the last key and past D; a varlen tile's keys past the
+    sequence's are the next sequence's, masked like every key ≥ hi."""
     n = n0 + tl.arange(0, BLOCK_N)
-    rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
-    if MASKED:
+    if K_TMA:
+        if IS_VARLEN:                                 # (total_k, Hkv, D), a box of [BLOCK_N, 1, BLOCK_D]
+            box = K_desc.load([k0 + n0, hk, 0])
+        else:                                         # (B, Hkv, N, D), a box of [1, 1, BLOCK_N, BLOCK_D]
+            box = K_desc.load([b, hk, n0, 0])
+        kt = tl.reshape(box, [BLOCK_N, d.shape[0]]).T
+    elif MASKED:
+        rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
         kt = tl.load(K_head + rows[None, :] + d[:, None], mask=(n[None, :] < hi) & (d[:, None] < D), other=0.0)
     else:
+        rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
         kt = tl.load(K_head + rows[None, :] + d[:, None], mask=d[:, None] < D, other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
@@ -127,18 +173,19 @@ def _running_max_step(m_i, l_i, s):
 @triton.jit
 def _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi, qk_scale, d,
                       D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                      IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                      IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                      K_desc, hk, K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(max, sum of exp2(s − max)) of BLOCK_R rows over the keys [lo, hi) with a running max, rescaled per tile:
     exact for any scores (-inf and 0 for a row that sees none of them)."""
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     for n0 in range(lo, full_end, BLOCK_N):           # tiles every row sees whole: no masks
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
+                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
         m_i, l_i = _running_max_step(m_i, l_i, s)
     for n0 in range(full_end, hi, BLOCK_N):           # the diagonal and the ragged end
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
+                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
         m_i, l_i = _running_max_step(m_i, l_i, s)
     return m_i, l_i
 
@@ -147,7 +194,7 @@ def _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, 
 def _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi, qk_scale, d,
                             D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             IS_CAUSAL: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            BLOCK_N: tl.constexpr, K_desc, hk, K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(c, sum of exp2(s − c)) of BLOCK_R rows over the keys [lo, hi) with ONE offset c per row instead of a running
     max: c = the max of the row's scores in the first key tile [lo, lo + BLOCK_N) + 8, and the exp2 terms summed
     into a BLOCK_R × BLOCK_N accumulator, reduced once at the end. Per score one subtraction, one exp2 and one add:
@@ -160,31 +207,31 @@ def _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full
     caller checks for that and recomputes the row block with the running max. (-inf and 0 for a row that sees no
     key of [lo, hi).)"""
     s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, m, shift, hi, qk_scale, d, D, UPCAST,
-                    DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
+                    DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
     first = tl.max(s, 1)
     c = tl.where(first == float("-inf"), 0.0, first) + 8.0
     acc = tl.exp2(s - c[:, None])
     for n0 in range(lo + BLOCK_N, full_end, BLOCK_N):    # tiles every row sees whole: no masks
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
+                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
         acc += tl.exp2(s - c[:, None])
     for n0 in range(tl.maximum(full_end, lo + BLOCK_N), hi, BLOCK_N):    # the diagonal and the ragged end
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
+                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
         acc += tl.exp2(s - c[:, None])
     l_i = tl.sum(acc, 1)
     return tl.where(l_i == 0, float("-inf"), c), l_i
 
 
 @triton.jit
-def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part, LSE2, Counter,
+def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counter,
                       sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
                       spp, sph, max_m, max_n, split_len, S, qk_scale,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                       IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, COMBINE: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_TMA: tl.constexpr):
     """Partial (offset, sum of exp2(s − offset)) of each query row over one split of the keys, rows of all G heads
     together: the offset is the row's first-tile max + 8 (_fixed_offset_row_stats), or its max when a term overflowed
     and the row block ran again with a running max (_online_row_stats); combines treat either as a max.
@@ -228,11 +275,12 @@ def _row_stats_kernel(Q, K, BT, cu_q, cu_k, M_part, L_part, LSE2, Counter,
         full_hi = tl.minimum(hi, m_first + shift + 1)
     full_end = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     m_i, l_i = _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
-                                       qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N)
+                                       qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N,
+                                       K_desc, hk, K_TMA, IS_VARLEN)
     if tl.max(l_i, 0) == float("inf"):                # a term overflowed: this row block again with a running max
         m_i, l_i = _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
                                      qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_R,
-                                     BLOCK_N)
+                                     BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
     row = (b * HKV * G + hk * G + g) * sph + m
     out = split * spp + row
     if FINAL:
@@ -790,9 +838,10 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
 
 
 def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
-            dtype, interpreting, lse_given, config=None):
+            dtype, interpreting, lse_given, k_tma=False, config=None):
     """Everything a launch needs that is a function of the shape and flags (no tensors): the plan, the kwargs of
-    the row and column kernels, whether the row pass writes the lse itself (final), the head split."""
+    the row and column kernels, whether the row pass writes the lse itself (final), the head split. k_tma: the row
+    pass reads K through a descriptor (_k_tma, _k_box)."""
     cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config,
                                                      varlen or paged)
     upcast = interpreting and dtype == torch.bfloat16
@@ -802,7 +851,7 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     final = variant != "old" and splits == 1 and not lse_given
     combine = variant != "old" and splits > 1 and not lse_given
     row_kw = dict(FINAL=final, COMBINE=combine, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
-                  num_stages=cfg["stages1"], **common)
+                  num_stages=cfg["stages1"], K_TMA=k_tma, **common)
     col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
                   LSE_NATURAL=lse_given and variant != "old", **common)
@@ -915,6 +964,7 @@ class _Direct(NamedTuple):
     off_cc: int              # the head split's first counter, -1 without a head split
     long: bool               # the long column kernel (it takes the head split's partials and counters)
     combine: bool            # the row pass combines its splits (it takes the counters)
+    k_box: list | None       # the box of the row pass's descriptor of K (_k_box), None where it loads K itself
 
 
 _direct_launchers: dict = {}   # call signature -> _Direct, or False (that signature stays on the JIT dispatch)
@@ -1071,8 +1121,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         if dev < 0:
             dev = torch.cuda.current_device()
         sms = _sm_count(dev)
+    k_tma = lse is None and _k_tma(k, paged, dev)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
-           q.dtype, interpreting, lse is not None)
+           q.dtype, interpreting, lse is not None, k_tma)
     qk_scale = scale * LOG2E
     ck = None
     if variant == "direct" and config is None and not interpreting:
@@ -1084,7 +1135,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             base = ws.data_ptr()
             stream = torch._C._cuda_getCurrentRawStream(dev)
             if fast.row is not None:                       # the same arguments as the JIT launch below
-                fast.row(stream, (q, k, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
+                k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
+                fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
                                   base + 4 * fast.off_l, base + 4 * fast.off_lse,
                                   counters if fast.combine else out), qk_scale)
             col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
@@ -1145,9 +1197,10 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         l_part = ws[off_l:off_l + n_rows]
         lse2 = ws[off_lse:off_lse + rows]
         if row_pass:
+            k_desc = _k_descriptor(k, _k_box(row_kw, varlen)) if k_tma else None
             row_compiled = _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
-                                   (q, k, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part, lse2, counter,
-                                    *row_ints, qk_scale), row_kw)
+                                   (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part, lse2,
+                                    counter, *row_ints, qk_scale), row_kw)
         if not final and not combine:                      # the old variant: the splits combined with torch ops
             lse2 = _combine_row_stats(m_part.view(splits, B, Hq, max_m), l_part.view(splits, B, Hq, max_m))
     elif variant != "old":
@@ -1163,7 +1216,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
         ok = col_l is not None and (row_l is not None or not row_pass)
         _direct_launchers[ck] = _Direct(row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc,
-                                        long, combine) if ok else False
+                                        long, combine, _k_box(row_kw, varlen) if k_tma else None) if ok else False
     return out
 
 

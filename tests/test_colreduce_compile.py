@@ -61,9 +61,10 @@ def product_launches():
 
     elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     for name, max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given in LAUNCHES:
+        k_tma = not paged and not lse_given               # as on an sm_90 GPU with aligned, row-major K
         cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
                                                           group, varlen, paged, page, getattr(torch, dtype), False,
-                                                          lse_given)
+                                                          lse_given, k_tma)
         kernels = [(kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel, col_kw)]
         if not lse_given:
             kernels.insert(0, (kmod._row_stats_kernel, row_kw))
@@ -71,6 +72,12 @@ def product_launches():
                         Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32")
         for fn, kw in kernels:
             const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+            if fn is kmod._row_stats_kernel:              # K's descriptor, or None (a constexpr) without TMA
+                if k_tma:
+                    box = ", ".join(map(str, kmod._k_box(kw, varlen)))
+                    pointers["K_desc"] = f"tensordesc<{elem[dtype]}[{box}]>"
+                else:
+                    const["K_desc"] = None
             yield name, fn, kw, _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"])
 
 

@@ -368,3 +368,53 @@ def test_row_pass_far_logit(splits, is_causal, monkeypatch):
     out = colreduce_triton(q, k, "sum", is_causal=is_causal, scale=scale, group_reduce="mean", config=cfg,
                            variant="new")
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_row_pass_k_descriptor(dtype, monkeypatch):
+    """The row pass reads K through a tensor descriptor (TMA on sm_90+, and under the interpreter) where K is
+    dense or varlen, row-major and 16-byte aligned, else with its own loads: both equal the float64 reference and
+    each other. Cases: D 80 (the box is 128 wide: zeros past D), N not a multiple of the key tile (zeros past N),
+    varlen tiles that run into the next sequence's keys (masked), K transposed from (B, N, Hkv, D) and K at an odd
+    element offset (no descriptor)."""
+    _poison_empty(monkeypatch)
+    from colreduce_kvprune import colreduce_varlen
+    tma_here = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    dev = -1 if DEVICE == "cpu" else torch.cuda.current_device()
+
+    def both(call, k):
+        monkeypatch.setattr(kmod, "K_TMA", True)
+        assert kmod._k_tma(k, False, dev) == tma_here
+        on = call()
+        monkeypatch.setattr(kmod, "K_TMA", False)
+        off = call()
+        return on, off
+
+    q, k = rand_qk((2, 4, 2, 37, 150, 80), dtype, seed=7)
+    kw = dict(is_causal=True, scale=80 ** -0.5, group_reduce="mean", variant="new")
+    ref = reference(q, k, "sum", True, "mean")
+    on, off = both(lambda: colreduce_triton(q, k, "sum", **kw), k)
+    assert rel_err(on, ref) < TOL[dtype] and rel_err(off, ref) < TOL[dtype] and rel_err(on, off) < 1e-6
+
+    lens, qlens = [70, 9, 131], [20, 9, 40]
+    torch.manual_seed(8)
+    kv = torch.randn(sum(lens), 2, 64, device=DEVICE, dtype=dtype)
+    qv = torch.randn(sum(qlens), 8, 64, device=DEVICE, dtype=dtype)
+    cu_k = torch.tensor([0, 70, 79, 210], device=DEVICE, dtype=torch.int32)
+    cu_q = torch.tensor([0, 20, 29, 69], device=DEVICE, dtype=torch.int32)
+    vkw = dict(max_seqlen_q=40, max_seqlen_k=131, is_causal=True, group_reduce=None, backend="triton")
+    on, off = both(lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", **vkw), kv)
+    for i in range(3):
+        qs, ks = qv[cu_q[i]:cu_q[i + 1]], kv[cu_k[i]:cu_k[i + 1]]
+        want = reference(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], "sum", True, None)[0].T
+        for got in (on, off):
+            assert rel_err(got[cu_k[i]:cu_k[i + 1]], want) < TOL[dtype], i
+
+    monkeypatch.setattr(kmod, "K_TMA", True)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)              # (B, Hkv, N, D) with the strides of (B, N, Hkv, D)
+    flat = torch.empty(k.numel() + 1, device=DEVICE, dtype=dtype)
+    ko = flat[1:].view(k.shape).copy_(k)                             # one element off 16-byte alignment
+    for other in (kt, ko):
+        assert not kmod._k_tma(other, False, dev)
+        assert rel_err(colreduce_triton(q, other, "sum", **kw), ref) < TOL[dtype]
+    assert not kmod._k_tma(k, True, dev)                             # paged: never
