@@ -5,7 +5,8 @@ The product's `_long_column_kernel` takes ~2.2 ms at full causal 32/8, N = 16k o
 a floor of ~1.7 ms per pass; each query block's exp2 waits for its dot. LOOKAHEAD carries the dot's result to the
 next iteration, so an asynchronous wgmma can run under the previous block's exp2 (the row pass's version of this is
 in benchmarks/row_pass.py). POLY: half of the exp2 in software on the FMA pipe (row_pass.py's _poly_exp2, every
-second column), as the row pass's POLY 2 (its _split_exp2_sum).
+second column), as the row pass's POLY 2 (its _split_exp2_sum). F16EXP: every exp2 at half precision, two per MUFU
+instruction (row_pass.py's POLY 3, _exp2_f16): x = s·scale − lse ≤ 0, so no term overflows; about 1e-3 relative.
 
 Scope: dense (B, H, M, D) inputs, causal (bottom-right), reduction "sum" with the group mean, the lse given (log2
 units, +inf for a row that sees no key), D a power of two, HS programs per kv head and key tile each over G / HS of
@@ -40,16 +41,17 @@ def _scores(kt, Q_head, ms, sqm, M, d, PRECISION: tl.constexpr, BLOCK_M: tl.cons
 
 @triton.jit
 def _add(acc, s, LSE_head, ms, n, shift, M, qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-         POLY: tl.constexpr = False, BLOCK_N: tl.constexpr = 16):
-    """acc + exp2(s·scale − lse) of the query rows [ms, ms + BLOCK_M) (absent rows: lse +inf, so 0). POLY: acc is
-    (BLOCK_M, BLOCK_N // 2, 2), the column pairs, the second of each pair's exp2 in software."""
+         POLY: tl.constexpr = 0, BLOCK_N: tl.constexpr = 16):
+    """acc + exp2(s·scale − lse) of the query rows [ms, ms + BLOCK_M) (absent rows: lse +inf, so 0). POLY as
+    row_pass._split_exp2_sum's: 2, acc is (BLOCK_M, BLOCK_N // 2, 2), the column pairs, the second of each pair's
+    exp2 in software; 3, every exp2 at half precision."""
     m = ms + tl.arange(0, BLOCK_M)
     lse2 = tl.load(LSE_head + m, mask=m < M, other=float("inf"))
     x = s * qk_scale - lse2[:, None]
-    if POLY:                                             # (no early return: Triton compiles none in a branch)
+    if POLY != 0:                                        # (no early return: Triton compiles none in a branch)
         if MASKED:
             x = tl.where(n[None, :] <= m[:, None] + shift, x, float("-inf"))
-        acc = _split_exp2_sum(acc, x, 2, BLOCK_M, BLOCK_N)
+        acc = _split_exp2_sum(acc, x, POLY, BLOCK_M, BLOCK_N)
     else:
         p = tl.exp2(x)
         if MASKED:
@@ -74,7 +76,7 @@ def _column_kernel(Q, K, LSE2, Out, sqb, sqh, sqm, skb, skh, skn, slb, slh, sob,
     m_lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
     n_last = tl.minimum(n0 + BLOCK_N, N) - 1
     m_full = m_lo + tl.cdiv(tl.maximum(n_last - shift - m_lo, 0), BLOCK_M) * BLOCK_M   # blocks that see it whole
-    if POLY:
+    if POLY == 1 or POLY == 2:
         acc = tl.zeros([BLOCK_M, BLOCK_N // 2, 2], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -101,7 +103,8 @@ def _column_kernel(Q, K, LSE2, Out, sqb, sqh, sqm, skb, skh, skn, slb, slh, sob,
     tl.store(Out + b * sob + (hk * HS + hs) * soh + n, tl.reshape(tl.sum(acc, 0), [BLOCK_N]) / G, mask=n < N)
 
 
-VARIANTS = {"replica": (False, False), "lookahead": (True, False), "poly_half": (False, True)}  # → LOOKAHEAD, POLY
+VARIANTS = {"replica": (False, 0), "lookahead": (True, 0), "poly_half": (False, 2), "f16exp": (False, 3),
+            "lookahead+f16exp": (True, 3)}   # → LOOKAHEAD, POLY
 
 
 def column_mean(q, k, lse2, variant="replica", hs=1, block_m=64, block_n=128, warps=4, stages=2, scale=None):
@@ -127,7 +130,7 @@ def check(device="cpu"):
     M = N with ragged ends, more queries than keys, head splits of 1 and 2, one and several unmasked blocks."""
     from colreduce_kvprune.reference import colreduce_torch
     torch.manual_seed(0)
-    worst = 0.0
+    worst = {False: 0.0, True: 0.0}
     for B, Hq, Hkv, M, N, D, hs, block_m, block_n in [(1, 4, 2, 20, 100, 16, 1, 16, 32), (2, 4, 1, 70, 70, 32, 2, 16, 16),
                                                       (1, 2, 2, 40, 24, 16, 1, 16, 16), (1, 4, 2, 64, 64, 16, 2, 16, 32)]:
         q = torch.randn(B, Hq, M, D, device=device)
@@ -138,9 +141,11 @@ def check(device="cpu"):
             got = column_mean(q, k, lse2, variant, hs, block_m, block_n, warps=4, stages=1)
             assert not got.isnan().any(), (variant, "a column was not written")
             err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
-            worst = max(worst, err)
-            assert err < 1e-5, (variant, B, Hq, Hkv, M, N, D, hs, err)
-    print(f"column pass variants match float64 (largest relative error {worst:.1e})")
+            half = VARIANTS[variant][1] == 3             # f16 exp2: about 1e-3 per term
+            worst[half] = max(worst[half], err)
+            assert err < (2e-3 if half else 1e-5), (variant, B, Hq, Hkv, M, N, D, hs, err)
+    print(f"column pass variants match float64 (largest relative error {worst[False]:.1e}; f16 exp2: "
+          f"{worst[True]:.1e})")
 
 
 def gpu(out_dir):

@@ -185,12 +185,15 @@ def check(device="cpu"):
     for q, k, tiles in gluon_row_pass.check_cases(device):
         scale = 1 / math.sqrt(q.shape[-1])
         ref = _reference(q, k, scale)
-        got = column_sums_gluon(q, k, row_pass._reference_lse2(q, k, scale).float(), *tiles,
-                                out=torch.full(ref.shape, float("nan"), device=device))
+        lse2 = row_pass._reference_lse2(q, k, scale).float()
+        got = column_sums_gluon(q, k, lse2, *tiles, out=torch.full(ref.shape, float("nan"), device=device))
         assert not got.isnan().any(), "a column was not written"
         err = ((got.double() - ref).abs() / ref.abs().clamp(min=1.0)).max().item()
         worst = max(worst, err)
-        assert err < 1e-5, (q.shape, k.shape, q.dtype, tiles, err)
+        # x = s·scale − lse2 in float32: where logits reach ~460 (the fallback case) the lse, the scaled score and
+        # the scale itself each carry about an ulp of 460 (3e-5), which the H200 run showed as 5.9e-5
+        big = lse2[torch.isfinite(lse2)].abs().max().item()
+        assert err < 1e-5 + 4 * 2.0 ** -23 * big, (q.shape, k.shape, q.dtype, tiles, err)
     print(f"Gluon column pass matches float64 (largest error relative to max(1, |sum|): {worst:.1e})")
 
 

@@ -13,9 +13,12 @@
 #                                         # of these words; without the kernel tests (when another call runs them)
 #   bash benchmarks/gpu_sweep.sh passes   # the full causal experiments (benchmarks/row_pass.py, column_pass.py):
 #                                         # their variants against float64 on the GPU (tests/test_experiments.py),
-#                                         # then timed (row_pass.json, column_pass.json; PASSES_LIMIT s each)
+#                                         # then timed (row_pass.json, column_pass.json; PASSES_LIMIT s each;
+#                                         # PASSES="row_pass" times one)
 #   bash benchmarks/gpu_sweep.sh gluon    # the Gluon passes (benchmarks/gluon_row_pass.py, gluon_column_pass.py):
 #                                         # their float64 checks on the GPU, then timed beside the product and SDPA
+#   bash benchmarks/gpu_sweep.sh ncu      # hardware counters of both passes at the big goal shapes and of SDPA
+#                                         # (benchmarks/ncu_passes.py: ncu_raw.csv, ncu_passes.json)
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-out}")
@@ -93,7 +96,7 @@ elif [ "${1:-}" = passes ]; then
     { setup; cd /tmp || exit
       timeout 120 python3 -m pytest "$REPO"/tests/test_experiments.py -q -p no:cacheprovider > "$OUT/pytest_experiments.log" 2>&1
       echo "== experiments against float64 on the GPU (rc $?): $(tail -1 "$OUT/pytest_experiments.log")"
-      for exp in row_pass column_pass; do
+      for exp in ${PASSES:-row_pass column_pass}; do
           timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/$exp.py" --out "$OUT"
           echo "== $exp done at ${SECONDS}s (rc $?)"
       done; } 2>&1 | tee "$OUT/gpu_sweep.log"
@@ -106,6 +109,10 @@ elif [ "${1:-}" = gluon ]; then     # benchmarks/gluon_{row,column}_pass.py: aga
           timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/$exp.py" --out "$OUT"
           echo "== $exp done at ${SECONDS}s (rc $?)"
       done; } 2>&1 | tee "$OUT/gpu_sweep.log"
+elif [ "${1:-}" = ncu ]; then      # benchmarks/ncu_passes.py: Nsight Compute's counters of the passes and of SDPA
+    { setup; cd /tmp || exit
+      timeout "${NCU_LIMIT:-500}" python3 "$REPO/benchmarks/ncu_passes.py" --out "$OUT"
+      echo "== ncu_passes done at ${SECONDS}s (rc $?)"; } 2>&1 | tee "$OUT/gpu_sweep.log"
 else
     main 2>&1 | tee "$OUT/gpu_sweep.log"
 fi

@@ -91,10 +91,15 @@ def _compile_all() -> list[dict]:
 def compile_row_pass_variant(row_pass, variant: str):
     """benchmarks/row_pass.py's kernel for one variant at the product's row tiles (128 × 64, 4 warps, 3 stages),
     fp16, D 128, GQA 4, compiled for sm_90."""
-    lookahead, fused, ws, reverse, fixed, poly, pair = row_pass.VARIANTS[variant]
+    lookahead, fused, ws, reverse, fixed, poly, pair, tma = row_pass.VARIANTS[variant]
     const = dict(G=4, D=128, BLOCK_R=128, BLOCK_N=64, LOOKAHEAD=lookahead, FUSED_SCALE=fused, WS=ws,
-                 REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly, PAIR=pair)
-    return _compile_sm90(row_pass._row_lse_kernel, const, dict(Q="*fp16", K="*fp16", Out="*fp32"), 4, 3)
+                 REVERSE=reverse, FIXED=fixed, PRECISION="tf32", POLY=poly, PAIR=pair, TMA=tma)
+    pointers = dict(Q="*fp16", K="*fp16", Out="*fp32")
+    if tma:                   # a host-side descriptor of (B·Hkv·N, D) fp16 keys, one key tile a box
+        pointers["K_desc"] = "tensordesc<fp16[64, 128]>"
+    else:
+        const["K_desc"] = None
+    return _compile_sm90(row_pass._row_lse_kernel, const, pointers, 4, 3)
 
 
 def _compile_experiments() -> list[dict]:
