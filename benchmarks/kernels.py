@@ -566,9 +566,11 @@ def _candidate_fns(sh, case, sms):
     - ours_persistent, packed and paged shapes: the persistent window pass at 8 programs per SM (runs of consecutive
       key tiles; _persistent_config), which _fit_config does not pick for them: the H200's sweep of the eighteenth
       session put it 1–3% faster at three ragged shapes and 10% slower at 4 paged prompts of 8k–32k.
-    - ours_row64, full causal 8192 ≤ M < 16384: the row pass on 64-row tiles (4 warps, 3 stages) instead of 128.
-      With the fixed-offset row pass (nineteenth session) row_pass.py timed them at 8k 0.592 vs 0.631 ms, at 16k
-      the same; the product's two passes have not been timed with them. (4096 ≤ M < 8192 has them already.)"""
+    - ours_row_s3, full causal M ≥ 8192: the row pass at 3 stages, the default before its key tiles went through a
+      tensor descriptor (4 since: row_pass.py's TMA variant at 16k 2.16 vs 2.30 ms; not yet timed in the product).
+    - ours_row128, full causal 4096 ≤ M < 8192: 128-row tiles at 4 warps and 4 stages instead of 64-row tiles
+      (row_pass.py with TMA at 4k: 0.179–0.183 vs 0.189 ms).
+    (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
     ragged = sh["mode"] != "dense"
@@ -576,11 +578,12 @@ def _candidate_fns(sh, case, sms):
     base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, ragged)
     fns = {}
     if not ragged:
-        if not base["WINDOW"] and 8192 <= M < 16384 and base["BLOCK_R"] == 128:
-            cfg = dict(base, BLOCK_R=64, warps1=4, stages1=3)
-            fns["ours_row64"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True,
-                                                              scale=D ** -0.5, group_reduce="mean", config=cfg)
-            fns["ours_row64"].config = cfg
+        if not base["WINDOW"] and M >= 4096:
+            name, cfg = (("ours_row_s3", dict(base, stages1=3)) if M >= 8192 else
+                         ("ours_row128", dict(base, BLOCK_R=128, warps1=4, stages1=4)))
+            fns[name] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True, scale=D ** -0.5,
+                                                      group_reduce="mean", config=cfg)
+            fns[name].config = cfg
         return fns
     kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None
@@ -943,7 +946,8 @@ def serving_markdown(result):
     cand = [(r, key) for r in done for key in r.get("candidates", {}) if r.get(key)]
     if cand:                                  # candidate defaults (_candidate_fns), not ours yet
         lines += ["", "Candidate defaults (ours_persistent: the persistent window pass at 8 programs per SM for "
-                  "packed/paged batches; ours_row64: 64-row row tiles at full causal 8k), gpu ms against ours: "
+                  "packed/paged batches; ours_row_s3: the row pass at 3 stages at full causal ≥ 8k; ours_row128: 128-row "
+                  "row tiles at 4 stages at full causal 4k), gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
                               f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]

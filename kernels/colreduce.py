@@ -717,7 +717,9 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     128-row tiles at 4 warps: on the H200 (`benchmarks/kernels.py --goal-tiles`, sixteenth session) they beat the
     H100's 64-row choice at full causal 16k (both passes 4.79 vs 5.21 ms with the same column tiles); prompts of
     4096 ≤ M < 8192 keep the 64-row tiles at 4 warps (the H200's serving sweep, eighteenth session, both passes:
-    full 32/8 4k 0.397 vs 0.411 ms, 8k 1.402 vs 1.373 ms with 64- vs 128-row tiles).
+    full 32/8 4k 0.397 vs 0.411 ms, 8k 1.402 vs 1.373 ms with 64- vs 128-row tiles). With its key tiles through a
+    tensor descriptor (K_TMA) the long prompts' row pass takes 4 stages: benchmarks/row_pass.py's fixed offset +
+    TMA at 128 × 64, 4 warps, full causal 32/8 16k: 2.16 ms at 4 stages vs 2.30 at 3 (H200, twenty-first session).
     """
     window = m <= 128
     if _interpreting():
@@ -726,8 +728,10 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     if triton.next_power_of_2(d) > 128:
         return dict(BLOCK_R=64, BLOCK_N1=64, warps1=8, stages1=2, WINDOW=window, BLOCK_M=32 if window else 64,
                     BLOCK_N=64, warps=8 if window else 4, stages=2)
-    if window or m >= 8192:
+    if window:
         row = (128, 4, 3)                                                          # BLOCK_R, warps1, stages1
+    elif m >= 8192:
+        row = (128, 4, 4)
     else:
         row = (64, 4, 3) if m >= 4096 else (128, 8, 2)
     col = (32, 128, 4, 3) if window else (64, 128, 4, 3 if d <= 64 else 2)        # BLOCK_M, BLOCK_N, warps, stages

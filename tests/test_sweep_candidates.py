@@ -39,22 +39,26 @@ def test_ragged_persistent_candidate_matches_float64(mode):
         assert all((out[b, :, n:] == 0).all() for b, n in enumerate(k_lens))      # padding written
         out = torch.cat([out[b, :, :n].T for b, n in enumerate(k_lens)])
     assert rel_err(out, ref) < TOL[torch.float32]
-    assert kb._candidate_fns(dict(sh, M=4096, N=4096, mode="dense", lens=None), {}, 2) == {}
+    assert kb._candidate_fns(dict(sh, M=2048, N=2048, mode="dense", lens=None), {}, 2) == {}
 
 
-def test_row64_candidate_config(monkeypatch):
-    """Full causal 8192 ≤ M < 16384: the candidate is the default config (as an H200 gets it) with the row pass on
-    64-row tiles at 4 warps and 3 stages, nothing else changed; not offered where the default already has them
-    (4k), at 16k, or for windows. (Not run here: 8k prompts are beyond the interpreter; the sweep records its
-    difference to the old launch path beside its time.)"""
+def test_row_candidate_configs(monkeypatch):
+    """Full causal M ≥ 8192: the candidate is the default config (as an H200 gets it) with the row pass at 3 stages
+    (the default before the TMA key tiles), nothing else changed; 4096 ≤ M < 8192: 128-row tiles at 4 warps and
+    4 stages instead of the default's 64-row tiles. None below 4k or for windows. (Not run here: these prompts are
+    beyond the interpreter; the sweep records each one's difference to the old launch path beside its time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
     monkeypatch.setattr(kmod, "_interpreting", lambda: False)
     sh = dict(B=1, D=128, Hq=32, Hkv=8, mode="dense", lens=None)
-    fns = kb._candidate_fns(dict(sh, M=8192, N=8192), {}, 132)
-    assert list(fns) == ["ours_row64"]
-    default = _gpu_like_config(8192, 8192, 128, 4, 8)
-    assert default["BLOCK_R"] == 128
-    assert fns["ours_row64"].config == dict(default, BLOCK_R=64, warps1=4, stages1=3)
-    for m, n in ((4096, 4096), (16384, 16384), (64, 8192)):
+    for m in (8192, 16384):
+        fns = kb._candidate_fns(dict(sh, M=m, N=m), {}, 132)
+        default = _gpu_like_config(m, m, 128, 4, 8)
+        assert list(fns) == ["ours_row_s3"] and default["stages1"] == 4
+        assert fns["ours_row_s3"].config == dict(default, stages1=3)
+    fns = kb._candidate_fns(dict(sh, M=4096, N=4096), {}, 132)
+    default = _gpu_like_config(4096, 4096, 128, 4, 8)
+    assert list(fns) == ["ours_row128"] and default["BLOCK_R"] == 64
+    assert fns["ours_row128"].config == dict(default, BLOCK_R=128, warps1=4, stages1=4)
+    for m, n in ((2048, 2048), (64, 8192)):
         assert kb._candidate_fns(dict(sh, M=m, N=n), {}, 132) == {}, (m, n)
