@@ -65,12 +65,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# The row pass reads its key tiles through a tensor descriptor (Hopper's TMA copies, tracked by mbarriers, instead
-# of per-thread loads) where that is possible: dense or varlen K (not paged) in row-major order with 16-byte aligned
-# base and strides, on a GPU of compute capability ≥ 9 (and under the interpreter, so CPU tests cover it). On the
-# H200 it took the fixed-offset row pass from 2.32 to 2.12 ms at full causal 32/8 16k (benchmarks/row_pass.py, the
-# twenty-first session). COLREDUCE_KVPRUNE_TMA=0 turns it off (the pointer loads of before).
+# The row pass of long prompts (more than _WINDOW_M queries) reads its key tiles through a tensor descriptor
+# (Hopper's TMA copies, tracked by mbarriers, instead of per-thread loads) where that is possible: dense or varlen K
+# (not paged) in row-major order with 16-byte aligned base and strides, on a GPU of compute capability ≥ 9 (and
+# under the interpreter, so CPU tests cover it). H200, twenty-first session: benchmarks/row_pass.py's fixed-offset
+# row pass 2.12–2.16 vs 2.32 ms at full causal 32/8 16k; the product's row kernel under Nsight Compute 2.01 vs
+# 2.08–2.11 ms there, but 158 vs 151 µs at a 64-query window over 128k keys — so windows keep the pointer loads.
+# COLREDUCE_KVPRUNE_TMA=0 turns it off everywhere.
 K_TMA = os.environ.get("COLREDUCE_KVPRUNE_TMA", "1") != "0"
+_WINDOW_M = 128               # query windows up to this many rows: the window column kernel, the row pass's own loads
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,9 +81,9 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _k_tma(k: torch.Tensor, paged: bool, dev: int) -> bool:
-    """Whether the row pass can read k through a tensor descriptor (see K_TMA). dev: -1 under the interpreter."""
-    if not K_TMA or paged or (dev >= 0 and not _has_tma(dev)):
+def _k_tma(k: torch.Tensor, paged: bool, dev: int, max_m: int) -> bool:
+    """Whether the row pass reads k through a tensor descriptor (see K_TMA). dev: -1 under the interpreter."""
+    if not K_TMA or paged or max_m <= _WINDOW_M or (dev >= 0 and not _has_tma(dev)):
         return False
     st, es = k.stride(), k.element_size()
     return (k.data_ptr() % 16 == 0 and st[-1] == 1 and all(x * es % 16 == 0 for x in st[:-1])
@@ -721,7 +724,7 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     tensor descriptor (K_TMA) the long prompts' row pass takes 4 stages: benchmarks/row_pass.py's fixed offset +
     TMA at 128 × 64, 4 warps, full causal 32/8 16k: 2.16 ms at 4 stages vs 2.30 at 3 (H200, twenty-first session).
     """
-    window = m <= 128
+    window = m <= _WINDOW_M
     if _interpreting():
         return dict(BLOCK_R=32, BLOCK_N1=32, warps1=4, stages1=1, WINDOW=window, BLOCK_M=32, BLOCK_N=32, warps=4,
                     stages=1)
@@ -1125,7 +1128,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         if dev < 0:
             dev = torch.cuda.current_device()
         sms = _sm_count(dev)
-    k_tma = lse is None and _k_tma(k, paged, dev)
+    k_tma = lse is None and _k_tma(k, paged, dev, max_m)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
            q.dtype, interpreting, lse is not None, k_tma)
     qk_scale = scale * LOG2E

@@ -372,38 +372,38 @@ def test_row_pass_far_logit(splits, is_causal, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_row_pass_k_descriptor(dtype, monkeypatch):
-    """The row pass reads K through a tensor descriptor (TMA on sm_90+, and under the interpreter) where K is
-    dense or varlen, row-major and 16-byte aligned, else with its own loads: both equal the float64 reference and
-    each other. Cases: D 80 (the box is 128 wide: zeros past D), N not a multiple of the key tile (zeros past N),
-    varlen tiles that run into the next sequence's keys (masked), K transposed from (B, N, Hkv, D) and K at an odd
-    element offset (no descriptor)."""
+    """The row pass of long prompts (more than 128 queries) reads K through a tensor descriptor (TMA on sm_90+, and
+    under the interpreter) where K is dense or varlen, row-major and 16-byte aligned, else with its own loads: both
+    equal the float64 reference and each other. Cases: D 80 (the box is 128 wide: zeros past D), N not a multiple
+    of the key tile (zeros past N), varlen tiles that run into the next sequence's keys (masked), K transposed
+    from (B, N, Hkv, D) and K at an odd element offset (no descriptor), windows and paged K (never)."""
     _poison_empty(monkeypatch)
     from colreduce_kvprune import colreduce_varlen
     tma_here = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
     dev = -1 if DEVICE == "cpu" else torch.cuda.current_device()
 
-    def both(call, k):
+    def both(call, k, max_m):
         monkeypatch.setattr(kmod, "K_TMA", True)
-        assert kmod._k_tma(k, False, dev) == tma_here
+        assert kmod._k_tma(k, False, dev, max_m) == tma_here
         on = call()
         monkeypatch.setattr(kmod, "K_TMA", False)
         off = call()
         return on, off
 
-    q, k = rand_qk((2, 4, 2, 37, 150, 80), dtype, seed=7)
+    q, k = rand_qk((2, 4, 2, 137, 150, 80), dtype, seed=7)
     kw = dict(is_causal=True, scale=80 ** -0.5, group_reduce="mean", variant="new")
     ref = reference(q, k, "sum", True, "mean")
-    on, off = both(lambda: colreduce_triton(q, k, "sum", **kw), k)
+    on, off = both(lambda: colreduce_triton(q, k, "sum", **kw), k, 137)
     assert rel_err(on, ref) < TOL[dtype] and rel_err(off, ref) < TOL[dtype] and rel_err(on, off) < 1e-6
 
-    lens, qlens = [70, 9, 131], [20, 9, 40]
+    lens, qlens = [170, 9, 131], [150, 9, 40]
     torch.manual_seed(8)
     kv = torch.randn(sum(lens), 2, 64, device=DEVICE, dtype=dtype)
     qv = torch.randn(sum(qlens), 8, 64, device=DEVICE, dtype=dtype)
-    cu_k = torch.tensor([0, 70, 79, 210], device=DEVICE, dtype=torch.int32)
-    cu_q = torch.tensor([0, 20, 29, 69], device=DEVICE, dtype=torch.int32)
-    vkw = dict(max_seqlen_q=40, max_seqlen_k=131, is_causal=True, group_reduce=None, backend="triton")
-    on, off = both(lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", **vkw), kv)
+    cu_k = torch.tensor([0, 170, 179, 310], device=DEVICE, dtype=torch.int32)
+    cu_q = torch.tensor([0, 150, 159, 199], device=DEVICE, dtype=torch.int32)
+    vkw = dict(max_seqlen_q=150, max_seqlen_k=170, is_causal=True, group_reduce=None, backend="triton")
+    on, off = both(lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", **vkw), kv, 150)
     for i in range(3):
         qs, ks = qv[cu_q[i]:cu_q[i + 1]], kv[cu_k[i]:cu_k[i + 1]]
         want = reference(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], "sum", True, None)[0].T
@@ -415,6 +415,7 @@ def test_row_pass_k_descriptor(dtype, monkeypatch):
     flat = torch.empty(k.numel() + 1, device=DEVICE, dtype=dtype)
     ko = flat[1:].view(k.shape).copy_(k)                             # one element off 16-byte alignment
     for other in (kt, ko):
-        assert not kmod._k_tma(other, False, dev)
+        assert not kmod._k_tma(other, False, dev, 137)
         assert rel_err(colreduce_triton(q, other, "sum", **kw), ref) < TOL[dtype]
-    assert not kmod._k_tma(k, True, dev)                             # paged: never
+    assert not kmod._k_tma(k, True, dev, 137)                        # paged: never
+    assert not kmod._k_tma(k, False, dev, 128)                       # a window: never
