@@ -709,7 +709,7 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k, Part, Counter,
                 tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")       # ready for the next launch
 
 
-def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
+def _pick_config(m: int, d: int, g: int, is_causal: bool, tma: bool = True) -> dict:
     """Tile sizes and launch settings, a fixed function of the shape (so results never depend on tuning order).
 
     Keys: BLOCK_R/BLOCK_N1/warps1/stages1 for the row pass; WINDOW (which column kernel: _window_column_kernel for
@@ -720,9 +720,11 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     128-row tiles at 4 warps: on the H200 (`benchmarks/kernels.py --goal-tiles`, sixteenth session) they beat the
     H100's 64-row choice at full causal 16k (both passes 4.79 vs 5.21 ms with the same column tiles); prompts of
     4096 ≤ M < 8192 keep the 64-row tiles at 4 warps (the H200's serving sweep, eighteenth session, both passes:
-    full 32/8 4k 0.397 vs 0.411 ms, 8k 1.402 vs 1.373 ms with 64- vs 128-row tiles). With its key tiles through a
-    tensor descriptor (K_TMA) the long prompts' row pass takes 4 stages: benchmarks/row_pass.py's fixed offset +
-    TMA at 128 × 64, 4 warps, full causal 32/8 16k: 2.16 ms at 4 stages vs 2.30 at 3 (H200, twenty-first session).
+    full 32/8 4k 0.397 vs 0.411 ms, 8k 1.402 vs 1.373 ms with 64- vs 128-row tiles). tma: the row pass reads its
+    key tiles through a tensor descriptor (_k_tma); then the long prompts' row pass takes 4 stages, else 3
+    (benchmarks/row_pass.py's fixed offset at 128 × 64, 4 warps, full causal 32/8 on the H200, twenty-first
+    session: with TMA 2.16 ms at 16k at 4 stages vs 2.30 at 3; with its own loads 2.37 vs 2.33, at 8k 0.645 vs
+    0.623).
     """
     window = m <= _WINDOW_M
     if _interpreting():
@@ -734,7 +736,7 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool) -> dict:
     if window:
         row = (128, 4, 3)                                                          # BLOCK_R, warps1, stages1
     elif m >= 8192:
-        row = (128, 4, 4)
+        row = (128, 4, 4 if tma else 3)
     else:
         row = (64, 4, 3) if m >= 4096 else (128, 8, 2)
     col = (32, 128, 4, 3) if window else (64, 128, 4, 3 if d <= 64 else 2)        # BLOCK_M, BLOCK_N, warps, stages
@@ -828,12 +830,13 @@ def _num_splits(rows_programs: int, n: int, block_n: int, sms: int | None = None
 
 
 def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: bool, variant: str, sms: int,
-          config: dict | None, ragged: bool = False):
-    """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape."""
+          config: dict | None, ragged: bool = False, tma: bool = True):
+    """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape (and of
+    whether the row pass reads K through a descriptor, tma: its stages)."""
     if config is not None:
         cfg = config
     else:
-        cfg = _pick_config(max_m, D, G, is_causal)
+        cfg = _pick_config(max_m, D, G, is_causal, tma)
         if variant != "old":
             cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D, ragged)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
@@ -850,7 +853,7 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     the row and column kernels, whether the row pass writes the lse itself (final), the head split. k_tma: the row
     pass reads K through a descriptor (_k_tma, _k_box)."""
     cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config,
-                                                     varlen or paged)
+                                                     varlen or paged, k_tma)
     upcast = interpreting and dtype == torch.bfloat16
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,

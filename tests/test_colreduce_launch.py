@@ -43,6 +43,14 @@ def test_fit_config_rules():
     assert full["BLOCK_R"] == 128 and full["BLOCK_N"] == 128                     # 512 programs: unchanged
     long = _gpu_like_config(16384, 16384, 128, 4, 8)                             # 128-row tiles for M ≥ 8192
     assert long["BLOCK_R"] == 128 and long["warps1"] == 4 and long["HEAD_SPLIT"] == 2  # 1,024 tiles < 8 × 132
+    assert long["stages1"] == 4                                                  # TMA key tiles: 4 stages
+    real = kmod._interpreting
+    kmod._interpreting = lambda: False
+    try:                                                                         # its own loads: 3
+        assert _pick_config(16384, 128, 4, True, tma=False)["stages1"] == 3
+        assert kmod._plan(16384, 16384, 128, 4, 1, 8, True, "new", 132, None, False, False)[0]["stages1"] == 3
+    finally:
+        kmod._interpreting = real
     mid = _gpu_like_config(4096, 4096, 128, 4, 8)                                # 64-row tiles for 4096 ≤ M < 8192
     assert (mid["BLOCK_R"], mid["warps1"], mid["stages1"]) == (64, 4, 3)
     assert _gpu_like_config(8192, 8192, 128, 4, 8)["BLOCK_R"] == 128
@@ -390,20 +398,20 @@ def test_row_pass_k_descriptor(dtype, monkeypatch):
         off = call()
         return on, off
 
-    q, k = rand_qk((2, 4, 2, 137, 150, 80), dtype, seed=7)
+    q, k = rand_qk((2, 2, 2, 130, 140, 80), dtype, seed=7)
     kw = dict(is_causal=True, scale=80 ** -0.5, group_reduce="mean", variant="new")
     ref = reference(q, k, "sum", True, "mean")
-    on, off = both(lambda: colreduce_triton(q, k, "sum", **kw), k, 137)
+    on, off = both(lambda: colreduce_triton(q, k, "sum", **kw), k, 130)
     assert rel_err(on, ref) < TOL[dtype] and rel_err(off, ref) < TOL[dtype] and rel_err(on, off) < 1e-6
 
-    lens, qlens = [170, 9, 131], [150, 9, 40]
+    lens, qlens = [140, 9, 45], [130, 9, 5]
     torch.manual_seed(8)
-    kv = torch.randn(sum(lens), 2, 64, device=DEVICE, dtype=dtype)
-    qv = torch.randn(sum(qlens), 8, 64, device=DEVICE, dtype=dtype)
-    cu_k = torch.tensor([0, 170, 179, 310], device=DEVICE, dtype=torch.int32)
-    cu_q = torch.tensor([0, 150, 159, 199], device=DEVICE, dtype=torch.int32)
-    vkw = dict(max_seqlen_q=150, max_seqlen_k=170, is_causal=True, group_reduce=None, backend="triton")
-    on, off = both(lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", **vkw), kv, 150)
+    kv = torch.randn(sum(lens), 2, 32, device=DEVICE, dtype=dtype)
+    qv = torch.randn(sum(qlens), 4, 32, device=DEVICE, dtype=dtype)
+    cu_k = torch.tensor([0, 140, 149, 194], device=DEVICE, dtype=torch.int32)
+    cu_q = torch.tensor([0, 130, 139, 144], device=DEVICE, dtype=torch.int32)
+    vkw = dict(max_seqlen_q=130, max_seqlen_k=140, is_causal=True, group_reduce=None, backend="triton")
+    on, off = both(lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", **vkw), kv, 130)
     for i in range(3):
         qs, ks = qv[cu_q[i]:cu_q[i + 1]], kv[cu_k[i]:cu_k[i + 1]]
         want = reference(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], "sum", True, None)[0].T
@@ -415,7 +423,8 @@ def test_row_pass_k_descriptor(dtype, monkeypatch):
     flat = torch.empty(k.numel() + 1, device=DEVICE, dtype=dtype)
     ko = flat[1:].view(k.shape).copy_(k)                             # one element off 16-byte alignment
     for other in (kt, ko):
-        assert not kmod._k_tma(other, False, dev, 137)
-        assert rel_err(colreduce_triton(q, other, "sum", **kw), ref) < TOL[dtype]
-    assert not kmod._k_tma(k, True, dev, 137)                        # paged: never
+        assert not kmod._k_tma(other, False, dev, 130)
+    if dtype == torch.float16:                                       # (the pointer path computes; once is enough)
+        assert rel_err(colreduce_triton(q, ko, "sum", **kw), ref) < TOL[dtype]
+    assert not kmod._k_tma(k, True, dev, 130)                        # paged: never
     assert not kmod._k_tma(k, False, dev, 128)                       # a window: never
