@@ -81,9 +81,16 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _k_tma(k: torch.Tensor, paged: bool, dev: int, max_m: int) -> bool:
-    """Whether the row pass reads k through a tensor descriptor (see K_TMA). dev: -1 under the interpreter."""
-    if not K_TMA or paged or max_m <= _WINDOW_M or (dev >= 0 and not _has_tma(dev)):
+def _row_tma_shape(paged: bool, max_m: int, lse_given: bool) -> bool:
+    """The launch's side of _k_tma: K_TMA on, a row pass (no lse given) over more than _WINDOW_M queries, K not
+    paged."""
+    return K_TMA and not lse_given and not paged and max_m > _WINDOW_M
+
+
+def _k_tma(k: torch.Tensor, paged: bool, dev: int, max_m: int, lse_given: bool = False) -> bool:
+    """Whether the row pass reads k through a tensor descriptor (see K_TMA): _row_tma_shape, a GPU with TMA, and k
+    row-major with 16-byte aligned base and strides. dev: -1 under the interpreter."""
+    if not _row_tma_shape(paged, max_m, lse_given) or (dev >= 0 and not _has_tma(dev)):
         return False
     st, es = k.stride(), k.element_size()
     return (k.data_ptr() % 16 == 0 and st[-1] == 1 and all(x * es % 16 == 0 for x in st[:-1])
@@ -1131,7 +1138,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         if dev < 0:
             dev = torch.cuda.current_device()
         sms = _sm_count(dev)
-    k_tma = lse is None and _k_tma(k, paged, dev, max_m)
+    k_tma = _k_tma(k, paged, dev, max_m, lse is not None)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
            q.dtype, interpreting, lse is not None, k_tma)
     qk_scale = scale * LOG2E
@@ -1202,12 +1209,13 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     col_fn = _long_column_kernel if long else _window_column_kernel
     col_grid = (grid[0], grid[1] * hs) if long else grid
     row_compiled = None
+    k_box = _k_box(row_kw, varlen) if k_tma else None
     if lse is None:
         m_part = ws[off_m:off_m + n_rows]
         l_part = ws[off_l:off_l + n_rows]
         lse2 = ws[off_lse:off_lse + rows]
         if row_pass:
-            k_desc = _k_descriptor(k, _k_box(row_kw, varlen)) if k_tma else None
+            k_desc = _k_descriptor(k, k_box) if k_box is not None else None
             row_compiled = _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
                                    (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part, lse2,
                                     counter, *row_ints, qk_scale), row_kw)
@@ -1226,7 +1234,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
         ok = col_l is not None and (row_l is not None or not row_pass)
         _direct_launchers[ck] = _Direct(row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc,
-                                        long, combine, _k_box(row_kw, varlen) if k_tma else None) if ok else False
+                                        long, combine, k_box) if ok else False
     return out
 
 

@@ -61,7 +61,7 @@ def product_launches():
 
     elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     for name, max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given in LAUNCHES:
-        k_tma = not paged and not lse_given and max_m > kmod._WINDOW_M   # as on sm_90 with aligned, row-major K
+        k_tma = kmod._row_tma_shape(paged, max_m, lse_given)    # as on sm_90 with aligned, row-major K
         cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
                                                           group, varlen, paged, page, getattr(torch, dtype), False,
                                                           lse_given, k_tma)
