@@ -69,8 +69,9 @@ def _interpreting() -> bool:
 # (Hopper's TMA copies, tracked by mbarriers, instead of per-thread loads) where that is possible: dense or varlen K
 # (not paged) in row-major order with 16-byte aligned base and strides, on a GPU of compute capability ≥ 9 (and
 # under the interpreter, so CPU tests cover it). H200, twenty-first session: benchmarks/row_pass.py's fixed-offset
-# row pass 2.12–2.16 vs 2.32 ms at full causal 32/8 16k; the product's row kernel under Nsight Compute 2.01 vs
-# 2.08–2.11 ms there, but 158 vs 151 µs at a 64-query window over 128k keys — so windows keep the pointer loads.
+# row pass 2.12–2.16 vs 2.32 ms at full causal 32/8 16k (same run); the product's row kernel under Nsight Compute
+# (separate runs) 0.58× SDPA's forward there vs 0.60–0.61× with pointer loads, but at a 64-query window over 128k
+# keys 0.95× vs 0.90× of the window column kernel (158 vs 151 µs) — so windows keep the pointer loads.
 # COLREDUCE_KVPRUNE_TMA=0 turns it off everywhere.
 K_TMA = os.environ.get("COLREDUCE_KVPRUNE_TMA", "1") != "0"
 _WINDOW_M = 128               # query windows up to this many rows: the window column kernel, the row pass's own loads
