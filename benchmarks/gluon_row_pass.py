@@ -205,8 +205,8 @@ def compile_sm90(block_r=128, block_n=64, stages=4, warps=8, dtype="fp16", D=128
 
 
 def sass_overlap(compiled) -> dict:
-    """What ptxas made of the schedule, from Triton's bundled ptxas and nvdisasm: its register count, whether it
-    serialized wgmma (its C7514/C7517 notes), and per wgmma window (WARPGROUP.ARRIVE … WARPGROUP.DEPBAR) how many
+    """What ptxas made of the schedule, from Triton's bundled ptxas and nvdisasm: its register count and spilled
+    bytes, whether it serialized wgmma (its C7514/C7517 notes), and per wgmma window (WARPGROUP.ARRIVE … WARPGROUP.DEPBAR) how many
     MUFU.EX2 it holds. The loops' windows hold a tile's exp2: the overlap this experiment is for."""
     import subprocess
     import tempfile
@@ -233,6 +233,7 @@ def sass_overlap(compiled) -> dict:
             inside += 1
     regs = re.search(r"Used (\d+) registers", log)
     return dict(registers=int(regs.group(1)) if regs else None, serialized="C7514" in log or "C7517" in log,
+                spill_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
                 exp2_per_wgmma_window=windows)
 
 

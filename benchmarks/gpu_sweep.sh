@@ -17,7 +17,8 @@
 #                                         # PASSES="row_pass" times one)
 #   bash benchmarks/gpu_sweep.sh gluon    # the Gluon passes (benchmarks/gluon_row_pass.py, gluon_column_pass.py):
 #                                         # their float64 checks on the GPU, then timed beside the product and SDPA
-#   bash benchmarks/gpu_sweep.sh script tma_ab   # one benchmarks/NAME.py --out $OUT after the set-up (SCRIPT_LIMIT s)
+#   bash benchmarks/gpu_sweep.sh script tma_ab   # benchmarks/NAME.py --out $OUT after the set-up (SCRIPT_LIMIT s
+#                                         # each; several names in turn; SCRIPT_CHECK=1: each one's --check first)
 #   bash benchmarks/gpu_sweep.sh ncu      # hardware counters of both passes at the big goal shapes and of SDPA
 #                                         # (benchmarks/ncu_passes.py: ncu_raw.csv, ncu_passes.json)
 # Without .whl the flash-colreduce column is skipped (the sweep says so).
@@ -110,10 +111,17 @@ elif [ "${1:-}" = gluon ]; then     # benchmarks/gluon_{row,column}_pass.py: aga
           timeout "${PASSES_LIMIT:-200}" python3 "$REPO/benchmarks/$exp.py" --out "$OUT"
           echo "== $exp done at ${SECONDS}s (rc $?)"
       done; } 2>&1 | tee "$OUT/gpu_sweep.log"
-elif [ "${1:-}" = script ]; then   # one benchmark script, e.g. tma_ab (the TMA key tiles against pointer loads)
+elif [ "${1:-}" = script ]; then   # benchmark scripts in turn, e.g. tma_ab (the TMA key tiles against pointer loads);
+    # SCRIPT_CHECK=1: each one's --check (against float64 on the GPU) first, and its timing only if that passed
     { setup; cd /tmp || exit
-      timeout "${SCRIPT_LIMIT:-400}" python3 "$REPO/benchmarks/$2.py" --out "$OUT"
-      echo "== $2 done at ${SECONDS}s (rc $?)"; } 2>&1 | tee "$OUT/gpu_sweep.log"
+      for name in "${@:2}"; do
+          if [ "${SCRIPT_CHECK:-0}" = 1 ]; then
+              timeout "${CHECK_LIMIT:-120}" python3 "$REPO/benchmarks/$name.py" --check
+              rc=$?; echo "== $name --check rc $rc at ${SECONDS}s"; [ "$rc" = 0 ] || continue
+          fi
+          timeout "${SCRIPT_LIMIT:-400}" python3 "$REPO/benchmarks/$name.py" --out "$OUT"
+          echo "== $name done at ${SECONDS}s (rc $?)"
+      done; } 2>&1 | tee "$OUT/gpu_sweep.log"
 elif [ "${1:-}" = ncu ]; then      # benchmarks/ncu_passes.py: Nsight Compute's counters of the passes and of SDPA
     { setup; cd /tmp || exit
       timeout "${NCU_LIMIT:-500}" python3 "$REPO/benchmarks/ncu_passes.py" --out "$OUT"

@@ -156,12 +156,12 @@ def _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk
         else:                                         # (B, Hkv, N, D), a box of [1, 1, BLOCK_N, BLOCK_D]
             box = K_desc.load([b, hk, n0, 0])
         kt = tl.reshape(box, [BLOCK_N, d.shape[0]]).T
-    elif MASKED:
-        rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
-        kt = tl.load(K_head + rows[None, :] + d[:, None], mask=(n[None, :] < hi) & (d[:, None] < D), other=0.0)
     else:
         rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
-        kt = tl.load(K_head + rows[None, :] + d[:, None], mask=d[:, None] < D, other=0.0)
+        ok = d[:, None] < D
+        if MASKED:
+            ok = ok & (n[None, :] < hi)
+        kt = tl.load(K_head + rows[None, :] + d[:, None], mask=ok, other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale

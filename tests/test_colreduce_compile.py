@@ -130,6 +130,10 @@ def _compile_experiments() -> list[dict]:
         for tiles in ((128, 64, 4, 8), (128, 128, 3, 8)):
             done.append(dict(experiment=mod.__name__, variant=tiles,
                              **gluon_row_pass.sass_overlap(mod.compile_sm90(*tiles))))
+    import gluon_ws_row_pass  # the warp-specialised row pass: one 64-row warp group per consumer
+    for config, (block_n, stages, *_) in gluon_ws_row_pass.CONFIGS.items():
+        done.append(dict(experiment="gluon_ws_row_pass", variant=(64, block_n, stages, 4), config=config,
+                         **gluon_row_pass.sass_overlap(gluon_ws_row_pass.compile_sm90(config))))
     return done
 
 
@@ -158,17 +162,18 @@ def test_experiment_kernels_compile_for_sm90():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     try:                      # off the path again: benchmarks/kernels.py would pass for Hugging Face's `kernels`
         import column_pass
+        import gluon_ws_row_pass
         import row_pass
     finally:
         sys.path.pop(0)
 
     done = _run_compiles("experiments")
-    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4    # less warp_specialize; 4 Gluon
-    assert len(done) == expected, done
+    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS)
+    assert len(done) == expected, done           # less row_pass's warp_specialize; 4 Gluon passes; the WS configs
     for row in done:          # ptxas keeps half a tile's exp2 or more (a score's MUFU.EX2 per thread) in a wgmma window
         if row["experiment"].startswith("gluon_"):
             rows, cols, _, warps = row["variant"]
-            assert not row["serialized"], row
+            assert not row["serialized"] and row["spill_bytes"] == 0, row
             assert max(row["exp2_per_wgmma_window"]) >= rows * cols // (64 * warps), row
 
 
