@@ -77,6 +77,42 @@ K_TMA = os.environ.get("COLREDUCE_KVPRUNE_TMA", "1") != "0"
 _WINDOW_M = 128               # query windows up to this many rows: the window column kernel, the row pass's own loads
 
 
+# The row pass of long causal prompts on sm_90: colreduce_ws.py's warp-specialised Gluon kernel (a TMA producer warp,
+# two consumer warp groups), where the launch allows it (_ws_row) and q and k have a layout its descriptors read
+# (colreduce_ws._matrix); rows whose fixed offset overflowed there are recomputed by _row_stats_kernel's REDO launch.
+# COLREDUCE_KVPRUNE_WS=0 turns it off. _WS_MIN_M: the H200 timed it at 4k, 8k and 16k queries only (twenty-second
+# session, benchmarks/gluon_ws_row_pass.py: 15–16% less time than the Triton row pass with TMA key tiles).
+K_WS = os.environ.get("COLREDUCE_KVPRUNE_WS", "1") != "0"
+_WS_MIN_M = 4096
+_WS_TRITON = ("3.6.", "3.7.")     # the Triton releases it was compiled (CPU) and run (3.6, the H200's image) with
+
+
+@functools.lru_cache(maxsize=None)
+def _ws_device(device_index: int) -> bool:
+    """Hopper (wgmma and setmaxnreg: sm_90 only, not Blackwell's sm_100) and a Triton whose Gluon it was built on."""
+    if torch.cuda.get_device_capability(device_index) != (9, 0) or not triton.__version__.startswith(_WS_TRITON):
+        return False
+    try:
+        from . import colreduce_ws  # noqa: F401
+    except Exception:  # noqa: BLE001 (no Gluon in this Triton: the Triton row pass)
+        return False
+    return True
+
+
+def _ws_row(paged: bool, is_causal: bool, max_m: int, dtype: torch.dtype, D: int, dev: int) -> bool:
+    """Whether the row pass of a launch with no lse given can be colreduce_ws.py's: causal, at least _WS_MIN_M
+    queries, K not paged, fp16/bf16, D 64 or 128, on sm_90 (dev -1: the interpreter). It is where the recipe also
+    has one split (the row pass writes the lse itself) and q and k's layout allows the descriptors."""
+    return (K_WS and is_causal and not paged and max_m >= _WS_MIN_M and D in (64, 128)
+            and dtype in (torch.float16, torch.bfloat16) and dev >= 0 and _ws_device(dev))
+
+
+def _ws_launch(q, k, lse2, cu_q, cu_k, max_m: int, max_n: int, B: int, qk_scale: float, varlen: bool) -> bool:
+    """colreduce_ws.launch: the row lse2 into lse2, False (nothing launched) where the layout does not allow it."""
+    from . import colreduce_ws
+    return colreduce_ws.launch(q, k, lse2, cu_q, cu_k, max_m, max_n, B, qk_scale, varlen)
+
+
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -242,7 +278,8 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
                       IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, COMBINE: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_TMA: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_TMA: tl.constexpr,
+                      REDO: tl.constexpr):
     """Partial (offset, sum of exp2(s − offset)) of each query row over one split of the keys, rows of all G heads
     together: the offset is the row's first-tile max + 8 (_fixed_offset_row_stats), or its max when a term overflowed
     and the row block ran again with a running max (_online_row_stats); combines treat either as a max.
@@ -252,6 +289,8 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
     COMBINE (S > 1 splits): the last of the S programs of a (row block, sequence × kv head) to finish, counted in
     Counter (int32 per such pair, zero before the launch and reset to zero by that program), combines the splits'
     partials of its rows into LSE2[b·Hq + h, m] (_combine_splits), so no separate combine launch is needed.
+    REDO (with FINAL, after colreduce_ws.py's row pass wrote M_part): a program whose rows hold a NaN (that pass's
+    fixed offset overflowed) recomputes them with the running max; the others load nothing more.
     """
     split = tl.program_id(0)
     rb = tl.program_id(1)
@@ -268,10 +307,6 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
     g = r // Mb
     m = r % Mb
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + (hk * G + g)[:, None] * sqh + (q0 + m)[:, None] * sqm + d[None, :],
-                mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     K_head = K + hk * skh
     shift = Nb - Mb                                   # query m sees key j iff j <= m + shift
     lo = split * split_len
@@ -285,29 +320,45 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
         hi = tl.minimum(hi, m_last + shift + 1)
         full_hi = tl.minimum(hi, m_first + shift + 1)
     full_end = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
-    m_i, l_i = _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
-                                       qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N,
-                                       K_desc, hk, K_TMA, IS_VARLEN)
-    if tl.max(l_i, 0) == float("inf"):                # a term overflowed: this row block again with a running max
-        m_i, l_i = _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
-                                     qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_R,
-                                     BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
     row = (b * HKV * G + hk * G + g) * sph + m
     out = split * spp + row
-    if FINAL:
-        tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
-    else:
-        tl.store(M_part + out, m_i, mask=r_ok)
-        tl.store(L_part + out, l_i, mask=r_ok)
-        if COMBINE:
-            # every thread's partials written, then one release-acquire count per program: the program that
-            # counts last sees the other programs' partials (the threadfence reduction)
-            tl.debug_barrier()
-            slot = Counter + rb * tl.num_programs(2) + bh
-            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == S - 1:
+    q_ptrs = Q + b * sqb + (hk * G + g)[:, None] * sqh + (q0 + m)[:, None] * sqm + d[None, :]
+    q_mask = r_ok[:, None] & (d[None, :] < D)
+    if REDO:
+        prev = tl.load(M_part + out, mask=r_ok, other=0.0)
+        if tl.max((prev != prev).to(tl.int32), 0) > 0:
+            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            m_i, l_i = _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
+                                         qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_R,
+                                         BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+            tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
+    else:      # (no early return: the compiler rejects one inside a constexpr branch)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i, l_i = _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
+                                           qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N,
+                                           K_desc, hk, K_TMA, IS_VARLEN)
+        if tl.max(l_i, 0) == float("inf"):                # a term overflowed: this row block again with a running max
+            m_i, l_i = _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
+                                         qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_R,
+                                         BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+        if FINAL:
+            tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
+        else:
+            tl.store(M_part + out, m_i, mask=r_ok)
+            tl.store(L_part + out, l_i, mask=r_ok)
+            if COMBINE:
+                # every thread's partials written, then one release-acquire count per program: the program that
+                # counts last sees the other programs' partials (the threadfence reduction)
                 tl.debug_barrier()
-                tl.store(LSE2 + row, _combine_splits(M_part, L_part, row, r_ok, spp, S), mask=r_ok)
-                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")       # ready for the next launch
+                slot = Counter + rb * tl.num_programs(2) + bh
+                if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == S - 1:
+                    tl.debug_barrier()
+                    tl.store(LSE2 + row, _combine_splits(M_part, L_part, row, r_ok, spp, S), mask=r_ok)
+                    tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")       # ready for the next launch
 
 
 @triton.jit
@@ -838,9 +889,10 @@ def _num_splits(rows_programs: int, n: int, block_n: int, sms: int | None = None
 
 
 def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: bool, variant: str, sms: int,
-          config: dict | None, ragged: bool = False, tma: bool = True):
+          config: dict | None, ragged: bool = False, tma: bool = True, one_split: bool = False):
     """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape (and of
-    whether the row pass reads K through a descriptor, tma: its stages)."""
+    whether the row pass reads K through a descriptor, tma: its stages; one_split: the row pass is colreduce_ws.py's,
+    which takes every key of a row, and the REDO launch after it one split too)."""
     if config is not None:
         cfg = config
     else:
@@ -848,7 +900,7 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
         if variant != "old":
             cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D, ragged)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
-    splits = _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
+    splits = 1 if one_split else _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
     split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
     splits = triton.cdiv(max_n, split_len)
     col_programs = cfg["PERSISTENT"] if cfg.get("PERSISTENT") else triton.cdiv(max_n, cfg["BLOCK_N"])
@@ -856,12 +908,12 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
 
 
 def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
-            dtype, interpreting, lse_given, k_tma=False, config=None):
+            dtype, interpreting, lse_given, k_tma=False, one_split=False, config=None):
     """Everything a launch needs that is a function of the shape and flags (no tensors): the plan, the kwargs of
     the row and column kernels, whether the row pass writes the lse itself (final), the head split. k_tma: the row
-    pass reads K through a descriptor (_k_tma, _k_box)."""
+    pass reads K through a descriptor (_k_tma, _k_box); one_split: the row pass is colreduce_ws.py's (_ws_row)."""
     cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config,
-                                                     varlen or paged, k_tma)
+                                                     varlen or paged, k_tma, one_split)
     upcast = interpreting and dtype == torch.bfloat16
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
@@ -869,7 +921,7 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     final = variant != "old" and splits == 1 and not lse_given
     combine = variant != "old" and splits > 1 and not lse_given
     row_kw = dict(FINAL=final, COMBINE=combine, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
-                  num_stages=cfg["stages1"], K_TMA=k_tma, **common)
+                  num_stages=cfg["stages1"], K_TMA=k_tma, REDO=False, **common)
     col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
                   LSE_NATURAL=lse_given and variant != "old", **common)
@@ -896,12 +948,12 @@ def _out_strides(varlen: bool, paged: bool, heads: int, max_n: int) -> tuple[int
     return heads * max_n, max_n, 1
 
 
-def _launch_key(max_m, max_n, *shape):
+def _launch_key(max_m, max_n, *shape, one_split=False):
     """What decides which compiled kernels a launch of this shape runs (launch_lengths): the recipe's constexprs and
     Triton's specialisation classes of the integers that follow the key length: max_n, the split length and count,
     and the column pass's output strides (of the head-split partials too)."""
     D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
-    _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False)
+    _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False, False, one_split)
     strides = _out_strides(varlen, paged, G * Hkv if group_reduce is None else Hkv, max_n)
     if hs > 1 and group_reduce is not None:           # the head split's partials (the long column kernel's)
         strides += _out_strides(varlen, paged, Hkv * hs, max_n)
@@ -923,9 +975,12 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
     H200's eleventh visit: a 2.1 s stall at the first 16k prompt). The other integer arguments (strides, the block
     table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks)."""
     interpreting = _interpreting()
+    dev = torch.device(device)
+    index = -1 if interpreting or dev.type != "cuda" else torch.cuda.current_device() if dev.index is None \
+        else dev.index
     if sms is None:
-        index = torch.device(device).index
-        sms = 1 if interpreting else _sm_count(torch.cuda.current_device() if index is None else index)
+        sms = 1 if interpreting else _sm_count(torch.cuda.current_device() if dev.index is None else dev.index)
+    ws = index >= 0 and _ws_row(paged, is_causal, max_m, dtype, D, index)
     seen, out = set(), []
     for base in range(-(-max(n_lo, 1) // 16) * 16, n_hi + 16, 16):
         # one length per class of n mod 16 that an integer argument a·n (a ≤ 64, a power of 2 times an odd number)
@@ -934,7 +989,7 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
             if not n_lo <= n <= n_hi:
                 continue
             key = _launch_key(max_m, n, D, G, B, Hkv, is_causal, _VARIANT, sms, reduction, group_reduce, varlen,
-                              paged, page, dtype, interpreting)
+                              paged, page, dtype, interpreting, one_split=ws)
             if key not in seen:
                 seen.add(key)
                 out.append(n)
@@ -983,6 +1038,7 @@ class _Direct(NamedTuple):
     long: bool               # the long column kernel (it takes the head split's partials and counters)
     combine: bool            # the row pass combines its splits (it takes the counters)
     k_box: list | None       # the box of the row pass's descriptor of K (_k_box), None where it loads K itself
+    ws: bool                 # the row pass is colreduce_ws.py's; `row` is then the REDO launch after it
 
 
 _direct_launchers: dict = {}   # call signature -> _Direct, or False (that signature stays on the JIT dispatch)
@@ -1140,8 +1196,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             dev = torch.cuda.current_device()
         sms = _sm_count(dev)
     k_tma = _k_tma(k, paged, dev, max_m, lse is not None)
+    ws_row = lse is None and variant != "old" and _ws_row(paged, is_causal, max_m, q.dtype, D, dev)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
-           q.dtype, interpreting, lse is not None, k_tma)
+           q.dtype, interpreting, lse is not None, k_tma, ws_row)
     qk_scale = scale * LOG2E
     ck = None
     if variant == "direct" and config is None and not interpreting:
@@ -1153,6 +1210,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             base = ws.data_ptr()
             stream = torch._C._cuda_getCurrentRawStream(dev)
             if fast.row is not None:                       # the same arguments as the JIT launch below
+                if fast.ws:
+                    _ws_launch(q, k, ws[fast.off_m:fast.off_m + B * Hq * max_m], cu_seqlens_q, cu_seqlens_k, max_m,
+                               max_n, B, qk_scale, varlen)
                 k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
                 fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
                                   base + 4 * fast.off_l, base + 4 * fast.off_lse,
@@ -1211,11 +1271,16 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     col_grid = (grid[0], grid[1] * hs) if long else grid
     row_compiled = None
     k_box = _k_box(row_kw, varlen) if k_tma else None
+    use_ws = False
     if lse is None:
         m_part = ws[off_m:off_m + n_rows]
         l_part = ws[off_l:off_l + n_rows]
         lse2 = ws[off_lse:off_lse + rows]
         if row_pass:
+            use_ws = ws_row and final and \
+                _ws_launch(q, k, lse2, cu_seqlens_q, cu_seqlens_k, max_m, max_n, B, qk_scale, varlen)
+            if use_ws:                                     # then the rows it left NaN, with the running max
+                row_kw, k_box = dict(row_kw, REDO=True, K_TMA=False), None
             k_desc = _k_descriptor(k, k_box) if k_box is not None else None
             row_compiled = _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
                                    (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part, lse2,
@@ -1235,7 +1300,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
         ok = col_l is not None and (row_l is not None or not row_pass)
         _direct_launchers[ck] = _Direct(row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc,
-                                        long, combine, k_box) if ok else False
+                                        long, combine, k_box, use_ws) if ok else False
     return out
 
 

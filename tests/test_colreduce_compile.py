@@ -88,6 +88,58 @@ def _compile_all() -> list[dict]:
             for name, fn, kw, compiled in product_launches()]
 
 
+def _compile_ws() -> list[dict]:
+    """kernels/colreduce_ws.py's Gluon row pass (dense and varlen, fp16 D 128 and bf16 D 64, GQA 4; varlen with int64
+    offsets too) and the REDO
+    launch of the Triton row kernel after it (at the full causal 16k launch), compiled for sm_90."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    import colreduce_kvprune.kernels.colreduce as kmod
+    import colreduce_kvprune.kernels.colreduce_ws as ws
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import gluon_row_pass      # its SASS reader
+    done = []
+    fn = ws._ws_row_lse_kernel
+    for varlen, offsets in ((False, "*i32"), (True, "*i32"), (True, "*i64")):
+        for dtype, D in ((torch.float16, 128), (torch.bfloat16, 64))[:1 if offsets == "*i64" else 2]:
+            x = torch.empty(256, 4, D, dtype=dtype) if varlen else torch.empty(1, 4, 256, D, dtype=dtype)
+            gdt = gl.float16 if dtype == torch.float16 else gl.bfloat16
+            descs = {name: mangle_type(TensorDescriptor.from_tensor(
+                ws._matrix(x, varlen), [rows, D], gl.NVMMASharedLayout.get_default_for([rows, D], gdt)))
+                for name, rows in (("Q_desc", ws.HALF.value), ("K_desc", ws.BLOCK_N))}
+            const = dict(G=4, D=D, IS_VARLEN=varlen, NSLOT=ws.STAGES, BLOCK=ws.BLOCK_N, REGS=ws.CONSUMER_REGS)
+            sig = {a: "constexpr" if a in const else dict(descs, Out="*fp32", cu_q=offsets, cu_k=offsets,
+                                                          qk_scale="fp32").get(a, "i32") for a in fn.arg_names}
+            src = GluonASTSource(fn=fn, signature=sig,
+                                 constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                                 attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                                        for a in ("Out", "cu_q", "cu_k")})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=4, maxnreg=ws.MAXNREG))
+            regs = [(kind, int(n)) for kind, n in
+                    re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])]
+            done.append(dict(kernel="gluon", varlen=varlen, offsets=offsets, dtype=str(dtype), D=D, setmaxnreg=regs,
+                             **gluon_row_pass.sass_overlap(compiled)))
+    name, *launch = LAUNCHES[1]                           # full causal 32/8 16k: the REDO launch's row kernel
+    max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given = launch
+    row_kw = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red, group, varlen, paged, page,
+                          getattr(torch, dtype), False, lse_given, False)[5]
+    kw = dict(row_kw, REDO=True, K_TMA=False)
+    const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+    const["K_desc"] = None
+    pointers = dict(Q="*fp16", K="*fp16", BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32",
+                    L_part="*fp32", LSE2="*fp32")
+    _compile_sm90(kmod._row_stats_kernel, const, pointers, kw["num_warps"], kw["num_stages"])
+    done.append(dict(kernel="redo", launch=name))
+    return done
+
+
 def compile_row_pass_variant(row_pass, variant: str):
     """benchmarks/row_pass.py's kernel for one variant at the product's row tiles (128 × 64, 4 warps, 3 stages),
     fp16, D 128, GQA 4, compiled for sm_90."""
@@ -177,5 +229,21 @@ def test_experiment_kernels_compile_for_sm90():
             assert max(row["exp2_per_wgmma_window"]) >= rows * cols // (64 * warps), row
 
 
+@_NVIDIA
+def test_gluon_row_pass_compiles_for_sm90():
+    """The product's Gluon row pass at each layout and dtype: no spills, the two consumers' registers and the
+    producer's 24 add up to the launch's (12 warps · MAXNREG, so two CTAs fit an SM), half a tile's exp2 or more
+    inside a wgmma window; and the REDO row kernel."""
+    import colreduce_kvprune.kernels.colreduce_ws as ws
+    done = _run_compiles("ws")
+    assert [d["kernel"] for d in done] == ["gluon"] * 5 + ["redo"], done
+    for row in done[:5]:
+        assert row["registers"] == ws.MAXNREG and row["spill_bytes"] == 0 and not row["serialized"], row
+        inside = [n for kind, n in row["setmaxnreg"] if kind == "dec" and n not in (24,)]    # the default's share
+        assert inside and max(inside) + ws.CONSUMER_REGS + 24 == 3 * ws.MAXNREG, row
+        assert max(row["exp2_per_wgmma_window"]) >= 16, row         # of 32 per thread per 64 × 64 tile
+    assert 2 * 3 * 4 * 32 * ws.MAXNREG <= 65536                     # two CTAs of 12 warps per SM
+
+
 if __name__ == "__main__":
-    print(json.dumps(_compile_all() if sys.argv[1] == "product" else _compile_experiments()))
+    print(json.dumps({"product": _compile_all, "ws": _compile_ws}.get(sys.argv[1], _compile_experiments)()))
