@@ -72,8 +72,12 @@ def _interpreting() -> bool:
 # row pass 2.12–2.16 vs 2.32 ms at full causal 32/8 16k (same run); the product's row kernel under Nsight Compute
 # (separate runs) 0.58× SDPA's forward there vs 0.60–0.61× with pointer loads, but at a 64-query window over 128k
 # keys 0.95× vs 0.90× of the window column kernel (158 vs 151 µs) — so windows keep the pointer loads.
-# COLREDUCE_KVPRUNE_TMA=0 turns it off everywhere.
-K_TMA = os.environ.get("COLREDUCE_KVPRUNE_TMA", "1") != "0"
+# Off by default since the twenty-second session: the product with and without it, alternated in one run on the
+# H200 (benchmarks/tma_ab.py, ws_ab.py; two runs), took the same GPU time within ±1% at full causal 2k–8k and
+# 1–2% more on a varlen batch (4k + 8k), with 30–40 µs more host time per call (the descriptor's construction);
+# only 16k was sometimes faster, within that shape's ±8% spread, and on sm_90 colreduce_ws.py's row pass takes the
+# long causal prompts now. COLREDUCE_KVPRUNE_TMA=1 turns it on (tests cover both).
+K_TMA = os.environ.get("COLREDUCE_KVPRUNE_TMA", "0") == "1"
 _WINDOW_M = 128               # query windows up to this many rows: the window column kernel, the row pass's own loads
 
 

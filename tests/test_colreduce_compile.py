@@ -192,6 +192,7 @@ def _compile_experiments() -> list[dict]:
 def _run_compiles(what: str) -> list[dict]:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    env["COLREDUCE_KVPRUNE_TMA"] = "1"        # the row pass's descriptor path compiled too (off by default)
     proc = subprocess.run([sys.executable, __file__, what], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
