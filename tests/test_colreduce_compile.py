@@ -186,6 +186,10 @@ def _compile_experiments() -> list[dict]:
     for config, (block_n, stages, *_) in gluon_ws_row_pass.CONFIGS.items():
         done.append(dict(experiment="gluon_ws_row_pass", variant=(64, block_n, stages, 4), config=config,
                          **gluon_row_pass.sass_overlap(gluon_ws_row_pass.compile_sm90(config))))
+    import gluon_ws_column_pass   # not pipelined inside a warp group: no exp2 in a wgmma window to check
+    for config in gluon_ws_column_pass.CONFIGS:
+        done.append(dict(experiment="ws_column_pass", variant=config,
+                         **gluon_row_pass.sass_overlap(gluon_ws_column_pass.compile_sm90(config))))
     return done
 
 
@@ -221,8 +225,9 @@ def test_experiment_kernels_compile_for_sm90():
         sys.path.pop(0)
 
     done = _run_compiles("experiments")
-    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS)
+    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS) + 3
     assert len(done) == expected, done           # less row_pass's warp_specialize; 4 Gluon passes; the WS configs
+    assert all(row["spill_bytes"] == 0 for row in done if row["experiment"] == "ws_column_pass"), done
     for row in done:          # ptxas keeps half a tile's exp2 or more (a score's MUFU.EX2 per thread) in a wgmma window
         if row["experiment"].startswith("gluon_"):
             rows, cols, _, warps = row["variant"]
