@@ -84,8 +84,11 @@ _WINDOW_M = 128               # query windows up to this many rows: the window c
 # The row pass of long causal prompts on sm_90: colreduce_ws.py's warp-specialised Gluon kernel (a TMA producer warp,
 # two consumer warp groups), where the launch allows it (_ws_row) and q and k have a layout its descriptors read
 # (colreduce_ws._matrix); rows whose fixed offset overflowed there are recomputed by _row_stats_kernel's REDO launch.
-# COLREDUCE_KVPRUNE_WS=0 turns it off. _WS_MIN_M: the H200 timed it at 4k, 8k and 16k queries only (twenty-second
-# session, benchmarks/gluon_ws_row_pass.py: 15–16% less time than the Triton row pass with TMA key tiles).
+# COLREDUCE_KVPRUNE_WS=0 turns it off. H200, twenty-second session: the row pass alone 2.02 / 0.52 / 0.16 ms at full
+# causal 32/8 16k / 8k / 4k against 2.27 / 0.61 / 0.19 for row_pass.py's Triton replica with TMA; the product's
+# whole call (benchmarks/ws_ab.py, same run) 3% less at 8k, 1% at 4k, 8% on a varlen batch of 4k + 8k, 16k within
+# its ±8% spread, with 40–70 µs more host time per call. _WS_MIN_M: 2k was 9% faster on the GPU there but its
+# host time (146 µs) passed its GPU time (124 µs).
 K_WS = os.environ.get("COLREDUCE_KVPRUNE_WS", "1") != "0"
 _WS_MIN_M = 4096
 _WS_TRITON = ("3.6.", "3.7.")     # the Triton releases it was compiled (CPU) and run (3.6, the H200's image) with
@@ -1214,9 +1217,12 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             base = ws.data_ptr()
             stream = torch._C._cuda_getCurrentRawStream(dev)
             if fast.row is not None:                       # the same arguments as the JIT launch below
-                if fast.ws:
-                    _ws_launch(q, k, ws[fast.off_m:fast.off_m + B * Hq * max_m], cu_seqlens_q, cu_seqlens_k, max_m,
-                               max_n, B, qk_scale, varlen)
+                # the call signature fixes the layout _ws_launch checks (strides, alignment), so it launches here
+                # as it did at the signature's first call; were it to refuse, the REDO launch would find no NaN in
+                # a stale buffer: fail loudly instead
+                if fast.ws and not _ws_launch(q, k, ws[fast.off_m:fast.off_m + B * Hq * max_m], cu_seqlens_q,
+                                              cu_seqlens_k, max_m, max_n, B, qk_scale, varlen):
+                    raise RuntimeError("colreduce: the Gluon row pass refused a launch its signature had taken")
                 k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
                 fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
                                   base + 4 * fast.off_l, base + 4 * fast.off_lse,
