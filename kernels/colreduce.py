@@ -983,11 +983,12 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
     table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks)."""
     interpreting = _interpreting()
     dev = torch.device(device)
-    index = -1 if interpreting or dev.type != "cuda" else torch.cuda.current_device() if dev.index is None \
-        else dev.index
     if sms is None:
         sms = 1 if interpreting else _sm_count(torch.cuda.current_device() if dev.index is None else dev.index)
-    ws = index >= 0 and _ws_row(paged, is_causal, max_m, dtype, D, index)
+    ws = False                  # the Gluon row pass's one split (colreduce_triton's _ws_row), on a CUDA device only
+    if not interpreting and dev.type == "cuda" and torch.cuda.is_available():
+        ws = _ws_row(paged, is_causal, max_m, dtype, D, torch.cuda.current_device() if dev.index is None
+                     else dev.index)
     seen, out = set(), []
     for base in range(-(-max(n_lo, 1) // 16) * 16, n_hi + 16, 16):
         # one length per class of n mod 16 that an integer argument a·n (a ≤ 64, a power of 2 times an odd number)
