@@ -27,7 +27,9 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+from colreduce_kvprune.kernels.colreduce_ws import _done, _issue, _mma_layout   # held A operand, B ring
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gluon_row_pass as grp  # noqa: E402
@@ -37,24 +39,6 @@ HALF = gl.constexpr(64)       # keys per consumer warp group
 PRODUCER_REGS = gl.constexpr(24)
 # (BLOCK_M, STAGES, maxnreg, consumer registers)
 CONFIGS = {"m64s3r80": (64, 3, 80, 104), "m64s4r80": (64, 4, 80, 104), "m128s3r168": (128, 3, 168, 240)}
-
-
-@gluon.constexpr_function
-def _mma_layout(n):
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
-
-
-@gluon.jit
-def _issue(ks, q_smem, ready, t, zero, NSLOT: gl.constexpr):
-    mbarrier.wait(ready.index(t % NSLOT), (t // NSLOT) & 1)
-    return warpgroup_mma(ks, q_smem.index(t % NSLOT).permute((1, 0)), zero, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _done(token, empty, t, NSLOT: gl.constexpr):
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
-    mbarrier.arrive(empty.index(t % NSLOT), count=1)
-    return s
 
 
 @gluon.jit
