@@ -39,6 +39,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from colreduce_kvprune.kernels.colreduce_ws import _masked  # s·scale of a key tile, -inf where a row does not see it
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import row_pass  # noqa: E402
 
@@ -69,14 +71,6 @@ def _copy_k_tile(k_smem, K_head, t, hi, skn, STAGES: gl.constexpr, BLOCK_N: gl.c
     cp.async_copy_global_to_shared(k_smem.index(t % STAGES), K_head + n[:, None] * skn + d[None, :],
                                    mask=(n < hi)[:, None])
     cp.commit_group()
-
-
-@gluon.jit
-def _masked(s, t, rows, shift, N, qk_scale, BLOCK_N: gl.constexpr, MMA: gl.constexpr):
-    """s·scale of key tile t, -inf where a row does not see the key (the diagonal, the ragged end, keys ≥ N)."""
-    cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA))
-    visible = (cols[None, :] < N) & (cols[None, :] <= rows[:, None] + shift)
-    return gl.where(visible, s * qk_scale, float("-inf"))
 
 
 @gluon.jit
@@ -183,18 +177,28 @@ def row_lse2_gluon(q, k, block_r=128, block_n=64, stages=4, warps=8, scale=None,
     return out
 
 
-def compile_gluon_sm90(fn, const: dict, pointers: dict, warps: int):
-    """A Gluon kernel compiled for sm_90 with the installed Triton (no GPU needed): pointers (name → "*fp16", …)
-    and every integer argument 16-divisible, as the JIT specializes them for real tensors; qk_scale float32."""
+def compile_gluon_sm90(fn, const: dict, pointers: dict, warps: int, maxnreg: int | None = None):
+    """A Gluon kernel compiled for sm_90 with the installed Triton (no GPU needed): pointers (name → "*fp16", …,
+    or a descriptor's type: descriptor_type) and the strides (integer arguments named s…) 16-divisible, as the JIT
+    specializes them for real tensors; qk_scale float32, other arguments int32. maxnreg: the register limit."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sig = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
            for a in fn.arg_names}
-    aligned = [a for a in fn.arg_names if a in pointers or (a.startswith("s") and sig[a] == "i32")]   # strides
+    aligned = [a for a in fn.arg_names if sig[a].startswith("*") or (a.startswith("s") and sig[a] == "i32")]
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
                          attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg))))
+
+
+def descriptor_type(x2: torch.Tensor, rows: int, D: int) -> str:
+    """The JIT's type of kernels/colreduce_ws.py's descriptor of a 2-D (CPU) tensor with a box of rows × D."""
+    from triton.runtime.jit import mangle_type
+
+    from colreduce_kvprune.kernels.colreduce_ws import _descriptor
+    return mangle_type(_descriptor(x2, rows, D))
 
 
 def compile_sm90(block_r=128, block_n=64, stages=4, warps=8, dtype="fp16", D=128):
@@ -206,8 +210,9 @@ def compile_sm90(block_r=128, block_n=64, stages=4, warps=8, dtype="fp16", D=128
 
 def sass_overlap(compiled) -> dict:
     """What ptxas made of the schedule, from Triton's bundled ptxas and nvdisasm: its register count and spilled
-    bytes, whether it serialized wgmma (its C7514/C7517 notes), and per wgmma window (WARPGROUP.ARRIVE … WARPGROUP.DEPBAR) how many
-    MUFU.EX2 it holds. The loops' windows hold a tile's exp2: the overlap this experiment is for."""
+    bytes, whether it serialized wgmma (its C7514/C7517 notes), and per wgmma window (WARPGROUP.ARRIVE …
+    WARPGROUP.DEPBAR) how many MUFU.EX2 it holds. The loops' windows hold a tile's exp2: the overlap this
+    experiment is for."""
     import subprocess
     import tempfile
 

@@ -29,7 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from colreduce_kvprune.kernels.colreduce_ws import _done, _issue, _mma_layout   # held A operand, B ring
+from colreduce_kvprune.kernels.colreduce_ws import _descriptor, _done, _issue, _mma_layout  # held A, B ring
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gluon_row_pass as grp  # noqa: E402
@@ -141,12 +141,9 @@ def _ws_column_kernel(Q_desc, K_desc, LSE, Out, Hq, M, N, qk_scale, G: gl.conste
 
 
 def _descriptors(q, k, block_m):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    """Q and K as (B·H·L, D) matrices, with boxes of block_m query rows and HALF key rows."""
     D = q.shape[-1]
-    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    return tuple(TensorDescriptor.from_tensor(x.reshape(-1, D), [rows, D],
-                                              gl.NVMMASharedLayout.get_default_for([rows, D], dt))
-                 for x, rows in ((q, block_m), (k, HALF.value)))
+    return tuple(_descriptor(x.reshape(-1, D), rows, D) for x, rows in ((q, block_m), (k, HALF.value)))
 
 
 def column_sums_ws(q, k, lse2, config="m64s3r80", scale=None):
@@ -167,21 +164,12 @@ def column_sums_ws(q, k, lse2, config="m64s3r80", scale=None):
 
 
 def compile_sm90(config="m64s3r80", dtype="fp16", D=128):
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     block_m, stages, maxnreg, regs = CONFIGS[config]
-    tdt = dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype]
-    q_desc, k_desc = _descriptors(torch.empty(1, 4, 256, D, dtype=tdt), torch.empty(1, 1, 256, D, dtype=tdt), block_m)
-    fn = _ws_column_kernel
-    const = dict(G=4, D=D, NSLOT=stages, BLOCK_M=block_m, REGS=regs)
-    sig = {a: "constexpr" if a in const else dict(Q_desc=mangle_type(q_desc), K_desc=mangle_type(k_desc),
-                                                   LSE="*fp32", Out="*fp32", qk_scale="fp32").get(a, "i32")
-           for a in fn.arg_names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
-                         attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("LSE", "Out")})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+    x = torch.empty(1024, D, dtype=dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype])
+    types = dict(Q_desc=grp.descriptor_type(x, block_m, D), K_desc=grp.descriptor_type(x, HALF.value, D),
+                 LSE="*fp32", Out="*fp32")
+    return grp.compile_gluon_sm90(_ws_column_kernel, dict(G=4, D=D, NSLOT=stages, BLOCK_M=block_m, REGS=regs), types,
+                                  4, maxnreg)
 
 
 def _reference(q, k):

@@ -39,7 +39,6 @@ import sys
 
 import torch
 import triton
-from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gluon_row_pass as grp  # noqa: E402
@@ -86,34 +85,22 @@ def row_lse2_ws(q, k, config="n64s4r80", scale=None, out=None, fallback=True):
 
 def _descriptors(q, k, block_n):
     """Q and K as 2-D row-major matrices, with boxes of HALF query rows and block_n key rows."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     ws = _kernel()
     D = q.shape[-1]
-    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    return tuple(TensorDescriptor.from_tensor(ws._matrix(x, False), [rows, D],
-                                              gl.NVMMASharedLayout.get_default_for([rows, D], dt))
-                 for x, rows in ((q, HALF), (k, block_n)))
+    return tuple(ws._descriptor(ws._matrix(x, False), rows, D) for x, rows in ((q, HALF), (k, block_n)))
 
 
 def compile_sm90(config="n64s4r80", dtype="fp16", D=128):
     """The kernel at this config compiled for sm_90 with the installed Triton (no GPU): its descriptors' types from
     CPU tensors."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     block_n, stages, maxnreg, regs = CONFIGS[config]
+    ws = _kernel()
     tdt = dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype]
-    q_desc, k_desc = _descriptors(torch.empty(1, 4, 256, D, dtype=tdt), torch.empty(1, 1, 256, D, dtype=tdt), block_n)
-    fn = _kernel()._ws_row_lse_kernel
-    const = dict(G=4, D=D, IS_VARLEN=False, NSLOT=stages, BLOCK=block_n, REGS=regs)
-    sig = {a: "constexpr" if a in const else dict(Q_desc=mangle_type(q_desc), K_desc=mangle_type(k_desc),
-                                                   qk_scale="fp32").get(a, "*fp32" if a in ("Out", "cu_q", "cu_k")
-                                                                        else "i32")
-           for a in fn.arg_names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
-                         attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("Out", "cu_q", "cu_k")})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+    x = torch.empty(1024, D, dtype=tdt)
+    types = dict(Q_desc=grp.descriptor_type(x, HALF, D), K_desc=grp.descriptor_type(x, block_n, D), Out="*fp32",
+                 cu_q="*fp32", cu_k="*fp32")           # dense: the offsets are placeholders (the output)
+    return grp.compile_gluon_sm90(ws._ws_row_lse_kernel, dict(G=4, D=D, IS_VARLEN=False, NSLOT=stages, BLOCK=block_n,
+                                                             REGS=regs), types, 4, maxnreg)
 
 
 def check(device="cpu"):

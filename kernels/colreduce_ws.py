@@ -197,6 +197,13 @@ def _matrix(x: torch.Tensor, varlen: bool):
     return x.view(-1, x.shape[-1])
 
 
+def _descriptor(x2: torch.Tensor, rows: int, D: int):
+    """The host-side descriptor of a _matrix view with a box of rows × D, in the shared layout the wgmma reads."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    dt = gl.float16 if x2.dtype == torch.float16 else gl.bfloat16
+    return TensorDescriptor.from_tensor(x2, [rows, D], gl.NVMMASharedLayout.get_default_for([rows, D], dt))
+
+
 class _Desc(NamedTuple):
     """What the compiled launcher reads of a host-side tensor descriptor (Triton's make_tensordesc_arg: base,
     shape, strides, padding), without the checks of building one: the first launch of each signature built and
@@ -241,13 +248,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, max_
             _Desc(q2, tuple(q2.shape), q2.stride()), _Desc(k2, tuple(k2.shape), k2.stride()), out, cu_q, cu_k, Hq,
             max_m, max_n, qk_scale, *const)
         return True
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    q_desc, k_desc = (TensorDescriptor.from_tensor(x, [rows, D], gl.NVMMASharedLayout.get_default_for([rows, D], dt))
-                      for x, rows in ((q2, HALF.value), (k2, BLOCK_N)))
     compiled = _ws_row_lse_kernel[grid](
-        q_desc, k_desc, out, cu_q, cu_k, Hq, max_m, max_n, qk_scale, G=Hq // Hkv, D=D, IS_VARLEN=varlen,
-        NSLOT=STAGES, BLOCK=BLOCK_N, REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG)
+        _descriptor(q2, HALF.value, D), _descriptor(k2, BLOCK_N, D), out, cu_q, cu_k, Hq, max_m, max_n, qk_scale,
+        G=Hq // Hkv, D=D, IS_VARLEN=varlen, NSLOT=STAGES, BLOCK=BLOCK_N, REGS=CONSUMER_REGS, num_warps=4,
+        maxnreg=MAXNREG)
     if sig not in _direct:
         _direct[sig] = _launcher(compiled)
     return True

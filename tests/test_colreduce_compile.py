@@ -90,38 +90,25 @@ def _compile_all() -> list[dict]:
 
 def _compile_ws() -> list[dict]:
     """kernels/colreduce_ws.py's Gluon row pass (dense and varlen, fp16 D 128 and bf16 D 64, GQA 4; varlen with int64
-    offsets too) and the REDO
-    launch of the Triton row kernel after it (at the full causal 16k launch), compiled for sm_90."""
+    offsets too) and the REDO launch of the Triton row kernel after it (at the full causal 16k launch), compiled for
+    sm_90."""
     import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
 
     import colreduce_kvprune.kernels.colreduce as kmod
     import colreduce_kvprune.kernels.colreduce_ws as ws
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-    import gluon_row_pass      # its SASS reader
+    import gluon_row_pass      # its sm_90 compile helper and SASS reader
     done = []
-    fn = ws._ws_row_lse_kernel
     for varlen, offsets in ((False, "*i32"), (True, "*i32"), (True, "*i64")):
         for dtype, D in ((torch.float16, 128), (torch.bfloat16, 64))[:1 if offsets == "*i64" else 2]:
-            x = torch.empty(256, 4, D, dtype=dtype) if varlen else torch.empty(1, 4, 256, D, dtype=dtype)
-            gdt = gl.float16 if dtype == torch.float16 else gl.bfloat16
-            descs = {name: mangle_type(TensorDescriptor.from_tensor(
-                ws._matrix(x, varlen), [rows, D], gl.NVMMASharedLayout.get_default_for([rows, D], gdt)))
-                for name, rows in (("Q_desc", ws.HALF.value), ("K_desc", ws.BLOCK_N))}
-            const = dict(G=4, D=D, IS_VARLEN=varlen, NSLOT=ws.STAGES, BLOCK=ws.BLOCK_N, REGS=ws.CONSUMER_REGS)
-            sig = {a: "constexpr" if a in const else dict(descs, Out="*fp32", cu_q=offsets, cu_k=offsets,
-                                                          qk_scale="fp32").get(a, "i32") for a in fn.arg_names}
-            src = GluonASTSource(fn=fn, signature=sig,
-                                 constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
-                                 attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-                                        for a in ("Out", "cu_q", "cu_k")})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=4, maxnreg=ws.MAXNREG))
+            x = ws._matrix(torch.empty(256, 4, D, dtype=dtype) if varlen else torch.empty(1, 4, 256, D, dtype=dtype),
+                           varlen)
+            types = dict(Q_desc=gluon_row_pass.descriptor_type(x, ws.HALF.value, D),
+                         K_desc=gluon_row_pass.descriptor_type(x, ws.BLOCK_N, D), Out="*fp32", cu_q=offsets,
+                         cu_k=offsets)
+            compiled = gluon_row_pass.compile_gluon_sm90(
+                ws._ws_row_lse_kernel, dict(G=4, D=D, IS_VARLEN=varlen, NSLOT=ws.STAGES, BLOCK=ws.BLOCK_N,
+                                            REGS=ws.CONSUMER_REGS), types, 4, ws.MAXNREG)
             regs = [(kind, int(n)) for kind, n in
                     re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])]
             done.append(dict(kernel="gluon", varlen=varlen, offsets=offsets, dtype=str(dtype), D=D, setmaxnreg=regs,
