@@ -23,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prune_path import _bench_kernels  # noqa: E402
 
 
-def _cases():
-    """(name, k, max_m, fn) per shape: colreduce over dense or varlen inputs, causal, sum, group mean, fp16, D 128."""
+def _cases(lengths=(4096, 8192, 16384)):
+    """(name, k, max_m, fn) per shape: colreduce over dense inputs (full causal at each length) and a varlen batch,
+    causal, sum, group mean, fp16, D 128."""
     from colreduce_kvprune import colreduce, colreduce_varlen
     dev, f16 = "cuda", torch.float16
-    for N in (4096, 8192, 16384):
+    for N in lengths:
         torch.manual_seed(0)
         q = torch.randn(1, 32, N, 128, device=dev, dtype=f16)
         k = torch.randn(1, 8, N, 128, device=dev, dtype=f16)
@@ -40,14 +41,19 @@ def _cases():
         q, k, cu, cu, "sum", max_seqlen_q=max(lens), max_seqlen_k=max(lens), is_causal=True, group_reduce="mean")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _setup(doc, name, argv):
+    """An A/B script's command line (--out DIR): benchmarks/kernels.py, the product's kernel module, the L2 flush
+    buffer and record (experiment_rows into DIR/name)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
     bk = _bench_kernels()
     from colreduce_kvprune.kernels import colreduce as kmod
-    flush = bk._flush_buffer()
-    record = bk.experiment_rows(args.out, "tma_ab.json", None)
+    return bk, kmod, bk._flush_buffer(), bk.experiment_rows(args.out, name, None)
+
+
+def main(argv=None):
+    bk, kmod, flush, record = _setup(__doc__, "tma_ab.json", argv)
     before = kmod.K_TMA
     for name, k, max_m, fn in _cases():
         kmod.K_TMA = True

@@ -12,28 +12,19 @@ itself; each shape records the largest relative difference between the arms' out
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prune_path import _bench_kernels  # noqa: E402
-from tma_ab import _cases  # noqa: E402
+from tma_ab import _cases, _setup  # noqa: E402
 
 ARMS = {"gluon ws": (True, True), "triton tma": (False, True), "triton pointer": (False, False)}   # K_WS, K_TMA
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out")
-    args = ap.parse_args(argv)
-    bk = _bench_kernels()
-    from colreduce_kvprune import colreduce
-    from colreduce_kvprune.kernels import colreduce as kmod
-    flush = bk._flush_buffer()
-    record = bk.experiment_rows(args.out, "ws_ab.json", None)
+    bk, kmod, flush, record = _setup(__doc__, "ws_ab.json", argv)
     before = kmod.K_WS, kmod.K_TMA, kmod._WS_MIN_M, kmod._ws_launch
     ran = []
 
@@ -41,14 +32,8 @@ def main(argv=None):
         ran.append(before[3](*a))
         return ran[-1]
     kmod._ws_launch = counted
-
-    def short():
-        torch.manual_seed(0)
-        q = torch.randn(1, 32, 2048, 128, device="cuda", dtype=torch.float16)
-        k = torch.randn(1, 8, 2048, 128, device="cuda", dtype=torch.float16)
-        yield "full 32/8 N=2048", k, 2048, lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean")
     try:
-        for name, k, max_m, fn in (*short(), *_cases()):
+        for name, k, max_m, fn in _cases((2048, 4096, 8192, 16384)):
             kmod._WS_MIN_M = min(before[2], max_m)
             Hq = 32
             qs = torch.randn(k.shape[0] if k.dim() == 4 else 1, Hq, max_m, 128, device="cuda", dtype=torch.float16)
