@@ -13,8 +13,9 @@ key) written as the one-split row pass writes it. A row whose sum overflowed (a 
 max) gets NaN, and colreduce.py recomputes those rows with the running max (_row_stats_kernel's REDO launch).
 
 H200, twenty-second session (benchmarks/gluon_ws_row_pass.py, the same kernel on dense inputs, full causal 32/8
-fp16 in one run): 2.02 ms at 16k against 2.27 for the Triton row pass with TMA key tiles and 2.39 without; 0.52 vs
-0.60 ms at 8k, 0.161 vs 0.190 at 4k.
+fp16 in one run): 2.02 ms at 16k against 2.27 for benchmarks/row_pass.py's Triton replica of the row pass with TMA
+key tiles and 2.39 without; 0.52 vs 0.60 ms at 8k, 0.161 vs 0.190 at 4k. In the product's whole call the gain is
+smaller (colreduce.py's K_WS comment: benchmarks/ws_ab.py).
 
 Q and K are read through 2-D descriptors: dense contiguous (B, H, M, D) as (B·H·M, D), a head's rows from
 (b·H + h)·M; varlen (total, H, D) with adjacent heads as (total, H·D), a head's rows from its sequence's first token
