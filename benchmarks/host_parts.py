@@ -1,0 +1,118 @@
+"""Where the host time of a call goes (issue 19: ≤ 30 µs per call), at the shapes where it is furthest off: the
+long causal prompts, whose row pass is colreduce_ws.py's Gluon kernel on sm_90 (78–115 µs per call in the
+twenty-second session's sweep, against 58–90 for the same shapes with the Triton row pass, and ~30 elsewhere).
+
+Per shape (full causal 32/8 fp16 D 128 at 4k, dense, and a varlen batch of two prompts, 4k + 8k): the CPU µs per
+call (benchmarks/kernels.py host_blocks: the device kept busy, so no launch waits) of
+- the whole call with the Gluon row pass (K_WS) and with the Triton row pass;
+- colreduce_ws.launch alone, and its pieces: the 2-D views (_matrix), the signature, and Triton's per-launch
+  conversion of the two descriptors (make_tensordesc_arg: the CUtensorMap encodes);
+- an empty Triton kernel through its compiled launcher (the floor of one launch on this host);
+and a cProfile of 300 whole calls each way (the functions with the most own time), so the parts that are not listed show.
+
+    python benchmarks/host_parts.py --out DIR     # GPU (sm_90): DIR/host_parts.json, DIR/host_parts_profile.txt
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tma_ab import _cases, _setup  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(X, n):
+    pass
+
+
+def main(argv=None):
+    bk, kmod, flush, record = _setup(__doc__, "host_parts.json", argv)
+    from colreduce_kvprune.kernels import colreduce_ws as wmod
+    import triton.backends.nvidia.driver as drv
+    x = torch.zeros(16, device="cuda")
+    compiled = _empty_kernel[(1, )](x, 1)
+    run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
+    stream = torch._C._cuda_getCurrentRawStream(0)
+
+    def empty():
+        run(1, 1, 1, stream, function, meta, None, None, None, x, 1)
+
+    def us(fn, est_ms=0.05):
+        fn()
+        torch.cuda.synchronize()
+        blocks = bk.host_blocks(fn, est_ms, host_calls=200)
+        return dict(host_us=round(blocks[2], 2), host_us_min=round(blocks[0], 2))
+
+    record(dict(part="empty Triton kernel, compiled launcher", **us(empty)))
+    before = kmod.K_WS, wmod.launch, drv.make_tensordesc_arg
+    seen = {}
+
+    def spy_launch(*a):
+        seen["launch"] = a
+        return before[1](*a)
+
+    def spy_desc(arg, metadata):
+        seen.setdefault("descs", []).append((arg, metadata))
+        return before[2](arg, metadata)
+    try:
+        for name, k, max_m, fn in _cases((4096, )):    # full causal 4k, then the varlen batch 4k + 8k
+            for ws in (True, False):
+                kmod.K_WS = ws
+                fn()
+                torch.cuda.synchronize()
+                t = bk.time3(fn, flush)
+                record(dict(shape=name, part=f"whole call, {'Gluon' if ws else 'Triton'} row pass",
+                            gpu_ms=t["gpu_ms"], **us(fn, t["gpu_ms"])))
+            kmod.K_WS = True
+            wmod.launch, drv.make_tensordesc_arg = spy_launch, spy_desc
+            seen.clear()
+            fn()
+            wmod.launch, drv.make_tensordesc_arg = before[1], before[2]
+            torch.cuda.synchronize()
+            a = seen.get("launch")
+            if a is None:
+                record(dict(shape=name, error="the Gluon row pass did not run"))
+                continue
+            q, kk, lse2, cu_q, cu_k, mm, mn, B, scale, varlen = a
+            record(dict(shape=name, part="colreduce_ws.launch alone", **us(lambda: wmod.launch(*a))))
+            record(dict(shape=name, part="_matrix(q), _matrix(k)",
+                        **us(lambda: (wmod._matrix(q, varlen), wmod._matrix(kk, varlen)))))
+            record(dict(shape=name, part="_signature",
+                        **us(lambda: wmod._signature(q, lse2, cu_q, cu_k, varlen))))
+            q2, k2 = wmod._matrix(q, varlen), wmod._matrix(kk, varlen)
+            record(dict(shape=name, part="two _Desc", **us(lambda: (
+                wmod._Desc(q2, tuple(q2.shape), q2.stride()), wmod._Desc(k2, tuple(k2.shape), k2.stride())))))
+            descs = seen.get("descs", [])
+            if descs:
+                record(dict(shape=name, part=f"make_tensordesc_arg × {len(descs)} (CUtensorMap encodes)",
+                            **us(lambda: [before[2](d, m) for d, m in descs])))
+            for ws in (True, False):
+                kmod.K_WS = ws
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(300):
+                    fn()
+                prof.disable()
+                torch.cuda.synchronize()
+                s = io.StringIO()
+                pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+                with open(os.path.join(_out(argv), "host_parts_profile.txt"), "a") as f:
+                    f.write(f"== {name}, {'Gluon' if ws else 'Triton'} row pass, 300 calls\n{s.getvalue()}\n")
+    finally:
+        kmod.K_WS, wmod.launch, drv.make_tensordesc_arg = before
+
+
+def _out(argv):
+    args = list(sys.argv[1:] if argv is None else argv)
+    return args[args.index("--out") + 1] if "--out" in args else "out"
+
+
+if __name__ == "__main__":
+    main()
