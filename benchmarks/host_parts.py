@@ -105,8 +105,53 @@ def main(argv=None):
                 pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
                 with open(os.path.join(_out(argv), "host_parts_profile.txt"), "a") as f:
                     f.write(f"== {name}, {'Gluon' if ws else 'Triton'} row pass, 300 calls\n{s.getvalue()}\n")
+        kmod.K_WS = False
+        _launch_parts(bk, kmod, record)
     finally:
         kmod.K_WS, wmod.launch, drv.make_tensordesc_arg = before
+
+
+def _launch_parts(bk, kmod, record):
+    """The Triton path's host µs, whole and in parts (K_WS off), at a window and at full causal 512 and 4k."""
+    from colreduce_kvprune import colreduce
+    dev, f16 = "cuda", torch.float16
+    for name, M, N in (("win64 32/8 N=8192", 64, 8192), ("full 32/8 N=512", 512, 512),
+                       ("full 32/8 N=4096", 4096, 4096)):
+        q = torch.randn(1, 32, M, 128, device=dev, dtype=f16)
+        k = torch.randn(1, 8, N, 128, device=dev, dtype=f16)
+        fn = lambda q=q, k=k: colreduce(q, k, "sum", is_causal=True, group_reduce="mean")  # noqa: E731
+        tri = lambda q=q, k=k: kmod.colreduce_triton(q, k, "sum", is_causal=True,  # noqa: E731
+                                                      scale=128 ** -0.5, group_reduce="mean")
+        fn()
+        torch.cuda.synchronize()
+        kmod._direct_launchers.clear()
+        tri()
+        tri()
+        torch.cuda.synchronize()
+        (ck, fast), = kmod._direct_launchers.items()
+        got = {}
+
+        def spy(part, f):
+            def call(*a):
+                got[part] = a
+                return f(*a)
+            return call
+        kmod._direct_launchers[ck] = fast._replace(
+            row=spy("row", fast.row) if fast.row else None, col=spy("col", fast.col))
+        tri()
+        kmod._direct_launchers[ck] = fast
+        torch.cuda.synchronize()
+        for part, f in (("whole call (ops.colreduce)", fn), ("colreduce_triton alone", tri),
+                        ("the row pass's compiled launch alone", (lambda: fast.row(*got["row"])) if "row" in got
+                         else None),
+                        ("the column pass's compiled launch alone", lambda: fast.col(*got["col"])),
+                        ("torch.empty of the output", lambda: torch.empty(1, 8, N, dtype=torch.float32, device=dev)),
+                        ("_scratch", lambda: kmod._scratch(fast.n_scratch, fast.n_count, q.device, 0))):
+            if f is not None:
+                f()
+                torch.cuda.synchronize()
+                blocks = bk.host_blocks(f, 0.05, host_calls=200)
+                record(dict(shape=name, part=part, host_us=round(blocks[2], 2), host_us_min=round(blocks[0], 2)))
 
 
 def _out(argv):
