@@ -5,7 +5,8 @@ twenty-second session's sweep, against 58–90 for the same shapes with the Trit
 Per shape (full causal 32/8 fp16 D 128 at 4k, dense, and a varlen batch of two prompts, 4k + 8k): the CPU µs per
 call (benchmarks/kernels.py host_blocks: the device kept busy, so no launch waits) of
 - the whole call with the Gluon row pass (K_WS) and with the Triton row pass;
-- colreduce_ws.launch alone, and its pieces: the 2-D views (_matrix), the signature, and Triton's per-launch
+- colreduce_ws.launch alone (the JIT path's first launch of a signature), the direct path's launcher
+  (colreduce_ws.direct_launcher) alone, and launch's pieces: the 2-D views (_matrix), the signature, and Triton's per-launch
   conversion of the two descriptors (make_tensordesc_arg: the CUtensorMap encodes);
 - an empty Triton kernel through its compiled launcher (the floor of one launch on this host);
 and a cProfile of 300 whole calls each way (the functions with the most own time), so the parts that are not listed show.
@@ -73,6 +74,7 @@ def main(argv=None):
             kmod.K_WS = True
             wmod.launch, drv.make_tensordesc_arg = spy_launch, spy_desc
             seen.clear()
+            kmod._direct_launchers.clear()                 # the JIT path: it calls colreduce_ws.launch
             fn()
             wmod.launch, drv.make_tensordesc_arg = before[1], before[2]
             torch.cuda.synchronize()
@@ -81,7 +83,11 @@ def main(argv=None):
                 record(dict(shape=name, error="the Gluon row pass did not run"))
                 continue
             q, kk, lse2, cu_q, cu_k, mm, mn, B, scale, varlen = a
-            record(dict(shape=name, part="colreduce_ws.launch alone", **us(lambda: wmod.launch(*a))))
+            record(dict(shape=name, part="colreduce_ws.launch alone (the JIT path's)", **us(lambda: wmod.launch(*a))))
+            go = wmod.direct_launcher(q, kk, lse2, cu_q, cu_k, varlen)
+            stream = torch._C._cuda_getCurrentRawStream(q.get_device())
+            record(dict(shape=name, part="colreduce_ws.direct_launcher's launch alone (the direct path's)",
+                        **us(lambda: go(q, kk, lse2.data_ptr(), cu_q, cu_k, mm, mn, B, scale, stream))))
             record(dict(shape=name, part="_matrix(q), _matrix(k)",
                         **us(lambda: (wmod._matrix(q, varlen), wmod._matrix(kk, varlen)))))
             record(dict(shape=name, part="_signature",

@@ -5,7 +5,7 @@ same process, same inputs, alternated three times per shape, with SDPA's forward
 Shapes: full causal 32/8 fp16 D 128 at 2k (below _WS_MIN_M: the Gluon arm lowers it, to see whether the threshold
 could come down), 4k, 8k, 16k, and a varlen batch of two full causal prompts (4k, 8k), all colreduce(..., "sum",
 group mean) as the serving path calls it; gpu ms, e2e ms and host µs (benchmarks/kernels.py time3). Each Gluon arm
-checks that the Gluon kernel really ran (a counted _ws_launch), so the A/B cannot compare the Triton pass with
+checks that the Gluon kernel really ran (a counted _ws_launch on the JIT path, and the direct path's launcher), so the A/B cannot compare the Triton pass with
 itself; each shape records the largest relative difference between the arms' outputs.
 
     python benchmarks/ws_ab.py --out DIR     # GPU (sm_90): DIR/ws_ab.json
@@ -46,8 +46,11 @@ def main(argv=None):
                 for arm, (ws, tma) in ARMS.items():
                     kmod.K_WS, kmod.K_TMA = ws, tma
                     ran.clear()
+                    kmod._direct_launchers.clear()         # this call takes the JIT path (a counted _ws_launch)
                     outs[arm] = fn()
                     assert ws == (bool(ran) and all(ran)), (name, arm, "the Gluon kernel ran" if ran else "did not run")
+                    # and the direct path that time3 times launches it too
+                    assert [v.ws is not None for v in kmod._direct_launchers.values()] == [ws], (name, arm)
                     t = bk.time3(fn, flush)
                     record(dict(shape=name, arm=arm, rep=rep, gpu_ms=t["gpu_ms"], e2e_ms=t["e2e_ms"],
                                 host_us=t["host_us"]))

@@ -120,6 +120,12 @@ def _ws_launch(q, k, lse2, cu_q, cu_k, max_m: int, max_n: int, B: int, qk_scale:
     return colreduce_ws.launch(q, k, lse2, cu_q, cu_k, max_m, max_n, B, qk_scale, varlen)
 
 
+def _ws_direct(q, k, lse2, cu_q, cu_k, varlen: bool):
+    """colreduce_ws.direct_launcher: the Gluon row pass's launcher for the direct path, or None."""
+    from . import colreduce_ws
+    return colreduce_ws.direct_launcher(q, k, lse2, cu_q, cu_k, varlen)
+
+
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -1046,7 +1052,8 @@ class _Direct(NamedTuple):
     long: bool               # the long column kernel (it takes the head split's partials and counters)
     combine: bool            # the row pass combines its splits (it takes the counters)
     k_box: list | None       # the box of the row pass's descriptor of K (_k_box), None where it loads K itself
-    ws: bool                 # the row pass is colreduce_ws.py's; `row` is then the REDO launch after it
+    ws: object               # where the row pass is colreduce_ws.py's: its launcher (colreduce_ws.direct_launcher),
+                             # and `row` is the REDO launch after it; else None
 
 
 _direct_launchers: dict = {}   # call signature -> _Direct, or False (that signature stays on the JIT dispatch)
@@ -1063,17 +1070,17 @@ def _regions(*sizes: int) -> tuple[list[int], int]:
     return offs, total
 
 
-def _scratch(n_float: int, n_count: int, device: torch.device, dev: int) -> list:
+def _scratch(n_float: int, n_count: int, device: torch.device, dev: int, stream: int) -> list:
     """[float32 scratch of at least n_float elements, int32 counters (at least n_count, zero; None if
-    0)] for a call on the current stream. While a CUDA graph is captured: fresh buffers (a graph keeps the addresses
-    it captured, and a later call could replace a shared buffer)."""
-    if dev >= 0 and torch.cuda.is_current_stream_capturing():
+    0)] for a call on `stream` (the current raw stream of device dev; 0 under the interpreter). While a CUDA graph is
+    captured: fresh buffers (a graph keeps the addresses it captured, and a later call could replace a shared
+    buffer)."""
+    if dev >= 0 and torch._C._cuda_isCurrentStreamCapturing():
         return [torch.empty(n_float, dtype=torch.float32, device=device),
                 torch.zeros(n_count, dtype=torch.int32, device=device) if n_count else None]
-    key = (dev, torch._C._cuda_getCurrentRawStream(dev) if dev >= 0 else 0)
-    bufs = _scratch_bufs.get(key)
+    bufs = _scratch_bufs.get((dev, stream))
     if bufs is None:
-        bufs = _scratch_bufs[key] = [None, None]
+        bufs = _scratch_bufs[(dev, stream)] = [None, None]
     if bufs[0] is None or bufs[0].numel() < n_float:
         bufs[0] = None                                  # released first: the allocator may reuse it
         bufs[0] = torch.empty(n_float, dtype=torch.float32, device=device)
@@ -1195,7 +1202,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     if numel == 0 or max_n == 0:
         return out.zero_()
     interpreting = _interpreting()
-    dev = -1
+    dev, stream = -1, 0
     if interpreting:
         sms = 1
     else:
@@ -1203,7 +1210,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         if dev < 0:
             dev = torch.cuda.current_device()
         sms = _sm_count(dev)
-    k_tma = _k_tma(k, paged, dev, max_m, lse is not None)
+        stream = torch._C._cuda_getCurrentRawStream(dev) if dev >= 0 else 0
+    k_tma = K_TMA and _k_tma(k, paged, dev, max_m, lse is not None)
     ws_row = lse is None and variant != "old" and _ws_row(paged, is_causal, max_m, q.dtype, D, dev)
     key = (max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged, page,
            q.dtype, interpreting, lse is not None, k_tma, ws_row)
@@ -1214,27 +1222,24 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
               _tensor_sig(q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
         fast = _direct_launchers.get(ck)
         if fast:                                           # the compiled kernels, launched directly
-            ws, counters = _scratch(fast.n_scratch, fast.n_count, q.device, dev)
+            ws, counters = _scratch(fast.n_scratch, fast.n_count, q.device, dev, stream)
             base = ws.data_ptr()
-            stream = torch._C._cuda_getCurrentRawStream(dev)
-            if fast.row is not None:                       # the same arguments as the JIT launch below
-                # the call signature fixes the layout _ws_launch checks (strides, alignment), so it launches here
-                # as it did at the signature's first call; were it to refuse, the REDO launch would find no NaN in
-                # a stale buffer: fail loudly instead
-                if fast.ws and not _ws_launch(q, k, ws[fast.off_m:fast.off_m + B * Hq * max_m], cu_seqlens_q,
-                                              cu_seqlens_k, max_m, max_n, B, qk_scale, varlen):
-                    raise RuntimeError("colreduce: the Gluon row pass refused a launch its signature had taken")
-                k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
-                fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
-                                  base + 4 * fast.off_l, base + 4 * fast.off_lse,
-                                  counters if fast.combine else out), qk_scale)
-            col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
-                        cu_seqlens_k)
-            if fast.long:                                  # the head split's partials and counters (placeholders)
-                col_ptrs += ((base + 4 * fast.off_part, counters.data_ptr() + 4 * fast.off_cc) if fast.off_cc >= 0
-                             else (out, out))
-            fast.col(stream, col_ptrs, qk_scale)
-            return out
+            # the Gluon row pass (colreduce_ws.direct_launcher), or False where this call's q or k has a layout its
+            # descriptors cannot read that the call signature does not show: then the JIT path below
+            if fast.ws is None or fast.ws(q, k, base + 4 * fast.off_m, cu_seqlens_q, cu_seqlens_k, max_m, max_n, B,
+                                          qk_scale, stream):
+                if fast.row is not None:                   # the same arguments as the JIT launch below
+                    k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
+                    fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
+                                      base + 4 * fast.off_l, base + 4 * fast.off_lse,
+                                      counters if fast.combine else out), qk_scale)
+                col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
+                            cu_seqlens_k)
+                if fast.long:                              # the head split's partials and counters (placeholders)
+                    col_ptrs += ((base + 4 * fast.off_part, counters.data_ptr() + 4 * fast.off_cc)
+                                 if fast.off_cc >= 0 else (out, out))
+                fast.col(stream, col_ptrs, qk_scale)
+                return out
     if config is None:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
     else:
@@ -1259,7 +1264,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     (_, off_cc), n_count = _regions(row_blocks * B * Hkv if combine else 0, grid[0] * grid[1] if head_split else 0)
     if not head_split:
         off_cc = -1
-    ws, counters = _scratch(n_scratch, n_count, q.device, dev)
+    ws, counters = _scratch(n_scratch, n_count, q.device, dev, stream)
     counter = counters if combine else out                 # unused placeholder when the row pass does not combine
     if lse is None:
         slb, slh, slm, lse_q0 = Hq * max_m, max_m, 1, 0    # (B, Hq, max_m), rows local per sequence
@@ -1309,9 +1314,10 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         row_l = _build_direct(_row_stats_kernel, row_compiled, row_kw, (splits, row_blocks, B * Hkv), row_ints) \
             if row_pass else None
         col_l = _build_direct(col_fn, col_compiled, col_kw, col_grid, col_ints)
-        ok = col_l is not None and (row_l is not None or not row_pass)
+        ws_l = _ws_direct(q, k, lse2, cu_seqlens_q, cu_seqlens_k, varlen) if use_ws else None
+        ok = col_l is not None and (row_l is not None or not row_pass) and (ws_l is not None or not use_ws)
         _direct_launchers[ck] = _Direct(row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc,
-                                        long, combine, k_box, use_ws) if ok else False
+                                        long, combine, k_box, ws_l) if ok else False
     return out
 
 

@@ -207,12 +207,14 @@ def _descriptor(x2: torch.Tensor, rows: int, D: int):
 
 class _Desc(NamedTuple):
     """What the compiled launcher reads of a host-side tensor descriptor (Triton's make_tensordesc_arg: base,
-    shape, strides, padding), without the checks of building one: the first launch of each signature built and
-    checked a TensorDescriptor of the same block shape, layout and dtype."""
+    shape, strides, padding, and since Triton 3.7 round_f32_to_tf32), without the checks of building one: the first
+    launch of each signature built and checked a TensorDescriptor of the same block shape, layout and dtype. base:
+    any tensor with the matrix's data pointer (q or k itself: _matrix's views start where they do)."""
     base: torch.Tensor
     shape: tuple
     strides: tuple
     padding: str = "zero"
+    round_f32_to_tf32: bool = False
 
 
 _direct: dict = {}    # launch signature -> (run, function, packed metadata, hooks), or None: stays on the JIT
@@ -246,7 +248,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, max_
     if fast:
         run, function, meta, enter, leave = fast
         run(*grid, torch._C._cuda_getCurrentRawStream(q.device.index), function, meta, None, enter, leave,
-            _Desc(q2, tuple(q2.shape), q2.stride()), _Desc(k2, tuple(k2.shape), k2.stride()), out, cu_q, cu_k, Hq,
+            _Desc(q, tuple(q2.shape), q2.stride()), _Desc(k, tuple(k2.shape), k2.stride()), out, cu_q, cu_k, Hq,
             max_m, max_n, qk_scale, *const)
         return True
     compiled = _ws_row_lse_kernel[grid](
@@ -256,6 +258,42 @@ def launch(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, max_
     if sig not in _direct:
         _direct[sig] = _launcher(compiled)
     return True
+
+
+def direct_launcher(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, varlen: bool):
+    """For colreduce.py's direct path, right after launch() took this call: go(q, k, out_ptr, cu_q, cu_k, max_m,
+    max_n, B, qk_scale, stream) -> bool, which launches the compiled kernel of this call's signature for a later
+    call whose strides, dtypes and alignment colreduce.py's call signature found equal (out as a pointer, 16-byte
+    aligned). It builds no views and checks one thing only: a varlen q or k whose rows overlap (stride(0) < H·D,
+    which _matrix lets through for a single token) now has several tokens: then False, nothing launched. None where
+    this signature has no compiled launcher (launch() stays on the JIT dispatch)."""
+    D, Hq, Hkv = q.shape[-1], q.shape[1], k.shape[1]
+    const = (Hq // Hkv, D, varlen, STAGES, BLOCK_N, CONSUMER_REGS)
+    fast = _direct.get(_signature(q, out, cu_q if varlen else out, cu_k if varlen else out, varlen) + const)
+    if not fast:
+        return None
+    run, function, meta, enter, leave = fast
+    rows = 2 * HALF.value
+    if varlen:
+        qs0, ks0 = q.stride(0), k.stride(0)
+        q_overlap, k_overlap = qs0 < Hq * D, ks0 < Hkv * D
+
+        def go(q, k, out_ptr, cu_q, cu_k, max_m, max_n, B, qk_scale, stream):
+            tq, tk = q.shape[0], k.shape[0]
+            if (q_overlap and tq > 1) or (k_overlap and tk > 1):
+                return False
+            run(-(-max_m // rows), Hq, B, stream, function, meta, None, enter, leave,
+                _Desc(q, (tq, Hq * D), (qs0, 1)), _Desc(k, (tk, Hkv * D), (ks0, 1)), out_ptr, cu_q, cu_k, Hq, max_m,
+                max_n, qk_scale, *const)
+            return True
+        return go
+    q_shape, k_shape, strides = (q.numel() // D, D), (k.numel() // D, D), (D, 1)
+
+    def go(q, k, out_ptr, cu_q, cu_k, max_m, max_n, B, qk_scale, stream):     # dense: shapes fixed by the signature
+        run(-(-max_m // rows), Hq, B, stream, function, meta, None, enter, leave, _Desc(q, q_shape, strides),
+            _Desc(k, k_shape, strides), out_ptr, out_ptr, out_ptr, Hq, max_m, max_n, qk_scale, *const)
+        return True
+    return go
 
 
 def _launcher(compiled):

@@ -166,3 +166,44 @@ def test_gluon_row_pass_varlen_and_overflow(gluon_calls, monkeypatch):
                                                                                         device=DEVICE).double())
     assert rel_err(out, torch.cat(refs)) < 1e-3
     assert gluon_calls and all(gluon_calls), gluon_calls
+
+
+@pytest.mark.gpu
+def test_gluon_direct_path_falls_back_where_varlen_rows_overlap(gluon_calls, monkeypatch):
+    """A varlen q whose tokens share one row (stride 0) has a descriptor only while it holds one token. A later
+    call with the same signature (strides, max lengths, batch) and more tokens must not launch the Gluon pass from
+    the direct path: it takes the Triton row pass, and the results stay right."""
+    _poison_empty(monkeypatch)
+    monkeypatch.setattr(kmod, "_WS_MIN_M", 1)
+    torch.manual_seed(2)
+    Hq, Hkv, D = 4, 2, 64
+    row = torch.randn(1, Hq, D, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(4, Hkv, D, device=DEVICE, dtype=torch.float16)
+    cu_k = torch.tensor([0, 2, 4], dtype=torch.int32, device=DEVICE)
+    for lens_q in ([1, 0], [1, 1], [1, 1]):
+        q = row.expand(sum(lens_q), Hq, D)
+        cu_q = torch.tensor([0, lens_q[0], sum(lens_q)], dtype=torch.int32, device=DEVICE)
+        out = colreduce_varlen(q, k, cu_q, cu_k, "sum", max_seqlen_q=1, max_seqlen_k=2, is_causal=True)
+        refs = [reference(q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)[None], k[2 * i:2 * i + 2].transpose(0, 1)[None],
+                          "sum", True)[0].T if lens_q[i] else torch.zeros(2, Hq, device=DEVICE).double()
+                for i in range(2)]
+        assert rel_err(out, torch.cat(refs)) < 1e-3, lens_q
+    assert gluon_calls == [True, False, False], gluon_calls
+
+
+def test_descriptor_stand_in_carries_what_triton_reads():
+    """colreduce_ws._Desc stands in for Gluon's TensorDescriptor in the direct launches (no construction checks per
+    call): it must carry every field of it but the two the compiled kernel fixed (block shape, layout), and
+    Triton's per-launch conversion (make_tensordesc_arg) must read it. Triton 3.7 added round_f32_to_tf32 there;
+    without it every launch after a signature's first raised AttributeError."""
+    import dataclasses
+
+    import triton.backends.nvidia.driver as drv
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from colreduce_kvprune.kernels import colreduce_ws
+    fields = {f.name for f in dataclasses.fields(TensorDescriptor)} - {"block_shape", "layout"}
+    assert fields <= set(colreduce_ws._Desc._fields), fields - set(colreduce_ws._Desc._fields)
+    x = torch.zeros(4, 64, dtype=torch.float16)
+    args = drv.make_tensordesc_arg(colreduce_ws._Desc(x, (4, 64), (64, 1)), None)   # the path without a GPU
+    assert args[0] is x and args[1:5] == [4, 64, 64, 1]
