@@ -27,7 +27,7 @@ ROOT=$(pwd -P)
 CACHE=${GPU_VLLM_CACHE:-$HOME/.cache/gpu-vllm/wheels}
 REUSE=${GPU_VLLM_REUSE:-/tmp/whl}
 PREFIX=${GPU_VLLM_PREFIX:-}
-PIECE=45M                        # MiB; a piece + the tree sent with each call (~14 MB) must stay under 64 MiB
+PIECE=${PIECE:-45M}                     # MiB; a piece + the tree sent with each call (~14 MB) must stay under 64 MiB
 mkdir -p "$CACHE"
 
 # --- 1. the wheels -------------------------------------------------------------------------------------------
