@@ -152,7 +152,8 @@ def _launch_parts(bk, kmod, record):
                          else None),
                         ("the column pass's compiled launch alone", lambda: fast.col(*got["col"])),
                         ("torch.empty of the output", lambda: torch.empty(1, 8, N, dtype=torch.float32, device=dev)),
-                        ("_scratch", lambda: kmod._scratch(fast.n_scratch, fast.n_count, q.device, 0))):
+                        ("_scratch", lambda: kmod._scratch(fast.n_scratch, fast.n_count, q.device, 0,
+                                                          torch._C._cuda_getCurrentRawStream(0)))):
             if f is not None:
                 f()
                 torch.cuda.synchronize()
