@@ -652,9 +652,11 @@ def _floor(sh, ceil):
     return f
 
 
-def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
+def serving_sweep(out_dir, only=None, compile_only=False, shard=None, floor_us=None):
     """Every serving shape: ours (new and old launch variants, and new with lse given), flash-colreduce, naive
-    torch, SDPA forward and a read of K, each timed by time3; each shape's floor (2 passes; 1 with lse)."""
+    torch, SDPA forward and a read of K, each timed by time3; each shape's floor (2 passes; 1 with lse). floor_us:
+    host_floor()'s figures, written into the results from the first shape on (a sweep cut by its time limit keeps
+    them: host µs differ between machines by as much as the launch floor does)."""
     from colreduce_kvprune.kernels import colreduce as kmod
     try:
         import flash_colreduce  # noqa: F401
@@ -727,7 +729,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None):
             continue
         rows.append(row)
         result = dict(env=env, ceilings=ceil, rows=rows, partial=len(rows) < len(names),
-                      flash_colreduce="present" if have_flash else "absent: column skipped")
+                      flash_colreduce="present" if have_flash else "absent: column skipped", host_floor=floor_us)
         _save_sweep(out_dir, result)
     if compile_only:
         return None
@@ -894,6 +896,8 @@ def serving_markdown(result):
              "a read of K); with lse: 1 pass. Peers: flash-colreduce with K repeated for GQA and the group mean "
              "after; naive = matmul + softmax + sum (skipped past 4 GiB); varlen/paged peers loop over prompts.",
              "",
+             f"Host floor on this machine (µs per call, measured before the shapes): {result.get('host_floor')}",
+             "",
              "| shape | ours gpu | ours e2e | host µs | old gpu | old e2e | old host µs | ours lse gpu | "
              "flash-colreduce gpu / e2e | naive gpu / e2e | SDPA fwd gpu | read K | floor | ours / floor | "
              "ours ≤ peers | JIT dispatch e2e / host µs (bitwise = ours) |",
@@ -1018,12 +1022,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 (a measurement aid only)
                 hf = {"error": repr(e)[:200]}
             print("host floor (µs):", hf, flush=True)
-        res = serving_sweep(args.out, args.only, args.compile_only, shard)
-        if res is not None:
-            res["host_floor"] = hf
-            json.dump(res, open(os.path.join(args.out, "serving_sweep.json"), "w"), indent=1)
-            with open(os.path.join(args.out, "serving_sweep.md"), "a") as f:
-                f.write(f"\nHost floor on this machine (µs per call): {hf}\n")
+        serving_sweep(args.out, args.only, args.compile_only, shard, None if args.compile_only else hf)
         return
     warm_up_clocks()
     if args.goal_tiles:
