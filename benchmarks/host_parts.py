@@ -6,10 +6,10 @@ Per shape (full causal 32/8 fp16 D 128 at 4k, dense, and a varlen batch of two p
 call (benchmarks/kernels.py host_blocks: the device kept busy, so no launch waits) of
 - the whole call with the Gluon row pass (K_WS) and with the Triton row pass;
 - colreduce_ws.launch alone (the JIT path's first launch of a signature), the direct path's launcher
-  (colreduce_ws.direct_launcher) alone, and launch's pieces: the 2-D views (_matrix), the signature, and Triton's per-launch
-  conversion of the two descriptors (make_tensordesc_arg: the CUtensorMap encodes);
+  (colreduce_ws.direct_launcher) alone, and launch's pieces: the 2-D views (_matrix), the signature, and Triton's
+  per-launch conversion of the two descriptors (make_tensordesc_arg: the CUtensorMap encodes);
 - an empty Triton kernel through its compiled launcher (the floor of one launch on this host);
-and a cProfile of 300 whole calls each way (the functions with the most own time), so the parts that are not listed show.
+and a cProfile of 300 whole calls each way (the functions with the most own time), so the parts not listed show.
 
     python benchmarks/host_parts.py --out DIR     # GPU (sm_90): DIR/host_parts.json, DIR/host_parts_profile.txt
 """

@@ -5,8 +5,9 @@ same process, same inputs, alternated three times per shape, with SDPA's forward
 Shapes: full causal 32/8 fp16 D 128 at 2k (below _WS_MIN_M: the Gluon arm lowers it, to see whether the threshold
 could come down), 4k, 8k, 16k, and a varlen batch of two full causal prompts (4k, 8k), all colreduce(..., "sum",
 group mean) as the serving path calls it; gpu ms, e2e ms and host µs (benchmarks/kernels.py time3). Each Gluon arm
-checks that the Gluon kernel really ran (a counted _ws_launch on the JIT path, and the direct path's launcher), so the A/B cannot compare the Triton pass with
-itself; each shape records the largest relative difference between the arms' outputs.
+checks that the Gluon kernel really ran (a counted _ws_launch on the JIT path, and the direct path's launcher), so
+the A/B cannot compare the Triton pass with itself; each shape records the largest relative difference between the
+arms' outputs.
 
     python benchmarks/ws_ab.py --out DIR     # GPU (sm_90): DIR/ws_ab.json
 """
