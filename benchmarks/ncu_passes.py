@@ -43,8 +43,29 @@ KEEP = [r"^gpu__time_duration\.sum$", r"^sm__throughput\.avg\.pct_of_peak_sustai
         r"^launch__occupancy_limit_.*$", r"^launch__shared_mem_per_block.*$", r"^launch__grid_size$",
         r"^lts__throughput\.avg\.pct_of_peak_sustained_elapsed$",
         r"^dram__throughput\.avg\.pct_of_peak_sustained_elapsed$",
-        r"^l1tex__throughput\.avg\.pct_of_peak_sustained_active$"]
+        r"^l1tex__throughput\.avg\.pct_of_peak_sustained_active$",
+        r"^l1tex__data_bank_conflicts_pipe_lsu_mem_shared.*\.sum$", r"^smsp__inst_executed\.sum$"]
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(.+)_per_issue_active\.ratio$")
+
+
+def _window_ws_runs(torch):
+    """NCU_WORKLOAD=window_ws: window 64, GQA 32/8, N = 128k, fp16, lse given: the product's window column kernel
+    and benchmarks/gluon_ws_window_pass.py's configs (NCU_WS_CONFIGS, comma-separated; default 2cta,1cta_n128)."""
+    import gluon_ws_window_pass as ww
+    import ws_window
+
+    from colreduce_kvprune import colreduce
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, 64, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 8, 131072, 128, device="cuda", dtype=torch.float16)
+    lse = torch.randn(1, 32, 64, device="cuda") + math.log(131072)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    runs = [("window 128k lse: product", lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean",
+                                                           lse=lse))]
+    for config in os.environ.get("NCU_WS_CONFIGS", "2cta,1cta_n128").split(","):
+        runs.append((f"window 128k lse: gluon {config}", lambda c=config: ws_window.gluon_dense(
+            ww, q, k, lse, "sum", "mean", True, c, sms)))
+    return runs
 
 
 def _workload():
@@ -59,6 +80,8 @@ def _workload():
         return (torch.randn(1, Hq, M, D, device="cuda", dtype=torch.float16),
                 torch.randn(1, Hkv, N, D, device="cuda", dtype=torch.float16))
 
+    if os.environ.get("NCU_WORKLOAD") == "window_ws":
+        return _profile(torch, _window_ws_runs(torch))
     q, k = shape(32, 8, 16384, 16384)
     v = torch.randn_like(k)
     kw = dict(is_causal=True, scale=1 / math.sqrt(128), group_reduce="mean")
@@ -69,6 +92,11 @@ def _workload():
         q, k, v, is_causal=True, enable_gqa=True)))
     qw, kw_ = shape(32, 8, 64, 131072)
     runs.append(("window 128k: product both passes", lambda: kmod.colreduce_triton(qw, kw_, "sum", **kw)))
+    _profile(torch, runs)
+
+
+def _profile(torch, runs):
+    """Each run once after a warm-up of all, between cudaProfilerStart and Stop."""
     for _, fn in runs:
         fn()
     torch.cuda.synchronize()
