@@ -3,16 +3,16 @@ warp-specialised, in Gluon: a query window's column sums given its lse.
 
 Result on the H200 (image torch 2.11 / Triton 3.6; benchmarks/ws_window.py, results/h200_kernels/
 ws_window_visit26.json; Nsight Compute: ncu_ws_window_visit26.json): correct against float64 at every config (worst
-relative error 2.1e-6), and slower than the product's persistent Triton window kernel at every shape timed. Window
-64, GQA 32/8, N = 128k, fp16, lse given, medians of 3 alternations: product 0.172 ms; here 0.187 at best (128-key
-tiles, one program per SM), 0.208 with 64-key tiles at two programs per SM, 0.23 at one; transposed (keys on the
-wgmma's rows, the row sums inside a quad: no shared memory, but 16 lse values per thread and chunk) 0.33. Window 32:
-product 0.115, here 0.125 at best; N = 8k: 0.020 vs 0.025. Nsight Compute at 128k: the product's kernel 168 µs,
-tensor pipe 46%, 213 registers (likely its group's rows held in registers as the dot's operand; not checked in its
-SASS), stalls led by `wait`; here 188–225 µs, tensor pipe 34–41%, led by `barrier` stalls (2–3.5 per
-issue): every tile's column sum crosses the consumer's four warps through shared memory (gl.sum over the rows: a
-named barrier and bank conflicts), and every mbarrier arrive takes a partition barrier first. Not pursued further; what might close
-the gap: the group's rows as the wgmma's register operand, or the transposed layout with its lse in shared memory.
+relative error 2.1e-6), and slower than the product's persistent Triton window kernel at every shape timed. Window 64,
+GQA 32/8, N = 128k, fp16, lse given, medians of 3 alternations: product 0.172 ms; here 0.187 at best (128-key tiles,
+one program per SM), 0.208 with 64-key tiles at two programs per SM, 0.23 at one; transposed (keys on the wgmma's
+rows, the row sums inside a quad: no shared memory, but 16 lse values per thread and chunk) 0.33. Window 32: product
+0.115, here 0.125 at best; N = 8k: 0.020 vs 0.025. Nsight Compute at 128k: the product's kernel 168 µs, tensor pipe
+46%, 213 registers (likely its group's rows held in registers as the dot's operand; not checked in its SASS), stalls
+led by `wait`; here 188–225 µs, tensor pipe 34–41%, led by `barrier` stalls (2–3.5 per issue): every tile's column sum
+crosses the consumer's four warps through shared memory (gl.sum over the rows: a named barrier and bank conflicts),
+and every mbarrier arrive takes a partition barrier first. Not pursued further; what might close the gap: the group's
+rows as the wgmma's register operand, or the transposed layout with its lse in shared memory.
 
 Two compiler facts found on the way: (1) ptxas moves the exp2 of straight-line (statically unrolled) chunks past the
 next wgmma's wait, so all four chunks' accumulators stay live (spills, no overlap); one runtime loop step per chunk,
