@@ -399,7 +399,9 @@ def check(device):
     (sm_90 only)."""
     import os
     import sys
+    import types
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import ws_window
-    ws_window.check(sys.modules[__name__], torch.cuda.get_device_properties(device).multi_processor_count,
-                    lambda row: None, configs=(CONFIG, "1cta_n128"))
+    import ws_window          # (this module may be loaded under another name: its functions passed as a namespace)
+    ws_window.check(types.SimpleNamespace(launch=launch, CONFIGS=CONFIGS),
+                    torch.cuda.get_device_properties(device).multi_processor_count, lambda row: None,
+                    configs=(CONFIG, "1cta_n128"))

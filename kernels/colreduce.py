@@ -976,7 +976,7 @@ def _launch_key(max_m, max_n, *shape, one_split=False):
 
 def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv: int, *, is_causal: bool,
                    reduction: str, group_reduce: str | None, dtype: torch.dtype, device, varlen: bool = True,
-                   paged: bool = False, page: int = 1, sms: int | None = None) -> list[int]:
+                   paged: bool = False, page: int = 1, sms: int | None = None, whole: bool = False) -> list[int]:
     """Key lengths for a warm-up: the smallest max_seqlen_k in [n_lo, n_hi] of each distinct compiled launch
     colreduce_triton makes for this shape over that range: the recipe's constexprs (the tiles change with the key
     length: mid-size windows take 64-key tiles, short ones take one split and skip the combine) and Triton's
@@ -986,15 +986,19 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
     workload compiled the paged window kernel twice mid-run (1.0-1.1 s stalls) before these were warmed too.
     An engine that compiled its kernels on short dummies otherwise still compiled at its first long prompt (the
     H200's eleventh visit: a 2.1 s stall at the first 16k prompt). The other integer arguments (strides, the block
-    table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks)."""
+    table's row stride) are the caller's to match. sms: the device's SM count (None: as colreduce_triton asks).
+    whole: whole prompts, every key's query scored (max_seqlen_q = the key length n; max_m is ignored): the tiles
+    change with the query length too, and from _WS_MIN_M queries on sm_90 the row pass is colreduce_ws.py's (one
+    compile for every length) followed by the REDO launch."""
     interpreting = _interpreting()
     dev = torch.device(device)
     if sms is None:
         sms = 1 if interpreting else _sm_count(torch.cuda.current_device() if dev.index is None else dev.index)
-    ws = False                  # the Gluon row pass's one split (colreduce_triton's _ws_row), on a CUDA device only
-    if not interpreting and dev.type == "cuda" and torch.cuda.is_available():
-        ws = _ws_row(paged, is_causal, max_m, dtype, D, torch.cuda.current_device() if dev.index is None
-                     else dev.index)
+    cuda = not interpreting and dev.type == "cuda" and torch.cuda.is_available()
+    dev_index = (torch.cuda.current_device() if dev.index is None else dev.index) if cuda else -1
+
+    def ws(m):                  # the Gluon row pass's one split (colreduce_triton's _ws_row), on a CUDA device only
+        return cuda and _ws_row(paged, is_causal, m, dtype, D, dev_index)
     seen, out = set(), []
     for base in range(-(-max(n_lo, 1) // 16) * 16, n_hi + 16, 16):
         # one length per class of n mod 16 that an integer argument a·n (a ≤ 64, a power of 2 times an odd number)
@@ -1002,8 +1006,9 @@ def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv
         for n in (base, base + 1, base + 2, base + 4, base + 8):
             if not n_lo <= n <= n_hi:
                 continue
-            key = _launch_key(max_m, n, D, G, B, Hkv, is_causal, _VARIANT, sms, reduction, group_reduce, varlen,
-                              paged, page, dtype, interpreting, one_split=ws)
+            m = n if whole else max_m
+            key = _launch_key(m, n, D, G, B, Hkv, is_causal, _VARIANT, sms, reduction, group_reduce, varlen, paged,
+                              page, dtype, interpreting, one_split=ws(m))
             if key not in seen:
                 seen.add(key)
                 out.append(n)

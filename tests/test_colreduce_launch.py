@@ -428,3 +428,23 @@ def test_row_pass_k_descriptor(dtype, monkeypatch):
         assert rel_err(colreduce_triton(q, ko, "sum", **kw), ref) < TOL[dtype]
     assert not kmod._k_tma(k, True, dev, 130)                        # paged: never
     assert not kmod._k_tma(k, False, dev, 128)                       # a window: never
+
+
+def test_launch_lengths_of_whole_prompts(monkeypatch):
+    """launch_lengths(..., whole=True), the engine-start warm-up's lengths for policies scoring with every query
+    (H2O: vllm/warmup.py score_whole_prompts): the query length is the key length, so the tiles change with both.
+    Planned as on the H200 (132 SMs): every prompt length in the range launches as one of the returned lengths does
+    (its launch key with max_m = n), the returned ones all differently, the tile changes at 4096 and 8192 queries
+    among them; with whole=False the same range at a 32-query window gives other lengths."""
+    monkeypatch.setattr(kmod, "_interpreting", lambda: False)
+    shape = (128, 4, 1, 8, True, kmod._VARIANT, 132, "sum", "mean", True, False, 1, torch.bfloat16, False)
+    kw = dict(is_causal=True, reduction="sum", group_reduce="mean", dtype=torch.bfloat16, device="cuda", sms=132)
+    got = kmod.launch_lengths(0, 300, 20000, 128, 4, 1, 8, whole=True, **kw)
+    keys = [kmod._launch_key(n, n, *shape) for n in got]
+    assert got[0] == 304 and len(set(keys)) == len(keys) > 4     # candidates from the first multiple of 16
+    assert kmod._launch_key(4096, 4096, *shape) != kmod._launch_key(4095, 4095, *shape)
+    assert kmod._launch_key(8192, 8192, *shape) != kmod._launch_key(8191, 8191, *shape)
+    rng = __import__("random").Random(0)
+    for n in [4095, 4096, 8191, 8192, 20000] + [rng.randrange(300, 20001) for _ in range(300)]:
+        assert kmod._launch_key(n, n, *shape) in keys, n
+    assert got != kmod.launch_lengths(32, 300, 20000, 128, 4, 1, 8, **kw)

@@ -191,6 +191,33 @@ def test_gluon_direct_path_falls_back_where_varlen_rows_overlap(gluon_calls, mon
     assert gluon_calls == [True, False, False], gluon_calls
 
 
+@pytest.mark.gpu
+def test_warm_up_compiles_the_gluon_pass_for_whole_prompt_policies(gluon_calls, monkeypatch):
+    """H2O scores whole prompts, whose row pass is the Gluon kernel from _WS_MIN_M queries on (here lowered to
+    129). The engine-start warm-up (vllm/warmup.py: score_lengths → score_whole_prompts) scores whole dummy prompts,
+    so the kernel is compiled there and not at the first such prompt mid-serving: afterwards its compiled launcher
+    serves the signature (every length: the lengths are not specialised), and a prompt of another length adds none."""
+    from colreduce_kvprune.config import load_config
+    from colreduce_kvprune.kernels import colreduce_ws
+    from colreduce_kvprune.policies import get_policy
+    from colreduce_kvprune.vllm import warmup
+
+    monkeypatch.setattr(colreduce_ws, "_direct", {})
+    policy = get_policy(load_config({"policy": "h2o", "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
+    dev = torch.device("cuda", torch.cuda.current_device())
+    scored = warmup.score_lengths(policy, dev, torch.bfloat16, 8, 2, 64, 0.125, 700, 16)
+    assert scored and all(not paged and 300 <= n <= 700 for paged, n in scored), scored
+    assert gluon_calls and all(gluon_calls), gluon_calls
+    compiled = dict(colreduce_ws._direct)
+    assert compiled and all(compiled.values()), compiled
+    q = torch.randn(650, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(650, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 650], dtype=torch.int32, device=DEVICE)
+    colreduce_varlen(q, k, cu, cu, "sum", max_seqlen_q=650, max_seqlen_k=650, is_causal=True, scale=0.125,
+                     group_reduce="mean")
+    assert colreduce_ws._direct == compiled and gluon_calls[-1]
+
+
 def test_descriptor_stand_in_carries_what_triton_reads():
     """colreduce_ws._Desc stands in for Gluon's TensorDescriptor in the direct launches (no construction checks per
     call): it must carry every field of it but the two the compiled kernel fixed (block shape, layout), and

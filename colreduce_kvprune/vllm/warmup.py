@@ -9,9 +9,10 @@ prefill uses (`compaction.plan_prefills`, `compaction.select_kept`, and for poli
 in the paged cache `compaction.score_paged`), with the layer's head counts, head size and dtype. The kernels' tiles
 also change with the prompt's length (the eleventh H200 visit stalled 2.1 s at the first 16k prompt, whose tiles
 the short dummies had not used), so `score_lengths` then scores one prompt per distinct launch up to the engine's
-max_model_len (window policies; kernels.colreduce.launch_lengths finds them). Steps that prune several prompts at
-once, or policies scoring with every query (H2O), can still compile a variant at first use. Nothing here touches the
-KV cache or vLLM's state.
+max_model_len (kernels.colreduce.launch_lengths finds them; for policies scoring with every query, H2O, whole
+prompts of up to a few thousand tokens: score_whole_prompts). Steps that prune several prompts at once, chunked
+prompts of those policies and their longer whole prompts can still compile a variant at first use. Nothing here
+touches the KV cache or vLLM's state.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def score_lengths(policy, device, dtype, num_heads: int, num_kv_heads: int, head
     max_len (its tiles and Triton's specialisation of the length-dependent integers): as packed keys
     (colreduce_varlen, whole prompts) and, where the step path scores a last chunk in the paged cache, through a
     block table of `block_size` (colreduce_paged; every entry the same block, so any length costs one block).
-    Window policies only (num_queries < the prompt); packed keys over max_bytes are skipped (they compile at first
-    use). → [(paged, length)] scored (none for other policies)."""
+    Window policies (num_queries < the prompt); packed keys over max_bytes are skipped (they compile at first use).
+    Policies scoring with every query (H2O): whole prompts of up to max_bytes of queries and keys together
+    (score_whole_prompts). → [(paged, length)] scored (none for other policies)."""
     from .. import colreduce_paged, colreduce_varlen
     from ..ops import kernels_module
 
@@ -86,8 +88,12 @@ def score_lengths(policy, device, dtype, num_heads: int, num_kv_heads: int, head
     if max_len <= lo:
         return []
     req = policy.score_request(lo)
-    if (req.kind != "attention" or req.num_queries >= lo
-            or policy.score_request(max_len).num_queries != req.num_queries):
+    if req.kind != "attention":
+        return []
+    if req.num_queries == lo and policy.score_request(max_len).num_queries == max_len:
+        return score_whole_prompts(policy, device, dtype, num_heads, num_kv_heads, head_size, scale, lo, max_len,
+                                   max_bytes)
+    if req.num_queries >= lo or policy.score_request(max_len).num_queries != req.num_queries:
         return []
     m, group = req.num_queries, num_heads // num_kv_heads
     kw = dict(reduction=req.reduction, is_causal=True, scale=scale, group_reduce=req.group_reduce,
@@ -111,4 +117,36 @@ def score_lengths(policy, device, dtype, num_heads: int, num_kv_heads: int, head
             else:
                 continue
             scored.append((paged, length))
+    return scored
+
+
+def score_whole_prompts(policy, device, dtype, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                        lo: int, max_len: int, max_bytes: int = 64 << 20) -> list[tuple[bool, int]]:
+    """score_lengths for a policy that scores a prompt with all its queries (H2O): one whole dummy prompt (packed,
+    colreduce_varlen, as compaction.row_scores calls it for an unchunked prompt) per distinct launch of prompts of
+    lo … max_len tokens (launch_lengths(..., whole=True)), up to the length whose queries and keys together fit
+    max_bytes. On sm_90 in fp16/bf16 that covers colreduce_ws.py's Gluon row pass from _WS_MIN_M (4096) queries on
+    — one compile for every length, which the H200's plugin otherwise paid at the first such prompt mid-serving —
+    where max_bytes allows that many tokens (32 query and 8 kv heads of 128 in bf16: up to 6553 tokens). Longer
+    prompts' other launches, and chunked prompts (their chunks' column sums accumulate), still compile at first use.
+    → [(False, length)] scored."""
+    from .. import colreduce_varlen
+    from ..ops import kernels_module
+
+    launch_lengths = kernels_module("colreduce").launch_lengths
+    req = policy.score_request(lo)
+    per_token = (num_heads + num_kv_heads) * head_size * torch.empty((), dtype=dtype).element_size()
+    hi = min(max_len, max_bytes // per_token)
+    if hi < lo:
+        return []
+    kw = dict(is_causal=True, group_reduce=req.group_reduce)
+    gen = torch.Generator(device=device).manual_seed(0)
+    scored = []
+    for length in launch_lengths(0, lo, hi, head_size, num_heads // num_kv_heads, 1, num_kv_heads,
+                                 reduction=req.reduction, dtype=dtype, device=device, whole=True, **kw):
+        q = torch.randn(length, num_heads, head_size, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(length, num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
+        cu = torch.tensor([0, length], dtype=torch.int32, device=device)
+        colreduce_varlen(q, k, cu, cu, req.reduction, max_seqlen_q=length, max_seqlen_k=length, scale=scale, **kw)
+        scored.append((False, length))
     return scored

@@ -657,7 +657,7 @@ def test_warmup_lengths_cover_every_launch_of_longer_prompts(monkeypatch):
     scores one prompt per distinct launch up to max_model_len (kernels.colreduce.launch_lengths, here on the H200's
     132 SMs as the GPU would plan them): every length in the range, 16k among them, launches as one of the returned
     lengths does, the returned ones all differently; on CPU score_lengths runs the same calls (torch reference)
-    for window policies, packed and paged, and nothing for the others."""
+    for window policies, packed and paged, whole packed prompts for H2O (every query scored), nothing for KNorm."""
     from colreduce_kvprune.kernels import colreduce as C
     from colreduce_kvprune.vllm import warmup
 
@@ -676,12 +676,16 @@ def test_warmup_lengths_cover_every_launch_of_longer_prompts(monkeypatch):
         for n in [16384, 16385, 1 << 17] + [rng.randrange(1024, 1 << 17) for _ in range(300)]:
             assert C._launch_key(32, n, *shape) in keys, n
     monkeypatch.undo()
-    for name, expect in (("snapkv", True), ("tova", True), ("h2o", False), ("knorm", False)):
+    for name, expect in (("snapkv", {False, True}), ("tova", {False, True}), ("h2o", {False}), ("knorm", set())):
         policy = get_policy(load_config({"policy": name, "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
         scored = warmup.score_lengths(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25, 1000, 16)
-        assert bool(scored) == expect
-        if expect:
-            assert {p for p, _ in scored} == {False, True} and all(300 <= n <= 1000 for _, n in scored)
+        assert {p for p, _ in scored} == expect, name         # H2O: whole prompts, packed (score_whole_prompts)
+        assert all(300 <= n <= 1000 for _, n in scored)
+    policy = get_policy(load_config({"policy": "h2o", "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
+    # whole prompts up to what max_bytes of queries and keys allows: (8 + 2) heads × 16 × 4 bytes a token
+    scored = warmup.score_lengths(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25, 1000, 16,
+                                  max_bytes=640 * 500)
+    assert scored and all(300 <= n <= 500 for _, n in scored)
 
 
 def test_nan_scores_are_reported_at_a_later_build():
