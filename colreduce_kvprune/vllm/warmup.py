@@ -125,24 +125,24 @@ def score_whole_prompts(policy, device, dtype, num_heads: int, num_kv_heads: int
     """score_lengths for a policy that scores a prompt with all its queries (H2O): one whole dummy prompt (packed,
     colreduce_varlen, as compaction.row_scores calls it for an unchunked prompt) per distinct launch of prompts of
     lo … max_len tokens (launch_lengths(..., whole=True)), up to the length whose queries and keys together fit
-    max_bytes. On sm_90 in fp16/bf16 that covers colreduce_ws.py's Gluon row pass from _WS_MIN_M (4096) queries on
-    — one compile for every length, which the H200's plugin otherwise paid at the first such prompt mid-serving —
-    where max_bytes allows that many tokens (32 query and 8 kv heads of 128 in bf16: up to 6553 tokens). Longer
-    prompts' other launches, and chunked prompts (their chunks' column sums accumulate), still compile at first use.
-    → [(False, length)] scored."""
+    max_bytes (32 query and 8 kv heads of 128 in bf16: 6553 tokens), and at least to _WS_MIN_M + 8 (4104): on sm_90
+    in fp16/bf16 colreduce_ws.py's Gluon row pass takes whole prompts from 4096 queries on — one compile for every
+    length, which the plugin otherwise paid at the first such prompt mid-serving. Longer prompts' other launches,
+    and chunked prompts (their chunks' column sums accumulate), still compile at first use. → [(False, length)]."""
     from .. import colreduce_varlen
     from ..ops import kernels_module
 
-    launch_lengths = kernels_module("colreduce").launch_lengths
+    kernels = kernels_module("colreduce")
     req = policy.score_request(lo)
     per_token = (num_heads + num_kv_heads) * head_size * torch.empty((), dtype=dtype).element_size()
-    hi = min(max_len, max_bytes // per_token)
+    # at least up to the Gluon row pass's threshold and its lengths' classes mod 16 (4096 … 4104)
+    hi = min(max_len, max(max_bytes // per_token, kernels._WS_MIN_M + 8))
     if hi < lo:
         return []
     kw = dict(is_causal=True, group_reduce=req.group_reduce)
     gen = torch.Generator(device=device).manual_seed(0)
     scored = []
-    for length in launch_lengths(0, lo, hi, head_size, num_heads // num_kv_heads, 1, num_kv_heads,
+    for length in kernels.launch_lengths(0, lo, hi, head_size, num_heads // num_kv_heads, 1, num_kv_heads,
                                  reduction=req.reduction, dtype=dtype, device=device, whole=True, **kw):
         q = torch.randn(length, num_heads, head_size, device=device, dtype=dtype, generator=gen)
         k = torch.randn(length, num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)

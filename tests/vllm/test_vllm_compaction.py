@@ -682,10 +682,15 @@ def test_warmup_lengths_cover_every_launch_of_longer_prompts(monkeypatch):
         assert {p for p, _ in scored} == expect, name         # H2O: whole prompts, packed (score_whole_prompts)
         assert all(300 <= n <= 1000 for _, n in scored)
     policy = get_policy(load_config({"policy": "h2o", "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 300}))
-    # whole prompts up to what max_bytes of queries and keys allows: (8 + 2) heads × 16 × 4 bytes a token
-    scored = warmup.score_lengths(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25, 1000, 16,
-                                  max_bytes=640 * 500)
-    assert scored and all(300 <= n <= 500 for _, n in scored)
+    # whole prompts up to what max_bytes of queries and keys allows ((8 + 2) heads × 16 × 4 bytes a token), and at
+    # least to the Gluon row pass's threshold + 8 (its lengths' classes mod 16)
+    ranges, real = [], C.launch_lengths
+    monkeypatch.setattr(C, "launch_lengths", lambda *a, **k: ranges.append((a[1], a[2], k["whole"])) or real(*a, **k))
+    for threshold, top in ((400, 500), (600, 608)):
+        monkeypatch.setattr(C, "_WS_MIN_M", threshold)
+        scored = warmup.score_lengths(policy, torch.device("cpu"), torch.float32, 8, 2, 16, 0.25, 1000, 16,
+                                      max_bytes=640 * 500)
+        assert scored and all(300 <= n <= top for _, n in scored) and ranges[-1] == (300, top, True), ranges
 
 
 def test_nan_scores_are_reported_at_a_later_build():
