@@ -61,8 +61,13 @@ def set_launch_variant(variant: str) -> None:
     _VARIANT = variant
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # read once, as Triton reads it when it decorates kernels
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs this module's kernels in its interpreter (TRITON_INTERPRET=1 at import). A constant read
+    at import: os.environ.get costs about a microsecond per call, and every launch asks."""
+    return _INTERPRET
 
 
 # The row pass of long prompts (more than _WINDOW_M queries) reads its key tiles through a tensor descriptor
