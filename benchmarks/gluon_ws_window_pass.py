@@ -221,11 +221,15 @@ def _step(q_smem, k_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q
 
 @gluon.jit
 def _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
-             slm, lse_q0, sob, soh, son, qk_scale, G: gl.constexpr, FLAT: gl.constexpr, CPH: gl.constexpr,
-             IS_CAUSAL: gl.constexpr, LSE_NATURAL: gl.constexpr, MEAN: gl.constexpr, GROUP_MEAN: gl.constexpr,
-             T: gl.constexpr, C: gl.constexpr):
+             slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, C: gl.constexpr):
     """Consumer C: run-local tiles C, C + 2, … of n_local, chunk by chunk; the first n_full tiles of the run need
     no mask (the consumer's last tile takes the mask in any case)."""
+    FLAT: gl.constexpr = _flag(mode.type.shape[0], 0)
+    IS_CAUSAL: gl.constexpr = _flag(mode.type.shape[0], 1)
+    LSE_NATURAL: gl.constexpr = _flag(mode.type.shape[0], 2)
+    MEAN: gl.constexpr = _flag(mode.type.shape[0], 3)
+    GROUP_MEAN: gl.constexpr = _flag(mode.type.shape[0], 4)
+    T: gl.constexpr = _flag(mode.type.shape[0], 5)
     NCHUNK: gl.constexpr = q_smem.type.shape[0]
     NSLOT: gl.constexpr = k_smem.type.shape[0]
     BLOCK: gl.constexpr = k_smem.type.shape[1]
@@ -266,28 +270,16 @@ def _consumer0(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, LSE, Out, b,
                k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode):
     """Every partition takes this argument list. Gluon passes a worker's constexpr arguments as runtime values (its
     `if` on them would branch at run time, and could not change a value's type): the flags travel as the shape of
-    `mode`, a shared-memory array nothing reads (_flags)."""
-    FLAT: gl.constexpr = _flag(mode.type.shape[0], 0)
-    IS_CAUSAL: gl.constexpr = _flag(mode.type.shape[0], 1)
-    LSE_NATURAL: gl.constexpr = _flag(mode.type.shape[0], 2)
-    MEAN: gl.constexpr = _flag(mode.type.shape[0], 3)
-    GROUP_MEAN: gl.constexpr = _flag(mode.type.shape[0], 4)
-    T: gl.constexpr = _flag(mode.type.shape[0], 5)
+    `mode`, a shared-memory array nothing reads (_mode, _flag)."""
     _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
-             slm, lse_q0, sob, soh, son, qk_scale, G, FLAT, CPH, IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, T, 0)
+             slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, 0)
 
 
 @gluon.jit
 def _consumer1(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, q_row, q_col,
                k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode):
-    FLAT: gl.constexpr = _flag(mode.type.shape[0], 0)
-    IS_CAUSAL: gl.constexpr = _flag(mode.type.shape[0], 1)
-    LSE_NATURAL: gl.constexpr = _flag(mode.type.shape[0], 2)
-    MEAN: gl.constexpr = _flag(mode.type.shape[0], 3)
-    GROUP_MEAN: gl.constexpr = _flag(mode.type.shape[0], 4)
-    T: gl.constexpr = _flag(mode.type.shape[0], 5)
     _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
-             slm, lse_q0, sob, soh, son, qk_scale, G, FLAT, CPH, IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, T, 1)
+             slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, 1)
 
 
 @gluon.jit
