@@ -77,8 +77,8 @@ def score_lengths(policy, device, dtype, num_heads: int, num_kv_heads: int, head
     (colreduce_varlen, whole prompts) and, where the step path scores a last chunk in the paged cache, through a
     block table of `block_size` (colreduce_paged; every entry the same block, so any length costs one block).
     Window policies (num_queries < the prompt); packed keys over max_bytes are skipped (they compile at first use).
-    Policies scoring with every query (H2O): whole prompts of up to max_bytes of queries and keys together
-    (score_whole_prompts). → [(paged, length)] scored (none for other policies)."""
+    Policies scoring with every query (H2O): whole prompts, up to max_bytes of queries and keys together and at least
+    to the Gluon row pass's threshold (score_whole_prompts). → [(paged, length)] scored (none for other policies)."""
     from .. import colreduce_paged, colreduce_varlen
     from ..ops import kernels_module
 
@@ -143,7 +143,7 @@ def score_whole_prompts(policy, device, dtype, num_heads: int, num_kv_heads: int
     gen = torch.Generator(device=device).manual_seed(0)
     scored = []
     for length in kernels.launch_lengths(0, lo, hi, head_size, num_heads // num_kv_heads, 1, num_kv_heads,
-                                 reduction=req.reduction, dtype=dtype, device=device, whole=True, **kw):
+                                         reduction=req.reduction, dtype=dtype, device=device, whole=True, **kw):
         q = torch.randn(length, num_heads, head_size, device=device, dtype=dtype, generator=gen)
         k = torch.randn(length, num_kv_heads, head_size, device=device, dtype=dtype, generator=gen)
         cu = torch.tensor([0, length], dtype=torch.int32, device=device)
