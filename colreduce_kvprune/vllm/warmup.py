@@ -134,7 +134,7 @@ def score_whole_prompts(policy, device, dtype, num_heads: int, num_kv_heads: int
 
     kernels = kernels_module("colreduce")
     req = policy.score_request(lo)
-    per_token = (num_heads + num_kv_heads) * head_size * torch.empty((), dtype=dtype).element_size()
+    per_token = (num_heads + num_kv_heads) * head_size * dtype.itemsize
     # at least up to the Gluon row pass's threshold and its lengths' classes mod 16 (4096 … 4104)
     hi = min(max_len, max(max_bytes // per_token, kernels._WS_MIN_M + 8))
     if hi < lo:
