@@ -46,20 +46,27 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 from colreduce_kvprune.kernels.colreduce_ws import _descriptor, _matrix
 
 HALF = gl.constexpr(64)       # query rows per chunk (one wgmma M)
-CONFIGS = {    # name -> (keys per tile, slots, maxnreg, consumer registers, programs per SM, transposed: keys on rows)
-    "2cta": (64, 2, 80, 104, 2, False),  # two programs per SM: 12 warps × 80 registers (as colreduce_ws.py's row pass)
-    "2cta_n32": (32, 4, 80, 104, 2, False),
-    "1cta": (64, 4, 160, 200, 1, False),
-    "1cta_r232": (64, 4, 168, 232, 1, False),
-    "1cta_n128": (128, 3, 168, 232, 1, False),
-    "2cta_t": (64, 2, 80, 104, 2, True),
-    "1cta_t": (64, 4, 160, 200, 1, True),
+CONFIGS = {    # name -> (keys per tile, slots, maxnreg, consumer registers, programs per SM, transposed: keys on rows,
+               #          fold: the lse subtracted by the wgmma, _fold_lse)
+    "2cta": (64, 2, 80, 104, 2, False, False),  # two programs per SM: 12 warps × 80 registers (as colreduce_ws.py's)
+    "2cta_n32": (32, 4, 80, 104, 2, False, False),
+    "1cta": (64, 4, 160, 200, 1, False, False),
+    "1cta_r232": (64, 4, 168, 232, 1, False, False),
+    "1cta_n128": (128, 3, 168, 232, 1, False, False),
+    "2cta_t": (64, 2, 80, 104, 2, True, False),
+    "1cta_t": (64, 4, 160, 200, 1, True, False),
+    "2cta_tf": (64, 2, 80, 104, 2, True, True),
+    "1cta_tf": (64, 4, 160, 200, 1, True, True),
+    "1cta_tf128": (128, 3, 168, 232, 1, True, True),
 }
+FOLD_K = gl.constexpr(16)     # the fold's extra k columns (one k-step of a 16-bit wgmma): 4 parts of the lse, 12 zeros
+FOLD_PARTS = gl.constexpr(4)
 CONFIG = "2cta"
 
 
@@ -83,7 +90,7 @@ def _mode(*flags):
 
 @gluon.constexpr_function
 def _flag(mode_len, i):
-    """Flag i of a `mode` array's length (_mode): FLAT, IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, T."""
+    """Flag i of a `mode` array's length (_mode): FLAT, IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, T, FOLD."""
     return bool((mode_len - 1) >> i & 1)
 
 
@@ -113,13 +120,54 @@ def _chunk_lse(LSE, b, hk, q0, Mb, slb, slh, slm, lse_q0, c, G: gl.constexpr, FL
         return gl.load(ptrs, mask=ok, other=float("inf"))
 
 
+@gluon.constexpr_function
+def _fold_chunks(fold, nchunk):
+    """Chunks of the fold's lse parts held in shared memory (one, unused, without the fold)."""
+    return nchunk if fold else 1
+
+
 @gluon.jit
-def _issue(q_smem, k_smem, c, i, zero, T: gl.constexpr):
-    """Chunk c of run-local key tile i: its wgmma (T: keys on rows, k·qᵀ), issued, not waited for."""
+def _fold_lse(LSE, l_smem, ones_smem, l_bar, b, hk, q0, Mb, slb, slh, slm, lse_q0, qk_scale, G: gl.constexpr,
+              FLAT: gl.constexpr, CPH: gl.constexpr, LSE_NATURAL: gl.constexpr, C: gl.constexpr):
+    """The fold (T only): x = (q·kᵀ − lse2 / scale)·scale, the subtraction done by the chunk's wgmma as one more
+    k-step, ones[key, j] · (−part_j[row]), so no thread holds its columns' lse. lse2 / scale (fp32) is split into
+    FOLD_PARTS values of the operands' dtype, each the rounding of what the previous ones left, so their sum equals
+    it to the float32's precision (4 × 8 bits for bf16, 4 × 11 for fp16); rows out of range or seeing no key get
+    30000 (p = 0). Consumer C writes chunks C, C + 2, … (and consumer 0 the ones tile), then both wait for l_bar."""
+    NCHUNK: gl.constexpr = l_smem.type.shape[0]
+    DT: gl.constexpr = l_smem.dtype
+    BL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+    j = gl.arange(0, FOLD_K, layout=gl.SliceLayout(0, BL))[None, :]
+    for c in gl.static_range(C, NCHUNK, 2):
+        lse2 = _chunk_lse(LSE, b, hk, q0, Mb, slb, slh, slm, lse_q0, c, G, FLAT, CPH, LSE_NATURAL,
+                          gl.SliceLayout(1, BL))
+        rest = gl.where(lse2 == float("inf"), 30000.0, lse2 / qk_scale)
+        tile = gl.zeros([HALF, FOLD_K], gl.float32, layout=BL)
+        for part in gl.static_range(FOLD_PARTS):
+            h = rest.to(DT).to(gl.float32)
+            tile = gl.where(j == part, -h[:, None], tile)
+            rest = rest - h
+        l_smem.index(c).store(tile.to(DT))
+    if C == 0:
+        BLOCK: gl.constexpr = ones_smem.type.shape[0]
+        ones = gl.where(gl.arange(0, FOLD_K, layout=gl.SliceLayout(0, BL))[None, :] < FOLD_PARTS, 1.0, 0.0)
+        ones_smem.store((ones + gl.zeros([BLOCK, FOLD_K], gl.float32, layout=BL)).to(DT))
+    fence_async_shared()
+    mbarrier.arrive(l_bar, count=1)
+    mbarrier.wait(l_bar, 0)
+
+
+@gluon.jit
+def _issue(q_smem, k_smem, l_smem, ones_smem, c, i, zero, T: gl.constexpr, FOLD: gl.constexpr):
+    """Chunk c of run-local key tile i: its wgmma (T: keys on rows, k·qᵀ; FOLD: then − the rows' lse2 / scale),
+    issued, not waited for."""
     NSLOT: gl.constexpr = k_smem.type.shape[0]
     if T:
-        return warpgroup_mma(k_smem.index(i % NSLOT), q_smem.index(c).permute((1, 0)), zero, use_acc=False,
-                             is_async=True)
+        s = warpgroup_mma(k_smem.index(i % NSLOT), q_smem.index(c).permute((1, 0)), zero, use_acc=False,
+                          is_async=True)
+        if FOLD:
+            s = warpgroup_mma(ones_smem, l_smem.index(c).permute((1, 0)), s, use_acc=True, is_async=True)
+        return s
     else:
         return warpgroup_mma(q_smem.index(c), k_smem.index(i % NSLOT).permute((1, 0)), zero, use_acc=False,
                              is_async=True)
@@ -169,13 +217,16 @@ def _p(s, lse2, c, t, Mb, Nb, qk_scale, G: gl.constexpr, FLAT: gl.constexpr, CPH
 
 @gluon.jit
 def _add(acc, s, lse2, c, t, Mb, Nb, qk_scale, G: gl.constexpr, FLAT: gl.constexpr, CPH: gl.constexpr,
-         IS_CAUSAL: gl.constexpr, MASKED: gl.constexpr, T: gl.constexpr):
+         IS_CAUSAL: gl.constexpr, MASKED: gl.constexpr, T: gl.constexpr, FOLD: gl.constexpr):
     """acc plus chunk c's p: elementwise ([rows, keys]), or T: s is [keys, rows], its p summed over the rows (in
-    the thread and its quad: no shared memory), acc [keys]."""
+    the thread and its quad: no shared memory), acc [keys]. FOLD: s already holds q·kᵀ − lse2 / scale."""
     if T:
         BLOCK: gl.constexpr = s.type.shape[0]
         MMA: gl.constexpr = s.type.layout
-        x = s * qk_scale - lse2[None, :]
+        if FOLD:
+            x = s * qk_scale
+        else:
+            x = s * qk_scale - lse2[None, :]
         if MASKED:
             n = t * BLOCK + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, MMA))
             if IS_CAUSAL:
@@ -189,10 +240,10 @@ def _add(acc, s, lse2, c, t, Mb, Nb, qk_scale, G: gl.constexpr, FLAT: gl.constex
 
 
 @gluon.jit
-def _step(q_smem, k_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q0, k0, Mb, Nb, slb, slh, slm,
-          lse_q0, sob, soh, son, qk_scale, G: gl.constexpr, FLAT: gl.constexpr, CPH: gl.constexpr,
+def _step(q_smem, k_smem, l_smem, ones_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q0, k0, Mb, Nb,
+          slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G: gl.constexpr, FLAT: gl.constexpr, CPH: gl.constexpr,
           IS_CAUSAL: gl.constexpr, LSE_NATURAL: gl.constexpr, MEAN: gl.constexpr, GROUP_MEAN: gl.constexpr,
-          C: gl.constexpr, MASKED: gl.constexpr, T: gl.constexpr):
+          C: gl.constexpr, MASKED: gl.constexpr, T: gl.constexpr, FOLD: gl.constexpr):
     """Step u of consumer C (chunk u % NCHUNK of its tile u // NCHUNK), entered with s = that chunk's scores and
     lse2 its rows': issues step u + 1's wgmma, adds this chunk's p while it runs, waits for it. One basic block
     from the issue to the wait (a branch in between makes ptxas wait at once; and in straight-line code over the
@@ -206,10 +257,13 @@ def _step(q_smem, k_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q
     i1 = C + 2 * (u1 // NCHUNK)
     if c1 == 0:                                          # the next tile's copy
         mbarrier.wait(ready.index(i1 % NSLOT), (i1 // NSLOT) & 1)
-    token = _issue(q_smem, k_smem, c1, i1, gl.zeros_like(s), T)
+    token = _issue(q_smem, k_smem, l_smem, ones_smem, c1, i1, gl.zeros_like(s), T, FOLD)
     LSE_LAYOUT: gl.constexpr = lse2.type.layout
-    lse_next = _chunk_lse(LSE, b, hk, q0, Mb, slb, slh, slm, lse_q0, c1, G, FLAT, CPH, LSE_NATURAL, LSE_LAYOUT)
-    pacc = _add(pacc, s, lse2, c, t0 + i, Mb, Nb, qk_scale, G, FLAT, CPH, IS_CAUSAL, MASKED, T)
+    if FOLD:
+        lse_next = lse2
+    else:
+        lse_next = _chunk_lse(LSE, b, hk, q0, Mb, slb, slh, slm, lse_q0, c1, G, FLAT, CPH, LSE_NATURAL, LSE_LAYOUT)
+    pacc = _add(pacc, s, lse2, c, t0 + i, Mb, Nb, qk_scale, G, FLAT, CPH, IS_CAUSAL, MASKED, T, FOLD)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
     if c1 == NCHUNK - 1:                                 # tile i1's last wgmma done: its slot goes back
         mbarrier.arrive(empty.index(i1 % NSLOT), count=1)
@@ -220,7 +274,7 @@ def _step(q_smem, k_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q
 
 
 @gluon.jit
-def _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
+def _consume(q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
              slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, C: gl.constexpr):
     """Consumer C: run-local tiles C, C + 2, … of n_local, chunk by chunk; the first n_full tiles of the run need
     no mask (the consumer's last tile takes the mask in any case)."""
@@ -230,6 +284,7 @@ def _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, N
     MEAN: gl.constexpr = _flag(mode.type.shape[0], 3)
     GROUP_MEAN: gl.constexpr = _flag(mode.type.shape[0], 4)
     T: gl.constexpr = _flag(mode.type.shape[0], 5)
+    FOLD: gl.constexpr = _flag(mode.type.shape[0], 6)
     NCHUNK: gl.constexpr = q_smem.type.shape[0]
     NSLOT: gl.constexpr = k_smem.type.shape[0]
     BLOCK: gl.constexpr = k_smem.type.shape[1]
@@ -245,46 +300,55 @@ def _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, N
         else:
             zero = gl.zeros([HALF, BLOCK], gl.float32, layout=MMA)
             pacc = zero
+        if FOLD:
+            _fold_lse(LSE, l_smem, ones_smem, l_bar, b, hk, q0, Mb, slb, slh, slm, lse_q0, qk_scale, G, FLAT, CPH,
+                      LSE_NATURAL, C)
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(ready.index(C % NSLOT), (C // NSLOT) & 1)
-        token = _issue(q_smem, k_smem, 0, C, zero, T)
-        lse2 = _chunk_lse(LSE, b, hk, q0, Mb, slb, slh, slm, lse_q0, 0, G, FLAT, CPH, LSE_NATURAL, LSE_LAYOUT)
+        token = _issue(q_smem, k_smem, l_smem, ones_smem, 0, C, zero, T, FOLD)
+        if FOLD:
+            lse2 = gl.zeros([HALF], gl.float32, layout=LSE_LAYOUT)
+        else:
+            lse2 = _chunk_lse(LSE, b, hk, q0, Mb, slb, slh, slm, lse_q0, 0, G, FLAT, CPH, LSE_NATURAL, LSE_LAYOUT)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
         if NCHUNK == 1:
             mbarrier.arrive(empty.index(C % NSLOT), count=1)
         for u in range(0, n_unmasked * NCHUNK):
-            s, pacc, lse2 = _step(q_smem, k_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q0, k0, Mb,
-                                  Nb, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, FLAT, CPH, IS_CAUSAL,
-                                  LSE_NATURAL, MEAN, GROUP_MEAN, C, False, T)
+            s, pacc, lse2 = _step(q_smem, k_smem, l_smem, ones_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b,
+                                  hk, q0, k0, Mb, Nb, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, FLAT, CPH,
+                                  IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, C, False, T, FOLD)
         for u in range(n_unmasked * NCHUNK, last):
-            s, pacc, lse2 = _step(q_smem, k_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b, hk, q0, k0, Mb,
-                                  Nb, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, FLAT, CPH, IS_CAUSAL,
-                                  LSE_NATURAL, MEAN, GROUP_MEAN, C, True, T)
+            s, pacc, lse2 = _step(q_smem, k_smem, l_smem, ones_smem, ready, empty, u, s, pacc, lse2, t0, LSE, Out, b,
+                                  hk, q0, k0, Mb, Nb, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, FLAT, CPH,
+                                  IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, C, True, T, FOLD)
         i = C + 2 * (n_mine - 1)                         # the last step: chunk NCHUNK − 1 of the last tile
-        pacc = _add(pacc, s, lse2, NCHUNK - 1, t0 + i, Mb, Nb, qk_scale, G, FLAT, CPH, IS_CAUSAL, True, T)
+        pacc = _add(pacc, s, lse2, NCHUNK - 1, t0 + i, Mb, Nb, qk_scale, G, FLAT, CPH, IS_CAUSAL, True, T, FOLD)
         _columns(pacc, t0 + i, Out, b, hk, k0, Mb, Nb, sob, soh, son, G, IS_CAUSAL, MEAN, GROUP_MEAN, T)
 
 
 @gluon.jit
-def _consumer0(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, q_row, q_col,
-               k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode):
+def _consumer0(Q_desc, K_desc, q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0,
+               k0, Mb, Nb, q_row, q_col, k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son,
+               qk_scale, G, CPH, mode):
     """Every partition takes this argument list. Gluon passes a worker's constexpr arguments as runtime values (its
     `if` on them would branch at run time, and could not change a value's type): the flags travel as the shape of
     `mode`, a shared-memory array nothing reads (_mode, _flag)."""
-    _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
-             slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, 0)
+    _consume(q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0,
+             n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, 0)
 
 
 @gluon.jit
-def _consumer1(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, q_row, q_col,
-               k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode):
-    _consume(q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0, n_local, n_full, slb, slh,
-             slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, 1)
+def _consumer1(Q_desc, K_desc, q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0,
+               k0, Mb, Nb, q_row, q_col, k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son,
+               qk_scale, G, CPH, mode):
+    _consume(q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, t0,
+             n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode, 1)
 
 
 @gluon.jit
-def _producer(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, q_row, q_col,
-              k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode):
+def _producer(Q_desc, K_desc, q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0,
+              k0, Mb, Nb, q_row, q_col, k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son,
+              qk_scale, G, CPH, mode):
     """The group's row chunks, then the run's key tiles into the ring: slot i % NSLOT once tile i − NSLOT's consumer
     handed it back (a fresh mbarrier passes the wait for phase 1, so the first NSLOT go at once)."""
     FLAT: gl.constexpr = _flag(mode.type.shape[0], 0)
@@ -312,7 +376,7 @@ def _ws_window_kernel(Q_desc, K_desc, LSE, Out, cu_q, cu_k, Hq, max_m, max_n, sl
                       qk_scale, G: gl.constexpr, D: gl.constexpr, IS_VARLEN: gl.constexpr, IS_CAUSAL: gl.constexpr,
                       LSE_NATURAL: gl.constexpr, MEAN: gl.constexpr, GROUP_MEAN: gl.constexpr,
                       NCHUNK: gl.constexpr, CPH: gl.constexpr, NSLOT: gl.constexpr, BLOCK: gl.constexpr,
-                      REGS: gl.constexpr, T: gl.constexpr):
+                      REGS: gl.constexpr, T: gl.constexpr, FOLD: gl.constexpr):
     """Grid (P, B·Hkv): program p takes the key tiles p·T … p·T + T − 1 (T = cdiv(cdiv(max_n, BLOCK), P)) of one
     sequence × kv head. Out[b, hk, n] (dense, strides sob, soh, son) or Out[k0 + n, hk] (varlen)."""
     bh = gl.program_id(1)
@@ -338,17 +402,23 @@ def _ws_window_kernel(Q_desc, K_desc, LSE, Out, cu_q, cu_k, Hq, max_m, max_n, sl
         n_full = gl.minimum(gl.maximum(full // BLOCK - t0, 0), n_local)
         q_smem = gl.allocate_shared_memory(Q_desc.dtype, [NCHUNK, HALF, D], Q_desc.layout)
         k_smem = gl.allocate_shared_memory(K_desc.dtype, [NSLOT, BLOCK, D], K_desc.layout)
+        FOLD_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, FOLD_K], Q_desc.dtype)
+        l_smem = gl.allocate_shared_memory(Q_desc.dtype, [_fold_chunks(FOLD, NCHUNK), HALF, FOLD_K], FOLD_LAYOUT)
+        ones_smem = gl.allocate_shared_memory(Q_desc.dtype, [BLOCK, FOLD_K], FOLD_LAYOUT)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        l_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(l_bar, count=2)                    # one arrival per consumer (the fold's lse parts written)
         for i in gl.static_range(NSLOT):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        MODE: gl.constexpr = _mode(not IS_VARLEN, IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, T)
+        MODE: gl.constexpr = _mode(not IS_VARLEN, IS_CAUSAL, LSE_NATURAL, MEAN, GROUP_MEAN, T, FOLD)
         mode = gl.allocate_shared_memory(gl.int64, [MODE], mbarrier.MBarrierLayout())
-        args = (Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, LSE, Out, b, hk, q0, k0, Mb, Nb, q_row, q_col,
-                k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son, qk_scale, G, CPH, mode)
+        args = (Q_desc, K_desc, q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE, Out, b, hk, q0,
+                k0, Mb, Nb, q_row, q_col, k_row, k_col, t0, n_local, n_full, slb, slh, slm, lse_q0, sob, soh, son,
+                qk_scale, G, CPH, mode)
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [REGS, 24])
 
 
@@ -370,7 +440,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, lse_strides: tup
     q2, k2 = _matrix(q, varlen), _matrix(k, varlen)
     if q2 is None or k2 is None:
         return False
-    block_n, nslot, maxnreg, regs, per_sm, transposed = CONFIGS[config or CONFIG]
+    block_n, nslot, maxnreg, regs, per_sm, transposed, fold = CONFIGS[config or CONFIG]
     D, Hq, Hkv = q.shape[-1], q.shape[1], k.shape[1]
     G = Hq // Hkv
     nchunk, cph = chunks(G, max_m, varlen)
@@ -379,7 +449,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, lse_strides: tup
     programs = max(1, per_sm * sms // (B * Hkv))
     grid = (min(programs, -(-max_n // block_n)), B * Hkv)
     const = dict(G=G, D=D, IS_VARLEN=varlen, IS_CAUSAL=is_causal, LSE_NATURAL=lse_natural, MEAN=mean,
-                 GROUP_MEAN=group_mean, NCHUNK=nchunk, CPH=cph, NSLOT=nslot, BLOCK=block_n, REGS=regs, T=transposed)
+                 GROUP_MEAN=group_mean, NCHUNK=nchunk, CPH=cph, NSLOT=nslot, BLOCK=block_n, REGS=regs, T=transposed,
+                 FOLD=fold)
     _ws_window_kernel[grid](_descriptor(q2, HALF.value, D), _descriptor(k2, block_n, D), lse, out, cu_q, cu_k, Hq,
                             max_m, max_n, *lse_strides, lse_q0, *out_strides, qk_scale, **const, num_warps=4,
                             maxnreg=maxnreg)

@@ -10,6 +10,7 @@ lse given ≤ 0.12 ms; a read of K takes 0.079 on the H200).
    alternated 3×, and a read of K.
 
     python benchmarks/ws_window.py --out DIR     # GPU (sm_90): DIR/ws_window.json
+    WS_WINDOW_CONFIGS=2cta_tf,1cta_tf python benchmarks/ws_window.py --out DIR    # only these configs
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def main(argv=None):
     import gluon_ws_window_pass as ww
     from colreduce_kvprune import colreduce
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    check(ww, sms, record)
+    configs = os.environ.get("WS_WINDOW_CONFIGS", ",".join(ww.CONFIGS)).split(",")
+    check(ww, sms, record, configs)
     for N, W, Hq, Hkv, dt in ((131072, 64, 32, 8, torch.float16), (131072, 32, 32, 8, torch.float16),
                               (32768, 64, 32, 8, torch.float16), (8192, 64, 32, 8, torch.float16),
                               (131072, 64, 32, 8, torch.bfloat16), (32768, 32, 32, 4, torch.bfloat16)):
@@ -123,7 +125,7 @@ def main(argv=None):
         lse = torch.randn(1, Hq, W, device="cuda") + math.log(N)
         shape = f"win{W} {Hq}/{Hkv} N={N} {str(dt)[6:]}"
         arms = {"product": lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean", lse=lse)}
-        for config in ww.CONFIGS:
+        for config in configs:
             arms[config] = (lambda c: lambda: gluon_dense(ww, q, k, lse, "sum", "mean", True, c, sms))(config)
         outs = {name: fn() for name, fn in arms.items()}
         for name, o in outs.items():

@@ -693,6 +693,43 @@ def test_warmup_lengths_cover_every_launch_of_longer_prompts(monkeypatch):
         assert scored and all(300 <= n <= top for _, n in scored) and ranges[-1] == (300, top, True), ranges
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU the plugin scores with torch: nothing is compiled")
+def test_h2o_engine_compiles_its_scoring_at_start(tmp_path):
+    """End to end on the GPU: an H2O engine (whole prompts scored, bf16, heads of 64) compiles every scoring kernel
+    its prompts need while it starts (warmup.py), so prompts of 4500 and 5100 tokens compile none of ours mid-serving.
+    On sm_90 the Gluon row pass (prompts of >= 4096 queries) is among the start's compiles. Compiles are read from
+    Triton's JIT hooks (serving.TritonCompiles); that the start shows some proves the hooks see ours."""
+    import triton
+
+    from colreduce_kvprune.kernels import colreduce as C
+    from colreduce_kvprune.kernels import colreduce_ws
+    from colreduce_kvprune.serving import TritonCompiles
+    from colreduce_kvprune.vllm import get_stats
+    from vllm_helpers import build_model, greedy, make_llm, random_prompts, shutdown
+
+    ours = {name for mod in (C, colreduce_ws) for name, fn in vars(mod).items()
+            if isinstance(fn, triton.runtime.jit.JITFunction)}
+    model = build_model("llama", tmp_path / "m", head_dim=64, max_position_embeddings=8192)
+    prune = {"policy": "h2o", "budget": {"keep_ratio": 0.25}, "min_prompt_tokens": 1024}
+    with TritonCompiles() as compiles:
+        if not compiles.available:
+            pytest.skip("this Triton has no JIT hooks")
+        llm = make_llm(model, prune, dtype="bfloat16", max_model_len=6144, max_num_batched_tokens=6144)
+        try:
+            at_start = [name for _, _, name in compiles.events if name in ours]
+            n = len(compiles.events)
+            greedy(llm, random_prompts([4500, 5100], seed=3), max_tokens=4)
+            later = [name for _, _, name in compiles.events[n:] if name in ours]
+            pruned = get_stats(llm).requests_pruned
+        finally:
+            shutdown(llm)
+    assert at_start, compiles.events
+    if C._ws_device(torch.cuda.current_device()):
+        assert "_ws_row_lse_kernel" in at_start, at_start
+    assert later == [], later
+    assert pruned == 2
+
+
 def test_nan_scores_are_reported_at_a_later_build():
     """With nan_flags (the engine's layers), NaN scores do not raise in the layer (that would read the device back):
     the NanWatch reports them, naming the layer, once the builder has flushed the flags and their copy has landed.
