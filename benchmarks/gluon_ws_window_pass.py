@@ -291,6 +291,9 @@ def _consume(q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE,
     MMA: gl.constexpr = _score_layout(T, BLOCK)
     LSE_LAYOUT: gl.constexpr = gl.SliceLayout(_lse_dim(T), MMA)
     n_mine = gl.maximum(n_local - C + 1, 0) // 2
+    if FOLD:    # both consumers, tiles or not: each writes half the lse parts and the other waits for them
+        _fold_lse(LSE, l_smem, ones_smem, l_bar, b, hk, q0, Mb, slb, slh, slm, lse_q0, qk_scale, G, FLAT, CPH,
+                  LSE_NATURAL, C)
     if n_mine > 0:
         n_unmasked = gl.minimum(gl.maximum(n_full - C + 1, 0) // 2, n_mine - 1)
         last = n_mine * NCHUNK - 1
@@ -300,9 +303,6 @@ def _consume(q_smem, k_smem, l_smem, ones_smem, q_bar, l_bar, ready, empty, LSE,
         else:
             zero = gl.zeros([HALF, BLOCK], gl.float32, layout=MMA)
             pacc = zero
-        if FOLD:
-            _fold_lse(LSE, l_smem, ones_smem, l_bar, b, hk, q0, Mb, slb, slh, slm, lse_q0, qk_scale, G, FLAT, CPH,
-                      LSE_NATURAL, C)
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(ready.index(C % NSLOT), (C // NSLOT) & 1)
         token = _issue(q_smem, k_smem, l_smem, ones_smem, 0, C, zero, T, FOLD)
