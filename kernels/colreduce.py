@@ -968,15 +968,20 @@ def _out_strides(varlen: bool, paged: bool, heads: int, max_n: int) -> tuple[int
 
 def _launch_key(max_m, max_n, *shape, one_split=False):
     """What decides which compiled kernels a launch of this shape runs (launch_lengths): the recipe's constexprs and
-    Triton's specialisation classes of the integers that follow the key length: max_n, the split length and count,
-    and the column pass's output strides (of the head-split partials too)."""
+    Triton's specialisation classes of the integers that follow the key and query lengths: max_n, the split length
+    and count, the column pass's output strides (of the head-split partials too), and max_m with the strides of
+    the row statistics it sets (Hq·max_m, B·Hq·max_m: colreduce_triton's row_ints and col_ints). A window's max_m
+    is fixed; a whole prompt's is its length (launch_lengths(..., whole=True)), and without them an H2O engine on
+    the H200 compiled both kernels at its first 4500-token prompt (Hq = 4: Hq·4500 is a multiple of 16, Hq·4497
+    is not)."""
     D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
     _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False, False, one_split)
     strides = _out_strides(varlen, paged, G * Hkv if group_reduce is None else Hkv, max_n)
     if hs > 1 and group_reduce is not None:           # the head split's partials (the long column kernel's)
         strides += _out_strides(varlen, paged, Hkv * hs, max_n)
+    rows = (max_m, G * Hkv * max_m, B * G * Hkv * max_m)
     return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs,
-            _spec((max_n, split_len, splits) + strides))
+            _spec((max_n, split_len, splits) + strides + rows))
 
 
 def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv: int, *, is_causal: bool,

@@ -260,13 +260,18 @@ def test_large_negative_logits_do_not_underflow():
             assert rel_err(out, reference(q, k, "sum", is_causal, scale=1.0)) < tol, (backend, is_causal, tol)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
-def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(paged, monkeypatch):
+@pytest.mark.parametrize("mode", ["varlen", "paged", "whole"])
+def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, monkeypatch):
     """launch_lengths gives the vLLM warm-up one key length per distinct compiled launch, so that no prompt compiles
     a kernel mid-serving (the twelfth session's H200 visit: two 1 s window-kernel compiles during the mixed workload, at
     lengths whose output strides 8·N were multiples of 16 and N was not). Checked against what colreduce_triton
     really launches, as the H200 plans it (132 SMs): each launch's kernel, constexprs and Triton's specialisation
-    of every argument, recorded instead of run, for lengths of every residue mod 16 and random ones."""
+    of every argument, recorded instead of run, for lengths of every residue mod 16 and random ones. "whole":
+    whole prompts (H2O: every query scored, launch_lengths(..., whole=True)), whose query length moves the
+    integers that follow it too (the lse's strides Hq·M and M); the H200's vLLM suite found their launch key
+    without them (an H2O engine compiled both kernels at its first 4500-token prompt). The Gluon row pass of
+    sm_90 is not modelled here (no device): tests/test_colreduce_ws.py covers its warm-up."""
+    paged, whole = mode == "paged", mode == "whole"
     from colreduce_kvprune.kernels import colreduce as C
 
     launched = []
@@ -276,15 +281,19 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(paged, mo
     monkeypatch.setattr(C, "_launch", lambda fn, grid, args, kw: launched.append(
         (getattr(fn, "__name__", None) or fn.fn.__name__, tuple(sorted(kw.items())), C._spec(args))))
     m, hq, hkv, d, page, hi = 32, 32, 8, 128, 16, 40000
+    if whole:               # the failing engine's heads: Hq·M is a multiple of 16 only where M is one of 4
+        hq, hkv, d, hi = 4, 2, 64, 9000
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(m, hq, d, generator=gen).to(torch.bfloat16)
+    q_all = torch.randn(hi if whole else m, hq, d, generator=gen).to(torch.bfloat16)
     k_all = torch.randn(1 if paged else hi, *((page,) if paged else ()), hkv, d, generator=gen).to(torch.bfloat16)
     cu_q = torch.tensor([0, m], dtype=torch.int32)
 
     def launches(n):
         del launched[:]
-        kw = dict(is_causal=True, scale=d ** -0.5, group_reduce="mean", cu_seqlens_q=cu_q, max_seqlen_q=m,
-                  max_seqlen_k=n)
+        q = q_all[:n] if whole else q_all
+        kw = dict(is_causal=True, scale=d ** -0.5, group_reduce="mean", max_seqlen_k=n,
+                  cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32) if whole else cu_q,
+                  max_seqlen_q=n if whole else m)
         if paged:
             table = torch.zeros(1, -(-n // (16 * page)) * 16, dtype=torch.int32)      # as compaction's tables
             C.colreduce_triton(q, k_all, "sum", block_table=table, seqlens_k=torch.tensor([n], dtype=torch.int32),
@@ -295,9 +304,10 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(paged, mo
 
     lengths = C.launch_lengths(m, 1024, hi, d, hq // hkv, 1, hkv, is_causal=True, reduction="sum",
                                group_reduce="mean", dtype=torch.bfloat16, device="cpu", paged=paged,
-                               page=page if paged else 1, sms=132)
+                               page=page if paged else 1, sms=132, whole=whole)
     warmed = {launches(n) for n in lengths}
     assert len(warmed) == len(lengths)                 # each warm-up length compiles something the others do not
     rng = random.Random(1)
-    for n in list(range(16384, 16416)) + [1024, hi] + [rng.randrange(1024, hi + 1) for _ in range(150)]:
+    edge = range(4080, 4112) if whole else range(16384, 16416)      # where the tiles change, every residue mod 16
+    for n in list(edge) + [1024, hi] + [rng.randrange(1024, hi + 1) for _ in range(150)]:
         assert launches(n) in warmed, n
