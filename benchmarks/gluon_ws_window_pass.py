@@ -14,6 +14,19 @@ crosses the consumer's four warps through shared memory (gl.sum over the rows: a
 and every mbarrier arrive takes a partition barrier first. Not pursued further; what might close the gap: the group's
 rows as the wgmma's register operand, or the transposed layout with its lse in shared memory.
 
+Twenty-fifth session: **the fold** (configs *_tf; FOLD): in the transposed layout each thread's 64-row chunk spans 16
+query rows, so the per-step lse loads were most of its cost. Instead the wgmma subtracts the lse itself: one more
+k-step per chunk, ones[key, j] · (−part_j[row]) with lse2 / scale split into four values of the operands' dtype
+(their sum equals it to float32 precision; _fold_lse writes them to shared memory once per program, half per
+consumer), so x = (q·kᵀ − lse2 / scale)·scale and no thread holds a row's lse. On the H200 (image torch 2.11 /
+Triton 3.6, results/h200_kernels/ws_window_visit27_fold*.json, 3 alternations, window 64, GQA 32/8, N = 128k, fp16,
+lse given): **2cta_tf 0.164–0.166 ms against the product's 0.170–0.171** in the same run, 1cta_tf128 0.166–0.167 vs
+0.170–0.172, 1cta_tf 0.177–0.180: the first Gluon window pass faster than the product (−3%), far from the goal's
+0.12. Checked against float64 in the first case of ws_window.py's check only (1.07e-6, WS_WINDOW_CASES=1: the device
+time ran out); the other six cases and varlen have not run with the fold. The first fold run hung: a consumer with
+no tiles never arrived on the lse parts' barrier (fixed: both consumers write their half before looking at their
+tiles; the runs above are after the fix).
+
 Two compiler facts found on the way: (1) ptxas moves the exp2 of straight-line (statically unrolled) chunks past the
 next wgmma's wait, so all four chunks' accumulators stay live (spills, no overlap); one runtime loop step per chunk,
 issue → exp2 → wait in one basic block, keeps each chunk's 32 exp2 inside its wgmma window. (2) Gluon passes a
@@ -67,7 +80,7 @@ CONFIGS = {    # name -> (keys per tile, slots, maxnreg, consumer registers, pro
 }
 FOLD_K = gl.constexpr(16)     # the fold's extra k columns (one k-step of a 16-bit wgmma): 4 parts of the lse, 12 zeros
 FOLD_PARTS = gl.constexpr(4)
-CONFIG = "2cta"
+CONFIG = "2cta_tf"      # the fastest on the H200 (twenty-fifth session); check() runs it and 1cta_n128
 
 
 @gluon.constexpr_function

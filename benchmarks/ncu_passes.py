@@ -50,7 +50,7 @@ STALL = re.compile(r"^smsp__average_warps_issue_stalled_(.+)_per_issue_active\.r
 
 def _window_ws_runs(torch):
     """NCU_WORKLOAD=window_ws: window 64, GQA 32/8, N = 128k, fp16, lse given: the product's window column kernel
-    and benchmarks/gluon_ws_window_pass.py's configs (NCU_WS_CONFIGS, comma-separated; default 2cta,1cta_n128)."""
+    and benchmarks/gluon_ws_window_pass.py's configs (NCU_WS_CONFIGS, comma-separated; default 2cta_tf,2cta)."""
     import gluon_ws_window_pass as ww
     import ws_window
 
@@ -62,7 +62,7 @@ def _window_ws_runs(torch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     runs = [("window 128k lse: product", lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean",
                                                            lse=lse))]
-    for config in os.environ.get("NCU_WS_CONFIGS", "2cta,1cta_n128").split(","):
+    for config in os.environ.get("NCU_WS_CONFIGS", "2cta_tf,2cta").split(","):
         runs.append((f"window 128k lse: gluon {config}", lambda c=config: ws_window.gluon_dense(
             ww, q, k, lse, "sum", "mean", True, c, sms)))
     return runs
