@@ -11,6 +11,8 @@ lse given ≤ 0.12 ms; a read of K takes 0.079 on the H200).
 
     python benchmarks/ws_window.py --out DIR     # GPU (sm_90): DIR/ws_window.json
     WS_WINDOW_CONFIGS=2cta_tf,1cta_tf python benchmarks/ws_window.py --out DIR    # only these configs
+    WS_WINDOW_MODULE=window_fold python benchmarks/ws_window.py --out DIR  # the Triton transposed pass instead
+    (WS_WINDOW_CASES=n / WS_WINDOW_SHAPES=n: only the first n check cases, no varlen / the first n timed shapes)
 """
 from __future__ import annotations
 
@@ -130,7 +132,8 @@ def _check_config(ww, sms, record, config):
 
 def main(argv=None):
     bk, kmod, flush, record = _setup(__doc__, "ws_window.json", argv)
-    import gluon_ws_window_pass as ww
+    import importlib
+    ww = importlib.import_module(os.environ.get("WS_WINDOW_MODULE", "gluon_ws_window_pass"))
     from colreduce_kvprune import colreduce
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = os.environ.get("WS_WINDOW_CONFIGS", ",".join(ww.CONFIGS)).split(",")
