@@ -12,6 +12,7 @@ lse given ≤ 0.12 ms; a read of K takes 0.079 on the H200).
     python benchmarks/ws_window.py --out DIR     # GPU (sm_90): DIR/ws_window.json
     WS_WINDOW_CONFIGS=2cta_tf,1cta_tf python benchmarks/ws_window.py --out DIR    # only these configs
     WS_WINDOW_MODULE=window_fold python benchmarks/ws_window.py --out DIR  # the Triton transposed pass instead
+    WS_WINDOW_ARMS=gluon_ws_window_pass:2cta_tf,window_fold:tf_s2 python benchmarks/ws_window.py --out DIR  # both
     (WS_WINDOW_CASES=n / WS_WINDOW_SHAPES=n: only the first n check cases, no varlen / the first n timed shapes)
 """
 from __future__ import annotations
@@ -130,14 +131,27 @@ def _check_config(ww, sms, record, config):
     print(f"check passed for {config}: worst relative error {worst:.2e}")
 
 
+def _arms_wanted():
+    """[(module, config)] to check and time: WS_WINDOW_ARMS ("module:config,…", modules of benchmarks/ holding
+    launch and CONFIGS as gluon_ws_window_pass.py and window_fold.py do), else every config of WS_WINDOW_CONFIGS (all
+    by default) of the module WS_WINDOW_MODULE (gluon_ws_window_pass)."""
+    import importlib
+    if os.environ.get("WS_WINDOW_ARMS"):
+        pairs = [a.split(":") for a in os.environ["WS_WINDOW_ARMS"].split(",")]
+    else:
+        name = os.environ.get("WS_WINDOW_MODULE", "gluon_ws_window_pass")
+        configs = os.environ.get("WS_WINDOW_CONFIGS") or ",".join(importlib.import_module(name).CONFIGS)
+        pairs = [(name, c) for c in configs.split(",")]
+    return [(importlib.import_module(m), c) for m, c in pairs]
+
+
 def main(argv=None):
     bk, kmod, flush, record = _setup(__doc__, "ws_window.json", argv)
-    import importlib
-    ww = importlib.import_module(os.environ.get("WS_WINDOW_MODULE", "gluon_ws_window_pass"))
     from colreduce_kvprune import colreduce
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    configs = os.environ.get("WS_WINDOW_CONFIGS", ",".join(ww.CONFIGS)).split(",")
-    configs = check(ww, sms, record, configs, strict=False)
+    wanted = _arms_wanted()
+    several = len({mod.__name__ for mod, _ in wanted}) > 1
+    passed = [(mod, c) for mod, c in wanted if check(mod, sms, record, [c], strict=False)]
     shapes = ((131072, 64, 32, 8, torch.float16), (131072, 32, 32, 8, torch.float16),
               (32768, 64, 32, 8, torch.float16), (8192, 64, 32, 8, torch.float16),
               (131072, 64, 32, 8, torch.bfloat16), (32768, 32, 32, 4, torch.bfloat16))
@@ -147,8 +161,9 @@ def main(argv=None):
         lse = torch.randn(1, Hq, W, device="cuda") + math.log(N)
         shape = f"win{W} {Hq}/{Hkv} N={N} {str(dt)[6:]}"
         arms = {"product": lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean", lse=lse)}
-        for config in configs:
-            arms[config] = (lambda c: lambda: gluon_dense(ww, q, k, lse, "sum", "mean", True, c, sms))(config)
+        for mod, config in passed:
+            name = f"{mod.__name__}:{config}" if several else config
+            arms[name] = (lambda m, c: lambda: gluon_dense(m, q, k, lse, "sum", "mean", True, c, sms))(mod, config)
         outs = {name: fn() for name, fn in arms.items()}
         for name, o in outs.items():
             record(dict(shape=shape, arm=name, rel_diff_vs_product=((o - outs["product"]).norm()
