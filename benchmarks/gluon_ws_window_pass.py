@@ -470,6 +470,25 @@ def launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, lse_strides: tup
     return True
 
 
+def compile_sm90(config: str = CONFIG, dtype: str = "fp16", D: int = 128, G: int = 4, M: int = 64,
+                 varlen: bool = False):
+    """The kernel compiled for sm_90 with the installed Triton (no GPU needed; tests/test_colreduce_compile.py):
+    window M, GQA G, causal, sum / group mean, natural lse."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gluon_row_pass     # its Gluon compile helper and descriptor types
+    block_n, nslot, maxnreg, regs, _, transposed, fold = CONFIGS[config]
+    x2 = torch.empty(1024, D, dtype=dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype])
+    nchunk, cph = chunks(G, M, varlen)
+    const = dict(G=G, D=D, IS_VARLEN=varlen, IS_CAUSAL=True, LSE_NATURAL=True, MEAN=False, GROUP_MEAN=True,
+                 NCHUNK=nchunk, CPH=cph, NSLOT=nslot, BLOCK=block_n, REGS=regs, T=transposed, FOLD=fold)
+    ptrs = dict(Q_desc=gluon_row_pass.descriptor_type(x2, HALF.value, D),
+                K_desc=gluon_row_pass.descriptor_type(x2, block_n, D), LSE="*fp32", Out="*fp32", cu_q="*i32",
+                cu_k="*i32")
+    return gluon_row_pass.compile_gluon_sm90(_ws_window_kernel, const, ptrs, 4, maxnreg)
+
+
 def check(device):
     """tests/test_experiments.py: benchmarks/ws_window.py's float64 check at the default config and the fastest one
     (sm_90 only)."""

@@ -177,6 +177,9 @@ def _compile_experiments() -> list[dict]:
     for config in gluon_ws_column_pass.CONFIGS:
         done.append(dict(experiment="ws_column_pass", variant=config,
                          **gluon_row_pass.sass_overlap(gluon_ws_column_pass.compile_sm90(config))))
+    import gluon_ws_window_pass   # the window column pass in Gluon, its fastest config (the lse folded into the wgmma)
+    done.append(dict(experiment="ws_window_pass", variant=gluon_ws_window_pass.CONFIG,
+                     **gluon_row_pass.sass_overlap(gluon_ws_window_pass.compile_sm90())))
     import window_fold        # the transposed window pass (Triton), with and without the lse folded into the dot
     for config in ("t", "tf"):
         done.append(dict(experiment="window_fold", variant=config,
@@ -216,9 +219,10 @@ def test_experiment_kernels_compile_for_sm90():
         sys.path.pop(0)
 
     done = _run_compiles("experiments")
-    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS) + 3 + 2
+    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS) + 3 + 1 + 2
     assert len(done) == expected, done           # less row_pass's warp_specialize; 4 Gluon passes; the WS configs
-    assert all(row["spill_bytes"] == 0 for row in done if row["experiment"] in ("ws_column_pass", "window_fold")), done
+    assert all(row["spill_bytes"] == 0 for row in done
+               if row["experiment"] in ("ws_column_pass", "ws_window_pass", "window_fold")), done
     for row in done:          # ptxas keeps half a tile's exp2 or more (a score's MUFU.EX2 per thread) in a wgmma window
         if row["experiment"].startswith("gluon_"):
             rows, cols, _, warps = row["variant"]
