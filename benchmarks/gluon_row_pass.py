@@ -181,16 +181,23 @@ def compile_gluon_sm90(fn, const: dict, pointers: dict, warps: int, maxnreg: int
     """A Gluon kernel compiled for sm_90 with the installed Triton (no GPU needed): pointers (name → "*fp16", …,
     or a descriptor's type: descriptor_type) and the strides (integer arguments named s…) 16-divisible, as the JIT
     specializes them for real tensors; qk_scale float32, other arguments int32. maxnreg: the register limit."""
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    return compile_for_sm90(GluonASTSource, fn, const, pointers,
+                            dict(num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg))))
+
+
+def compile_for_sm90(source, fn, const: dict, pointers: dict, options: dict):
+    """fn compiled for sm_90 from its AST source class (Gluon's for Gluon kernels, triton.compiler.ASTSource for
+    @triton.jit ones) with the signature compile_gluon_sm90 describes and these compile options."""
+    from triton.backends.compiler import GPUTarget
 
     sig = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
            for a in fn.arg_names}
     aligned = [a for a in fn.arg_names if sig[a].startswith("*") or (a.startswith("s") and sig[a] == "i32")]
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
-                         attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg))))
+    src = source(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                 attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def descriptor_type(x2: torch.Tensor, rows: int, D: int) -> str:

@@ -166,19 +166,16 @@ def check(device="cpu"):
 def compile_sm90(config: str = "tf", dtype: str = "fp16", D: int = 128, G: int = 4, M: int = 64):
     """The kernel compiled for sm_90 with the installed Triton (no GPU needed): window 64, GQA 4, dense, causal,
     sum / group mean, natural lse, strides 16-divisible as the JIT specialises real tensors."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gluon_row_pass     # its sm_90 compile helper (the same signature rules for Triton and Gluon kernels)
 
     block_n, warps, stages, _, fold = CONFIGS[config]
-    fn = _fold_window_kernel
     const = dict(HKV=8, G=G, D=D, MEAN=False, GROUP_MEAN=True, IS_VARLEN=False, IS_CAUSAL=True, LSE_NATURAL=True,
                  FOLD=fold, BLOCK_M=M, BLOCK_N=block_n, BLOCK_D=D)
     ptrs = dict(Q="*" + dtype, K="*" + dtype, LSE="*fp32", Out="*fp32", cu_q="*fp32", cu_k="*fp32")
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "qk_scale" else "i32") for a in fn.arg_names}
-    aligned = [a for a in fn.arg_names if sig[a].startswith("*") or (a.startswith("s") and sig[a] == "i32")]
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in const.items()},
-                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return gluon_row_pass.compile_for_sm90(ASTSource, _fold_window_kernel, const, ptrs,
+                                           dict(num_warps=warps, num_stages=stages))
 
 
 if __name__ == "__main__":
