@@ -230,7 +230,8 @@ def compiled_kernels():
     """Registers, spills and shared memory of every compiled variant of the two kernels (Triton's own cache)."""
     from colreduce_kvprune.kernels import colreduce as kmod
     rows = []
-    for fn in (kmod._row_stats_kernel, kmod._window_column_kernel, kmod._long_column_kernel):
+    for fn in (kmod._row_stats_kernel, kmod._window_column_kernel, kmod._long_column_kernel,
+               kmod._saved_column_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
             for key, k in kernels.items():

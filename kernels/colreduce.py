@@ -98,6 +98,27 @@ K_WS = os.environ.get("COLREDUCE_KVPRUNE_WS", "1") != "0"
 _WS_MIN_M = 4096
 _WS_TRITON = ("3.6.", "3.7.")     # the Triton releases it was compiled (CPU) and run (3.6, the H200's image) with
 
+# Windows whose kv group has few query rows against the head dimension: the row pass also stores its scores (fp32),
+# and the column values come from them (_saved_column_kernel) instead of a second read of K — one read of K plus
+# the scores written and read once, where the scores' bytes per key (G·M·4) are at most 1/_SAVE_RATIO of K's
+# (D · its element size): windows of 1–4 queries at GQA 4, D 128, fp16/bf16. COLREDUCE_KVPRUNE_SAVED=0 turns it off
+# (set_saved_scores for benchmarks).
+SAVE_SCORES = os.environ.get("COLREDUCE_KVPRUNE_SAVED", "1") != "0"
+_SAVE_RATIO = 4
+
+
+def _save_scores(G: int, max_m: int, D: int, dtype: torch.dtype) -> bool:
+    """Whether a window's row pass saves its scores for the column pass (SAVE_SCORES, the bytes bound above)."""
+    return SAVE_SCORES and G * max_m * 4 * _SAVE_RATIO <= D * dtype.itemsize
+
+
+def set_saved_scores(on: bool) -> None:
+    """SAVE_SCORES on or off for later calls (benchmarks: both in one run); cached recipes and launchers dropped."""
+    global SAVE_SCORES
+    SAVE_SCORES = bool(on)
+    _cached_recipe.cache_clear()
+    _direct_launchers.clear()
+
 
 @functools.lru_cache(maxsize=None)
 def _ws_device(device_index: int) -> bool:
@@ -198,11 +219,13 @@ def _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, 
 def _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, K_desc, hk,
-                K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+                K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr, x_row, x_ok, x_key0, x_kstride, SAVE: tl.constexpr):
     """Scaled scores (log2 units) of BLOCK_R rows against the key tile [n0, n0 + BLOCK_N); MASKED: -inf where a row
     does not see a key (past hi, or causally after the row). K_TMA: the tile through the tensor descriptor K_desc
     (_k_descriptor; not paged), which pads with zeros past the last key and past D; a varlen tile's keys past the
-    sequence's are the next sequence's, masked like every key ≥ hi."""
+    sequence's are the next sequence's, masked like every key ≥ hi.
+    SAVE: the scores are also stored, row r's score of key n at x_row[r] + (x_key0 + n)·x_kstride (rows x_ok, keys
+    below hi; _saved_scores), for _saved_column_kernel."""
     n = n0 + tl.arange(0, BLOCK_N)
     if K_TMA:
         if IS_VARLEN:                                 # (total_k, Hkv, D), a box of [BLOCK_N, 1, BLOCK_D]
@@ -224,6 +247,9 @@ def _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk
         if IS_CAUSAL:
             visible = visible & (n[None, :] <= m[:, None] + shift)
         s = tl.where(visible, s, float("-inf"))
+    if SAVE:
+        tl.store(x_row[:, None] + (x_key0 + n).to(tl.int64)[None, :] * x_kstride, s,
+                 mask=x_ok[:, None] & (n[None, :] < hi))
     return s
 
 
@@ -239,18 +265,21 @@ def _running_max_step(m_i, l_i, s):
 def _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi, qk_scale, d,
                       D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
                       IS_PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      K_desc, hk, K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+                      K_desc, hk, K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr, x_row, x_ok, x_key0, x_kstride,
+                      SAVE: tl.constexpr):
     """(max, sum of exp2(s − max)) of BLOCK_R rows over the keys [lo, hi) with a running max, rescaled per tile:
     exact for any scores (-inf and 0 for a row that sees none of them)."""
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     for n0 in range(lo, full_end, BLOCK_N):           # tiles every row sees whole: no masks
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN,
+                        x_row, x_ok, x_key0, x_kstride, SAVE)
         m_i, l_i = _running_max_step(m_i, l_i, s)
     for n0 in range(full_end, hi, BLOCK_N):           # the diagonal and the ragged end
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN,
+                        x_row, x_ok, x_key0, x_kstride, SAVE)
         m_i, l_i = _running_max_step(m_i, l_i, s)
     return m_i, l_i
 
@@ -259,7 +288,8 @@ def _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, 
 def _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi, qk_scale, d,
                             D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             IS_CAUSAL: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
-                            BLOCK_N: tl.constexpr, K_desc, hk, K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+                            BLOCK_N: tl.constexpr, K_desc, hk, K_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+                            x_row, x_ok, x_key0, x_kstride, SAVE: tl.constexpr):
     """(c, sum of exp2(s − c)) of BLOCK_R rows over the keys [lo, hi) with ONE offset c per row instead of a running
     max: c = the max of the row's scores in the first key tile [lo, lo + BLOCK_N) + 8, and the exp2 terms summed
     into a BLOCK_R × BLOCK_N accumulator, reduced once at the end. Per score one subtraction, one exp2 and one add:
@@ -272,24 +302,42 @@ def _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full
     caller checks for that and recomputes the row block with the running max. (-inf and 0 for a row that sees no
     key of [lo, hi).)"""
     s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, m, shift, hi, qk_scale, d, D, UPCAST,
-                    DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                    DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN,
+                    x_row, x_ok, x_key0, x_kstride, SAVE)
     first = tl.max(s, 1)
     c = tl.where(first == float("-inf"), 0.0, first) + 8.0
     acc = tl.exp2(s - c[:, None])
     for n0 in range(lo + BLOCK_N, full_end, BLOCK_N):    # tiles every row sees whole: no masks
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                        DOT_PRECISION, False, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN,
+                        x_row, x_ok, x_key0, x_kstride, SAVE)
         acc += tl.exp2(s - c[:, None])
     for n0 in range(tl.maximum(full_end, lo + BLOCK_N), hi, BLOCK_N):    # the diagonal and the ragged end
         s = _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk_scale, d, D, UPCAST,
-                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                        DOT_PRECISION, True, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN,
+                        x_row, x_ok, x_key0, x_kstride, SAVE)
         acc += tl.exp2(s - c[:, None])
     l_i = tl.sum(acc, 1)
     return tl.where(l_i == 0, float("-inf"), c), l_i
 
 
 @triton.jit
-def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counter,
+def _saved_scores(X, b, hk, k0, g, m, max_m, max_n, HKV: tl.constexpr, G: tl.constexpr, IS_VARLEN: tl.constexpr,
+                  IS_PAGED: tl.constexpr):
+    """Where the saved scores (SAVE) of the rows (g, m) of sequence b × kv head hk lie in X: (row pointers x_row,
+    first key position x_key0, key stride x_kstride) — the score of row (g, m) and key n at x_row + (x_key0 + n) ·
+    x_kstride. X is [key position, kv head, G·max_m row slots] in float32, the key position b·max_n + n for dense
+    and paged keys (B·max_n positions), k0 + n for packed varlen keys (total_k positions); slot g·max_m + m."""
+    rp = G * max_m
+    if IS_VARLEN and not IS_PAGED:
+        x_key0 = k0
+    else:
+        x_key0 = b.to(tl.int64) * max_n
+    return X + hk * rp + g * max_m + m, x_key0, HKV * rp
+
+
+@triton.jit
+def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counter, X,
                       sqb, sqh, sqm, skb, skh, skn, skblk, sbt,
                       spp, sph, max_m, max_n, split_len, S, qk_scale,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
@@ -297,7 +345,7 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
                       IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, COMBINE: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_TMA: tl.constexpr,
-                      REDO: tl.constexpr):
+                      REDO: tl.constexpr, SAVE: tl.constexpr):
     """Partial (offset, sum of exp2(s − offset)) of each query row over one split of the keys, rows of all G heads
     together: the offset is the row's first-tile max + 8 (_fixed_offset_row_stats), or its max when a term overflowed
     and the row block ran again with a running max (_online_row_stats); combines treat either as a max.
@@ -309,6 +357,8 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
     partials of its rows into LSE2[b·Hq + h, m] (_combine_splits), so no separate combine launch is needed.
     REDO (with FINAL, after colreduce_ws.py's row pass wrote M_part): a program whose rows hold a NaN (that pass's
     fixed offset overflowed) recomputes them with the running max; the others load nothing more.
+    SAVE (one row block holds the group's rows): every score the program computes is also stored to X
+    (_saved_scores), so that the column values come from them (_saved_column_kernel) instead of a second read of K.
     """
     split = tl.program_id(0)
     rb = tl.program_id(1)
@@ -340,6 +390,7 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
     full_end = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     row = (b * HKV * G + hk * G + g) * sph + m
     out = split * spp + row
+    x_row, x_key0, x_kstride = _saved_scores(X, b, hk, k0, g, m, max_m, max_n, HKV, G, IS_VARLEN, IS_PAGED)
     q_ptrs = Q + b * sqb + (hk * G + g)[:, None] * sqh + (q0 + m)[:, None] * sqm + d[None, :]
     q_mask = r_ok[:, None] & (d[None, :] < D)
     if REDO:
@@ -350,7 +401,8 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
                 q = q.to(tl.float32)
             m_i, l_i = _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
                                          qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_R,
-                                         BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                                         BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN, x_row, r_ok, x_key0, x_kstride,
+                                         SAVE)
             tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
     else:      # (no early return: the compiler rejects one inside a constexpr branch)
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
@@ -358,11 +410,12 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
             q = q.to(tl.float32)
         m_i, l_i = _fixed_offset_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
                                            qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_N,
-                                           K_desc, hk, K_TMA, IS_VARLEN)
+                                           K_desc, hk, K_TMA, IS_VARLEN, x_row, r_ok, x_key0, x_kstride, SAVE)
         if tl.max(l_i, 0) == float("inf"):                # a term overflowed: this row block again with a running max
             m_i, l_i = _online_row_stats(q, K_head, BT, sbt, b, k0, skb, skn, skblk, lo, full_end, m, shift, hi,
                                          qk_scale, d, D, UPCAST, DOT_PRECISION, IS_CAUSAL, IS_PAGED, PAGE, BLOCK_R,
-                                         BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN)
+                                         BLOCK_N, K_desc, hk, K_TMA, IS_VARLEN, x_row, r_ok, x_key0, x_kstride,
+                                         SAVE)
         if FINAL:
             tl.store(M_part + out, _row_lse(m_i, l_i), mask=r_ok)
         else:
@@ -562,6 +615,67 @@ def _group_mean(group, G: tl.constexpr, GROUP_REDUCE: tl.constexpr):
 
 
 @triton.jit
+def _store_group_rows(p, count, Out, b, hk, k0, n, n_ok, n_out, sob, soh, son, G: tl.constexpr,
+                      REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
+                      IS_PAGED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Store the column values of p [GP·BLOCK_M, BLOCK_N], the rows of a kv group (row g·BLOCK_M + m: head g,
+    query m), reduced over its queries (count: the mean's divisor per column) and combined over its heads: at once
+    where the group's combine equals the rows' reduction (FUSE_HEADS), else per head over a [GP, BLOCK_M, BLOCK_N]
+    view; per query head (GROUP_REDUCE 0) or per kv head."""
+    GP: tl.constexpr = p.shape[0] // BLOCK_M
+    gi = tl.arange(0, GP)
+    if FUSE_HEADS:
+        group = _group_mean(_reduce_rows(p, count, REDUCTION), G, GROUP_REDUCE)
+        tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+    else:
+        cols = _reduce_rows(tl.reshape(p, [GP, BLOCK_M, p.shape[1]]), count[None, :], REDUCTION, 1)
+        if GROUP_REDUCE == 0:
+            tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + (k0 + n)[None, :] * son,
+                     _padded(cols, n_ok[None, :], IS_PAGED), mask=n_out[None, :] & (gi[:, None] < G))
+        else:
+            group = _group_of(cols, gi[:, None] < G, G, GROUP_REDUCE, 0)
+            tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+
+
+@triton.jit
+def _saved_column_kernel(X, LSE2, Out, cu_q, cu_k, sob, soh, son, max_m, max_n, qk_scale,
+                         HKV: tl.constexpr, G: tl.constexpr, REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr,
+                         FUSE_HEADS: tl.constexpr, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column pass from the row pass's saved scores (SAVE; _saved_scores): p = exp2(x − lse2) of the group's rows
+    and BLOCK_N key columns, reduced as the window kernels do, with no read of K and no dot. For windows whose
+    group rows are few against the head dimension (_save_scores): their scores are written and read once in fp32
+    at a fraction of K's bytes, where a second pass would read all of K again. LSE2: the row pass's lse (log2 units,
+    (B, Hq, max_m), +inf for rows that see no key). Scores the row pass did not store (keys past a row's diagonal,
+    beyond the sequence) are masked here. qk_scale: unused (the launchers pass it to every column kernel).
+    Grid (cdiv(max_n, BLOCK_N), B·Hkv); paged outputs are padded to max_n with zeros."""
+    b = tl.program_id(1) // HKV
+    hk = tl.program_id(1) % HKV
+    q0, Mb, k0, Nb = _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN, IS_PAGED)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < Nb
+    if not IS_PAGED:
+        if tl.program_id(0) * BLOCK_N >= Nb:
+            return
+    n_out = _stored_columns(n, n_ok, max_n, IS_PAGED)
+    GP: tl.constexpr = triton.next_power_of_2(G)
+    r = tl.arange(0, GP * BLOCK_M)
+    g = r // BLOCK_M
+    m = r % BLOCK_M
+    r_ok = (g < G) & (m < Mb)
+    shift = Nb - Mb
+    x_row, x_key0, x_kstride = _saved_scores(X, b, hk, k0, g, m, max_m, max_n, HKV, G, IS_VARLEN, IS_PAGED)
+    seen = r_ok[:, None] & n_ok[None, :]
+    if IS_CAUSAL:
+        seen = seen & (n[None, :] <= m[:, None] + shift)
+    x = tl.load(x_row[:, None] + (x_key0 + n).to(tl.int64)[None, :] * x_kstride, mask=seen, other=float("-inf"))
+    lse2 = tl.load(LSE2 + (b * HKV * G + hk * G + g) * max_m + m, mask=r_ok, other=float("inf"))
+    p = tl.exp2(x - lse2[:, None])                    # 0 where unseen (-inf) and for rows that see no key (+inf)
+    _store_group_rows(p, _column_counts(n, shift, Mb, IS_CAUSAL), Out, b, hk, k0, n, n_ok, n_out, sob, soh, son, G,
+                      REDUCTION, GROUP_REDUCE, FUSE_HEADS, IS_PAGED, BLOCK_M)
+
+
+@triton.jit
 def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
                           max_m, max_n, qk_scale,
@@ -642,18 +756,8 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
             p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
             if IS_CAUSAL:
                 p = tl.where(n[None, :] <= m[:, None] + shift, p, 0.0)
-            count = _column_counts(n, shift, Mb, IS_CAUSAL)   # the mean's divisor (REDUCTION 1)
-            if FUSE_HEADS:                                # the group's combine equals the rows' reduction
-                group = _group_mean(_reduce_rows(p, count, REDUCTION), G, GROUP_REDUCE)
-                tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
-            else:                                         # per head: reduce the queries of each head's rows
-                cols = _reduce_rows(tl.reshape(p, [GP, BLOCK_M, BLOCK_N]), count[None, :], REDUCTION, 1)
-                if GROUP_REDUCE == 0:
-                    tl.store(Out + b * sob + (hk * G + gi)[:, None] * soh + (k0 + n)[None, :] * son,
-                             _padded(cols, n_ok[None, :], IS_PAGED), mask=n_out[None, :] & (gi[:, None] < G))
-                else:
-                    group = _group_of(cols, gi[:, None] < G, G, GROUP_REDUCE, 0)
-                    tl.store(Out + b * sob + hk * soh + (k0 + n) * son, _padded(group, n_ok, IS_PAGED), mask=n_out)
+            _store_group_rows(p, _column_counts(n, shift, Mb, IS_CAUSAL), Out, b, hk, k0, n, n_ok, n_out, sob, soh,
+                              son, G, REDUCTION, GROUP_REDUCE, FUSE_HEADS, IS_PAGED, BLOCK_M)
     else:
         b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
             cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M,
@@ -934,12 +1038,28 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
                                                      varlen or paged, k_tma, one_split)
     upcast = interpreting and dtype == torch.bfloat16
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    # the saved-scores column pass (SAVE_SCORES): the window's group rows in one row block of a Triton row pass
+    save = (variant != "old" and not lse_given and not one_split and cfg["WINDOW"] and row_blocks == 1
+            and (cfg.get("SAVE", False) if config is not None else _save_scores(G, max_m, D, dtype)))
+    if save:
+        block_n = 32 if interpreting else 128
+        cfg = dict(cfg, SAVE=True, PERSISTENT=0, BLOCK_M=triton.next_power_of_2(max(1, max_m)), BLOCK_N=block_n,
+                   warps=4, stages=1)
+        grid = (triton.cdiv(max_n, block_n), B * Hkv)
+    elif cfg.get("SAVE"):                             # a config asking for it where it does not apply
+        cfg = dict(cfg, SAVE=False)
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
                   UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
     final = variant != "old" and splits == 1 and not lse_given
     combine = variant != "old" and splits > 1 and not lse_given
     row_kw = dict(FINAL=final, COMBINE=combine, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
-                  num_stages=cfg["stages1"], K_TMA=k_tma, REDO=False, **common)
+                  num_stages=cfg["stages1"], K_TMA=k_tma, REDO=False, SAVE=save, **common)
+    if save:
+        col_kw = dict(HKV=Hkv, G=G, REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce],
+                      FUSE_HEADS=_fuse_heads(reduction, group_reduce), IS_VARLEN=varlen, IS_PAGED=paged,
+                      IS_CAUSAL=is_causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"],
+                      num_stages=cfg["stages"])
+        return cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, 1
     col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
                   LSE_NATURAL=lse_given and variant != "old", **common)
@@ -1064,6 +1184,7 @@ class _Direct(NamedTuple):
     n_scratch: int           # float32 scratch elements
     n_count: int             # int32 counters (row combine, then head split)
     off_cc: int              # the head split's first counter, -1 without a head split
+    off_x: int               # the saved scores (SAVE), -1 where the column pass reads K
     long: bool               # the long column kernel (it takes the head split's partials and counters)
     combine: bool            # the row pass combines its splits (it takes the counters)
     k_box: list | None       # the box of the row pass's descriptor of K (_k_box), None where it loads K itself
@@ -1245,11 +1366,15 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
                                           qk_scale, stream):
                 if fast.row is not None:                   # the same arguments as the JIT launch below
                     k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
+                    x = base + 4 * fast.off_x if fast.off_x >= 0 else out
                     fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
                                       base + 4 * fast.off_l, base + 4 * fast.off_lse,
-                                      counters if fast.combine else out), qk_scale)
-                col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
-                            cu_seqlens_k)
+                                      counters if fast.combine else out, x), qk_scale)
+                if fast.off_x >= 0:                        # the saved scores' column pass
+                    col_ptrs = (base + 4 * fast.off_x, base + 4 * fast.off_lse, out, cu_seqlens_q, cu_seqlens_k)
+                else:
+                    col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
+                                cu_seqlens_k)
                 if fast.long:                              # the head split's partials and counters (placeholders)
                     col_ptrs += ((base + 4 * fast.off_part, counters.data_ptr() + 4 * fast.off_cc)
                                  if fast.off_cc >= 0 else (out, out))
@@ -1260,15 +1385,17 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     else:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
     # scratch (float32): row partials (max, sum: splits each; the lse itself when final), the combined lse, the
-    # head split's partials
+    # head split's partials, the saved scores (_saved_scores: key positions × Hq·max_m)
     rows = B * Hq * max_m
+    saved = cfg.get("SAVE", False)
+    n_x = (k.shape[0] if varlen and not paged else B * max_n) * Hq * max_m if saved else 0
     row_pass = lse is None and max_m > 0
     combine = lse is None and row_kw["COMBINE"]
     head_split = not cfg["WINDOW"] and hs > 1 and group_reduce is not None
     n_part = (k.shape[0] if varlen and not paged else B * max_n) * Hkv * hs if head_split else 0
     n_rows = 0 if lse is not None else rows if final else splits * rows
-    (off_m, off_l, off_lse, off_part), n_scratch = _regions(n_rows, n_rows if not final else 0,
-                                                            rows if combine else 0, n_part)
+    (off_m, off_l, off_lse, off_part, off_x), n_scratch = _regions(n_rows, n_rows if not final else 0,
+                                                                   rows if combine else 0, n_part, n_x)
     n_scratch = max(n_scratch, 1)
     if final:
         off_l = off_lse = off_m                            # one split: the row pass writes the lse itself
@@ -1300,6 +1427,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
                 max_m, max_n)
     col_fn = _long_column_kernel if long else _window_column_kernel
     col_grid = (grid[0], grid[1] * hs) if long else grid
+    x_scores = ws[off_x:off_x + n_x] if saved else out      # unused placeholder without SAVE
+    if saved:                                          # its column pass reads the scores, not q and K
+        col_fn, col_ints = _saved_column_kernel, (sob, soh, son, max_m, max_n)
     row_compiled = None
     k_box = _k_box(row_kw, varlen) if k_tma else None
     use_ws = False
@@ -1315,7 +1445,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             k_desc = _k_descriptor(k, k_box) if k_box is not None else None
             row_compiled = _launch(_row_stats_kernel, (splits, row_blocks, B * Hkv),
                                    (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, m_part, l_part, lse2,
-                                    counter, *row_ints, qk_scale), row_kw)
+                                    counter, x_scores, *row_ints, qk_scale), row_kw)
         if not final and not combine:                      # the old variant: the splits combined with torch ops
             lse2 = _combine_row_stats(m_part.view(splits, B, Hq, max_m), l_part.view(splits, B, Hq, max_m))
     elif variant != "old":
@@ -1323,8 +1453,11 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     else:
         lse2 = lse.float() * LOG2E
         lse2 = torch.where(torch.isneginf(lse2), torch.full_like(lse2, float("inf")), lse2)
-    col_compiled = _launch(col_fn, col_grid, (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, *col_ptrs,
-                                              *col_ints, qk_scale), col_kw)
+    if saved:
+        col_args = (x_scores, lse2, out, cu_seqlens_q, cu_seqlens_k, *col_ints, qk_scale)
+    else:
+        col_args = (q, k, block_table, lse2, out, cu_seqlens_q, cu_seqlens_k, *col_ptrs, *col_ints, qk_scale)
+    col_compiled = _launch(col_fn, col_grid, col_args, col_kw)
     if ck is not None and ck not in _direct_launchers:
         row_l = _build_direct(_row_stats_kernel, row_compiled, row_kw, (splits, row_blocks, B * Hkv), row_ints) \
             if row_pass else None
@@ -1332,7 +1465,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         ws_l = _ws_direct(q, k, lse2, cu_seqlens_q, cu_seqlens_k, varlen) if use_ws else None
         ok = col_l is not None and (row_l is not None or not row_pass) and (ws_l is not None or not use_ws)
         _direct_launchers[ck] = _Direct(row_l, col_l, off_m, off_l, off_lse, off_part, n_scratch, n_count, off_cc,
-                                        long, combine, k_box, ws_l) if ok else False
+                                        off_x if saved else -1, long, combine, k_box, ws_l) if ok else False
     return out
 
 

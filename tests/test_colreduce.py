@@ -260,7 +260,7 @@ def test_large_negative_logits_do_not_underflow():
             assert rel_err(out, reference(q, k, "sum", is_causal, scale=1.0)) < tol, (backend, is_causal, tol)
 
 
-@pytest.mark.parametrize("mode", ["varlen", "paged", "whole"])
+@pytest.mark.parametrize("mode", ["varlen", "paged", "whole", "saved", "saved-paged"])
 def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, monkeypatch):
     """launch_lengths gives the vLLM warm-up one key length per distinct compiled launch, so that no prompt compiles
     a kernel mid-serving (the twelfth session's H200 visit: two 1 s window-kernel compiles during the mixed workload, at
@@ -270,8 +270,9 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
     whole prompts (H2O: every query scored, launch_lengths(..., whole=True)), whose query length moves the
     integers that follow it too (the lse's strides Hq·M and M); the H200's vLLM suite found their launch key
     without them (an H2O engine compiled both kernels at its first 4500-token prompt). The Gluon row pass of
-    sm_90 is not modelled here (no device): tests/test_colreduce_ws.py covers its warm-up."""
-    paged, whole = mode == "paged", mode == "whole"
+    sm_90 is not modelled here (no device): tests/test_colreduce_ws.py covers its warm-up. "saved": a window of one
+    query, whose row pass saves its scores for _saved_column_kernel."""
+    paged, whole, saved = mode.endswith("paged"), mode == "whole", mode.startswith("saved")
     from colreduce_kvprune.kernels import colreduce as C
 
     launched = []
@@ -280,7 +281,7 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
     monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)      # CPU tensors: no device, no stream
     monkeypatch.setattr(C, "_launch", lambda fn, grid, args, kw: launched.append(
         (getattr(fn, "__name__", None) or fn.fn.__name__, tuple(sorted(kw.items())), C._spec(args))))
-    m, hq, hkv, d, page, hi = 32, 32, 8, 128, 16, 40000
+    m, hq, hkv, d, page, hi = (1 if saved else 32), 32, 8, 128, 16, 40000
     if whole:               # the failing engine's heads: Hq·M is a multiple of 16 only where M is one of 4
         hq, hkv, d, hi = 4, 2, 64, 9000
     gen = torch.Generator().manual_seed(0)
@@ -307,6 +308,7 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
                                page=page if paged else 1, sms=132, whole=whole)
     warmed = {launches(n) for n in lengths}
     assert len(warmed) == len(lengths)                 # each warm-up length compiles something the others do not
+    assert all((launch[-1][0] == "_saved_column_kernel") == saved for launch in warmed)
     rng = random.Random(1)
     edge = range(4080, 4112) if whole else range(16384, 16416)      # where the tiles change, every residue mod 16
     for n in list(edge) + [1024, hi] + [rng.randrange(1024, hi + 1) for _ in range(150)]:

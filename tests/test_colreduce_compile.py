@@ -34,6 +34,10 @@ LAUNCHES = [
     ("varlen, full causal 2k, max over heads, fp32", 2048, 2048, 64, 2, 3, 4, True, "max", "max", True, False, 1,
      "float32", False),
     ("window 16 with the lse given", 16, 8192, 128, 4, 1, 8, True, "sum", "mean", False, False, 1, "float16", True),
+    ("window 1, 32/8, 128k (saved scores)", 1, 131072, 128, 4, 1, 8, True, "sum", "mean", False, False, 1, "float16",
+     False),
+    ("varlen window 2, 32/8, per head, bf16 (saved scores)", 2, 8192, 128, 4, 3, 8, True, "mean", None, True, False,
+     1, "bfloat16", False),
 ]
 
 
@@ -65,11 +69,14 @@ def product_launches():
         cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
                                                           group, varlen, paged, page, getattr(torch, dtype), False,
                                                           lse_given, k_tma)
-        kernels = [(kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel, col_kw)]
+        col_fn = kmod._saved_column_kernel if cfg.get("SAVE") else \
+            kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel
+        kernels = [(col_fn, col_kw)]
         if not lse_given:
             kernels.insert(0, (kmod._row_stats_kernel, row_kw))
         pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
-                        Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32")
+                        Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32",
+                        X="*fp32")
         for fn, kw in kernels:
             const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
             if fn is kmod._row_stats_kernel:              # K's descriptor, or None (a constexpr) without TMA
@@ -121,7 +128,7 @@ def _compile_ws() -> list[dict]:
     const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     const["K_desc"] = None
     pointers = dict(Q="*fp16", K="*fp16", BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32",
-                    L_part="*fp32", LSE2="*fp32")
+                    L_part="*fp32", LSE2="*fp32", X="*fp32")
     _compile_sm90(kmod._row_stats_kernel, const, pointers, kw["num_warps"], kw["num_stages"])
     done.append(dict(kernel="redo", launch=name))
     return done
@@ -205,7 +212,8 @@ def test_kernels_compile_for_sm90():
     done = _run_compiles("product")
     expected = sum(2 if not launch[-1] else 1 for launch in LAUNCHES)
     assert len(done) == expected, done
-    assert {d["kernel"] for d in done} == {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel"}
+    assert {d["kernel"] for d in done} == {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel",
+                                           "_saved_column_kernel"}
 
 
 @_NVIDIA

@@ -93,18 +93,21 @@ def test_lse_given_and_no_key_rows(variant, monkeypatch):
     assert rel_err(out, reference(q, k, "sum", True, None, scale=0.25)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("m, n", [(64, 131072), (64, 2048), (1, 8192), (2048, 2048), (16384, 16384)])
-def test_recipe_binds_every_constexpr(m, n):
+@pytest.mark.parametrize("m, n, save", [(64, 131072, False), (64, 2048, False), (1, 8192, False), (1, 8192, True),
+                                        (2048, 2048, False), (16384, 16384, False)])
+def test_recipe_binds_every_constexpr(m, n, save):
     """The direct launch binds each kernel's constexprs from the recipe's kwargs (_build_direct, GPU only): a
     constexpr the recipe leaves out would silently keep that kernel on Triton's slower dispatch."""
-    cfg = _gpu_like_config(m, n, 128, 4, 8)
-    col_fn = kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel
+    cfg = dict(_gpu_like_config(m, n, 128, 4, 8), SAVE=save)
     for reduction in ("sum", "mean", "max"):
         for group in (None, "sum", "mean", "max"):
             for lse_given in (False, True):
-                _, _, _, _, _, row_kw, col_kw, _, _ = kmod._recipe(m, n, 128, 4, 1, 8, True, "new", 132, reduction,
-                                                                    group, True, False, 1, torch.float16, False,
-                                                                    lse_given, config=cfg)
+                got, _, _, _, _, row_kw, col_kw, _, _ = kmod._recipe(m, n, 128, 4, 1, 8, True, "new", 132,
+                                                                      reduction, group, True, False, 1,
+                                                                      torch.float16, False, lse_given, config=cfg)
+                assert got.get("SAVE", False) == (save and not lse_given)
+                col_fn = kmod._saved_column_kernel if got.get("SAVE") else \
+                    kmod._window_column_kernel if got["WINDOW"] else kmod._long_column_kernel
                 for fn, kw in ((kmod._row_stats_kernel, row_kw), (col_fn, col_kw)):
                     params = inspect.signature(fn.fn).parameters.values()     # JIT or interpreted alike
                     missing = [p.name for p in params if "constexpr" in str(p.annotation) and p.name not in kw]
@@ -257,7 +260,9 @@ def test_direct_launch_matches_jit_dispatch():
     """The "direct" variant launches the compiled kernels without Triton's dispatch after their first call:
     bitwise the results of "new" (the same kernels), on the first call and on the cached ones."""
     from colreduce_kvprune import colreduce_varlen
-    cases = [((1, 32, 8, 64, 4096, 128), "mean"), ((1, 8, 2, 300, 300, 64), "mean"), ((1, 4, 4, 1, 1000, 128), None)]
+    # (1, 4, 4, 1, 1000, 128) and (1, 32, 8, 2, 8192, 128): the saved scores' column pass
+    cases = [((1, 32, 8, 64, 4096, 128), "mean"), ((1, 8, 2, 300, 300, 64), "mean"), ((1, 4, 4, 1, 1000, 128), None),
+             ((1, 32, 8, 2, 8192, 128), "mean")]
     for shape, group in cases:
         q, k = rand_qk(shape, torch.float16, seed=4)
         kw = dict(is_causal=True, scale=shape[-1] ** -0.5, group_reduce=group)
@@ -271,35 +276,40 @@ def test_direct_launch_matches_jit_dispatch():
     q = torch.randn(3 * 16, 8, 128, device=DEVICE, dtype=torch.float16)
     cu_k = torch.tensor([0, 700, 764, 2764], device=DEVICE, dtype=torch.int32)
     cu_q = torch.arange(0, 64, 16, device=DEVICE, dtype=torch.int32)
-    kw = dict(max_seqlen_q=16, max_seqlen_k=2000, is_causal=True, group_reduce="max")
     before = kmod._VARIANT
     try:
-        kmod.set_launch_variant("new")
-        ref = colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw)
-        kmod.set_launch_variant("direct")
-        for _ in range(3):
-            assert torch.equal(colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw), ref)
+        for window in (16, 2):                       # the window kernel; the saved scores (8 heads / 2 kv heads)
+            kw = dict(max_seqlen_q=window, max_seqlen_k=2000, is_causal=True, group_reduce="max")
+            qw = q.view(3, 16, 8, 128)[:, -window:].reshape(3 * window, 8, 128)
+            cu_qw = torch.arange(0, 4 * window, window, device=DEVICE, dtype=torch.int32)
+            kmod.set_launch_variant("new")
+            ref = colreduce_varlen(qw, k, cu_qw, cu_k, "sum", **kw)
+            kmod.set_launch_variant("direct")
+            for _ in range(3):
+                assert torch.equal(colreduce_varlen(qw, k, cu_qw, cu_k, "sum", **kw), ref), window
     finally:
         kmod.set_launch_variant(before)
     assert any(kmod._direct_launchers.values()), "no direct launcher was built"
 
 
-def _paged_batch():
-    """A paged batch of three sequences (one without queries), padded to 700 keys: the window kernel."""
+def _paged_batch(window=16):
+    """A paged batch of three sequences (one without queries), padded to 700 keys: the window kernel (window 16), the
+    saved scores' column pass (window 1)."""
     from test_colreduce_paged import paged_case
-    q, _, cache, table, cu_q, _, seqlens = paged_case([16, 5, 0], [700, 64, 300], 8, 2, 128, "NHD", torch.float16,
-                                                      seed=3)
-    return (q, cache, table, cu_q, seqlens), dict(max_seqlen_q=16, max_seqlen_k=700, is_causal=True,
+    q, _, cache, table, cu_q, _, seqlens = paged_case([window, min(5, window), 0], [700, 64, 300], 8, 2, 128, "NHD",
+                                                      torch.float16, seed=3)
+    return (q, cache, table, cu_q, seqlens), dict(max_seqlen_q=window, max_seqlen_k=700, is_causal=True,
                                                    group_reduce="mean")
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="direct launches and CUDA graphs need the GPU")
-def test_direct_paged_launch_and_cuda_graph_capture():
+@pytest.mark.parametrize("window", [16, 1])
+def test_direct_paged_launch_and_cuda_graph_capture(window):
     """Paged: "direct" gives the bits of "new", with the padding past each sequence's keys written as zeros by the
     kernel (the output is not cleared first). Captured in a CUDA graph, a call takes its own scratch: a replay gives
     the same bits, also after eager calls of other shapes ran on the stream (and replaced its shared scratch)."""
     from colreduce_kvprune import colreduce_paged
-    args, kw = _paged_batch()
+    args, kw = _paged_batch(window)
     before = kmod._VARIANT
     try:
         kmod.set_launch_variant("new")
@@ -448,3 +458,99 @@ def test_launch_lengths_of_whole_prompts(monkeypatch):
     for n in [4095, 4096, 8191, 8192, 20000] + [rng.randrange(300, 20001) for _ in range(300)]:
         assert kmod._launch_key(n, n, *shape) in keys, n
     assert got != kmod.launch_lengths(32, 300, 20000, 128, 4, 1, 8, **kw)
+
+
+def _column_kernels(monkeypatch) -> list:
+    """The column kernels launched from now on (their names), recorded as they go through Triton's dispatch."""
+    names = []
+    real = kmod._launch
+
+    def launch(fn, grid, args, kw):
+        if fn is not kmod._row_stats_kernel:
+            names.append(fn.__name__)
+        return real(fn, grid, args, kw)
+    monkeypatch.setattr(kmod, "_launch", launch)
+    monkeypatch.setattr(kmod, "_direct_launchers", {})
+    return names
+
+
+def test_save_scores_rule():
+    """Saved scores where the group rows' fp32 scores per key (G·M·4 bytes) are at most a quarter of K's (D · its
+    element size): windows of 1–4 queries at GQA 4, D 128, 16-bit inputs; never with the switch off."""
+    assert kmod._save_scores(4, 1, 128, torch.float16) and kmod._save_scores(4, 4, 128, torch.bfloat16)
+    assert kmod._save_scores(8, 2, 128, torch.float16) and kmod._save_scores(4, 8, 128, torch.float32)
+    assert not kmod._save_scores(4, 5, 128, torch.float16) and not kmod._save_scores(4, 16, 128, torch.float16)
+    assert not kmod._save_scores(4, 4, 64, torch.float16) and kmod._save_scores(2, 4, 64, torch.float16)
+    try:
+        kmod.set_saved_scores(False)
+        assert not kmod._save_scores(4, 1, 128, torch.float16)
+    finally:
+        kmod.set_saved_scores(True)
+    recipe = kmod._recipe(1, 131072, 128, 4, 1, 8, True, "new", 132, "sum", "mean", False, False, 1, torch.float16,
+                          False, False)
+    assert recipe[0]["SAVE"] and recipe[5]["SAVE"] and recipe[4] == (1024, 8)   # 128-key tiles × 8 kv heads
+    for lse_given, variant in ((True, "new"), (False, "old")):                  # no row pass / the old path
+        assert not kmod._recipe(1, 8192, 128, 4, 1, 8, True, variant, 132, "sum", "mean", False, False, 1,
+                                torch.float16, False, lse_given)[0].get("SAVE")
+
+
+# (B, Hq, Hkv, M, N, D), float32: two key splits combined (N > 128 under the interpreter) and one; rows that see no
+# key (M > N, causal)
+SAVED_SHAPES = {"M1-N150-g4": (2, 8, 2, 1, 150, 32), "M3-N90-g2": (1, 4, 2, 3, 90, 32),
+                "M4-N2-g1": (1, 2, 2, 4, 2, 16), "M2-N200-g3": (1, 6, 2, 2, 200, 32)}
+
+
+@pytest.mark.parametrize("shape", SAVED_SHAPES.values(), ids=SAVED_SHAPES.keys())
+def test_saved_scores_match_float64(shape, monkeypatch):
+    """The saved-scores column pass (the row pass stores its scores, _saved_column_kernel reduces them) against
+    float64, every reduction and group combine, causal and not; outputs pre-filled with NaN."""
+    _poison_empty(monkeypatch)
+    launched = _column_kernels(monkeypatch)
+    q, k = rand_qk(shape, torch.float32, seed=5)
+    scale = 1 / math.sqrt(shape[-1])
+    for causal in (True, False):
+        for reduction, group in (("sum", "mean"), ("max", None), ("mean", "max"), ("max", "max"), ("sum", "sum"),
+                                 ("mean", None)):
+            out = colreduce_triton(q, k, reduction, is_causal=causal, scale=scale, group_reduce=group)
+            assert launched.pop() == "_saved_column_kernel"
+            ref = reference(q, k, reduction, causal, group)
+            assert rel_err(out, ref) < TOL[torch.float32], (causal, reduction, group)
+
+
+def test_saved_scores_off_gives_the_same_columns(monkeypatch):
+    """set_saved_scores(False): the window kernel reads K again, to the same values up to rounding."""
+    launched = _column_kernels(monkeypatch)
+    q, k = rand_qk((1, 8, 2, 2, 150, 32), torch.float32, seed=6)
+    saved = colreduce_triton(q, k, "sum", is_causal=True, scale=0.2, group_reduce="mean")
+    try:
+        kmod.set_saved_scores(False)
+        again = colreduce_triton(q, k, "sum", is_causal=True, scale=0.2, group_reduce="mean")
+    finally:
+        kmod.set_saved_scores(True)
+    assert launched == ["_saved_column_kernel", "_window_column_kernel"]
+    assert rel_err(saved, again.double()) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
+def test_saved_scores_varlen_and_paged(paged, monkeypatch):
+    """Packed and paged prompts (a ragged batch with an empty window and a window longer than its keys): the saved
+    scores of each sequence at its own key positions, against the torch backend in float64."""
+    from test_colreduce_paged import paged_case
+
+    from colreduce_kvprune import colreduce_paged, colreduce_varlen
+    _poison_empty(monkeypatch)
+    launched = _column_kernels(monkeypatch)
+    q_lens, k_lens = [2, 0, 1, 2], [150, 20, 33, 1]
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 8, 2, 32, "NHD", seed=3)
+    for reduction, group in (("sum", "mean"), ("max", None), ("mean", "sum")):
+        ref = colreduce_varlen(q.double(), k.double(), cu_q, cu_k, reduction, is_causal=True, group_reduce=group,
+                               backend="torch")
+        if paged:
+            out = colreduce_paged(q, cache, table, cu_q, seqlens, reduction, is_causal=True, group_reduce=group,
+                                  backend="triton")
+            from test_colreduce_paged import unpack
+            ref = unpack(ref, k_lens, max(k_lens))
+        else:
+            out = colreduce_varlen(q, k, cu_q, cu_k, reduction, is_causal=True, group_reduce=group, backend="triton")
+        assert launched.pop() == "_saved_column_kernel"
+        assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
