@@ -41,6 +41,7 @@ def main(argv=None):
             k = torch.randn(1, Hkv, N, 128, device="cuda", dtype=dt)
             v = torch.randn_like(k)
             shape = f"win{W} {Hq}/{Hkv} N={N} {str(dt)[6:]}"
+            kmod.set_saved_scores(True)                # (the previous shape's last arm turned it off)
             cfg = kmod._recipe(W, N, 128, Hq // Hkv, 1, Hkv, True, kmod._VARIANT, sms, "sum", "mean", False, False,
                                1, dt, False, False)[0]
             assert cfg.get("SAVE"), (shape, "the product does not save the scores here")
