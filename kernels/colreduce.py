@@ -12,6 +12,8 @@ Two passes over K, each program owning its outputs (bitwise deterministic):
    once; ``_long_column_kernel`` (longer queries) keeps it in shared memory and accumulates q·kᵀ tiles in 2-D.
    Where a window's group rows fit one tile (next_pow2(G)·next_pow2(M) ≤ 256), ``_window_column_kernel``'s
    PERSISTENT mode turns this around: each program loads the group's queries once and loops over a run of key tiles.
+   Windows whose group rows are few against the head dimension (_save_scores) skip the second read of K: the row
+   pass also stores its scores, and ``_saved_column_kernel`` reduces exp2(x − lse) over them.
 
 Dense (B, H, L, D) and packed varlen (total, H, D) tensors share the kernels through strides: a varlen call passes
 batch stride 0 and cumulative sequence starts. Causal masking is bottom-right aligned per sequence: query i sees
