@@ -653,8 +653,8 @@ def _floor(sh, ceil):
     # ours: two passes; where the row pass saves its scores (kernels/colreduce.py _save_scores: windows of few
     # rows) the second pass reads them instead of K: their fp32 bytes written and read once, and their exp2
     from colreduce_kvprune.kernels import colreduce as kmod
-    f["saved_scores"] = sh["M"] <= kmod._WINDOW_M and kmod._save_scores(sh["Hq"] // sh["Hkv"], sh["M"], sh["D"],
-                                                                          getattr(torch, sh.get("dtype", "float16")))
+    f["saved_scores"] = sh["M"] <= kmod._WINDOW_M and kmod._save_scores(
+        sh["Hq"] // sh["Hkv"], sh["M"], sh["D"], getattr(torch, sh.get("dtype", "float16")), sh["B"] * sh["N"] * sh["Hkv"])
     f["scores_ms"] = 2 * pairs * 4 / (ceil["copy_tbs"] * 1e12) * 1e3
     f["ours_ms"] = f["pass_ms"] + (max(f["exp_ms"], f["scores_ms"]) if f["saved_scores"] else f["pass_ms"])
     return f

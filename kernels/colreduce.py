@@ -103,15 +103,20 @@ _WS_TRITON = ("3.6.", "3.7.")     # the Triton releases it was compiled (CPU) an
 # Windows whose kv group has few query rows against the head dimension: the row pass also stores its scores (fp32),
 # and the column values come from them (_saved_column_kernel) instead of a second read of K — one read of K plus
 # the scores written and read once, where the scores' bytes per key (G·M·4) are at most 1/_SAVE_RATIO of K's
-# (D · its element size): windows of 1–4 queries at GQA 4, D 128, fp16/bf16. COLREDUCE_KVPRUNE_SAVED=0 turns it off
-# (set_saved_scores for benchmarks).
+# (D · its element size): windows of 1–4 queries at GQA 4, D 128, fp16/bf16. The scores of a call take at most
+# _SAVE_MAX_BYTES of scratch, counted over B · max_seqlen_k key positions (a paged batch's are padded to its longest
+# prompt, so a ragged batch's scores could pass a quarter of its real keys' bytes): one 128k prompt at window 1–4,
+# GQA 32/8, fits. COLREDUCE_KVPRUNE_SAVED=0 turns it off (set_saved_scores for benchmarks).
 SAVE_SCORES = os.environ.get("COLREDUCE_KVPRUNE_SAVED", "1") != "0"
 _SAVE_RATIO = 4
+_SAVE_MAX_BYTES = 64 << 20
 
 
-def _save_scores(G: int, max_m: int, D: int, dtype: torch.dtype) -> bool:
-    """Whether a window's row pass saves its scores for the column pass (SAVE_SCORES, the bytes bound above)."""
-    return SAVE_SCORES and G * max_m * 4 * _SAVE_RATIO <= D * dtype.itemsize
+def _save_scores(G: int, max_m: int, D: int, dtype: torch.dtype, positions: int) -> bool:
+    """Whether a window's row pass saves its scores for the column pass (SAVE_SCORES, the bounds above): positions =
+    B · max_seqlen_k key positions, each with the scores of G·max_m rows per kv head (× Hkv: pass positions · Hkv)."""
+    return (SAVE_SCORES and G * max_m * 4 * _SAVE_RATIO <= D * dtype.itemsize
+            and positions * G * max_m * 4 <= _SAVE_MAX_BYTES)
 
 
 def set_saved_scores(on: bool) -> None:
@@ -1042,7 +1047,8 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     # the saved-scores column pass (SAVE_SCORES): the window's group rows in one row block of a Triton row pass
     save = (variant != "old" and not lse_given and not one_split and cfg["WINDOW"] and row_blocks == 1
-            and (cfg.get("SAVE", False) if config is not None else _save_scores(G, max_m, D, dtype)))
+            and (cfg.get("SAVE", False) if config is not None
+                 else _save_scores(G, max_m, D, dtype, B * max_n * Hkv)))
     if save:
         block_n = 32 if interpreting else 128
         cfg = dict(cfg, SAVE=True, PERSISTENT=0, BLOCK_M=triton.next_power_of_2(max(1, max_m)), BLOCK_N=block_n,

@@ -260,7 +260,7 @@ def test_large_negative_logits_do_not_underflow():
             assert rel_err(out, reference(q, k, "sum", is_causal, scale=1.0)) < tol, (backend, is_causal, tol)
 
 
-@pytest.mark.parametrize("mode", ["varlen", "paged", "whole", "saved", "saved-paged"])
+@pytest.mark.parametrize("mode", ["varlen", "paged", "whole", "saved", "saved-paged", "saved-cap"])
 def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, monkeypatch):
     """launch_lengths gives the vLLM warm-up one key length per distinct compiled launch, so that no prompt compiles
     a kernel mid-serving (the twelfth session's H200 visit: two 1 s window-kernel compiles during the mixed workload, at
@@ -271,11 +271,14 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
     integers that follow it too (the lse's strides Hq·M and M); the H200's vLLM suite found their launch key
     without them (an H2O engine compiled both kernels at its first 4500-token prompt). The Gluon row pass of
     sm_90 is not modelled here (no device): tests/test_colreduce_ws.py covers its warm-up. "saved": a window of one
-    query, whose row pass saves its scores for _saved_column_kernel."""
+    query, whose row pass saves its scores for _saved_column_kernel; "saved-cap": with the scores' scratch cap
+    lowered to 20,000 key positions' worth, so that longer prompts launch the window kernel instead."""
     paged, whole, saved = mode.endswith("paged"), mode == "whole", mode.startswith("saved")
     from colreduce_kvprune.kernels import colreduce as C
 
     launched = []
+    if mode == "saved-cap":
+        monkeypatch.setattr(C, "_SAVE_MAX_BYTES", 20000 * 8 * 4 * 4)      # positions × kv heads × G·M rows × 4 bytes
     monkeypatch.setattr(C, "_interpreting", lambda: False)
     monkeypatch.setattr(C, "_sm_count", lambda dev: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: -1)      # CPU tensors: no device, no stream
@@ -308,7 +311,9 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
                                page=page if paged else 1, sms=132, whole=whole)
     warmed = {launches(n) for n in lengths}
     assert len(warmed) == len(lengths)                 # each warm-up length compiles something the others do not
-    assert all((launch[-1][0] == "_saved_column_kernel") == saved for launch in warmed)
+    kinds = {launch[-1][0] for launch in warmed}
+    assert kinds == ({"_saved_column_kernel", "_window_column_kernel"} if mode == "saved-cap" else
+                     {"_saved_column_kernel"} if saved else kinds - {"_saved_column_kernel"}), kinds
     rng = random.Random(1)
     edge = range(4080, 4112) if whole else range(16384, 16416)      # where the tiles change, every residue mod 16
     for n in list(edge) + [1024, hi] + [rng.randrange(1024, hi + 1) for _ in range(150)]:

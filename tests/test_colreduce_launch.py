@@ -476,19 +476,26 @@ def _column_kernels(monkeypatch) -> list:
 
 def test_save_scores_rule():
     """Saved scores where the group rows' fp32 scores per key (G·M·4 bytes) are at most a quarter of K's (D · its
-    element size): windows of 1–4 queries at GQA 4, D 128, 16-bit inputs; never with the switch off."""
-    assert kmod._save_scores(4, 1, 128, torch.float16) and kmod._save_scores(4, 4, 128, torch.bfloat16)
-    assert kmod._save_scores(8, 2, 128, torch.float16) and kmod._save_scores(4, 8, 128, torch.float32)
-    assert not kmod._save_scores(4, 5, 128, torch.float16) and not kmod._save_scores(4, 16, 128, torch.float16)
-    assert not kmod._save_scores(4, 4, 64, torch.float16) and kmod._save_scores(2, 4, 64, torch.float16)
+    element size): windows of 1–4 queries at GQA 4, D 128, 16-bit inputs; and where the call's scores over B ·
+    max_seqlen_k positions fit 64 MiB (a paged batch's positions are padded to its longest prompt); never with the
+    switch off."""
+    n = 8 * 131072                                                                # one 128k prompt, 8 kv heads
+    assert kmod._save_scores(4, 1, 128, torch.float16, n) and kmod._save_scores(4, 4, 128, torch.bfloat16, n)
+    assert kmod._save_scores(8, 2, 128, torch.float16, n) and kmod._save_scores(4, 8, 128, torch.float32, n // 2)
+    assert not kmod._save_scores(4, 5, 128, torch.float16, 1) and not kmod._save_scores(4, 16, 128, torch.float16, 1)
+    assert not kmod._save_scores(4, 4, 64, torch.float16, 1) and kmod._save_scores(2, 4, 64, torch.float16, 1)
+    assert not kmod._save_scores(4, 4, 128, torch.float16, n + 1)                 # 64 MiB and 16 bytes of scores
     try:
         kmod.set_saved_scores(False)
-        assert not kmod._save_scores(4, 1, 128, torch.float16)
+        assert not kmod._save_scores(4, 1, 128, torch.float16, 1)
     finally:
         kmod.set_saved_scores(True)
     recipe = kmod._recipe(1, 131072, 128, 4, 1, 8, True, "new", 132, "sum", "mean", False, False, 1, torch.float16,
                           False, False)
     assert recipe[0]["SAVE"] and recipe[5]["SAVE"] and recipe[4] == (1024, 8)   # 128-key tiles × 8 kv heads
+    # a paged batch of 16 prompts padded to 128k at window 4: 16 × 128k positions × 8 kv heads × 16 rows × 4 bytes
+    assert not kmod._recipe(4, 131072, 128, 4, 16, 8, True, "new", 132, "sum", "mean", True, True, 16,
+                            torch.float16, False, False)[0].get("SAVE")
     for lse_given, variant in ((True, "new"), (False, "old")):                  # no row pass / the old path
         assert not kmod._recipe(1, 8192, 128, 4, 1, 8, True, variant, 132, "sum", "mean", False, False, 1,
                                 torch.float16, False, lse_given)[0].get("SAVE")
