@@ -16,7 +16,10 @@ Sum/mean over the queries with the group's sum/mean (the fused cases), dense or 
     python benchmarks/window_fold.py --check    # CPU: TRITON_INTERPRET=1, small fp16 shapes against float64
     WS_WINDOW_MODULE=window_fold python benchmarks/ws_window.py --out DIR   # GPU: float64 check, timed vs product
 
-Not run on a GPU yet (written after the session's device time ran out). Compiled for sm_90 on the CPU
+On the H200 (twenty-sixth session, image torch 2.11 / Triton 3.6, results/h200_kernels/ws_window_visit28.json): every
+config tried (tf, tf_s2, tf_w8) passes ws_window.py's 7 float64 cases (worst 1.6e-6), and is slower than the product
+except at window 32, 128k (tf 0.101 vs 0.116 ms); window 64, 32/8, 128k: tf_s2 0.198, tf_w8 0.206, tf 0.216 against
+the product's 0.174. Not taken into the product. Compiled for sm_90 on the CPU
 (`python benchmarks/window_fold.py --compile`, Triton 3.6 and 3.7.1, fp16 D 128 / bf16 D 64, no spills): "t" 237–240
 registers (the rows' lse per column), the fold's 183–188; shared memory 125 KB at 3 stages (fp16, D 128: qᵀ 64 KB
 + the key ring), so only "tf_s2" (109 KB) keeps two programs per SM resident as the product's kernel does (whose
@@ -35,7 +38,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from colreduce_kvprune.kernels.colreduce import _column_counts, _load_lse2, _mean_by_count, _seq_bounds  # noqa: E402
+from colreduce_kvprune.kernels.colreduce import (_column_counts, _group_rows, _load_lse2, _mean_by_count,  # noqa: E402
+                                                 _seq_bounds)
 
 PARTS = tl.constexpr(4)       # the lse's parts in the inputs' dtype
 FOLD_K = tl.constexpr(16)     # the fold's k-step: the parts, then zeros
@@ -66,10 +70,7 @@ def _fold_window_kernel(Q, K, LSE, Out, cu_q, cu_k, sqb, sqh, sqm, skb, skh, skn
     t0 = tl.program_id(0) * run
     t_keys = tl.minimum(tl.minimum(t0 + run, tl.cdiv(max_n, BLOCK_N)), tl.cdiv(Nb, BLOCK_N))
     if t0 < t_keys:
-        r = tl.arange(0, GP * BLOCK_M)
-        g = r // BLOCK_M
-        m = r % BLOCK_M
-        r_ok = (g < G) & (m < Mb)
+        g, m, r_ok = _group_rows(Mb, G, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         h = hk * G + g
         qt = tl.load(Q + b * sqb + h[None, :] * sqh + (q0 + m)[None, :] * sqm + d[:, None],

@@ -622,6 +622,16 @@ def _group_mean(group, G: tl.constexpr, GROUP_REDUCE: tl.constexpr):
 
 
 @triton.jit
+def _group_rows(Mb, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A kv group's rows as one tile of next_pow2(G) · BLOCK_M: (head in the group g, query m, in range) of row
+    g·BLOCK_M + m (heads past G and queries past the sequence's Mb out of range)."""
+    r = tl.arange(0, triton.next_power_of_2(G) * BLOCK_M)
+    g = r // BLOCK_M
+    m = r % BLOCK_M
+    return g, m, (g < G) & (m < Mb)
+
+
+@triton.jit
 def _store_group_rows(p, count, Out, b, hk, k0, n, n_ok, n_out, sob, soh, son, G: tl.constexpr,
                       REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
                       IS_PAGED: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -665,11 +675,7 @@ def _saved_column_kernel(X, LSE2, Out, cu_q, cu_k, sob, soh, son, max_m, max_n, 
         if tl.program_id(0) * BLOCK_N >= Nb:
             return
     n_out = _stored_columns(n, n_ok, max_n, IS_PAGED)
-    GP: tl.constexpr = triton.next_power_of_2(G)
-    r = tl.arange(0, GP * BLOCK_M)
-    g = r // BLOCK_M
-    m = r % BLOCK_M
-    r_ok = (g < G) & (m < Mb)
+    g, m, r_ok = _group_rows(Mb, G, BLOCK_M)
     shift = Nb - Mb
     x_row, x_key0, x_kstride = _saved_scores(X, b, hk, k0, g, m, max_m, max_n, HKV, G, IS_VARLEN, IS_PAGED)
     seen = r_ok[:, None] & n_ok[None, :]
@@ -740,10 +746,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                     tl.store(Out + b * sob + hk * soh + n * son, tl.zeros([BLOCK_N], tl.float32), mask=n < max_n)
         if t0 >= t_keys:                                  # no keys in this run: no queries to load
             return
-        r = tl.arange(0, GP * BLOCK_M)
-        g = r // BLOCK_M
-        m = r % BLOCK_M
-        r_ok = (g < G) & (m < Mb)
+        g, m, r_ok = _group_rows(Mb, G, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         h = hk * G + g
         q = tl.load(Q + b * sqb + h[:, None] * sqh + (q0 + m)[:, None] * sqm + d[None, :],
@@ -1396,11 +1399,12 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     # head split's partials, the saved scores (_saved_scores: key positions × Hq·max_m)
     rows = B * Hq * max_m
     saved = cfg.get("SAVE", False)
-    n_x = (k.shape[0] if varlen and not paged else B * max_n) * Hq * max_m if saved else 0
+    positions = k.shape[0] if varlen and not paged else B * max_n       # key positions (packed or padded)
+    n_x = positions * Hq * max_m if saved else 0
     row_pass = lse is None and max_m > 0
     combine = lse is None and row_kw["COMBINE"]
     head_split = not cfg["WINDOW"] and hs > 1 and group_reduce is not None
-    n_part = (k.shape[0] if varlen and not paged else B * max_n) * Hkv * hs if head_split else 0
+    n_part = positions * Hkv * hs if head_split else 0
     n_rows = 0 if lse is not None else rows if final else splits * rows
     (off_m, off_l, off_lse, off_part, off_x), n_scratch = _regions(n_rows, n_rows if not final else 0,
                                                                    rows if combine else 0, n_part, n_x)
