@@ -191,7 +191,15 @@ def _compile_experiments() -> list[dict]:
     for config in ("t", "tf"):
         done.append(dict(experiment="window_fold", variant=config,
                          **gluon_row_pass.sass_overlap(window_fold.compile_sm90(config))))
+    import gluon_ws_causal_column    # the long prompts' column pass with the keys on the wgmma's rows
+    for config in CAUSAL_COLUMN_CONFIGS:
+        done.append(dict(experiment="ws_causal_column", variant=config,
+                         **gluon_row_pass.sass_overlap(gluon_ws_causal_column.compile_sm90(config))))
     return done
+
+
+CAUSAL_COLUMN_CONFIGS = ("1cta_q128_s4", "2cta_q64_s2", "1cta_q128_lse")   # the fastest fold configs and the
+# fastest with the lse loaded (twenty-seventh session on the H200)
 
 
 def _run_compiles(what: str) -> list[dict]:
@@ -227,10 +235,11 @@ def test_experiment_kernels_compile_for_sm90():
         sys.path.pop(0)
 
     done = _run_compiles("experiments")
-    expected = len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS) + 3 + 1 + 2
+    expected = (len(row_pass.VARIANTS) - 1 + len(column_pass.VARIANTS) + 1 + 4 + len(gluon_ws_row_pass.CONFIGS) + 3 + 1
+                + 2 + len(CAUSAL_COLUMN_CONFIGS))
     assert len(done) == expected, done           # less row_pass's warp_specialize; 4 Gluon passes; the WS configs
     assert all(row["spill_bytes"] == 0 for row in done
-               if row["experiment"] in ("ws_column_pass", "ws_window_pass", "window_fold")), done
+               if row["experiment"] in ("ws_column_pass", "ws_window_pass", "window_fold", "ws_causal_column")), done
     for row in done:          # ptxas keeps half a tile's exp2 or more (a score's MUFU.EX2 per thread) in a wgmma window
         if row["experiment"].startswith("gluon_"):
             rows, cols, _, warps = row["variant"]
