@@ -9,7 +9,8 @@ orientation (benchmarks/gluon_ws_column_pass.py) paid a shared-memory barrier pe
 key's scores lie along the rows of the accumulator: the sum over the queries stays inside a thread and its quad, as
 the row sums of the row pass do, and no two warps ever exchange anything until the end.
 
-Each program (CTA) owns 2·KH = 128 consecutive keys of one sequence × kv head:
+Each program (CTA) owns 2·KC consecutive keys of one sequence × kv head (KC = 64, or 128 in the `k128` configs:
+one wgmma result of 128 rows per consumer, two M = 64 instructions):
 - a producer warp loads the two 64-key tiles and a tile of ones once, then streams the query chunks that see any of
   the block's keys — QN rows of one query head of the group, with their lse — into a ring of NSLOT slots by TMA
   (`ready` / `empty` mbarriers, two arrivals on `empty`: both consumers read every chunk);
@@ -28,6 +29,14 @@ or always; reductions: sum or mean over the queries that see each key, then the 
 (colreduce.py's fused cases). Gluon has no interpreter: main() checks it against float64 on sm_90, then times it.
 
     python benchmarks/gluon_ws_causal_column.py --out DIR [--configs 1cta_q128,2cta_q64] [--check-only]
+    (on the device: WS_CAUSAL_CONFIGS=a,b SCRIPT_LIMIT=400 bash benchmarks/gpu_sweep.sh script gluon_ws_causal_column)
+
+H200, twenty-seventh session (image torch 2.11 / Triton 3.6; results/h200_kernels/ws_causal_column_visit29*.json,
+two runs, medians of 3 alternations, full causal GQA 32/8, D 128, fp16, lse given): every config passed the float64
+check (worst 1.1e-6). The fold configs against the product's column pass: 4k 0.164–0.166 ms vs 0.195 (−16%), 8k
+0.563–0.573 vs 0.617 (−8%), 16k 2.075–2.233 vs 2.207–2.336 (no gain at the goal's shape). The lse loaded per thread
+is slower everywhere (16k 2.60–2.78). Not in the product. The k128 configs (256 keys a program, each query chunk
+read from L2 for twice the keys) have not run on a GPU.
 """
 from __future__ import annotations
 
@@ -44,19 +53,22 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from colreduce_kvprune.kernels.colreduce_ws import _descriptor  # noqa: E402
 
-KH = gl.constexpr(64)         # keys per consumer (the wgmma's M); a program takes 2 · KH
 FOLD_K = 16                   # the fold's k columns: FOLD_PARTS parts of the lse, zeros after
 FOLD_PARTS = 4
 LOG2E = 1.4426950408889634
 CONFIGS = {    # name -> (query rows per chunk (the wgmma's N), ring slots, maxnreg, consumer registers, fold: the lse
-               #          subtracted by the wgmma; else each thread loads its columns' lse2, one chunk ahead)
-    "1cta_q128": (128, 3, 168, 232, True),    # 12 warps × 168 registers: one program per SM
-    "1cta_q128_s4": (128, 4, 168, 232, True),
-    "2cta_q64": (64, 3, 80, 104, True),       # 12 warps × 80 registers: two programs per SM
-    "2cta_q64_s2": (64, 2, 80, 104, True),
-    "1cta_q128_lse": (128, 4, 168, 232, False),
-    "2cta_q64_lse": (64, 2, 80, 104, False),
-    "1cta_q64_lse": (64, 4, 168, 232, False),
+               #          subtracted by the wgmma, else each thread loads its columns' lse2 one chunk ahead; keys per
+               #          consumer KC)
+    "1cta_q128": (128, 3, 168, 232, True, 64),    # 12 warps × 168 registers: one program per SM
+    "1cta_q128_s4": (128, 4, 168, 232, True, 64),
+    "2cta_q64": (64, 3, 80, 104, True, 64),       # 12 warps × 80 registers: two programs per SM
+    "2cta_q64_s2": (64, 2, 80, 104, True, 64),
+    "1cta_q128_lse": (128, 4, 168, 232, False, 64),
+    "2cta_q64_lse": (64, 2, 80, 104, False, 64),
+    "1cta_q64_lse": (64, 4, 168, 232, False, 64),
+    # 256 keys a program: each query chunk read from L2 once for twice the keys (not run on a GPU yet)
+    "1cta_k128_q64": (64, 4, 168, 232, True, 128),
+    "1cta_k128_q64_s3": (64, 3, 168, 232, True, 128),
 }
 CONFIG = "1cta_q128"
 
@@ -76,19 +88,19 @@ def _flag(mode_len, i):
 
 @gluon.constexpr_function
 def _mma_layout(qn):
-    """A chunk's wgmma result: [keys (KH), query rows (qn)] of one warp group."""
+    """A chunk's wgmma result: [keys (KC), query rows (qn)] of one warp group (KC = 128: the layout repeats)."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, qn, 16])
 
 
 @gluon.jit
-def _chunks(k0, M, N, QN: gl.constexpr, IS_CAUSAL: gl.constexpr):
+def _chunks(k0, M, N, QN: gl.constexpr, KB: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """The block's chunk plan, the same for every head of the group: (first chunk, first chunk that every key of the
     block sees whole, chunks per head, whether the head's ragged last chunk is masked apart from the diagonal)."""
     n_cq = gl.cdiv(M, QN)
     if IS_CAUSAL:
         shift = N - M                                    # query m sees key n iff n <= m + shift
         c_start = gl.minimum(gl.maximum(k0 - shift, 0) // QN, n_cq)
-        c_full = gl.cdiv(gl.maximum(k0 + 2 * KH - 1 - shift, 0), QN)
+        c_full = gl.cdiv(gl.maximum(k0 + KB - 1 - shift, 0), QN)
         c_full = gl.minimum(gl.maximum(c_full, c_start), n_cq)
     else:
         c_start = n_cq * 0
@@ -177,21 +189,22 @@ def _step(kt, q_smem, l_smem, o_smem, ready, empty, u, s, lse2, pacc, zero, n, L
 @gluon.jit
 def _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row, qk_scale, sob,
              soh, son, mode, C: gl.constexpr):
-    """Consumer C: keys k0 + C·KH … of the block, every chunk of the plan; their column values, stored."""
+    """Consumer C: keys k0 + C·KC … of the block, every chunk of the plan; their column values, stored."""
     IS_CAUSAL: gl.constexpr = _flag(mode.type.shape[0], 0)
     MEAN: gl.constexpr = _flag(mode.type.shape[0], 1)
     GROUP_MEAN: gl.constexpr = _flag(mode.type.shape[0], 2)
     FOLD: gl.constexpr = _flag(mode.type.shape[0], 3)
     QN: gl.constexpr = q_smem.type.shape[1]
+    KC: gl.constexpr = k_smem.type.shape[1]
     MMA: gl.constexpr = _mma_layout(QN)
     LSE_LAYOUT: gl.constexpr = gl.SliceLayout(0, MMA)
-    c_start, c_full, n_cq, ragged = _chunks(k0, M, N, QN, IS_CAUSAL)
+    c_start, c_full, n_cq, ragged = _chunks(k0, M, N, QN, 2 * KC, IS_CAUSAL)
     total = G * (n_cq - c_start)
     n_masked = G * (c_full - c_start + ragged)
     kt = k_smem.index(C)
-    zero = gl.zeros([KH, QN], gl.float32, layout=MMA)
-    pacc = gl.zeros([KH], gl.float32, layout=gl.SliceLayout(1, MMA))
-    n = k0 + C * KH + gl.arange(0, KH, layout=gl.SliceLayout(1, MMA))
+    zero = gl.zeros([KC, QN], gl.float32, layout=MMA)
+    pacc = gl.zeros([KC], gl.float32, layout=gl.SliceLayout(1, MMA))
+    n = k0 + C * KC + gl.arange(0, KC, layout=gl.SliceLayout(1, MMA))
     if FOLD:
         lse2 = gl.zeros([QN], gl.float32, layout=LSE_LAYOUT)
     else:
@@ -244,11 +257,12 @@ def _producer(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_
     FOLD: gl.constexpr = _flag(mode.type.shape[0], 3)
     NSLOT: gl.constexpr = q_smem.type.shape[0]
     QN: gl.constexpr = q_smem.type.shape[1]
+    KC: gl.constexpr = k_smem.type.shape[1]
     mbarrier.expect(k_bar, 2 * K_desc.block_type.nbytes + O_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(K_desc, [k_row + k0, 0], k_bar, k_smem.index(0))
-    tma.async_copy_global_to_shared(K_desc, [k_row + k0 + KH, 0], k_bar, k_smem.index(1))
+    tma.async_copy_global_to_shared(K_desc, [k_row + k0 + KC, 0], k_bar, k_smem.index(1))
     tma.async_copy_global_to_shared(O_desc, [0, 0], k_bar, o_smem)
-    c_start, c_full, n_cq, ragged = _chunks(k0, M, N, QN, IS_CAUSAL)
+    c_start, c_full, n_cq, ragged = _chunks(k0, M, N, QN, 2 * KC, IS_CAUSAL)
     for u in range(G * (n_cq - c_start)):
         slot = u % NSLOT
         g, c = _chunk(u, c_start, c_full, n_cq, ragged, G)
@@ -267,16 +281,16 @@ def _producer(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_
 def _ws_causal_column_kernel(Q_desc, K_desc, P_desc, O_desc, Out, LSE2, Hq, M, N, sob, soh, son, qk_scale,
                              G: gl.constexpr, D: gl.constexpr, IS_CAUSAL: gl.constexpr, MEAN: gl.constexpr,
                              GROUP_MEAN: gl.constexpr, QN: gl.constexpr, NSLOT: gl.constexpr, REGS: gl.constexpr,
-                             FOLD: gl.constexpr):
-    """Grid (B·Hkv, cdiv(N, 2·KH)): the key blocks in the slow grid axis, so the longest runs (the first keys of a
+                             FOLD: gl.constexpr, KC: gl.constexpr):
+    """Grid (B·Hkv, cdiv(N, 2·KC)): the key blocks in the slow grid axis, so the longest runs (the first keys of a
     causal prompt) start first. Out[b, hk, n] (strides sob, soh, son), float32."""
     bh = gl.program_id(0)
-    k0 = gl.program_id(1) * (2 * KH)
+    k0 = gl.program_id(1) * (2 * KC)
     Hkv = Hq // G
     b = bh // Hkv
     hk = bh % Hkv
-    k_smem = gl.allocate_shared_memory(K_desc.dtype, [2, KH, D], K_desc.layout)
-    o_smem = gl.allocate_shared_memory(O_desc.dtype, [KH, 16], O_desc.layout)
+    k_smem = gl.allocate_shared_memory(K_desc.dtype, [2, KC, D], K_desc.layout)
+    o_smem = gl.allocate_shared_memory(O_desc.dtype, [KC, 16], O_desc.layout)
     q_smem = gl.allocate_shared_memory(Q_desc.dtype, [NSLOT, QN, D], Q_desc.layout)
     l_smem = gl.allocate_shared_memory(P_desc.dtype, [NSLOT, QN, 16], P_desc.layout)
     k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -310,10 +324,10 @@ def fold_parts(lse: torch.Tensor, qk_scale: float, dtype: torch.dtype, natural: 
 _ones: dict = {}
 
 
-def _ones_tile(dtype, device):
-    key = (dtype, device)
+def _ones_tile(dtype, device, rows):
+    key = (dtype, device, rows)
     if key not in _ones:
-        t = torch.zeros(KH.value, FOLD_K, dtype=dtype, device=device)
+        t = torch.zeros(rows, FOLD_K, dtype=dtype, device=device)
         t[:, :FOLD_PARTS] = 1
         _ones[key] = t
     return _ones[key]
@@ -332,32 +346,33 @@ def launch(q: torch.Tensor, k: torch.Tensor, prep: torch.Tensor, out: torch.Tens
            group_mean: bool, config: str | None = None):
     """Column values of (B, Hq, M, D) q against (B, Hkv, N, D) k (both contiguous, fp16/bf16, D 64 or 128) into out
     ((B, Hkv, N) float32, any strides), given prepare() of the call's lse."""
-    qn, nslot, maxnreg, regs, fold = CONFIGS[config or CONFIG]
+    qn, nslot, maxnreg, regs, fold, kc = CONFIGS[config or CONFIG]
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     assert q.is_contiguous() and k.is_contiguous() and M >= 1 and N >= 1
     q2, k2 = q.view(-1, D), k.view(-1, D)
-    ones = _ones_tile(q.dtype, q.device)
-    parts = prep if fold else ones                       # (the descriptor of an unused operand)
-    grid = (B * Hkv, -(-N // (2 * KH.value)))
+    ones = _ones_tile(q.dtype, q.device, kc)
+    parts = prep if fold else _ones_tile(q.dtype, q.device, qn)      # (the descriptor of an unused operand)
+    grid = (B * Hkv, -(-N // (2 * kc)))
     _ws_causal_column_kernel[grid](
-        _descriptor(q2, qn, D), _descriptor(k2, KH.value, D), _descriptor(parts, qn, FOLD_K),
-        _descriptor(ones, KH.value, FOLD_K), out, out if fold else prep, Hq, M, N, *out.stride(),
+        _descriptor(q2, qn, D), _descriptor(k2, kc, D), _descriptor(parts, qn, FOLD_K),
+        _descriptor(ones, kc, FOLD_K), out, out if fold else prep, Hq, M, N, *out.stride(),
         LOG2E / math.sqrt(D), G=Hq // Hkv, D=D, IS_CAUSAL=is_causal, MEAN=mean, GROUP_MEAN=group_mean, QN=qn,
-        NSLOT=nslot, REGS=regs, FOLD=fold, num_warps=4, maxnreg=maxnreg)
+        NSLOT=nslot, REGS=regs, FOLD=fold, KC=kc, num_warps=4, maxnreg=maxnreg)
 
 
 def compile_sm90(config: str = CONFIG, dtype: str = "fp16", D: int = 128, G: int = 4):
     """The kernel compiled for sm_90 with the installed Triton (no GPU needed): causal, sum / group mean."""
     import gluon_row_pass     # its Gluon compile helper and descriptor types
-    qn, nslot, maxnreg, regs, fold = CONFIGS[config]
+    qn, nslot, maxnreg, regs, fold, kc = CONFIGS[config]
     x2 = torch.empty(1024, D, dtype=dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype])
     p2 = torch.empty(1024, FOLD_K, dtype=x2.dtype)
-    const = dict(G=G, D=D, IS_CAUSAL=True, MEAN=False, GROUP_MEAN=True, QN=qn, NSLOT=nslot, REGS=regs, FOLD=fold)
+    const = dict(G=G, D=D, IS_CAUSAL=True, MEAN=False, GROUP_MEAN=True, QN=qn, NSLOT=nslot, REGS=regs, FOLD=fold,
+                 KC=kc)
     ptrs = dict(Q_desc=gluon_row_pass.descriptor_type(x2, qn, D),
-                K_desc=gluon_row_pass.descriptor_type(x2, KH.value, D),
+                K_desc=gluon_row_pass.descriptor_type(x2, kc, D),
                 P_desc=gluon_row_pass.descriptor_type(p2, qn, FOLD_K),
-                O_desc=gluon_row_pass.descriptor_type(p2, KH.value, FOLD_K), Out="*fp32", LSE2="*fp32")
+                O_desc=gluon_row_pass.descriptor_type(p2, kc, FOLD_K), Out="*fp32", LSE2="*fp32")
     return gluon_row_pass.compile_gluon_sm90(_ws_causal_column_kernel, const, ptrs, 4, maxnreg)
 
 

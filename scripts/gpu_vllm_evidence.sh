@@ -26,7 +26,7 @@ PLUGIN=(--engine-arg enforce_eager=true --engine-arg enable_prefix_caching=false
 # vLLM's defaults (CUDA graphs, async scheduling, prefix caching, chunked prefill) with chunks of at most 2048
 # tokens, so that the 1k-8k prompts come in 1-4 chunks
 DEFAULTS=(--engine-arg max_num_batched_tokens=2048)
-quiet() { grep -v -E " (INFO|DEBUG) |^\s*warnings.warn|DeprecationWarning" ; }
+quiet() { grep --line-buffered -v -E " (INFO|DEBUG) |^\s*warnings.warn|DeprecationWarning" ; }
 rc=0
 for part in "$@"; do
     start=$(date +%s)
