@@ -52,6 +52,10 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from colreduce_kvprune.kernels.colreduce_ws import _descriptor  # noqa: E402
+from gluon_ws_window_pass import _flag, _mode, column_values  # noqa: E402  (flags to worker partitions as the
+# length of a shared-memory array `mode`: Gluon passes a worker's constexpr arguments as runtime values; here
+# IS_CAUSAL, MEAN, GROUP_MEAN, FOLD)
+from ws_window import _dense_lse as _lse  # noqa: E402  ((B, Hq, M) natural lse in float64)
 
 FOLD_K = 16                   # the fold's k columns: FOLD_PARTS parts of the lse, zeros after
 FOLD_PARTS = 4
@@ -71,19 +75,6 @@ CONFIGS = {    # name -> (query rows per chunk (the wgmma's N), ring slots, maxn
     "1cta_k128_q64_s3": (64, 3, 168, 232, True, 128),
 }
 CONFIG = "1cta_q128"
-
-
-@gluon.constexpr_function
-def _mode(*flags):
-    """The flags as one number (1 + their bits): the length of the `mode` array the partitions receive (Gluon
-    passes a worker's constexpr arguments as runtime values)."""
-    return 1 + sum(int(bool(f)) << i for i, f in enumerate(flags))
-
-
-@gluon.constexpr_function
-def _flag(mode_len, i):
-    """Flag i of a `mode` array's length: IS_CAUSAL, MEAN, GROUP_MEAN, FOLD."""
-    return bool((mode_len - 1) >> i & 1)
 
 
 @gluon.constexpr_function
@@ -221,15 +212,7 @@ def _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, 
         s, lse2, pacc = _step(kt, q_smem, l_smem, o_smem, ready, empty, u, s, lse2, pacc, zero, n, LSE2, q_row, M, N,
                               c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, False, FOLD)
     pacc = _add(pacc, s, lse2, last, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, True, FOLD)
-    col = pacc
-    if MEAN:                                             # over the queries that see each key
-        if IS_CAUSAL:
-            count = gl.minimum(gl.maximum(M - gl.maximum(n - (N - M), 0), 0), M)
-        else:
-            count = gl.zeros_like(n) + M
-        col = gl.where(count > 0, col / gl.maximum(count, 1).to(gl.float32), 0.0)
-    if GROUP_MEAN:
-        col = col / G
+    col = column_values(pacc, n, M, N, G, IS_CAUSAL, MEAN, GROUP_MEAN)
     gl.store(Out + b * sob + hk * soh + n * son, col, mask=n < N)
 
 
@@ -374,17 +357,6 @@ def compile_sm90(config: str = CONFIG, dtype: str = "fp16", D: int = 128, G: int
                 P_desc=gluon_row_pass.descriptor_type(p2, qn, FOLD_K),
                 O_desc=gluon_row_pass.descriptor_type(p2, kc, FOLD_K), Out="*fp32", LSE2="*fp32")
     return gluon_row_pass.compile_gluon_sm90(_ws_causal_column_kernel, const, ptrs, 4, maxnreg)
-
-
-def _lse(q, k, scale, causal):
-    """(B, Hq, M) natural lse in float64."""
-    G = q.shape[1] // k.shape[1]
-    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * scale
-    if causal:
-        M, N = q.shape[2], k.shape[2]
-        vis = torch.arange(N, device=q.device)[None, :] <= torch.arange(M, device=q.device)[:, None] + (N - M)
-        s = s.masked_fill(~vis, float("-inf"))
-    return torch.logsumexp(s, -1)
 
 
 def check(config, record):

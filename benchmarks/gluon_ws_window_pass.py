@@ -199,7 +199,16 @@ def _columns(pacc, t, Out, b, hk, k0, Mb, Nb, sob, soh, son, G: gl.constexpr, IS
         OUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         col = gl.convert_layout(gl.sum(pacc, 0), OUT)
         n = t * BLOCK + gl.arange(0, BLOCK, layout=OUT)
-    if MEAN:                                             # over the queries that see each key
+    col = column_values(col, n, Mb, Nb, G, IS_CAUSAL, MEAN, GROUP_MEAN)
+    gl.store(Out + b * sob + hk * soh + (k0 + n) * son, col, mask=n < Nb)
+
+
+@gluon.jit
+def column_values(col, n, Mb, Nb, G, IS_CAUSAL: gl.constexpr, MEAN: gl.constexpr, GROUP_MEAN: gl.constexpr):
+    """Keys n's sums over the group's rows as the call's column values: MEAN over the queries that see each key
+    (causal: query m sees key n iff n <= m + Nb − Mb), GROUP_MEAN over the group's G heads
+    (benchmarks/gluon_ws_causal_column.py uses it too)."""
+    if MEAN:
         if IS_CAUSAL:
             count = gl.minimum(gl.maximum(Mb - gl.maximum(n - (Nb - Mb), 0), 0), Mb)
         else:
@@ -207,7 +216,7 @@ def _columns(pacc, t, Out, b, hk, k0, Mb, Nb, sob, soh, son, G: gl.constexpr, IS
         col = gl.where(count > 0, col / gl.maximum(count, 1).to(gl.float32), 0.0)
     if GROUP_MEAN:
         col = col / G
-    gl.store(Out + b * sob + hk * soh + (k0 + n) * son, col, mask=n < Nb)
+    return col
 
 
 @gluon.jit
