@@ -68,6 +68,27 @@ def _window_ws_runs(torch):
     return runs
 
 
+def _causal_column_runs(torch):
+    """NCU_WORKLOAD=causal_column: full causal 32/8, N = 16k, fp16, lse given: the product's column pass and
+    benchmarks/gluon_ws_causal_column.py's configs (NCU_CC_CONFIGS, comma-separated; default 2cta_q64_s2 and
+    1cta_k128_q64: does reading each query chunk for twice the keys lower the L2 throughput and the time?)."""
+    import gluon_ws_causal_column as cc
+
+    from colreduce_kvprune import colreduce
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, 16384, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 8, 16384, 128, device="cuda", dtype=torch.float16)
+    lse = cc._lse_fast(q, k)
+    out = torch.empty(1, 8, 16384, device="cuda")
+    runs = [("full 16k lse: product column pass", lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean",
+                                                                    lse=lse))]
+    for config in os.environ.get("NCU_CC_CONFIGS", "2cta_q64_s2,1cta_k128_q64").split(","):
+        prep = cc.prepare(lse, 128, torch.float16, config)
+        runs.append((f"full 16k lse: gluon {config}", lambda c=config, p=prep: cc.launch(
+            q, k, p, out, is_causal=True, mean=False, group_mean=True, config=c)))
+    return runs
+
+
 def _workload():
     """The kernels to profile, each run once inside cudaProfilerStart/Stop after a warm-up call (compiles, tunes)."""
     import torch
@@ -82,6 +103,8 @@ def _workload():
 
     if os.environ.get("NCU_WORKLOAD") == "window_ws":
         return _profile(torch, _window_ws_runs(torch))
+    if os.environ.get("NCU_WORKLOAD") == "causal_column":
+        return _profile(torch, _causal_column_runs(torch))
     q, k = shape(32, 8, 16384, 16384)
     v = torch.randn_like(k)
     kw = dict(is_causal=True, scale=1 / math.sqrt(128), group_reduce="mean")
