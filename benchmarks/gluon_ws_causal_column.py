@@ -392,7 +392,8 @@ def check(config, record):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=os.environ.get("WS_CAUSAL_CONFIGS") or ",".join(CONFIGS),
+                    help="comma-separated (default: $WS_CAUSAL_CONFIGS, else every config)")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--lengths", default="4096,8192,16384")
     ap.add_argument("--check-config", help="(internal) check this one config and exit: rc 0 when it passed")
@@ -423,8 +424,8 @@ def main(argv=None):
         Hq, Hkv, D, dt = 32, 8, 128, torch.float16
         q = torch.randn(1, Hq, N, D, device="cuda", dtype=dt)
         k = torch.randn(1, Hkv, N, D, device="cuda", dtype=dt)
-        lse = _lse_fast(q, k)
         scale = 1 / math.sqrt(D)
+        lse = bk.row_lse(q, k, scale, True)
         preps = {c: prepare(lse, D, dt, c) for c in passed}
         out = torch.empty(1, Hkv, N, device="cuda")
         shape = f"full causal {Hq}/{Hkv} N={N} fp16"
@@ -445,22 +446,6 @@ def main(argv=None):
                 t = bk.time3(fn, flush)
                 record(dict(shape=shape, arm=name, rep=rep, gpu_ms=t["gpu_ms"], host_us=t["host_us"]))
                 print(f"{shape} {name} rep {rep}: {t['gpu_ms']:.3f} ms", flush=True)
-
-
-def _lse_fast(q, k):
-    """The natural lse of full causal q against k, per head, by SDPA's math in chunks (float32)."""
-    B, Hq, M, D = q.shape
-    G = Hq // k.shape[1]
-    out = torch.empty(B, Hq, M, device=q.device)
-    for h in range(Hq):
-        kk = k[:, h // G].float()
-        for m0 in range(0, M, 2048):
-            s = q[:, h, m0:m0 + 2048].float() @ kk.transpose(-1, -2) / math.sqrt(D)
-            n = torch.arange(k.shape[2], device=q.device)
-            m = torch.arange(m0, min(m0 + 2048, M), device=q.device)
-            s = s.masked_fill(n[None, :] > m[:, None] + (k.shape[2] - M), float("-inf"))
-            out[:, h, m0:m0 + 2048] = torch.logsumexp(s, -1)
-    return out
 
 
 if __name__ == "__main__":

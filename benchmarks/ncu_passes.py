@@ -73,12 +73,13 @@ def _causal_column_runs(torch):
     benchmarks/gluon_ws_causal_column.py's configs (NCU_CC_CONFIGS, comma-separated; default 2cta_q64_s2 and
     1cta_k128_q64: does reading each query chunk for twice the keys lower the L2 throughput and the time?)."""
     import gluon_ws_causal_column as cc
+    from prune_path import _bench_kernels
 
     from colreduce_kvprune import colreduce
     torch.manual_seed(0)
     q = torch.randn(1, 32, 16384, 128, device="cuda", dtype=torch.float16)
     k = torch.randn(1, 8, 16384, 128, device="cuda", dtype=torch.float16)
-    lse = cc._lse_fast(q, k)
+    lse = _bench_kernels().row_lse(q, k, 1 / math.sqrt(128), True)
     out = torch.empty(1, 8, 16384, device="cuda")
     runs = [("full 16k lse: product column pass", lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean",
                                                                     lse=lse))]
