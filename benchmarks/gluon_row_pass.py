@@ -39,14 +39,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from colreduce_kvprune.kernels.colreduce_ws import _cta_barrier  # gl.barrier (Triton 3.7) or gl.thread_barrier (3.6)
 from colreduce_kvprune.kernels.colreduce_ws import _masked  # s·scale of a key tile, -inf where a row does not see it
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import row_pass  # noqa: E402
 
 LOG2E = 1.4426950408889634
-# The CTA barrier is gl.barrier in Triton 3.7 (vLLM 0.32's pin) and gl.thread_barrier in 3.6 (the GPU image's).
-_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
 
 @gluon.constexpr_function
@@ -218,8 +217,9 @@ def compile_sm90(block_r=128, block_n=64, stages=4, warps=8, dtype="fp16", D=128
 def sass_overlap(compiled) -> dict:
     """What ptxas made of the schedule, from Triton's bundled ptxas and nvdisasm: its register count and spilled
     bytes, whether it serialized wgmma (its C7514/C7517 notes), and per wgmma window (WARPGROUP.ARRIVE …
-    WARPGROUP.DEPBAR) how many MUFU.EX2 it holds. The loops' windows hold a tile's exp2: the overlap this
-    experiment is for."""
+    WARPGROUP.DEPBAR) how many MUFU.EX2 it holds, and how many of them come after the window's last HGMMA (all of a
+    tile's where its k-steps are issued together, as colreduce_ws.py's ORDERED keeps them). The loops' windows hold
+    a tile's exp2: the overlap this experiment is for."""
     import subprocess
     import tempfile
 
@@ -234,19 +234,24 @@ def sass_overlap(compiled) -> dict:
                              capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
                               check=True).stdout
-    windows, inside = [], None
+    windows, after_ksteps, inside, after = [], [], None, 0
     for line in sass.splitlines():
         if "WARPGROUP.ARRIVE" in line:
-            inside = 0
+            inside = 0 if inside is None else inside     # (a fold's extra k-step re-arrives inside a window)
+            after = 0
         elif "WARPGROUP.DEPBAR" in line and inside is not None:
             windows.append(inside)
+            after_ksteps.append(after)
             inside = None
+        elif "HGMMA" in line:
+            after = 0
         elif "MUFU.EX2" in line and inside is not None:
             inside += 1
+            after += 1
     regs = re.search(r"Used (\d+) registers", log)
     return dict(registers=int(regs.group(1)) if regs else None, serialized="C7514" in log or "C7517" in log,
                 spill_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
-                exp2_per_wgmma_window=windows)
+                exp2_per_wgmma_window=windows, exp2_after_ksteps=after_ksteps)
 
 
 def check_sass(compile_fn, name):

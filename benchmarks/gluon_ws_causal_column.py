@@ -51,7 +51,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colreduce_kvprune.kernels.colreduce_ws import _descriptor  # noqa: E402
+from colreduce_kvprune.kernels.colreduce_ws import _cta_barrier, _descriptor  # noqa: E402
 from gluon_ws_window_pass import _flag, _mode, column_values  # noqa: E402  (flags to worker partitions as the
 # length of a shared-memory array `mode`: Gluon passes a worker's constexpr arguments as runtime values; here
 # IS_CAUSAL, MEAN, GROUP_MEAN, FOLD)
@@ -62,17 +62,22 @@ FOLD_PARTS = 4
 LOG2E = 1.4426950408889634
 CONFIGS = {    # name -> (query rows per chunk (the wgmma's N), ring slots, maxnreg, consumer registers, fold: the lse
                #          subtracted by the wgmma, else each thread loads its columns' lse2 one chunk ahead; keys per
-               #          consumer KC)
-    "1cta_q128": (128, 3, 168, 232, True, 64),    # 12 warps × 168 registers: one program per SM
-    "1cta_q128_s4": (128, 4, 168, 232, True, 64),
-    "2cta_q64": (64, 3, 80, 104, True, 64),       # 12 warps × 80 registers: two programs per SM
-    "2cta_q64_s2": (64, 2, 80, 104, True, 64),
-    "1cta_q128_lse": (128, 4, 168, 232, False, 64),
-    "2cta_q64_lse": (64, 2, 80, 104, False, 64),
-    "1cta_q64_lse": (64, 4, 168, 232, False, 64),
+               #          consumer KC; fence: each chunk's exp2 kept after the next chunk's k-steps, as
+               #          kernels/colreduce_ws.py's ORDERED, by shared-memory accesses between barriers)
+    "1cta_q128": (128, 3, 168, 232, True, 64, False),    # 12 warps × 168 registers: one program per SM
+    "1cta_q128_s4": (128, 4, 168, 232, True, 64, False),
+    "2cta_q64": (64, 3, 80, 104, True, 64, False),       # 12 warps × 80 registers: two programs per SM
+    "2cta_q64_s2": (64, 2, 80, 104, True, 64, False),
+    "1cta_q128_lse": (128, 4, 168, 232, False, 64, False),
+    "2cta_q64_lse": (64, 2, 80, 104, False, 64, False),
+    "1cta_q64_lse": (64, 4, 168, 232, False, 64, False),
     # 256 keys a program: each query chunk read from L2 once for twice the keys (not run on a GPU yet)
-    "1cta_k128_q64": (64, 4, 168, 232, True, 128),
-    "1cta_k128_q64_s3": (64, 3, 168, 232, True, 128),
+    "1cta_k128_q64": (64, 4, 168, 232, True, 128, False),
+    "1cta_k128_q64_s3": (64, 3, 168, 232, True, 128, False),
+    # fenced (twenty-eighth session; not run on a GPU yet)
+    "2cta_q64_s2f": (64, 2, 80, 104, True, 64, True),
+    "1cta_q128f": (128, 3, 168, 232, True, 64, True),
+    "1cta_k128_q64f": (64, 4, 168, 232, True, 128, True),
 }
 CONFIG = "1cta_q128"
 
@@ -137,9 +142,13 @@ def _chunk_lse(LSE2, q_row, u, M, c_start, c_full, n_cq, ragged, G, QN: gl.const
 
 @gluon.jit
 def _add(pacc, s, lse2, u, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL: gl.constexpr,
-         MASKED: gl.constexpr, FOLD: gl.constexpr):
-    """pacc plus step u's p summed over its rows (in the thread and its quad). s: q·kᵀ (FOLD: − lse2 / scale)."""
-    if FOLD:
+         MASKED: gl.constexpr, FOLD: gl.constexpr, zero_smem=None):
+    """pacc plus step u's p summed over its rows (in the thread and its quad). s: q·kᵀ (FOLD: − lse2 / scale).
+    zero_smem (FOLD): zeros subtracted from every key's scores, read after a barrier (_step's fence)."""
+    if zero_smem is not None:
+        z = zero_smem.load(n.type.layout)
+        x = s * qk_scale - z[:, None]
+    elif FOLD:
         x = s * qk_scale
     else:
         x = s * qk_scale - lse2[None, :]
@@ -157,10 +166,12 @@ def _add(pacc, s, lse2, u, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, 
 
 @gluon.jit
 def _step(kt, q_smem, l_smem, o_smem, ready, empty, u, s, lse2, pacc, zero, n, LSE2, q_row, M, N, c_start, c_full,
-          n_cq, ragged, G, qk_scale, IS_CAUSAL: gl.constexpr, MASKED: gl.constexpr, FOLD: gl.constexpr):
+          n_cq, ragged, G, qk_scale, IS_CAUSAL: gl.constexpr, MASKED: gl.constexpr, FOLD: gl.constexpr, fence=None):
     """Step u, entered with s = chunk u's scores (and, not FOLD, lse2 its rows'): issues chunk u + 1's wgmma (and
     the load of its lse2), adds chunk u's p while it runs, waits, hands chunk u + 1's slot back. One basic block
-    from the issue to the wait."""
+    from the issue to the wait. fence (FOLD): (zeros, sink) in shared memory: the exp2's input read from the one
+    after a barrier and the new sums written to the other before one, so that ptxas keeps the exp2 after the
+    k-steps and before the wait (kernels/colreduce_ws.py's _fenced)."""
     NSLOT: gl.constexpr = q_smem.type.shape[0]
     u1 = u + 1
     mbarrier.wait(ready.index(u1 % NSLOT), (u1 // NSLOT) & 1)
@@ -171,16 +182,24 @@ def _step(kt, q_smem, l_smem, o_smem, ready, empty, u, s, lse2, pacc, zero, n, L
         lse_next = lse2
     else:
         lse_next = _chunk_lse(LSE2, q_row, u1, M, c_start, c_full, n_cq, ragged, G, QN, LSE_LAYOUT)
-    pacc = _add(pacc, s, lse2, u, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, MASKED, FOLD)
+    if fence is not None:
+        _cta_barrier()
+        pacc = _add(pacc, s, lse2, u, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, MASKED, FOLD,
+                    fence[0])
+        fence[1].store(pacc)
+        _cta_barrier()
+    else:
+        pacc = _add(pacc, s, lse2, u, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, MASKED, FOLD)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(token, ))
     mbarrier.arrive(empty.index(u1 % NSLOT), count=1)
     return s, lse_next, pacc
 
 
 @gluon.jit
-def _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row, qk_scale, sob,
-             soh, son, mode, C: gl.constexpr):
-    """Consumer C: keys k0 + C·KC … of the block, every chunk of the plan; their column values, stored."""
+def _consume(k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row,
+             qk_scale, sob, soh, son, mode, C: gl.constexpr):
+    """Consumer C: keys k0 + C·KC … of the block, every chunk of the plan; their column values, stored. The fence
+    from z_smem's length (2·KC: a slice of zeros and one of sink per consumer; else 1, unused)."""
     IS_CAUSAL: gl.constexpr = _flag(mode.type.shape[0], 0)
     MEAN: gl.constexpr = _flag(mode.type.shape[0], 1)
     GROUP_MEAN: gl.constexpr = _flag(mode.type.shape[0], 2)
@@ -196,6 +215,12 @@ def _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, 
     zero = gl.zeros([KC, QN], gl.float32, layout=MMA)
     pacc = gl.zeros([KC], gl.float32, layout=gl.SliceLayout(1, MMA))
     n = k0 + C * KC + gl.arange(0, KC, layout=gl.SliceLayout(1, MMA))
+    FENCE: gl.constexpr = z_smem.type.shape[0] == 2 * KC
+    if FENCE:
+        fence = (z_smem.slice(C * KC, KC), sink.slice(C * KC, KC))
+        fence[0].store(gl.zeros([KC], gl.float32, layout=gl.SliceLayout(1, MMA)))
+    else:
+        fence = None
     if FOLD:
         lse2 = gl.zeros([QN], gl.float32, layout=LSE_LAYOUT)
     else:
@@ -210,30 +235,30 @@ def _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, 
                               c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, True, FOLD)
     for u in range(gl.minimum(n_masked, last), last):
         s, lse2, pacc = _step(kt, q_smem, l_smem, o_smem, ready, empty, u, s, lse2, pacc, zero, n, LSE2, q_row, M, N,
-                              c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, False, FOLD)
+                              c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, False, FOLD, fence)
     pacc = _add(pacc, s, lse2, last, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, IS_CAUSAL, True, FOLD)
     col = column_values(pacc, n, M, N, G, IS_CAUSAL, MEAN, GROUP_MEAN)
     gl.store(Out + b * sob + hk * soh + n * son, col, mask=n < N)
 
 
 @gluon.jit
-def _consumer0(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b,
-               hk, k0, M, N, G, q_row, k_row, qk_scale, sob, soh, son, mode):
+def _consumer0(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out,
+               LSE2, b, hk, k0, M, N, G, q_row, k_row, qk_scale, sob, soh, son, mode):
     """Every partition takes this argument list (Gluon's rule for workers; the flags travel as `mode`'s length)."""
-    _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row, qk_scale, sob,
-             soh, son, mode, 0)
+    _consume(k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row,
+             qk_scale, sob, soh, son, mode, 0)
 
 
 @gluon.jit
-def _consumer1(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b,
-               hk, k0, M, N, G, q_row, k_row, qk_scale, sob, soh, son, mode):
-    _consume(k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row, qk_scale, sob,
-             soh, son, mode, 1)
+def _consumer1(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out,
+               LSE2, b, hk, k0, M, N, G, q_row, k_row, qk_scale, sob, soh, son, mode):
+    _consume(k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out, LSE2, b, hk, k0, M, N, G, q_row,
+             qk_scale, sob, soh, son, mode, 1)
 
 
 @gluon.jit
-def _producer(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b,
-              hk, k0, M, N, G, q_row, k_row, qk_scale, sob, soh, son, mode):
+def _producer(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out,
+              LSE2, b, hk, k0, M, N, G, q_row, k_row, qk_scale, sob, soh, son, mode):
     """The block's two key tiles and the ones, then the plan's chunks into the ring: slot u % NSLOT once both
     consumers handed back chunk u − NSLOT (a fresh mbarrier passes the wait for phase 1)."""
     IS_CAUSAL: gl.constexpr = _flag(mode.type.shape[0], 0)
@@ -264,7 +289,7 @@ def _producer(Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_
 def _ws_causal_column_kernel(Q_desc, K_desc, P_desc, O_desc, Out, LSE2, Hq, M, N, sob, soh, son, qk_scale,
                              G: gl.constexpr, D: gl.constexpr, IS_CAUSAL: gl.constexpr, MEAN: gl.constexpr,
                              GROUP_MEAN: gl.constexpr, QN: gl.constexpr, NSLOT: gl.constexpr, REGS: gl.constexpr,
-                             FOLD: gl.constexpr, KC: gl.constexpr):
+                             FOLD: gl.constexpr, KC: gl.constexpr, FENCE: gl.constexpr):
     """Grid (B·Hkv, cdiv(N, 2·KC)): the key blocks in the slow grid axis, so the longest runs (the first keys of a
     causal prompt) start first. Out[b, hk, n] (strides sob, soh, son), float32."""
     bh = gl.program_id(0)
@@ -276,6 +301,9 @@ def _ws_causal_column_kernel(Q_desc, K_desc, P_desc, O_desc, Out, LSE2, Hq, M, N
     o_smem = gl.allocate_shared_memory(O_desc.dtype, [KC, 16], O_desc.layout)
     q_smem = gl.allocate_shared_memory(Q_desc.dtype, [NSLOT, QN, D], Q_desc.layout)
     l_smem = gl.allocate_shared_memory(P_desc.dtype, [NSLOT, QN, 16], P_desc.layout)
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    z_smem = gl.allocate_shared_memory(gl.float32, [2 * KC if FENCE else 1], flat)
+    sink = gl.allocate_shared_memory(gl.float32, [2 * KC if FENCE else 1], flat)
     k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
@@ -285,8 +313,8 @@ def _ws_causal_column_kernel(Q_desc, K_desc, P_desc, O_desc, Out, LSE2, Hq, M, N
         mbarrier.init(empty.index(i), count=2)           # one arrival per consumer
     MODE: gl.constexpr = _mode(IS_CAUSAL, MEAN, GROUP_MEAN, FOLD)
     mode = gl.allocate_shared_memory(gl.int64, [MODE], mbarrier.MBarrierLayout())
-    args = (Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, k_bar, ready, empty, Out, LSE2, b, hk, k0,
-            M, N, G, (b * Hq + hk * G) * M, (b * Hkv + hk) * N, qk_scale, sob, soh, son, mode)
+    args = (Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out,
+            LSE2, b, hk, k0, M, N, G, (b * Hq + hk * G) * M, (b * Hkv + hk) * N, qk_scale, sob, soh, son, mode)
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [REGS, 24])
 
 
@@ -329,7 +357,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, prep: torch.Tensor, out: torch.Tens
            group_mean: bool, config: str | None = None):
     """Column values of (B, Hq, M, D) q against (B, Hkv, N, D) k (both contiguous, fp16/bf16, D 64 or 128) into out
     ((B, Hkv, N) float32, any strides), given prepare() of the call's lse."""
-    qn, nslot, maxnreg, regs, fold, kc = CONFIGS[config or CONFIG]
+    qn, nslot, maxnreg, regs, fold, kc, fence = CONFIGS[config or CONFIG]
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     assert q.is_contiguous() and k.is_contiguous() and M >= 1 and N >= 1
@@ -341,17 +369,17 @@ def launch(q: torch.Tensor, k: torch.Tensor, prep: torch.Tensor, out: torch.Tens
         _descriptor(q2, qn, D), _descriptor(k2, kc, D), _descriptor(parts, qn, FOLD_K),
         _descriptor(ones, kc, FOLD_K), out, out if fold else prep, Hq, M, N, *out.stride(),
         LOG2E / math.sqrt(D), G=Hq // Hkv, D=D, IS_CAUSAL=is_causal, MEAN=mean, GROUP_MEAN=group_mean, QN=qn,
-        NSLOT=nslot, REGS=regs, FOLD=fold, KC=kc, num_warps=4, maxnreg=maxnreg)
+        NSLOT=nslot, REGS=regs, FOLD=fold, KC=kc, FENCE=fence, num_warps=4, maxnreg=maxnreg)
 
 
 def compile_sm90(config: str = CONFIG, dtype: str = "fp16", D: int = 128, G: int = 4):
     """The kernel compiled for sm_90 with the installed Triton (no GPU needed): causal, sum / group mean."""
     import gluon_row_pass     # its Gluon compile helper and descriptor types
-    qn, nslot, maxnreg, regs, fold, kc = CONFIGS[config]
+    qn, nslot, maxnreg, regs, fold, kc, fence = CONFIGS[config]
     x2 = torch.empty(1024, D, dtype=dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype])
     p2 = torch.empty(1024, FOLD_K, dtype=x2.dtype)
     const = dict(G=G, D=D, IS_CAUSAL=True, MEAN=False, GROUP_MEAN=True, QN=qn, NSLOT=nslot, REGS=regs, FOLD=fold,
-                 KC=kc)
+                 KC=kc, FENCE=fence)
     ptrs = dict(Q_desc=gluon_row_pass.descriptor_type(x2, qn, D),
                 K_desc=gluon_row_pass.descriptor_type(x2, kc, D),
                 P_desc=gluon_row_pass.descriptor_type(p2, qn, FOLD_K),
