@@ -39,13 +39,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from colreduce_kvprune.kernels.colreduce_ws import _cta_barrier  # gl.barrier (Triton 3.7) or gl.thread_barrier (3.6)
 from colreduce_kvprune.kernels.colreduce_ws import _masked  # s·scale of a key tile, -inf where a row does not see it
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import row_pass  # noqa: E402
 
 LOG2E = 1.4426950408889634
+# The CTA barrier is gl.barrier in Triton 3.7 (vLLM 0.32's pin) and gl.thread_barrier in 3.6 (the GPU image's).
+_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
 
 @gluon.constexpr_function
@@ -218,8 +219,8 @@ def sass_overlap(compiled) -> dict:
     """What ptxas made of the schedule, from Triton's bundled ptxas and nvdisasm: its register count and spilled
     bytes, whether it serialized wgmma (its C7514/C7517 notes), and per wgmma window (WARPGROUP.ARRIVE …
     WARPGROUP.DEPBAR) how many MUFU.EX2 it holds, and how many of them come after the window's last HGMMA (all of a
-    tile's where its k-steps are issued together, as colreduce_ws.py's ORDERED keeps them). The loops' windows hold
-    a tile's exp2: the overlap this experiment is for."""
+    tile's where its k-steps are issued together, as gluon_ws_causal_column.py's fenced configs keep them). The
+    loops' windows hold a tile's exp2: the overlap this experiment is for."""
     import subprocess
     import tempfile
 

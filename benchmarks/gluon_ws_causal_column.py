@@ -51,10 +51,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colreduce_kvprune.kernels.colreduce_ws import _cta_barrier, _descriptor  # noqa: E402
+from colreduce_kvprune.kernels.colreduce_ws import _descriptor  # noqa: E402
 from gluon_ws_window_pass import _flag, _mode, column_values  # noqa: E402  (flags to worker partitions as the
 # length of a shared-memory array `mode`: Gluon passes a worker's constexpr arguments as runtime values; here
 # IS_CAUSAL, MEAN, GROUP_MEAN, FOLD)
+from gluon_row_pass import _cta_barrier  # noqa: E402  (gl.barrier in Triton 3.7, gl.thread_barrier in 3.6)
 from ws_window import _dense_lse as _lse  # noqa: E402  ((B, Hq, M) natural lse in float64)
 
 FOLD_K = 16                   # the fold's k columns: FOLD_PARTS parts of the lse, zeros after
@@ -62,8 +63,8 @@ FOLD_PARTS = 4
 LOG2E = 1.4426950408889634
 CONFIGS = {    # name -> (query rows per chunk (the wgmma's N), ring slots, maxnreg, consumer registers, fold: the lse
                #          subtracted by the wgmma, else each thread loads its columns' lse2 one chunk ahead; keys per
-               #          consumer KC; fence: each chunk's exp2 kept after the next chunk's k-steps, as
-               #          kernels/colreduce_ws.py's ORDERED, by shared-memory accesses between barriers)
+               #          consumer KC; fence: each chunk's exp2 kept after the next chunk's k-steps by shared-memory
+               #          accesses between barriers, _step's fence)
     "1cta_q128": (128, 3, 168, 232, True, 64, False),    # 12 warps × 168 registers: one program per SM
     "1cta_q128_s4": (128, 4, 168, 232, True, 64, False),
     "2cta_q64": (64, 3, 80, 104, True, 64, False),       # 12 warps × 80 registers: two programs per SM
@@ -171,7 +172,8 @@ def _step(kt, q_smem, l_smem, o_smem, ready, empty, u, s, lse2, pacc, zero, n, L
     the load of its lse2), adds chunk u's p while it runs, waits, hands chunk u + 1's slot back. One basic block
     from the issue to the wait. fence (FOLD): (zeros, sink) in shared memory: the exp2's input read from the one
     after a barrier and the new sums written to the other before one, so that ptxas keeps the exp2 after the
-    k-steps and before the wait (kernels/colreduce_ws.py's _fenced)."""
+    k-steps and before the wait (ptxas moves the exp2 among the k-steps and past the wait, not a shared-memory
+    access across a barrier; the twenty-eighth session's row pass ORDERED, 5653c9e, did the same)."""
     NSLOT: gl.constexpr = q_smem.type.shape[0]
     u1 = u + 1
     mbarrier.wait(ready.index(u1 % NSLOT), (u1 // NSLOT) & 1)

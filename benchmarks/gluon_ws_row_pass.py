@@ -45,14 +45,11 @@ import gluon_row_pass as grp  # noqa: E402
 import row_pass  # noqa: E402
 
 HALF = 64                 # rows per consumer warp group (one wgmma M; colreduce_ws.HALF)
-# (BLOCK_N, STAGES, maxnreg, consumer registers, ORDERED): the kernel's register limit and what each consumer warp
-# group gets by register reallocation (the producer keeps 24, the default partition what is left). A CTA has 12
-# warps (the producer's warp takes a warp group), so two CTAs per SM need maxnreg ≤ 85: r80 runs two, r168 one.
-# ORDERED (suffix o): colreduce_ws.ORDERED, each whole tile's exp2 after the next tile's k-steps (_fenced).
-CONFIGS = {"n64s4r80": (64, 4, 80, 104, False), "n64s3r80": (64, 3, 80, 104, False),
-           "n64s4r168": (64, 4, 168, 240, False), "n128s3r168": (128, 3, 168, 240, False),
-           "n64s3r80o": (64, 3, 80, 104, True), "n64s4r80o": (64, 4, 80, 104, True),
-           "n64s4r168o": (64, 4, 168, 240, True)}
+# (BLOCK_N, STAGES, maxnreg, consumer registers): the kernel's register limit and what each consumer warp group gets
+# by register reallocation (the producer keeps 24, the default partition what is left). A CTA has 12 warps (the
+# producer's warp takes a warp group), so two CTAs per SM need maxnreg ≤ 85: r80 runs two, r168 one.
+CONFIGS = {"n64s4r80": (64, 4, 80, 104), "n64s3r80": (64, 3, 80, 104), "n64s4r168": (64, 4, 168, 240),
+           "n128s3r168": (128, 3, 168, 240)}
 
 
 def _kernel():
@@ -71,14 +68,14 @@ def row_lse2_ws(q, k, config="n64s4r80", scale=None, out=None, fallback=True):
     Hkv, N = k.shape[1], k.shape[2]
     assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and D in (64, 128), "outside the scope"
     assert q.is_contiguous() and k.is_contiguous() and Hq % Hkv == 0
-    block_n, stages, maxnreg, regs, ordered = CONFIGS[config]
+    block_n, stages, maxnreg, regs = CONFIGS[config]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     assert scale > 0
     out = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device) if out is None else out
     q_desc, k_desc = _descriptors(q, k, block_n)
     ws._ws_row_lse_kernel[(triton.cdiv(M, 2 * HALF), Hq, B)](
         q_desc, k_desc, out, out, out, Hq, M, N, scale * grp.LOG2E, G=Hq // Hkv, D=D, IS_VARLEN=False,
-        NSLOT=stages, BLOCK=block_n, REGS=regs, ORDERED=ordered, num_warps=4, maxnreg=maxnreg)
+        NSLOT=stages, BLOCK=block_n, REGS=regs, num_warps=4, maxnreg=maxnreg)
     if fallback:
         bad = out.isnan()
         if bad.any():
@@ -96,14 +93,14 @@ def _descriptors(q, k, block_n):
 def compile_sm90(config="n64s4r80", dtype="fp16", D=128):
     """The kernel at this config compiled for sm_90 with the installed Triton (no GPU): its descriptors' types from
     CPU tensors."""
-    block_n, stages, maxnreg, regs, ordered = CONFIGS[config]
+    block_n, stages, maxnreg, regs = CONFIGS[config]
     ws = _kernel()
     tdt = dict(fp16=torch.float16, bf16=torch.bfloat16)[dtype]
     x = torch.empty(1024, D, dtype=tdt)
     types = dict(Q_desc=grp.descriptor_type(x, HALF, D), K_desc=grp.descriptor_type(x, block_n, D), Out="*fp32",
                  cu_q="*fp32", cu_k="*fp32")           # dense: the offsets are placeholders (the output)
     return grp.compile_gluon_sm90(ws._ws_row_lse_kernel, dict(G=4, D=D, IS_VARLEN=False, NSLOT=stages, BLOCK=block_n,
-                                                             REGS=regs, ORDERED=ordered), types, 4, maxnreg)
+                                                             REGS=regs), types, 4, maxnreg)
 
 
 def check(device="cpu"):

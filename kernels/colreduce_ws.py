@@ -32,17 +32,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-# The barrier of a warp group's threads (a partition's: Gluon lowers it to a named barrier of the partition's warps)
-# is gl.barrier in Triton 3.7 (vLLM 0.32's pin) and gl.thread_barrier in 3.6 (the GPU image's).
-_cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 HALF = gl.constexpr(64)       # query rows per consumer warp group (one wgmma M); a CTA takes 2 · HALF
 BLOCK_N = 64                  # keys per tile
 STAGES = 3                    # ring slots
 MAXNREG = 80                  # 12 warps (the producer's warp takes a warp group) · 80 registers: two CTAs per SM
 CONSUMER_REGS = 104           # the worker consumer's registers after reallocation (the producer keeps 24, the
                               # default partition gets the rest: 112)
-ORDERED = False               # whole tiles: a tile's exp2 kept after the next tile's k-steps by shared-memory fences
-                              # (_fenced), instead of where ptxas puts it (between the first of them): experiment
 
 
 @gluon.constexpr_function
@@ -75,39 +70,10 @@ def _done(token, empty, j, NSLOT: gl.constexpr):
 
 
 @gluon.jit
-def _tile_sum(acc, x, ORDERED: gl.constexpr):
-    """acc plus exp2(x): element-wise into a 2-D accumulator, or (ORDERED) summed over the row into a [HALF] one."""
-    if ORDERED:
-        return acc + gl.sum(gl.exp2(x), 1)
-    else:
-        return acc + gl.exp2(x)
-
-
-@gluon.jit
-def _fenced(acc, s, qk_scale, c_smem, sink, MMA: gl.constexpr):
-    """ORDERED, a whole tile: acc plus its row sums of exp2(s·scale − c), the offsets c read from c_smem after a
-    barrier and the new acc written to sink before one. ptxas moves the exp2 of a tile freely among the next
-    tile's wgmma instructions (the SASS puts them between the first five of eight k-steps, so the tensor pipe gets
-    this warp group's k-steps only as fast as its MUFU work goes) and past the wgmma wait; it does not move a
-    shared-memory access across a barrier, nor the wait above one, so here the k-steps are issued together, then
-    the exp2, then the wait."""
-    _cta_barrier()
-    c = c_smem.load(gl.SliceLayout(1, MMA))
-    acc = _tile_sum(acc, s * qk_scale - c[:, None], True)
-    sink.store(acc)
-    _cta_barrier()
-    return acc
-
-
-@gluon.jit
-def _consume(q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb, qk_scale, C: gl.constexpr):
-    """Consumer C: rows r0 + C·HALF … of the block; their lse2 (NaN where the fixed offset overflowed). ORDERED
-    from c_smem's length (2·HALF: each consumer's offsets; else 1, unused; Gluon passes a worker's constexpr
-    arguments as runtime values). sink: (2·HALF) for _fenced, two allocations so that no barrier separates a
-    tile's offset loads from its sum's store."""
+def _consume(q_smem, k_smem, q_bar, ready, empty, Out, r0, Mb, Nb, qk_scale, C: gl.constexpr):
+    """Consumer C: rows r0 + C·HALF … of the block; their lse2 (NaN where the fixed offset overflowed)."""
     NSLOT: gl.constexpr = k_smem.type.shape[0]
     BLOCK: gl.constexpr = k_smem.type.shape[1]
-    ORDERED: gl.constexpr = c_smem.type.shape[0] == 2 * HALF
     MMA: gl.constexpr = _mma_layout(BLOCK)
     shift = Nb - Mb                                      # query m sees key j iff j <= m + shift
     lo = r0 + C * HALF
@@ -124,59 +90,48 @@ def _consume(q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb,
     x = _masked(s, 0, rows, shift, Nb, qk_scale, BLOCK, MMA)          # tile 0: the offsets
     first = gl.max(x, 1)
     c = gl.where(first == float("-inf"), 0.0, first) + 8.0
-    if ORDERED:
-        acc = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, MMA))
-        c_smem.slice(C * HALF, HALF).store(c)
-    else:
-        acc = gl.zeros([HALF, BLOCK], gl.float32, layout=MMA)
     if n_tiles > 1:                                      # tile 0's exp2 while wgmma 1 runs
         token = _issue(qs, k_smem, ready, 1, zero, NSLOT)
-        acc = _tile_sum(acc, x - c[:, None], ORDERED)
+        acc = gl.exp2(x - c[:, None])
         s = _done(token, empty, 1, NSLOT)
     else:
-        acc = _tile_sum(acc, x - c[:, None], ORDERED)
+        acc = gl.exp2(x - c[:, None])
     # No runtime branch between a wgmma's issue and its wait (ptxas would wait early): a loop for whole tiles and
     # one for the diagonal and the ragged end.
     for j in range(2, gl.minimum(n_full + 1, n_tiles)):          # tile j − 1 seen whole by every row
         token = _issue(qs, k_smem, ready, j, zero, NSLOT)
-        if ORDERED:
-            acc = _fenced(acc, s, qk_scale, c_smem.slice(C * HALF, HALF), sink.slice(C * HALF, HALF), MMA)
-        else:
-            acc += gl.exp2(s * qk_scale - c[:, None])
+        acc += gl.exp2(s * qk_scale - c[:, None])
         s = _done(token, empty, j, NSLOT)
     for j in range(gl.maximum(n_full + 1, 2), n_tiles):          # tile j − 1 on the diagonal or the ragged end
         token = _issue(qs, k_smem, ready, j, zero, NSLOT)
-        acc = _tile_sum(acc, _masked(s, j - 1, rows, shift, Nb, qk_scale, BLOCK, MMA) - c[:, None], ORDERED)
+        acc += gl.exp2(_masked(s, j - 1, rows, shift, Nb, qk_scale, BLOCK, MMA) - c[:, None])
         s = _done(token, empty, j, NSLOT)
     if n_tiles > 1:
-        acc = _tile_sum(acc, _masked(s, n_tiles - 1, rows, shift, Nb, qk_scale, BLOCK, MMA) - c[:, None], ORDERED)
+        acc += gl.exp2(_masked(s, n_tiles - 1, rows, shift, Nb, qk_scale, BLOCK, MMA) - c[:, None])
 
-    if ORDERED:
-        total = acc
-    else:
-        total = gl.sum(acc, 1)
+    total = gl.sum(acc, 1)
     lse2 = gl.where(total == 0, float("inf"), c + gl.log2(total))
     lse2 = gl.where(total == float("inf"), float("nan"), lse2)         # overflowed: colreduce.py's REDO launch
     gl.store(Out + rows, lse2, mask=rows < Mb)
 
 
 @gluon.jit
-def _consumer0(Q_desc, K_desc, q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb, q_row, q_col,
-               k_row, k_col, n_tiles, qk_scale):
+def _consumer0(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, Out, r0, Mb, Nb, q_row, q_col, k_row, k_col,
+               n_tiles, qk_scale):
     """Every partition takes this argument list (Gluon's rule for workers; no constexprs: the tiles come from the
     shared-memory ring's shape)."""
-    _consume(q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb, qk_scale, 0)
+    _consume(q_smem, k_smem, q_bar, ready, empty, Out, r0, Mb, Nb, qk_scale, 0)
 
 
 @gluon.jit
-def _consumer1(Q_desc, K_desc, q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb, q_row, q_col,
-               k_row, k_col, n_tiles, qk_scale):
-    _consume(q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb, qk_scale, 1)
+def _consumer1(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, Out, r0, Mb, Nb, q_row, q_col, k_row, k_col,
+               n_tiles, qk_scale):
+    _consume(q_smem, k_smem, q_bar, ready, empty, Out, r0, Mb, Nb, qk_scale, 1)
 
 
 @gluon.jit
-def _producer(Q_desc, K_desc, q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out, r0, Mb, Nb, q_row, q_col,
-              k_row, k_col, n_tiles, qk_scale):
+def _producer(Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, Out, r0, Mb, Nb, q_row, q_col, k_row, k_col,
+              n_tiles, qk_scale):
     """The block's two Q halves, then key tiles 0 … n_tiles − 1 into the ring: slot t % NSLOT once both consumers
     handed back tile t − NSLOT (a fresh mbarrier passes the wait for phase 1, so the first NSLOT go at once).
     Consumer 0 takes at most one tile fewer than consumer 1 (its rows end 64 earlier), and never one the producer
@@ -196,7 +151,7 @@ def _producer(Q_desc, K_desc, q_smem, k_smem, c_smem, sink, q_bar, ready, empty,
 @gluon.jit(do_not_specialize=["Hq", "max_m", "max_n"])    # one compile per dtype, D, G and layout, any length
 def _ws_row_lse_kernel(Q_desc, K_desc, Out, cu_q, cu_k, Hq, max_m, max_n, qk_scale, G: gl.constexpr,
                        D: gl.constexpr, IS_VARLEN: gl.constexpr, NSLOT: gl.constexpr, BLOCK: gl.constexpr,
-                       REGS: gl.constexpr, ORDERED: gl.constexpr):
+                       REGS: gl.constexpr):
     """Grid (row blocks of 2·HALF, Hq, B). Out: (B, Hq, max_m) float32, the row lse in log2 units."""
     rb = gl.program_id(0)
     h = gl.program_id(1)
@@ -215,9 +170,6 @@ def _ws_row_lse_kernel(Q_desc, K_desc, Out, cu_q, cu_k, Hq, max_m, max_n, qk_sca
         n_tiles = gl.maximum(gl.cdiv(gl.minimum(Nb, gl.minimum(r0 + 2 * HALF, Mb) + Nb - Mb), BLOCK), 1)
         q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, HALF, D], Q_desc.layout)
         k_smem = gl.allocate_shared_memory(K_desc.dtype, [NSLOT, BLOCK, D], K_desc.layout)
-        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        c_smem = gl.allocate_shared_memory(gl.float32, [2 * HALF if ORDERED else 1], flat)
-        sink = gl.allocate_shared_memory(gl.float32, [2 * HALF if ORDERED else 1], flat)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
@@ -225,8 +177,8 @@ def _ws_row_lse_kernel(Q_desc, K_desc, Out, cu_q, cu_k, Hq, max_m, max_n, qk_sca
         for i in gl.static_range(NSLOT):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        args = (Q_desc, K_desc, q_smem, k_smem, c_smem, sink, q_bar, ready, empty, Out + (b * Hq + h) * max_m, r0, Mb,
-                Nb, q_row, q_col, k_row, k_col, n_tiles, qk_scale)
+        args = (Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, Out + (b * Hq + h) * max_m, r0, Mb, Nb, q_row,
+                q_col, k_row, k_col, n_tiles, qk_scale)
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [REGS, 24])
 
 
@@ -290,7 +242,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, max_
     if not varlen:
         cu_q = cu_k = out                               # unused placeholders (IS_VARLEN is False)
     grid = (-(-max_m // (2 * HALF.value)), Hq, B)
-    const = (Hq // Hkv, D, varlen, STAGES, BLOCK_N, CONSUMER_REGS, ORDERED)
+    const = (Hq // Hkv, D, varlen, STAGES, BLOCK_N, CONSUMER_REGS)
     sig = _signature(q, out, cu_q, cu_k, varlen) + const
     fast = _direct.get(sig)
     if fast:
@@ -301,8 +253,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, max_
         return True
     compiled = _ws_row_lse_kernel[grid](
         _descriptor(q2, HALF.value, D), _descriptor(k2, BLOCK_N, D), out, cu_q, cu_k, Hq, max_m, max_n, qk_scale,
-        G=Hq // Hkv, D=D, IS_VARLEN=varlen, NSLOT=STAGES, BLOCK=BLOCK_N, REGS=CONSUMER_REGS, ORDERED=ORDERED,
-        num_warps=4, maxnreg=MAXNREG)
+        G=Hq // Hkv, D=D, IS_VARLEN=varlen, NSLOT=STAGES, BLOCK=BLOCK_N, REGS=CONSUMER_REGS, num_warps=4,
+        maxnreg=MAXNREG)
     if sig not in _direct:
         _direct[sig] = _launcher(compiled)
     return True
@@ -316,7 +268,7 @@ def direct_launcher(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, c
     which _matrix lets through for a single token) now has several tokens: then False, nothing launched. None where
     this signature has no compiled launcher (launch() stays on the JIT dispatch)."""
     D, Hq, Hkv = q.shape[-1], q.shape[1], k.shape[1]
-    const = (Hq // Hkv, D, varlen, STAGES, BLOCK_N, CONSUMER_REGS, ORDERED)
+    const = (Hq // Hkv, D, varlen, STAGES, BLOCK_N, CONSUMER_REGS)
     fast = _direct.get(_signature(q, out, cu_q if varlen else out, cu_k if varlen else out, varlen) + const)
     if not fast:
         return None
