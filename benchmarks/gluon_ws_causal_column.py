@@ -35,8 +35,13 @@ H200, twenty-seventh session (image torch 2.11 / Triton 3.6; results/h200_kernel
 two runs, medians of 3 alternations, full causal GQA 32/8, D 128, fp16, lse given): every config passed the float64
 check (worst 1.1e-6). The fold configs against the product's column pass: 4k 0.164–0.166 ms vs 0.195 (−16%), 8k
 0.563–0.573 vs 0.617 (−8%), 16k 2.075–2.233 vs 2.207–2.336 (no gain at the goal's shape). The lse loaded per thread
-is slower everywhere (16k 2.60–2.78). Not in the product. The k128 configs (256 keys a program, each query chunk
-read from L2 for twice the keys) have not run on a GPU.
+is slower everywhere (16k 2.60–2.78). Not in the product.
+
+Twenty-eighth session (`*_visit30*.json`): the k128 configs (256 keys a program, each query chunk read from L2 once
+for twice the keys) halve the L2 throughput (Nsight Compute: 20% of peak against 46%) and run slower (16k
+2.41–2.50 ms against 2.24–2.25 for 2cta_q64_s2): L2 is not the bound. The fenced configs (`*f`: each chunk's exp2
+after the next chunk's k-steps, _step's fence) are 3–8% faster at one program per SM (1cta_q128f: 4k 0.158, 8k
+0.557, 16k 2.36 ms against 1cta_q128's 0.172, 0.601, 2.43) and 8–16% slower at two (2cta_q64_s2f).
 """
 from __future__ import annotations
 
