@@ -77,10 +77,10 @@ CONFIGS = {    # name -> (query rows per chunk (the wgmma's N), ring slots, maxn
     "1cta_q128_lse": (128, 4, 168, 232, False, 64, False),
     "2cta_q64_lse": (64, 2, 80, 104, False, 64, False),
     "1cta_q64_lse": (64, 4, 168, 232, False, 64, False),
-    # 256 keys a program: each query chunk read from L2 once for twice the keys (not run on a GPU yet)
+    # 256 keys a program: each query chunk read from L2 once for twice the keys (slower: twenty-eighth session)
     "1cta_k128_q64": (64, 4, 168, 232, True, 128, False),
     "1cta_k128_q64_s3": (64, 3, 168, 232, True, 128, False),
-    # fenced (twenty-eighth session; not run on a GPU yet)
+    # fenced, fold configs only (twenty-eighth session: faster at one program per SM, slower at two)
     "2cta_q64_s2f": (64, 2, 80, 104, True, 64, True),
     "1cta_q128f": (128, 3, 168, 232, True, 64, True),
     "1cta_k128_q64f": (64, 4, 168, 232, True, 128, True),
@@ -152,6 +152,7 @@ def _add(pacc, s, lse2, u, n, M, N, c_start, c_full, n_cq, ragged, G, qk_scale, 
     """pacc plus step u's p summed over its rows (in the thread and its quad). s: q·kᵀ (FOLD: − lse2 / scale).
     zero_smem (FOLD): zeros subtracted from every key's scores, read after a barrier (_step's fence)."""
     if zero_smem is not None:
+        gl.static_assert(FOLD, "the fence is for the fold configs (it replaces the fold's s * qk_scale)")
         z = zero_smem.load(n.type.layout)
         x = s * qk_scale - z[:, None]
     elif FOLD:
