@@ -56,12 +56,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from colreduce_kvprune.kernels.colreduce_ws import _descriptor  # noqa: E402
+from colreduce_kvprune.kernels.colreduce_ws import _descriptor, _ring  # noqa: E402
 from gluon_ws_window_pass import _flag, _mode, column_values  # noqa: E402  (flags to worker partitions as the
 # length of a shared-memory array `mode`: Gluon passes a worker's constexpr arguments as runtime values; here
 # IS_CAUSAL, MEAN, GROUP_MEAN, FOLD)
 from gluon_row_pass import _cta_barrier  # noqa: E402  (gl.barrier in Triton 3.7, gl.thread_barrier in 3.6)
-from ws_window import _dense_lse as _lse  # noqa: E402  ((B, Hq, M) natural lse in float64)
+from ws_window import check_dense_case  # noqa: E402  (random inputs, float64 reference, record, assert)
 
 FOLD_K = 16                   # the fold's k columns: FOLD_PARTS parts of the lse, zeros after
 FOLD_PARTS = 4
@@ -312,13 +312,7 @@ def _ws_causal_column_kernel(Q_desc, K_desc, P_desc, O_desc, Out, LSE2, Hq, M, N
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     z_smem = gl.allocate_shared_memory(gl.float32, [2 * KC if FENCE else 1], flat)
     sink = gl.allocate_shared_memory(gl.float32, [2 * KC if FENCE else 1], flat)
-    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(k_bar, count=1)
-    for i in gl.static_range(NSLOT):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)           # one arrival per consumer
+    k_bar, ready, empty = _ring(NSLOT, 2)                # both consumers read every chunk
     MODE: gl.constexpr = _mode(IS_CAUSAL, MEAN, GROUP_MEAN, FOLD)
     mode = gl.allocate_shared_memory(gl.int64, [MODE], mbarrier.MBarrierLayout())
     args = (Q_desc, K_desc, P_desc, O_desc, k_smem, o_smem, q_smem, l_smem, z_smem, sink, k_bar, ready, empty, Out,
@@ -398,7 +392,6 @@ def compile_sm90(config: str = CONFIG, dtype: str = "fp16", D: int = 128, G: int
 def check(config, record):
     """Float64 checks (outputs pre-filled with NaN): ragged M and N, M < N, M > N (rows that see no key), D 64,
     GQA 1/4/8, bf16, causal and not, every reduction × group combine; relative error ≤ 2e-5."""
-    from colreduce_kvprune.reference import colreduce_torch
     torch.manual_seed(0)
     cases = [  # B, Hq, Hkv, M, N, D, dtype, causal, reduction, group_reduce
         (1, 32, 8, 1000, 1000, 128, torch.float16, True, "sum", "mean"),
@@ -408,20 +401,14 @@ def check(config, record):
         (1, 4, 2, 700, 200, 128, torch.float16, True, "sum", "sum"),
         (1, 4, 1, 4096, 4096, 128, torch.float16, True, "sum", "mean"),
     ]
-    worst = 0.0
-    for B, Hq, Hkv, M, N, D, dt, causal, red, gr in cases:
-        q = torch.randn(B, Hq, M, D, device="cuda", dtype=dt)
-        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt) * 1.5
-        scale = 1 / math.sqrt(D)
-        prep = prepare(_lse(q, k, scale, causal), D, dt, config)
-        got = torch.full((B, Hkv, N), float("nan"), device="cuda")
-        launch(q, k, prep, got, is_causal=causal, mean=red == "mean", group_mean=gr == "mean", config=config)
-        ref = colreduce_torch(q.double(), k.double(), red, is_causal=causal, scale=scale, group_reduce=gr)
-        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
-        worst = max(worst, err)
-        record(dict(check="dense", config=config, shape=[B, Hq, Hkv, M, N, D], dtype=str(dt), causal=causal,
-                    reduction=red, group_reduce=gr, rel_err=err, nan=bool(got.isnan().any())))
-        assert not got.isnan().any() and err <= 2e-5, (config, B, Hq, Hkv, M, N, D, dt, causal, red, gr, err)
+
+    def run(q, k, lse, scale, causal, red, gr):
+        got = torch.full((q.shape[0], k.shape[1], k.shape[2]), float("nan"), device="cuda")
+        launch(q, k, prepare(lse, q.shape[-1], q.dtype, config), got, is_causal=causal, mean=red == "mean",
+               group_mean=gr == "mean", config=config)
+        return got
+
+    worst = max(check_dense_case(case, config, record, run) for case in cases)
     print(f"check passed for {config}: worst relative error {worst:.2e}", flush=True)
 
 

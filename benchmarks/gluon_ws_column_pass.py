@@ -29,7 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from colreduce_kvprune.kernels.colreduce_ws import _descriptor, _done, _issue, _mma_layout  # held A, B ring
+from colreduce_kvprune.kernels.colreduce_ws import _descriptor, _done, _issue, _mma_layout, _ring  # held A, B ring
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gluon_row_pass as grp  # noqa: E402
@@ -128,13 +128,7 @@ def _ws_column_kernel(Q_desc, K_desc, LSE, Out, Hq, M, N, qk_scale, G: gl.conste
     k_row = (b * (Hq // G) + hk) * N
     k_smem = gl.allocate_shared_memory(K_desc.dtype, [2, HALF, D], K_desc.layout)
     q_smem = gl.allocate_shared_memory(Q_desc.dtype, [NSLOT, BLOCK_M, D], Q_desc.layout)
-    k_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(k_bar, count=1)
-    for i in gl.static_range(NSLOT):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    k_bar, ready, empty = _ring(NSLOT, 2)
     args = (Q_desc, K_desc, k_smem, q_smem, k_bar, ready, empty, LSE, Out, b, hk, j0, M, N, Hq // gl.num_programs(1),
             Hq, qk_scale, i_first, n_q, k_row)                # (no constexprs in a partition's arguments)
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [REGS, PRODUCER_REGS.value])

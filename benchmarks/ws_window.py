@@ -40,6 +40,25 @@ def _dense_lse(q, k, scale, causal):
     return torch.logsumexp(s, -1)
 
 
+def check_dense_case(case, config, record, run):
+    """One dense float64 check: random q and k (k scaled by 1.5) of case (B, Hq, Hkv, M, N, D, dtype, causal,
+    reduction, group_reduce), run(q, k, lse, scale, causal, reduction, group_reduce) → the (B, Hkv, N) column values
+    from the float64 natural lse, recorded and asserted within 2e-5 of colreduce_torch in float64, without NaN.
+    Returns the relative error."""
+    from colreduce_kvprune.reference import colreduce_torch
+    B, Hq, Hkv, M, N, D, dt, causal, red, gr = case
+    q = torch.randn(B, Hq, M, D, device="cuda", dtype=dt)
+    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt) * 1.5
+    scale = 1 / math.sqrt(D)
+    got = run(q, k, _dense_lse(q, k, scale, causal), scale, causal, red, gr)
+    ref = colreduce_torch(q.double(), k.double(), red, is_causal=causal, scale=scale, group_reduce=gr)
+    err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+    record(dict(check="dense", config=config, shape=[B, Hq, Hkv, M, N, D], dtype=str(dt), causal=causal,
+                reduction=red, group_reduce=gr, rel_err=err, nan=bool(got.isnan().any())))
+    assert not got.isnan().any() and err <= 2e-5, (config, B, Hq, Hkv, M, N, D, dt, causal, red, gr, err)
+    return err
+
+
 def gluon_dense(ww, q, k, lse, reduction, group_reduce, causal, config, sms):
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -89,18 +108,9 @@ def _check_config(ww, sms, record, config):
         (1, 4, 4, 64, 40, 128, torch.float16, True, "sum", "mean"),
     ]
     quick = int(os.environ.get("WS_WINDOW_CASES", "0"))       # only the first n dense cases, no varlen (compiles)
-    for B, Hq, Hkv, M, N, D, dt, causal, red, gr in dense[:quick or None]:
-        q = torch.randn(B, Hq, M, D, device="cuda", dtype=dt)
-        k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt) * 1.5
-        scale = 1 / math.sqrt(D)
-        lse = _dense_lse(q, k, scale, causal).float()
-        got = gluon_dense(ww, q, k, lse, red, gr, causal, config, sms)
-        ref = colreduce_torch(q.double(), k.double(), red, is_causal=causal, scale=scale, group_reduce=gr)
-        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
-        worst = max(worst, err)
-        record(dict(check="dense", config=config, shape=[B, Hq, Hkv, M, N, D], dtype=str(dt), causal=causal,
-                    reduction=red, group_reduce=gr, rel_err=err, nan=bool(got.isnan().any())))
-        assert not got.isnan().any() and err <= 2e-5, (config, B, Hq, Hkv, M, N, D, dt, causal, red, gr, err)
+    for case in dense[:quick or None]:
+        worst = max(worst, check_dense_case(case, config, record, lambda q, k, lse, scale, causal, red, gr: gluon_dense(
+            ww, q, k, lse.float(), red, gr, causal, config, sms)))
     if quick:
         print(f"check passed for {config} (first {quick} dense cases): worst relative error {worst:.2e}")
         return

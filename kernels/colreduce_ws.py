@@ -47,6 +47,21 @@ def _mma_layout(n):
 
 
 @gluon.jit
+def _ring(NSLOT: gl.constexpr, CONSUMERS: gl.constexpr):
+    """The mbarriers of a producer's TMA ring, initialised: one for the operands loaded once (one arrival: the
+    copies' bytes), and NSLOT `ready` (the slot's copy landed) and `empty` (one arrival per consumer: the slot may
+    be refilled) ones."""
+    once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(once, count=1)
+    for i in gl.static_range(NSLOT):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=CONSUMERS)
+    return once, ready, empty
+
+
+@gluon.jit
 def _masked(s, t, rows, shift, N, qk_scale, BLOCK: gl.constexpr, MMA: gl.constexpr):
     """s·scale of key tile t, -inf where a row does not see the key (the diagonal, the ragged end, keys ≥ N)."""
     cols = t * BLOCK + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, MMA))
@@ -170,13 +185,7 @@ def _ws_row_lse_kernel(Q_desc, K_desc, Out, cu_q, cu_k, Hq, max_m, max_n, qk_sca
         n_tiles = gl.maximum(gl.cdiv(gl.minimum(Nb, gl.minimum(r0 + 2 * HALF, Mb) + Nb - Mb), BLOCK), 1)
         q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, HALF, D], Q_desc.layout)
         k_smem = gl.allocate_shared_memory(K_desc.dtype, [NSLOT, BLOCK, D], K_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NSLOT, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(NSLOT):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+        q_bar, ready, empty = _ring(NSLOT, 2)
         args = (Q_desc, K_desc, q_smem, k_smem, q_bar, ready, empty, Out + (b * Hq + h) * max_m, r0, Mb, Nb, q_row,
                 q_col, k_row, k_col, n_tiles, qk_scale)
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [REGS, 24])
