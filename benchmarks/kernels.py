@@ -635,7 +635,40 @@ def _peer_fns(sh, case, have_flash):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     fns["sdpa"] = lambda: [sdpa(q, k, k, is_causal=q.shape[2] == k.shape[2], enable_gqa=G > 1) for q, k in pairs]
     fns["read_k"] = lambda: case["k"].sum(dtype=torch.float32)
+    fns.update(_same_work_fns(pairs))
     return fns
+
+
+def _same_work_fns(pairs):
+    """SDPA's forward doing the work of our two passes (benchmarks/same_work.py): head dim D/2 (its q·kᵀ and p·v
+    are the 2·D FLOPs a pair of one q·kᵀ of ours), separate values (K and V of D/2: the bytes of our K), heads
+    doubled (two passes), the same queries and keys: the same tensor FLOPs, exp2 count and bytes, in NVIDIA's kernels.
+    flash: FlashAttention-2's op, whose is_causal is our bottom-right mask at every shape; cuDNN: causal where
+    M = N, a window unmasked (M·(M−1)/2 more pairs a head). The row's same work is the faster of the two."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    halves = []
+    for q, k in pairs:
+        B, Hq, M, D = q.shape
+        Hkv, N = k.shape[1], k.shape[2]
+        halves.append(tuple(torch.randn(B, 2 * h, n, D // 2, device="cuda", dtype=q.dtype, generator=g)
+                            for h, n in ((Hq, M), (Hkv, N), (Hkv, N))))
+
+    def cudnn():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return [torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=q.shape[2] == k.shape[2], enable_gqa=q.shape[1] != k.shape[1]) for q, k, v in halves]
+
+    def flash():
+        return [torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal=True)[0]
+                for q, k, v in halves]
+    return {"same_work_cudnn": cudnn, "same_work_flash": flash}
+
+
+def _same_work(r):
+    """(ms, backend) of the faster same-work arm of a sweep row, or None (rows of sweeps before it, or both failed)."""
+    got = [(r[k]["gpu_ms"], k.rsplit("_", 1)[1]) for k in ("same_work_cudnn", "same_work_flash") if r.get(k)]
+    return min(got) if got else None
 
 
 def _floor(sh, ceil):
@@ -791,6 +824,9 @@ def recheck_host(rows, shapes):
 # issue 19's big shapes, as the serving sweep calls them (fp16, causal, sum over the queries, mean over the group):
 # name -> (B, Hq, Hkv, M, N, D)
 GOAL_SHAPES = {"win64 32/8 N=131072": (1, 32, 8, 64, 131072, 128), "full 32/8 N=16384": (1, 32, 8, 16384, 16384, 128)}
+# the full causal prompts where the same work in NVIDIA's kernels is faster than ours (twenty-ninth session's sweep):
+# GOAL_TILE_SHAPES=mid times these instead
+MID_SHAPES = {f"full 32/8 N={n}": (1, 32, 8, n, n, 128) for n in (512, 1024, 2048, 4096)}
 # column-pass variants tried at each (WINDOW, BLOCK_M, BLOCK_N, warps, stages, HEAD_SPLIT; None = the default's)
 GOAL_COLUMN_TILES = {
     True: [(True, 16, 128, 4, 3, None), (True, 32, 128, 4, 2, None), (True, 32, 128, 4, 4, None),
@@ -819,7 +855,8 @@ def goal_tiles(out_dir, budget_s=200.0):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = dict(env=env_info(), rows=[])
     flush = _flush_buffer()
-    for name, (B, Hq, Hkv, M, N, D) in GOAL_SHAPES.items():
+    shapes = MID_SHAPES if os.environ.get("GOAL_TILE_SHAPES") == "mid" else GOAL_SHAPES
+    for name, (B, Hq, Hkv, M, N, D) in shapes.items():
         torch.manual_seed(0)
         q = torch.randn(B, Hq, M, D, device="cuda", dtype=torch.float16)
         k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.float16)
@@ -892,7 +929,8 @@ def _sweep_line(r):
             f"{r['ours']['host_us']:.0f} us (old {r['ours_old']['host_us']:.0f}, jit "
             f"{jit['host_us'] if jit else float('nan'):.0f} {r.get('jit_equal')}) | "
             f"flash {_ms(r['flash_colreduce'])} "
-            f"naive {_ms(r['naive_torch'])} sdpa {_ms(r['sdpa'])} | floor {_ours_floor(r):.3f} | "
+            f"naive {_ms(r['naive_torch'])} sdpa {_ms(r['sdpa'])} same work {_same_work(r)} | "
+            f"floor {_ours_floor(r):.3f} | "
             f"syncs {r['ours_syncs']['count']} | new vs old {r['new_vs_old_rel_err']:.1e}{flag}")
 
 
@@ -908,19 +946,21 @@ def serving_markdown(result):
              "old = before issue 19 (same run). floor = 2 passes × max(q·kᵀ at the matmul ceiling, exp2 at the MUFU rate, "
              "a read of K) — where ours saves the row pass's scores (windows of few rows), 1 pass + max(their exp2, "
              "their fp32 bytes written and read); with lse: 1 pass. SDPA: the keys passed as the values (one read of "
-             "K). Peers: flash-colreduce with K repeated for GQA and the group mean "
+             "K). Same work: SDPA's forward at head dim D/2 with its own values and twice the heads — the tensor "
+             "FLOPs, exp2 count and bytes of our two passes, in NVIDIA's kernels (the faster of cuDNN and "
+             "FlashAttention-2; benchmarks/same_work.py). Peers: flash-colreduce with K repeated for GQA and the group mean "
              "after; naive = matmul + softmax + sum (skipped past 4 GiB); varlen/paged peers loop over prompts.",
              "",
              f"Host floor on this machine (µs per call, measured before the shapes): {result.get('host_floor')}",
              "",
              "| shape | ours gpu | ours e2e | host µs | old gpu | old e2e | old host µs | ours lse gpu | "
-             "flash-colreduce gpu / e2e | naive gpu / e2e | SDPA fwd gpu | read K | floor | ours / floor | "
-             "ours ≤ peers | JIT dispatch e2e / host µs (bitwise = ours) |",
-             "|" + "---|" * 16]
+             "flash-colreduce gpu / e2e | naive gpu / e2e | SDPA fwd gpu | same work gpu | ours / same work | "
+             "read K | floor | ours / floor | ours ≤ peers | JIT dispatch e2e / host µs (bitwise = ours) |",
+             "|" + "---|" * 18]
     done = [r for r in result["rows"] if "error" not in r]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:100]} |" + " |" * 15)
+            lines.append(f"| {r['name']} | failed: {r['error'][:100]} |" + " |" * 17)
             continue
         o, old = r["ours"], r["ours_old"]
         peers = [r[k] for k in ("flash_colreduce", "naive_torch") if r.get(k)]
@@ -928,10 +968,13 @@ def serving_markdown(result):
         ok_e2e = all(o["e2e_ms"] <= p["e2e_ms"] for p in peers)
         floor = _ours_floor(r)
         pe = lambda c: f"{c['gpu_ms']:.3f} / {c['e2e_ms']:.3f}" if c else "—"  # noqa: E731
+        sw = _same_work(r)
         lines.append(
             f"| {r['name']} | {o['gpu_ms']:.3f} | {o['e2e_ms']:.3f} | {o['host_us']:.0f} | {old['gpu_ms']:.3f} | "
             f"{old['e2e_ms']:.3f} | {old['host_us']:.0f} | {_ms(r['ours_lse'])} | {pe(r['flash_colreduce'])} | "
-            f"{pe(r['naive_torch'])} | {_ms(r['sdpa'])} | {_ms(r['read_k'])} | {floor:.3f} | "
+            f"{pe(r['naive_torch'])} | {_ms(r['sdpa'])} | "
+            + (f"{sw[0]:.3f} ({sw[1]}) | {o['gpu_ms'] / sw[0]:.2f}× | " if sw else "— | — | ")
+            + f"{_ms(r['read_k'])} | {floor:.3f} | "
             f"{o['gpu_ms'] / floor:.1f}× | {'yes' if ok_gpu else '**no**'} gpu, {'yes' if ok_e2e else '**no**'} e2e | "
             + (f"{r['ours_jit']['e2e_ms']:.3f} / {r['ours_jit']['host_us']:.0f} ({r.get('jit_equal')}) |"
                if r.get("ours_jit") else f"— ({r.get('jit_equal')}) |"))
@@ -940,6 +983,8 @@ def serving_markdown(result):
         return "\n".join(lines + ["", f"{n} shapes, all failed."])
     worse = [r["name"] for r in done
              if any(r[k] and r["ours"]["gpu_ms"] > r[k]["gpu_ms"] for k in ("flash_colreduce", "naive_torch"))]
+    by_sdpa = [r for r in done if r.get("sdpa") and r["ours"]["gpu_ms"] > r["sdpa"]["gpu_ms"]]
+    by_both = [r["name"] for r in by_sdpa if _same_work(r) and r["ours"]["gpu_ms"] > _same_work(r)[0]]
     hosts = sorted(r["ours"]["host_us"] for r in done)
     jit = sorted(r["ours_jit"]["host_us"] for r in done if r.get("ours_jit"))
     unequal = [r["name"] for r in done if r.get("jit_equal") is not True]
@@ -953,7 +998,10 @@ def serving_markdown(result):
                       for r in rechecked)
     lines += ["", f"{n} shapes; ours slower than a peer (gpu) at {len(worse)}: {', '.join(worse) or 'none'}. "
               f"Host µs per call of ours: median {hosts[len(hosts) // 2]:.0f}, max {hosts[-1]:.0f} (goal ≤ "
-              f"{HOST_GOAL_US}). "
+              f"{HOST_GOAL_US}). SDPA's forward (head dim D) faster than ours at {len(by_sdpa)}; of those, the "
+              f"same work in NVIDIA's kernels faster than ours at {len(by_both)}: {', '.join(by_both) or 'none'}"
+              + (f" (same work not timed at {sum(1 for r in by_sdpa if not _same_work(r))})"
+                 if any(not _same_work(r) for r in by_sdpa) else "") + ". "
               + (f"Re-timed after the sweep (first timing above the goal; ours and the old path, µs): {again}; the "
                  f"lower of the two timings per shape: median {best[len(best) // 2]:.0f}, max {best[-1]:.0f}. "
                  if rechecked else "")
