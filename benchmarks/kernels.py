@@ -571,6 +571,8 @@ def _candidate_fns(sh, case, sms):
       tensor descriptor (4 since: row_pass.py's TMA variant at 16k 2.16 vs 2.30 ms; not yet timed in the product).
     - ours_row128, full causal 4096 ≤ M < 8192: 128-row tiles at 4 warps and 4 stages instead of 64-row tiles
       (row_pass.py with TMA at 4k: 0.179–0.183 vs 0.189 ms).
+    - ours_mid_before, long prompts of fewer than 8192 keys: the tiles before _fit_config's short-prompt rule
+      (mid=False), where the rule changes them.
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
@@ -585,6 +587,12 @@ def _candidate_fns(sh, case, sms):
             fns[name] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True, scale=D ** -0.5,
                                                       group_reduce="mean", config=cfg)
             fns[name].config = cfg
+        before = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, mid=False)
+        if before != base:
+            fns["ours_mid_before"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True,
+                                                                   scale=D ** -0.5, group_reduce="mean",
+                                                                   config=before)
+            fns["ours_mid_before"].config = before
         return fns
     kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None

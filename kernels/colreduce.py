@@ -936,7 +936,7 @@ def _pick_config(m: int, d: int, g: int, is_causal: bool, tma: bool = True) -> d
 
 
 def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: int = 128,
-                ragged: bool = False) -> dict:
+                ragged: bool = False, mid: bool = True) -> dict:
     """The "new" launch variant's tiles: _pick_config's, fitted to the shape (any choice is exact; these only
     change speed, and are compared with _pick_config's in one GPU run by benchmarks/kernels.py --serving-sweep).
 
@@ -945,6 +945,13 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
     - window column pass: BLOCK_M no larger than the window (at least 16).
     - window column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv
       heads: e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs).
+    - long prompts of fewer than 8192 keys, D 128: 64-key column tiles at 3 stages, and from 1024 to 4095 queries
+      64-row row tiles at 4 warps and 3 stages (what 4096 ≤ M < 8192 take). The H200's tile run at full causal
+      32/8 (`GOAL_TILE_SHAPES=mid benchmarks/kernels.py --goal-tiles`, twenty-ninth session, one run): both
+      passes 0.117 vs 0.135 ms at 2048, 0.053 vs 0.058 at 1024; the column pass alone 0.0141 vs 0.0150 at 512,
+      0.0272 vs 0.0263 at 1024, 0.189 vs 0.196 at 4096. The serving sweep times the tiles before (mid=False)
+      beside these: both passes 0.117 vs 0.136 ms at 2048 (MHA 32: 0.116 vs 0.137), 0.0262 vs 0.0278 at 512,
+      0.0545 vs 0.0565 at 1024, 0.347 vs 0.352 at 4096, 4 × 2048 0.371 vs 0.392 (`serving_sweep_visit31_mid.md`).
     - long column pass (M > 128): HEAD_SPLIT programs per kv head (a divisor of G) until about 8 programs per SM;
       full causal 32/8 at N = 2048 launched 128 programs, each looping over 4 heads × up to 32 query blocks (the
       H200's tile run: at 16k, 1,024 programs of one head split 2.50 ms, 2,048 of two 2.37 ms: causal programs
@@ -980,6 +987,10 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
         cfg["HEAD_SPLIT"] = hs
         if cfg["BLOCK_N"] > 64 and tiles * hs < 2 * sms:    # heads exhausted (MHA, few heads): narrower tiles
             cfg["BLOCK_N"] = 64
+        if mid and d > 64 and n < 8192:                      # long prompts of fewer than 8192 keys
+            cfg.update(BLOCK_N=64, stages=3)
+            if 1024 <= m < 4096:
+                cfg.update(BLOCK_R=64, warps1=4, stages1=3)
     return cfg
 
 

@@ -17,12 +17,12 @@ SHAPES = {"M1-N90-g4": (1, 4, 1, 1, 90, 32), "M16-N200-g2": (1, 4, 2, 16, 200, 1
           "M24-N24-g1-B2": (2, 2, 2, 24, 24, 16)}
 
 
-def _gpu_like_config(m, n, d, g, programs, sms=132, ragged=False):
+def _gpu_like_config(m, n, d, g, programs, sms=132, ragged=False, mid=True):
     """What the "new" variant picks on an H200-sized GPU (computed as if not interpreting)."""
     real = kmod._interpreting
     kmod._interpreting = lambda: False
     try:
-        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms, d, ragged)
+        return _fit_config(_pick_config(m, d, g, True), m, n, g, programs, sms, d, ragged, mid)
     finally:
         kmod._interpreting = real
 
@@ -34,13 +34,23 @@ def test_fit_config_rules():
     assert g8["BLOCK_M"] == 32 and g8["BLOCK_N"] == 128 and not g8.get("PERSISTENT")
     w1 = _gpu_like_config(1, 2048, 128, 4, 8)
     assert w1["BLOCK_R"] == 16 and w1["BLOCK_M"] == 16 and w1["BLOCK_N"] == 64   # 16 key tiles × 8 heads < 264
-    gqa = _gpu_like_config(2048, 2048, 128, 4, 8)
+    gqa = _gpu_like_config(2048, 2048, 128, 4, 8, mid=False)
     assert gqa["HEAD_SPLIT"] == 4 and gqa["BLOCK_N"] == 128        # 16 key tiles × 8 kv heads × 4 head splits
     assert _gpu_like_config(2048, 2048, 128, 7, 4)["HEAD_SPLIT"] == 7
-    few = _gpu_like_config(2048, 2048, 128, 1, 8)
+    few = _gpu_like_config(2048, 2048, 128, 1, 8, mid=False)
     assert few["HEAD_SPLIT"] == 1 and few["BLOCK_N"] == 64                       # MHA 8 heads: 128 programs
-    full = _gpu_like_config(2048, 2048, 128, 1, 32)
+    full = _gpu_like_config(2048, 2048, 128, 1, 32, mid=False)
     assert full["BLOCK_R"] == 128 and full["BLOCK_N"] == 128                     # 512 programs: unchanged
+    # prompts of fewer than 8192 keys at D 128: 64-key column tiles at 3 stages; 64-row row tiles from 1024 queries
+    for m, g, programs in ((2048, 4, 8), (2048, 1, 32), (1024, 4, 8)):
+        short = _gpu_like_config(m, m, 128, g, programs)
+        assert (short["BLOCK_N"], short["stages"], short["BLOCK_R"], short["warps1"], short["stages1"]) == \
+            (64, 3, 64, 4, 3), (m, g)
+    assert _gpu_like_config(2048, 2048, 128, 4, 8)["HEAD_SPLIT"] == 4            # the split of 128-key tiles kept
+    tiny = _gpu_like_config(512, 512, 128, 4, 8)
+    assert (tiny["BLOCK_N"], tiny["BLOCK_R"], tiny["warps1"]) == (64, 128, 8)    # below 1024 queries: row tiles kept
+    for m, n, d in ((2048, 16384, 128), (2048, 2048, 64), (8192, 8192, 128)):   # a chunk of a long prompt, D 64, 8k
+        assert _gpu_like_config(m, n, d, 4, 8) == _gpu_like_config(m, n, d, 4, 8, mid=False), (m, n, d)
     long = _gpu_like_config(16384, 16384, 128, 4, 8)                             # 128-row tiles for M ≥ 8192
     assert long["BLOCK_R"] == 128 and long["warps1"] == 4 and long["HEAD_SPLIT"] == 2  # 1,024 tiles < 8 × 132
     assert long["stages1"] == 4                                                  # TMA key tiles: 4 stages
@@ -52,7 +62,7 @@ def test_fit_config_rules():
     finally:
         kmod._interpreting = real
     mid = _gpu_like_config(4096, 4096, 128, 4, 8)                                # 64-row tiles for 4096 ≤ M < 8192
-    assert (mid["BLOCK_R"], mid["warps1"], mid["stages1"]) == (64, 4, 3)
+    assert (mid["BLOCK_R"], mid["warps1"], mid["stages1"], mid["BLOCK_N"]) == (64, 4, 3, 64)
     assert _gpu_like_config(8192, 8192, 128, 4, 8)["BLOCK_R"] == 128
     assert _gpu_like_config(32768, 32768, 128, 4, 8)["HEAD_SPLIT"] == 1          # 2,048 programs without a split
 
