@@ -1022,7 +1022,8 @@ def serving_markdown(result):
     if cand:                                  # candidate defaults (_candidate_fns), not ours yet
         lines += ["", "Candidate defaults (ours_persistent: the persistent window pass at 8 programs per SM for "
                   "packed/paged batches; ours_row_s3: the row pass at 3 stages at full causal ≥ 8k; ours_row128: 128-row "
-                  "row tiles at 4 stages at full causal 4k), gpu ms against ours: "
+                  "row tiles at 4 stages at full causal 4k; ours_mid_before: the tiles before the short-prompt rule of "
+                  "_fit_config, full causal < 8192 keys), gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
                               f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]
