@@ -835,6 +835,7 @@ GOAL_SHAPES = {"win64 32/8 N=131072": (1, 32, 8, 64, 131072, 128), "full 32/8 N=
 # the full causal prompts where the same work in NVIDIA's kernels is faster than ours (twenty-ninth session's sweep):
 # GOAL_TILE_SHAPES=mid times these instead
 MID_SHAPES = {f"full 32/8 N={n}": (1, 32, 8, n, n, 128) for n in (512, 1024, 2048, 4096)}
+MID_SHAPES["win64 32/8 N=512"] = (1, 32, 8, 64, 512, 128)
 # column-pass variants tried at each (WINDOW, BLOCK_M, BLOCK_N, warps, stages, HEAD_SPLIT; None = the default's)
 GOAL_COLUMN_TILES = {
     True: [(True, 16, 128, 4, 3, None), (True, 32, 128, 4, 2, None), (True, 32, 128, 4, 4, None),
@@ -914,6 +915,10 @@ def goal_tiles(out_dir, budget_s=200.0):
             timed("both passes", ("row", br, bn1, w1, st1, "column", best[1]["BLOCK_M"], best[1]["BLOCK_N"],
                                   best[1]["warps"], best[1]["stages"]),
                   dict(best[1], BLOCK_R=br, BLOCK_N1=bn1, warps1=w1, stages1=st1), False)
+        plan = kmod._plan(M, N, D, Hq // Hkv, B, Hkv, True, "new", sms, best[1])
+        for s in (1, 2, 4):                          # the row pass's key splits (_num_splits: plan[2]); 1: no combine
+            if s != plan[2] and time.perf_counter() - t0 <= budget_s:
+                timed("both passes", ("splits", s, "default", plan[2]), dict(best[1], SPLITS=s), False)
         del q, k, lse, ref
         torch.cuda.empty_cache()
     return result

@@ -1035,7 +1035,8 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
           config: dict | None, ragged: bool = False, tma: bool = True, one_split: bool = False):
     """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape (and of
     whether the row pass reads K through a descriptor, tma: its stages; one_split: the row pass is colreduce_ws.py's,
-    which takes every key of a row, and the REDO launch after it one split too)."""
+    which takes every key of a row, and the REDO launch after it one split too). A given config's SPLITS, where it
+    has one, replaces _num_splits (benchmarks/kernels.py --goal-tiles)."""
     if config is not None:
         cfg = config
     else:
@@ -1043,7 +1044,7 @@ def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: b
         if variant != "old":
             cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D, ragged)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
-    splits = 1 if one_split else _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
+    splits = 1 if one_split else cfg.get("SPLITS") or _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
     split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
     splits = triton.cdiv(max_n, split_len)
     col_programs = cfg["PERSISTENT"] if cfg.get("PERSISTENT") else triton.cdiv(max_n, cfg["BLOCK_N"])

@@ -90,6 +90,22 @@ def test_variants_match_float64(shape, variant, monkeypatch):
             assert rel_err(out, ref) < TOL[torch.float32], (reduction, group, c)
 
 
+def test_config_splits_replace_the_planned_ones(monkeypatch):
+    """A given config's SPLITS (benchmarks/kernels.py --goal-tiles) sets the row pass's key splits: 1 (the row pass
+    writes the lse, no combine) and 3 against the plan's own, all against float64."""
+    _poison_empty(monkeypatch)
+    B, Hq, Hkv, M, N, D = 1, 4, 2, 24, 200, 16
+    q, k = rand_qk((B, Hq, Hkv, M, N, D), torch.float32, seed=5)
+    cfg = _pick_config(M, D, Hq // Hkv, True)
+    planned = kmod._plan(M, N, D, Hq // Hkv, B, Hkv, True, "new", 132, cfg)[2]
+    ref = reference(q, k, "sum", True, "mean")
+    for s in (1, 3):
+        assert kmod._plan(M, N, D, Hq // Hkv, B, Hkv, True, "new", 132, dict(cfg, SPLITS=s))[2] == s != planned
+        out = colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean",
+                               config=dict(cfg, SPLITS=s), variant="new")
+        assert rel_err(out, ref) < TOL[torch.float32], s
+
+
 @pytest.mark.parametrize("variant", ["new", "old"])
 def test_lse_given_and_no_key_rows(variant, monkeypatch):
     """lse given (natural log, -inf for rows that see no key when M > N): converted in the kernel or by torch."""
