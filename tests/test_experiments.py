@@ -1,7 +1,8 @@
 """The kernel experiments of benchmarks/ (issue 19): window_persistent.py (the persistent window column pass),
 row_pass.py (row pass variants), column_pass.py (the long column pass's loop), gluon_row_pass.py,
 gluon_column_pass.py, gluon_ws_row_pass.py, gluon_ws_column_pass.py and gluon_ws_window_pass.py (the passes in Gluon,
-on an H200-class GPU only), window_fold.py (the window column pass transposed, its lse folded into the dot), each
+on an H200-class GPU only), window_fold.py (the window column pass transposed, its lse folded into the dot),
+short_fused.py (both passes of a short causal prompt in one launch), each
 one's check() against float64 on small shapes (interpreter on CPU, the GPU where there is one), so what the benchmarks
 time stays exact."""
 import importlib.util
@@ -15,7 +16,8 @@ from test_colreduce import DEVICE
 
 @pytest.mark.parametrize("script", ["window_persistent.py", "row_pass.py", "column_pass.py", "gluon_row_pass.py",
                                     "gluon_column_pass.py", "gluon_ws_row_pass.py",
-                                    "gluon_ws_column_pass.py", "gluon_ws_window_pass.py", "window_fold.py"])
+                                    "gluon_ws_column_pass.py", "gluon_ws_window_pass.py", "window_fold.py",
+                                    "short_fused.py"])
 def test_experiment_matches_float64(script):
     if script.startswith("gluon_") and not (DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9):
         pytest.skip("Gluon's Hopper kernel runs only on sm_90 (no interpreter); on the CPU "
