@@ -45,8 +45,10 @@ def test_ragged_persistent_candidate_matches_float64(mode):
 def test_row_candidate_configs(monkeypatch):
     """Full causal M ≥ 8192: the candidate is the default config (as an H200 gets it) with the row pass at 3 stages
     (the default before the TMA key tiles), nothing else changed; 4096 ≤ M < 8192: 128-row tiles at 4 warps and
-    4 stages instead of the default's 64-row tiles. None below 4k or for windows. (Not run here: these prompts are
-    beyond the interpreter; the sweep records each one's difference to the old launch path beside its time.)"""
+    4 stages instead of the default's 64-row tiles. Below 8192 keys at D 128 also ours_mid_before: the tiles before
+    _fit_config's short-prompt rule (mid=False); nothing else below 4k, none for windows. (Not run here: these
+    prompts are beyond the interpreter; the sweep records each one's difference to the old launch path beside its
+    time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
     monkeypatch.setattr(kmod, "_interpreting", lambda: False)
@@ -58,7 +60,12 @@ def test_row_candidate_configs(monkeypatch):
         assert fns["ours_row_s3"].config == dict(default, stages1=3)
     fns = kb._candidate_fns(dict(sh, M=4096, N=4096), {}, 132)
     default = _gpu_like_config(4096, 4096, 128, 4, 8)
-    assert list(fns) == ["ours_row128"] and default["BLOCK_R"] == 64
+    assert list(fns) == ["ours_row128", "ours_mid_before"] and default["BLOCK_R"] == 64
     assert fns["ours_row128"].config == dict(default, BLOCK_R=128, warps1=4, stages1=4)
-    for m, n in ((2048, 2048), (64, 8192)):
+    before = _gpu_like_config(4096, 4096, 128, 4, 8, mid=False)
+    assert fns["ours_mid_before"].config == before == dict(default, BLOCK_N=128, stages=2)
+    fns = kb._candidate_fns(dict(sh, M=2048, N=2048), {}, 132)
+    assert list(fns) == ["ours_mid_before"]
+    assert fns["ours_mid_before"].config == _gpu_like_config(2048, 2048, 128, 4, 8, mid=False)
+    for m, n in ((2048, 16384), (64, 8192)):            # a chunk of a long prompt, a window: the rule leaves them
         assert kb._candidate_fns(dict(sh, M=m, N=n), {}, 132) == {}, (m, n)
