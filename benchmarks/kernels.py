@@ -573,6 +573,10 @@ def _candidate_fns(sh, case, sms):
       (row_pass.py with TMA at 4k: 0.179–0.183 vs 0.189 ms).
     - ours_mid_before, long prompts of fewer than 8192 keys: the tiles before _fit_config's short-prompt rule
       (mid=False), where the rule changes them.
+    - ours_one_split, full causal M < 4096, N < 8192 at D 128 where the plan splits the keys: one split (the row pass writes the lse, no
+      combine; twenty-ninth session's tile run at 1024: 0.0496 vs 0.0550 ms).
+    - ours_win_tiles64, windows of 16–128 queries at N ≤ 2048, D 128: column tiles of the window's rows × 64 keys
+      and 64-row row tiles (the same run, window 64 at N = 512: 0.0173 vs 0.0202 ms).
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
@@ -580,19 +584,25 @@ def _candidate_fns(sh, case, sms):
     B = len(sh["lens"]) if ragged else sh["B"]
     base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, ragged)
     fns = {}
+
+    def dense(name, cfg):
+        fns[name] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True, scale=D ** -0.5,
+                                                  group_reduce="mean", config=cfg)
+        fns[name].config = cfg
     if not ragged:
         if not base["WINDOW"] and M >= 4096:
-            name, cfg = (("ours_row_s3", dict(base, stages1=3)) if M >= 8192 else
-                         ("ours_row128", dict(base, BLOCK_R=128, warps1=4, stages1=4)))
-            fns[name] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True, scale=D ** -0.5,
-                                                      group_reduce="mean", config=cfg)
-            fns[name].config = cfg
+            dense(*(("ours_row_s3", dict(base, stages1=3)) if M >= 8192 else
+                    ("ours_row128", dict(base, BLOCK_R=128, warps1=4, stages1=4))))
         before = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, mid=False)
         if before != base:
-            fns["ours_mid_before"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", is_causal=True,
-                                                                   scale=D ** -0.5, group_reduce="mean",
-                                                                   config=before)
-            fns["ours_mid_before"].config = before
+            dense("ours_mid_before", before)
+        if not base["WINDOW"] and M < 4096 and N < 8192 and D > 64 and \
+                kmod._plan(M, N, D, G, B, sh["Hkv"], True, "new", sms, base)[2] > 1:
+            dense("ours_one_split", dict(base, SPLITS=1))
+        if base["WINDOW"] and M >= 16 and N <= 2048 and D > 64:
+            per_tile = {k_: v for k_, v in base.items() if k_ != "PERSISTENT"}
+            dense("ours_win_tiles64", dict(per_tile, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=64, warps=4,
+                                           stages=3, BLOCK_R=64, warps1=4, stages1=3))
         return fns
     kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None
@@ -1028,7 +1038,8 @@ def serving_markdown(result):
         lines += ["", "Candidate defaults (ours_persistent: the persistent window pass at 8 programs per SM for "
                   "packed/paged batches; ours_row_s3: the row pass at 3 stages at full causal ≥ 8k; ours_row128: 128-row "
                   "row tiles at 4 stages at full causal 4k; ours_mid_before: the tiles before the short-prompt rule of "
-                  "_fit_config, full causal < 8192 keys), gpu ms against ours: "
+                  "_fit_config, full causal < 8192 keys; ours_one_split: one key split in the row pass; ours_win_tiles64: "
+                  "window tiles of the window's rows × 64 keys, 64-row row tiles), gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
                               f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]

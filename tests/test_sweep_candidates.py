@@ -65,7 +65,18 @@ def test_row_candidate_configs(monkeypatch):
     before = _gpu_like_config(4096, 4096, 128, 4, 8, mid=False)
     assert fns["ours_mid_before"].config == before == dict(default, BLOCK_N=128, stages=2)
     fns = kb._candidate_fns(dict(sh, M=2048, N=2048), {}, 132)
-    assert list(fns) == ["ours_mid_before"]
+    assert list(fns) == ["ours_mid_before"]                 # one key split planned already
     assert fns["ours_mid_before"].config == _gpu_like_config(2048, 2048, 128, 4, 8, mid=False)
-    for m, n in ((2048, 16384), (64, 8192)):            # a chunk of a long prompt, a window: the rule leaves them
+    fns = kb._candidate_fns(dict(sh, M=1024, N=1024), {}, 132)
+    default = _gpu_like_config(1024, 1024, 128, 4, 8)
+    assert list(fns) == ["ours_mid_before", "ours_one_split"]
+    assert kmod._plan(1024, 1024, 128, 4, 1, 8, True, "new", 132, default)[2] == 2
+    assert fns["ours_one_split"].config == dict(default, SPLITS=1)
+    fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)  # a short window: 64-key tiles of its rows
+    default = _gpu_like_config(64, 512, 128, 4, 8)
+    assert list(fns) == ["ours_win_tiles64"]
+    assert fns["ours_win_tiles64"].config == dict({k: v for k, v in default.items() if k != "PERSISTENT"},
+                                                  BLOCK_M=64, BLOCK_N=64, warps=4, stages=3, BLOCK_R=64, warps1=4,
+                                                  stages1=3)
+    for m, n in ((2048, 16384), (64, 8192), (1, 512)):  # a chunk of a long prompt, a longer window, one query
         assert kb._candidate_fns(dict(sh, M=m, N=n), {}, 132) == {}, (m, n)
