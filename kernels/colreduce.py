@@ -945,7 +945,8 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
     - window column pass: BLOCK_M no larger than the window (at least 16).
     - window column pass: 64-key tiles when 128-key tiles give fewer than two programs per SM (mid-size N, few kv
       heads: e.g. N = 2048, 8 kv heads launched 128 programs for 132 SMs).
-    - long prompts of fewer than 8192 keys, D 128: 64-key column tiles at 3 stages, and from 1024 to 4095 queries
+    - long prompts of fewer than 8192 keys, D 65–128 (the others keep their tiles: D > 128 has its own, smaller
+      ones): 64-key column tiles at 3 stages, and from 1024 to 4095 queries
       64-row row tiles at 4 warps and 3 stages (what 4096 ≤ M < 8192 take). The H200's tile run at full causal
       32/8 (`GOAL_TILE_SHAPES=mid benchmarks/kernels.py --goal-tiles`, twenty-ninth session, one run): both
       passes 0.117 vs 0.135 ms at 2048, 0.053 vs 0.058 at 1024; the column pass alone 0.0141 vs 0.0150 at 512,
@@ -987,7 +988,7 @@ def _fit_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: int, d: i
         cfg["HEAD_SPLIT"] = hs
         if cfg["BLOCK_N"] > 64 and tiles * hs < 2 * sms:    # heads exhausted (MHA, few heads): narrower tiles
             cfg["BLOCK_N"] = 64
-        if mid and d > 64 and n < 8192:                      # long prompts of fewer than 8192 keys
+        if mid and triton.next_power_of_2(d) == 128 and n < 8192:    # long prompts of fewer than 8192 keys
             cfg.update(BLOCK_N=64, stages=3)
             if 1024 <= m < 4096:
                 cfg.update(BLOCK_R=64, warps1=4, stages1=3)

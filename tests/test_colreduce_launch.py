@@ -49,7 +49,8 @@ def test_fit_config_rules():
     assert _gpu_like_config(2048, 2048, 128, 4, 8)["HEAD_SPLIT"] == 4            # the split of 128-key tiles kept
     tiny = _gpu_like_config(512, 512, 128, 4, 8)
     assert (tiny["BLOCK_N"], tiny["BLOCK_R"], tiny["warps1"]) == (64, 128, 8)    # below 1024 queries: row tiles kept
-    for m, n, d in ((2048, 16384, 128), (2048, 2048, 64), (8192, 8192, 128)):   # a chunk of a long prompt, D 64, 8k
+    # a chunk of a long prompt, D 64, 8k, and D 256 (its own tiles: more stages could pass the shared memory)
+    for m, n, d in ((2048, 16384, 128), (2048, 2048, 64), (8192, 8192, 128), (2048, 2048, 256)):
         assert _gpu_like_config(m, n, d, 4, 8) == _gpu_like_config(m, n, d, 4, 8, mid=False), (m, n, d)
     long = _gpu_like_config(16384, 16384, 128, 4, 8)                             # 128-row tiles for M ≥ 8192
     assert long["BLOCK_R"] == 128 and long["warps1"] == 4 and long["HEAD_SPLIT"] == 2  # 1,024 tiles < 8 × 132
