@@ -218,10 +218,16 @@ COPY_TBS = 2.99            # device copy, bytes read + written
 EXP_PER_S = 16 * 132 * 1.755e9   # MUFU ex2: 16 per clock per SM, 132 SMs, 1.755 GHz (assumed clock)
 
 
+def visible_pairs(M, N, causal=True):
+    """(query, key) pairs one head sees: M·N, or under the bottom-right causal mask Σ_m clamp(m + N − M + 1, 0, N)."""
+    if not causal:
+        return M * N
+    return int((torch.arange(M) + (N - M) + 1).clamp(0, N).sum())
+
+
 def floors(B, Hq, Hkv, M, N, D, causal, dtype_bytes=2):
     """Per pass: ms at the matmul ceiling (q·kᵀ only), at the exp2 ceiling, and to read K once."""
-    seen = torch.full((M,), N) if not causal else (torch.arange(M) + (N - M) + 1).clamp(0, N)  # keys per query
-    pairs = B * Hq * int(seen.sum())
+    pairs = B * Hq * visible_pairs(M, N, causal)
     return dict(matmul_ms=2 * pairs * D / (MATMUL_TFLOPS * 1e12) * 1e3, exp_ms=pairs / EXP_PER_S * 1e3,
                 read_k_ms=B * Hkv * N * D * dtype_bytes / (COPY_TBS * 1e12) * 1e3)
 
@@ -582,7 +588,8 @@ def _candidate_fns(sh, case, sms):
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
     ragged = sh["mode"] != "dense"
     B = len(sh["lens"]) if ragged else sh["B"]
-    base = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, ragged)
+    picked = kmod._pick_config(M, D, G, True)
+    base = kmod._fit_config(picked, M, N, G, B * sh["Hkv"], sms, D, ragged)
     fns = {}
 
     def dense(name, cfg):
@@ -593,7 +600,7 @@ def _candidate_fns(sh, case, sms):
         if not base["WINDOW"] and M >= 4096:
             dense(*(("ours_row_s3", dict(base, stages1=3)) if M >= 8192 else
                     ("ours_row128", dict(base, BLOCK_R=128, warps1=4, stages1=4))))
-        before = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, mid=False)
+        before = kmod._fit_config(picked, M, N, G, B * sh["Hkv"], sms, D, mid=False)
         if before != base:
             dense("ours_mid_before", before)
         if not base["WINDOW"] and M < 4096 and N < 8192 and D > 64 and \
@@ -692,11 +699,7 @@ def _same_work(r):
 def _floor(sh, ceil):
     """Floor of one pass (ms): the largest of q·kᵀ at the matmul ceiling, exp2 at the MUFU rate, one read of K."""
     lens = sh["lens"] or [sh["N"]] * sh["B"]
-    pairs = 0
-    for n in lens:
-        m = sh["M"]
-        seen = (torch.arange(m) + (n - m) + 1).clamp(0, n)
-        pairs += sh["Hq"] * int(seen.sum())
+    pairs = sum(sh["Hq"] * visible_pairs(sh["M"], n) for n in lens)
     bytes_k = sum(lens) * sh["Hkv"] * sh["D"] * 2
     f = dict(matmul_ms=2 * pairs * sh["D"] / (ceil["matmul_tflops"] * 1e12) * 1e3,
              exp_ms=pairs / ceil["exp_per_s"] * 1e3, read_k_ms=bytes_k / (ceil["copy_tbs"] * 1e12) * 1e3)

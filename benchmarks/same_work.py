@@ -35,11 +35,6 @@ SHAPES = [("full 32/8 N=16384", 32, 8, 16384, 16384, 128), ("full 32/8 N=8192", 
           ("win64 32/8 N=32768", 32, 8, 64, 32768, 128)]
 
 
-def pairs(Hq, M, N):
-    """Visible (query, key) pairs of a bottom-right causal mask, all heads of one prompt."""
-    return Hq * sum(min(N, N - M + m + 1) for m in range(M))
-
-
 def _backends():
     from torch.nn.attention import SDPBackend
     return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -102,7 +97,7 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001 (a backend that refuses the shape: recorded)
                     errors[arm] = repr(e)[:160]
                     torch.cuda.synchronize()
-        p = pairs(Hq, M, N)
+        p = Hq * bk.visible_pairs(M, N)
         flops_pass = 2 * p * D
         row = dict(name=name, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, pairs=p, errors=errors, ms={}, tflops={})
         for arm, ts in times.items():

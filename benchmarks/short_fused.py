@@ -102,12 +102,12 @@ def _short_fused_kernel(Q, K, Part, Counter, Out, M, N, qk_scale, G: tl.constexp
 
 
 _scratch = {}
-_POISON = False          # check(): the partials start as NaN, so a partial read where no program wrote it fails
 
 
-def short_fused(q, k, config="r64n64w4", out=None):
+def short_fused(q, k, config="r64n64w4", out=None, poison=False):
     """(B, Hkv, N) float32: the sum over each query head's rows of softmax(q·kᵀ/√D) (causal, bottom-right), mean
-    over the kv group. q (B, Hq, M, D), k (B, Hkv, N, D), contiguous, M ≤ N."""
+    over the kv group. q (B, Hq, M, D), k (B, Hkv, N, D), contiguous, M ≤ N. poison (check()): the partials start
+    as NaN, so a partial read where no program wrote it fails."""
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     assert q.is_contiguous() and k.is_contiguous() and M <= N and Hq % Hkv == 0
@@ -117,8 +117,9 @@ def short_fused(q, k, config="r64n64w4", out=None):
     key = (q.device, B * Hkv)
     if key not in _scratch:                      # counters start at zero and are left at zero by each launch
         _scratch[key] = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device)
-    part = (torch.full if _POISON else torch.empty)(
-        (B * Hkv * programs * N,), *([float("nan")] if _POISON else []), dtype=torch.float32, device=q.device)
+    part = torch.empty(B * Hkv * programs * N, dtype=torch.float32, device=q.device)
+    if poison:
+        part.fill_(float("nan"))
     out = torch.empty(B, Hkv, N, dtype=torch.float32, device=q.device) if out is None else out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _short_fused_kernel[(programs, B * Hkv)](
@@ -131,8 +132,7 @@ def short_fused(q, k, config="r64n64w4", out=None):
 def check(device="cpu"):
     """Small shapes against float64, the output pre-filled with NaN (every column must be written), each shape
     twice (the counters must come back to zero): on the CPU under TRITON_INTERPRET=1, or on a GPU."""
-    global _POISON
-    _POISON, worst = True, 0.0
+    worst = 0.0
     cases = [((1, 4, 2, 40, 40, 16), "r32n64w4"), ((2, 6, 2, 37, 70, 32), "r32n64w4"),
              ((1, 2, 2, 64, 64, 16), "r64n32w4"), ((1, 8, 2, 20, 90, 16), "r32n64w4"),
              ((1, 4, 2, 100, 130, 16), "r32n64w4"), ((1, 2, 2, 96, 96, 16), "r32n64w4")]   # partials ending early
@@ -145,12 +145,12 @@ def check(device="cpu"):
             k = (torch.randn(B, Hkv, N, D, generator=g) * 1.5).to(device=device, dtype=dtype)
             ref = colreduce_torch(q.double(), k.double(), "sum", is_causal=True, group_reduce="mean")
             for _ in range(2):
-                got = short_fused(q, k, config, out=torch.full((B, Hkv, N), float("nan"), device=device))
+                got = short_fused(q, k, config, out=torch.full((B, Hkv, N), float("nan"), device=device),
+                                  poison=True)
                 assert not got.isnan().any(), "a column was not written"
                 err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
                 worst = max(worst, err)
                 assert err < (1e-5 if dtype == torch.float32 else 2e-3), (B, Hq, Hkv, M, N, D, dtype, err)
-    _POISON = False
     print(f"short fused passes match float64 (largest relative error {worst:.1e})")
 
 
