@@ -144,13 +144,24 @@ def _launch_parts(bk, kmod, record):
             return call
         kmod._direct_launchers[ck] = fast._replace(
             row=spy("row", fast.row) if fast.row else None, col=spy("col", fast.col))
-        tri()
+        held = tri()                           # the spied launches' output (and placeholders), alive while timed
         kmod._direct_launchers[ck] = fast
         torch.cuda.synchronize()
+        # the direct path passes every tensor as its address; the same launches with q, k and the output passed as
+        # tensors (as before 2026-12-04): Triton's launcher then calls data_ptr() and cuPointerGetAttribute on each
+        tensors = {q.data_ptr(): q, k.data_ptr(): k, held.data_ptr(): held}
+
+        def as_tensors(stream, pointers, qk_scale):
+            return stream, tuple(tensors.get(p, p) if type(p) is int else p for p in pointers), qk_scale
+        row_t = as_tensors(*got["row"]) if "row" in got else None
+        col_t = as_tensors(*got["col"])
         for part, f in (("whole call (ops.colreduce)", fn), ("colreduce_triton alone", tri),
                         ("the row pass's compiled launch alone", (lambda: fast.row(*got["row"])) if "row" in got
                          else None),
+                        ("the row pass's compiled launch, tensors as tensors", (lambda: fast.row(*row_t)) if row_t
+                         else None),
                         ("the column pass's compiled launch alone", lambda: fast.col(*got["col"])),
+                        ("the column pass's compiled launch, tensors as tensors", lambda: fast.col(*col_t)),
                         ("torch.empty of the output", lambda: torch.empty(1, 8, N, dtype=torch.float32, device=dev)),
                         ("_scratch", lambda: kmod._scratch(fast.n_scratch, fast.n_count, q.device, 0,
                                                           torch._C._cuda_getCurrentRawStream(0)))):

@@ -1388,20 +1388,25 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             # descriptors cannot read that the call signature does not show: then the JIT path below
             if fast.ws is None or fast.ws(q, k, base + 4 * fast.off_m, cu_seqlens_q, cu_seqlens_k, max_m, max_n, B,
                                           qk_scale, stream):
-                if fast.row is not None:                   # the same arguments as the JIT launch below
+                # the same arguments as the JIT launch below, every tensor as its address: Triton's launcher takes
+                # an int as it is, where for a tensor it calls data_ptr() and asks the driver about the pointer
+                # (cuPointerGetAttribute), once per tensor argument and launch
+                a_q, a_k, a_o, a_bt = q.data_ptr(), k.data_ptr(), out.data_ptr(), block_table.data_ptr()
+                a_cq, a_ck = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
+                if fast.row is not None:
                     k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
-                    x = base + 4 * fast.off_x if fast.off_x >= 0 else out
-                    fast.row(stream, (q, k, k_desc, block_table, cu_seqlens_q, cu_seqlens_k, base + 4 * fast.off_m,
-                                      base + 4 * fast.off_l, base + 4 * fast.off_lse,
-                                      counters if fast.combine else out, x), qk_scale)
+                    x = base + 4 * fast.off_x if fast.off_x >= 0 else a_o
+                    fast.row(stream, (a_q, a_k, k_desc, a_bt, a_cq, a_ck, base + 4 * fast.off_m, base + 4 * fast.off_l,
+                                      base + 4 * fast.off_lse, counters.data_ptr() if fast.combine else a_o, x),
+                             qk_scale)
                 if fast.off_x >= 0:                        # the saved scores' column pass
-                    col_ptrs = (base + 4 * fast.off_x, base + 4 * fast.off_lse, out, cu_seqlens_q, cu_seqlens_k)
+                    col_ptrs = (base + 4 * fast.off_x, base + 4 * fast.off_lse, a_o, a_cq, a_ck)
                 else:
-                    col_ptrs = (q, k, block_table, base + 4 * fast.off_lse if lse is None else lse, out, cu_seqlens_q,
-                                cu_seqlens_k)
+                    col_ptrs = (a_q, a_k, a_bt, base + 4 * fast.off_lse if lse is None else lse.data_ptr(), a_o, a_cq,
+                                a_ck)
                 if fast.long:                              # the head split's partials and counters (placeholders)
                     col_ptrs += ((base + 4 * fast.off_part, counters.data_ptr() + 4 * fast.off_cc)
-                                 if fast.off_cc >= 0 else (out, out))
+                                 if fast.off_cc >= 0 else (a_o, a_o))
                 fast.col(stream, col_ptrs, qk_scale)
                 return out
     if config is None:

@@ -292,8 +292,8 @@ def direct_launcher(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, c
             if (q_overlap and tq > 1) or (k_overlap and tk > 1):
                 return False
             run(-(-max_m // rows), Hq, B, stream, function, meta, None, enter, leave,
-                _Desc(q, (tq, Hq * D), (qs0, 1)), _Desc(k, (tk, Hkv * D), (ks0, 1)), out_ptr, cu_q, cu_k, Hq, max_m,
-                max_n, qk_scale, *const)
+                _Desc(q, (tq, Hq * D), (qs0, 1)), _Desc(k, (tk, Hkv * D), (ks0, 1)), out_ptr, cu_q.data_ptr(),
+                cu_k.data_ptr(), Hq, max_m, max_n, qk_scale, *const)     # addresses: as colreduce.py's direct path
             return True
         return go
     q_shape, k_shape, strides = (q.numel() // D, D), (k.numel() // D, D), (D, 1)

@@ -319,6 +319,81 @@ def test_direct_launch_matches_jit_dispatch():
     assert any(kmod._direct_launchers.values()), "no direct launcher was built"
 
 
+def _direct_path_on_cpu(monkeypatch) -> list:
+    """The direct path run on CPU tensors: the device queries of a CUDA call answered with constants, Triton's JIT
+    dispatch (_launch) and the launchers _build_direct makes replaced by recorders. Returns the record: (kernel name,
+    "jit" | "direct", pointer arguments)."""
+    record = []
+    monkeypatch.setattr(kmod, "_interpreting", lambda: False)
+    monkeypatch.setattr(kmod, "_sm_count", lambda dev: 132)
+    monkeypatch.setattr(kmod, "_ws_device", lambda dev: False)
+    monkeypatch.setattr(kmod, "_direct_launchers", {})
+    monkeypatch.setattr(kmod, "_scratch_bufs", {})
+    monkeypatch.setattr(kmod, "_VARIANT", "direct")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+
+    def jit(fn, grid, args, kw):
+        record.append((fn.fn.__name__, "jit", args))
+        return fn
+
+    def build(fn, compiled, kw, grid, ints):
+        def launch(stream, pointers, qk_scale):
+            record.append((fn.fn.__name__, "direct", pointers))
+        return launch
+    monkeypatch.setattr(kmod, "_launch", jit)
+    monkeypatch.setattr(kmod, "_build_direct", build)
+    return record
+
+
+def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
+    """A signature's later calls launch with the pointer arguments of its first (JIT) launch, each tensor as its
+    address (Triton's launcher then skips data_ptr() and the driver's pointer query per tensor): dense window, full
+    causal, lse given, saved scores, varlen and paged. CPU tensors and recorded launches (no kernel runs), on any
+    machine; on the GPU, test_direct_launch_matches_jit_dispatch compares the results bitwise."""
+    from colreduce_kvprune import colreduce_paged, colreduce_varlen
+    record = _direct_path_on_cpu(monkeypatch)
+    h = dict(dtype=torch.float16)
+    q64, k8k = torch.randn(1, 8, 64, 128, **h), torch.randn(1, 2, 700, 128, **h)
+    q2 = torch.randn(1, 8, 2, 128, **h)
+    qf, kf = torch.randn(1, 8, 300, 64, **h), torch.randn(1, 2, 300, 64, **h)
+    lse = torch.randn(1, 8, 64)
+    cu_q, cu_k = torch.tensor([0, 16, 32], dtype=torch.int32), torch.tensor([0, 300, 700], dtype=torch.int32)
+    qv, kv = torch.randn(32, 8, 128, **h), torch.randn(700, 2, 128, **h)
+    args, pkw = _paged_batch(16)
+    cases = {
+        "window": lambda: colreduce_triton(q64, k8k, "sum", is_causal=True, scale=0.1, group_reduce="mean"),
+        "saved scores": lambda: colreduce_triton(q2, k8k, "sum", is_causal=True, scale=0.1, group_reduce="mean"),
+        "full causal": lambda: colreduce_triton(qf, kf, "sum", is_causal=True, scale=0.1, group_reduce="mean"),
+        "lse given": lambda: colreduce_triton(q64, k8k, "max", is_causal=True, scale=0.1, group_reduce=None, lse=lse),
+        "varlen": lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", max_seqlen_q=16, max_seqlen_k=400,
+                                           is_causal=True, group_reduce="max", backend="triton"),
+        "paged": lambda: colreduce_paged(*[a.cpu() for a in args], "sum", **pkw, backend="triton"),
+    }
+    kernels_seen = set()
+    for name, call in cases.items():
+        record.clear()
+        out = call().data_ptr()                    # each call's own output (also the unused placeholders' address)
+        first = [(fn, ["out" if a == out else a for a in
+                       (a.data_ptr() if isinstance(a, torch.Tensor) else a for a in pointers)])
+                 for fn, how, pointers in record]
+        assert first and all(how == "jit" for _, how, _ in record), name
+        for _ in range(2):
+            record.clear()
+            out = call().data_ptr()
+            assert all(how == "direct" for _, how, _ in record), name
+            assert len(record) == len(first), name
+            for (fn, jit_args), (dfn, _, pointers) in zip(first, record):
+                assert fn == dfn, name
+                assert all(p is None or type(p) is int or type(p).__name__ == "TensorDescriptor" for p in pointers), \
+                    (name, fn, [type(p).__name__ for p in pointers])
+                assert ["out" if p == out else p for p in pointers] == jit_args[:len(pointers)], (name, fn)
+                kernels_seen.add(fn)
+    assert {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel", "_saved_column_kernel"} <= \
+        kernels_seen, kernels_seen
+
+
 def _paged_batch(window=16):
     """A paged batch of three sequences (one without queries), padded to 700 keys: the window kernel (window 16), the
     saved scores' column pass (window 1)."""
