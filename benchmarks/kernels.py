@@ -583,6 +583,9 @@ def _candidate_fns(sh, case, sms):
       combine; twenty-ninth session's tile run at 1024: 0.0496 vs 0.0550 ms).
     - ours_win_tiles64, windows of 16–128 queries at N ≤ 2048, D 128: column tiles of the window's rows × 64 keys
       and 64-row row tiles (the same run, window 64 at N = 512: 0.0173 vs 0.0202 ms).
+    - ours_pdl, every shape: ours with programmatic dependent launch between the two passes (the config's PDL:
+      the column kernel's launch and key-tile load overlap the row pass's last programs; thirtieth session, not yet
+      timed).
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
@@ -610,20 +613,22 @@ def _candidate_fns(sh, case, sms):
             per_tile = {k_: v for k_, v in base.items() if k_ != "PERSISTENT"}
             dense("ours_win_tiles64", dict(per_tile, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=64, warps=4,
                                            stages=3, BLOCK_R=64, warps1=4, stages1=3))
+        dense("ours_pdl", dict(base, PDL=True))
         return fns
-    kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N)
+
+    def packed(name, cfg):
+        kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean", max_seqlen_q=M, max_seqlen_k=N,
+                  cu_seqlens_q=case["cu_q"], config=cfg)
+        if sh["mode"] == "varlen":
+            fns[name] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum", cu_seqlens_k=case["cu_k"], **kw)
+        else:
+            fns[name] = lambda: kmod.colreduce_triton(case["q"], case["cache"], "sum", block_table=case["table"],
+                                                      seqlens_k=case["seqlens"], **kw)
+        fns[name].config = cfg
     cfg = kmod._persistent_config(base, M, N, G, B * sh["Hkv"], sms, D, 8) if base["WINDOW"] else None
-    if cfg is None:
-        return fns
-    kw.update(cu_seqlens_q=case["cu_q"], config=cfg)
-    if sh["mode"] == "varlen":
-        fns["ours_persistent"] = lambda: kmod.colreduce_triton(case["q"], case["k"], "sum",
-                                                               cu_seqlens_k=case["cu_k"], **kw)
-    else:
-        fns["ours_persistent"] = lambda: kmod.colreduce_triton(case["q"], case["cache"], "sum",
-                                                               block_table=case["table"], seqlens_k=case["seqlens"],
-                                                               **kw)
-    fns["ours_persistent"].config = cfg
+    if cfg is not None:
+        packed("ours_persistent", cfg)
+    packed("ours_pdl", dict(base, PDL=True))
     return fns
 
 

@@ -31,6 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
+try:                        # grid dependency control (programmatic dependent launch): 3.6 and 3.7 have it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:         # an older Triton: a config's PDL is ignored, these stand-ins are never reached
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _REDUCTIONS = {"sum": 0, "mean": 1, "max": 2}
@@ -194,6 +208,26 @@ def _k_descriptor(k: torch.Tensor, box: list):
     return TensorDescriptor(k, list(k.shape), list(k.stride()), box)
 
 
+# Programmatic dependent launch (a config's PDL, off unless a config asks for it; sm_90 and later, not under the
+# interpreter): the row pass lets the column kernel launch as soon as every row program has started
+# (gdc_launch_dependents at its start), and the column kernel, launched with launch_pdl, does what needs no row-pass
+# output (its sequence bounds, its key tile) before it waits for the row pass to finish and flush (gdc_wait). So the
+# column pass's launch and prologue overlap the row pass's last programs instead of following them. Only where the
+# row pass is the launch before the column pass (no lse given).
+@triton.jit
+def _pdl_trigger(PDL: tl.constexpr):
+    """The row pass: its dependents (the column pass) may launch once every program got here."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """The column pass: wait for the row pass to finish, its writes visible, before reading them."""
+    if PDL:
+        gdc_wait()
+
+
 @triton.jit
 def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr):
     """(first query token, query count, first key token, key count) of sequence b.
@@ -352,7 +386,7 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
                       IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr, COMBINE: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_TMA: tl.constexpr,
-                      REDO: tl.constexpr, SAVE: tl.constexpr):
+                      REDO: tl.constexpr, SAVE: tl.constexpr, PDL: tl.constexpr):
     """Partial (offset, sum of exp2(s − offset)) of each query row over one split of the keys, rows of all G heads
     together: the offset is the row's first-tile max + 8 (_fixed_offset_row_stats), or its max when a term overflowed
     and the row block ran again with a running max (_online_row_stats); combines treat either as a max.
@@ -366,7 +400,9 @@ def _row_stats_kernel(Q, K, K_desc, BT, cu_q, cu_k, M_part, L_part, LSE2, Counte
     fixed offset overflowed) recomputes them with the running max; the others load nothing more.
     SAVE (one row block holds the group's rows): every score the program computes is also stored to X
     (_saved_scores), so that the column values come from them (_saved_column_kernel) instead of a second read of K.
+    PDL: the column kernel may launch once every program of this one has started (_pdl_trigger).
     """
+    _pdl_trigger(PDL)
     split = tl.program_id(0)
     rb = tl.program_id(1)
     bh = tl.program_id(2)
@@ -658,7 +694,8 @@ def _store_group_rows(p, count, Out, b, hk, k0, n, n_ok, n_out, sob, soh, son, G
 def _saved_column_kernel(X, LSE2, Out, cu_q, cu_k, sob, soh, son, max_m, max_n, qk_scale,
                          HKV: tl.constexpr, G: tl.constexpr, REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr,
                          FUSE_HEADS: tl.constexpr, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PDL: tl.constexpr):
     """Column pass from the row pass's saved scores (SAVE; _saved_scores): p = exp2(x − lse2) of the group's rows
     and BLOCK_N key columns, reduced as the window kernels do, with no read of K and no dot. For windows whose
     group rows are few against the head dimension (_save_scores): their scores are written and read once in fp32
@@ -681,6 +718,7 @@ def _saved_column_kernel(X, LSE2, Out, cu_q, cu_k, sob, soh, son, max_m, max_n, 
     seen = r_ok[:, None] & n_ok[None, :]
     if IS_CAUSAL:
         seen = seen & (n[None, :] <= m[:, None] + shift)
+    _pdl_wait(PDL)                                    # the scores and lse are the row pass's
     x = tl.load(x_row[:, None] + (x_key0 + n).to(tl.int64)[None, :] * x_kstride, mask=seen, other=float("-inf"))
     lse2 = tl.load(LSE2 + (b * HKV * G + hk * G + g) * max_m + m, mask=r_ok, other=float("inf"))
     p = tl.exp2(x - lse2[:, None])                    # 0 where unseen (-inf) and for rows that see no key (+inf)
@@ -698,7 +736,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          FUSE_HEADS: tl.constexpr, PERSISTENT: tl.constexpr):
+                          FUSE_HEADS: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr):
     """Column pass for short query windows: reduce exp2(s − lse2) over the query rows of BLOCK_N key columns, for
     the G query heads of one kv head.
 
@@ -753,6 +791,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                     mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
+        _pdl_wait(PDL)                                    # the lse is the row pass's
         lse2 = _load_lse2(LSE2 + b * slb + h * slh + q0 * lse_q0 * slm, m, r_ok, slm, LSE_NATURAL)  # absent: +inf
         for t in tl.range(t0, t_keys):
             n = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -780,6 +819,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
         k = tl.load(K + hk * skh + rows[:, None] + d[None, :], mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
+        _pdl_wait(PDL)                                    # the lse is the row pass's
         cols = tl.zeros([BLOCK_N, GP], tl.float32)
         Q_group = Q + b * sqb + hk * G * sqh + q0 * sqm
         LSE_group = LSE2 + b * slb + hk * G * slh + q0 * lse_q0 * slm
@@ -830,7 +870,7 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k, Part, Counter,
                         HS: tl.constexpr, IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, LSE_NATURAL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Column pass for long query ranges: same result as _window_column_kernel, tiles q·kᵀ (queries on rows).
 
     The K tile is the dot's B operand (shared memory); a 2-D accumulator is reduced over rows once per head (once
@@ -853,6 +893,7 @@ def _long_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k, Part, Counter,
     kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D), other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
+    _pdl_wait(PDL)                                        # the lse is the row pass's
     count = _column_counts(n, shift, Mb, IS_CAUSAL)       # the mean's divisor (REDUCTION 1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     group = tl.zeros([BLOCK_N], tl.float32)
@@ -1076,17 +1117,20 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
                   UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
     final = variant != "old" and splits == 1 and not lse_given
     combine = variant != "old" and splits > 1 and not lse_given
+    # programmatic dependent launch (_pdl_trigger): a config's choice, where the row pass precedes the column pass
+    pdl = bool(cfg.get("PDL")) and _HAS_GDC and not lse_given and not interpreting and variant != "old"
+    launch = dict(launch_pdl=True) if pdl else {}
     row_kw = dict(FINAL=final, COMBINE=combine, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N1"], num_warps=cfg["warps1"],
-                  num_stages=cfg["stages1"], K_TMA=k_tma, REDO=False, SAVE=save, **common)
+                  num_stages=cfg["stages1"], K_TMA=k_tma, REDO=False, SAVE=save, PDL=pdl, **common)
     if save:
         col_kw = dict(HKV=Hkv, G=G, REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce],
                       FUSE_HEADS=_fuse_heads(reduction, group_reduce), IS_VARLEN=varlen, IS_PAGED=paged,
                       IS_CAUSAL=is_causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"],
-                      num_stages=cfg["stages"])
+                      num_stages=cfg["stages"], PDL=pdl, **launch)
         return cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, 1
     col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce], BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["warps"], num_stages=cfg["stages"],
-                  LSE_NATURAL=lse_given and variant != "old", **common)
+                  LSE_NATURAL=lse_given and variant != "old", PDL=pdl, **launch, **common)
     hs = 1 if cfg["WINDOW"] else cfg.get("HEAD_SPLIT", 1)
     if cfg["WINDOW"]:                 # every constexpr bound (the direct launch reads them from here)
         col_kw["PERSISTENT"] = bool(cfg.get("PERSISTENT"))
@@ -1314,8 +1358,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     (num_blocks, block_size, Hkv, D), block_table (B, max_blocks), seqlens_k (B,) → (B, Hq|Hkv, max_seqlen_k),
     zero past each sequence's keys.
     The last dimension of q and k must have stride 1. ``config`` replaces the tile choice: a full dict of
-    _pick_config's keys (benchmark sweeps, tests). ``variant`` "new" | "old" overrides the module's launch variant
-    (see _VARIANT). No host sync: everything the launch needs comes from shapes and the given max lengths.
+    _pick_config's keys (benchmark sweeps, tests), optionally SPLITS (the row pass's key splits) and PDL
+    (programmatic dependent launch between the passes, _pdl_trigger; ignored below compute capability 9).
+    ``variant`` "new" | "old" overrides the module's launch variant (see _VARIANT). No host sync: everything the launch needs comes from shapes and the given max lengths.
     """
     variant = variant or _VARIANT
     varlen = cu_seqlens_q is not None
@@ -1412,6 +1457,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     if config is None:
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _cached_recipe(*key)
     else:
+        if config.get("PDL") and not interpreting and not _has_tma(dev):     # PDL: compute capability 9 and later
+            config = dict(config, PDL=False)
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
     # scratch (float32): row partials (max, sum: splits each; the lse itself when final), the combined lse, the
     # head split's partials, the saved scores (_saved_scores: key positions × Hq·max_m)

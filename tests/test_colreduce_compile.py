@@ -41,7 +41,7 @@ LAUNCHES = [
 ]
 
 
-def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: int):
+def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: int, launch_pdl: bool = False):
     """Compile fn for sm_90 with its constexprs bound: the pointer arguments' Triton types from pointers (name →
     "*fp16", …), qk_scale float32, every other argument int32. Returns the compiled kernel (with a cubin)."""
     from triton.backends.compiler import GPUTarget
@@ -53,14 +53,15 @@ def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: i
            for arg in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl))
     assert compiled.asm.get("cubin"), (fn.__name__, const, "no cubin")
     return compiled
 
 
-def product_launches():
+def product_launches(pdl: bool = False):
     """(launch name, kernel, its launch keywords, compiled) for each launch's row and column kernels, compiled for
-    sm_90 (run with TRITON_INTERPRET unset); benchmarks/ptx_overlap.py reads their PTX."""
+    sm_90 (run with TRITON_INTERPRET unset); benchmarks/ptx_overlap.py reads their PTX. pdl: the same tiles with a
+    config's PDL on (programmatic dependent launch between the two passes)."""
     import colreduce_kvprune.kernels.colreduce as kmod
 
     elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -69,6 +70,10 @@ def product_launches():
         cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
                                                           group, varlen, paged, page, getattr(torch, dtype), False,
                                                           lse_given, k_tma)
+        if pdl:
+            cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
+                                                              group, varlen, paged, page, getattr(torch, dtype), False,
+                                                              lse_given, k_tma, config=dict(cfg, PDL=True))
         col_fn = kmod._saved_column_kernel if cfg.get("SAVE") else \
             kmod._window_column_kernel if cfg["WINDOW"] else kmod._long_column_kernel
         kernels = [(col_fn, col_kw)]
@@ -78,21 +83,31 @@ def product_launches():
                         Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32",
                         X="*fp32")
         for fn, kw in kernels:
-            const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+            const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "launch_pdl")}
             if fn is kmod._row_stats_kernel:              # K's descriptor, or None (a constexpr) without TMA
                 if k_tma:
                     box = ", ".join(map(str, kmod._k_box(kw, varlen)))
                     pointers["K_desc"] = f"tensordesc<{elem[dtype]}[{box}]>"
                 else:
                     const["K_desc"] = None
-            yield name, fn, kw, _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"])
+            yield name, fn, kw, _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"],
+                                              kw.get("launch_pdl", False))
 
 
 def _compile_all() -> list[dict]:
     """Compile each launch's row and column kernels for sm_90."""
     return [dict(launch=name, kernel=fn.__name__, cubin_bytes=len(compiled.asm["cubin"]),
-                 tiles={k: kw[k] for k in kw if k.startswith("BLOCK") or k.startswith("num_")})
+                 tiles={k: kw[k] for k in kw if k.startswith("BLOCK") or k.startswith("num_")},
+                 griddepcontrol="griddepcontrol" in compiled.asm["ptx"])
             for name, fn, kw, compiled in product_launches()]
+
+
+def _compile_pdl() -> list[dict]:
+    """Each launch's kernels with a config's PDL on, and the grid dependency instructions in their PTX."""
+    return [dict(launch=name, kernel=fn.__name__, launch_pdl=kw.get("launch_pdl", False),
+                 trigger="griddepcontrol.launch_dependents" in compiled.asm["ptx"],
+                 wait="griddepcontrol.wait" in compiled.asm["ptx"])
+            for name, fn, kw, compiled in product_launches(pdl=True)]
 
 
 def _compile_ws() -> list[dict]:
@@ -222,6 +237,22 @@ def test_kernels_compile_for_sm90():
     assert len(done) == expected, done
     assert {d["kernel"] for d in done} == {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel",
                                            "_saved_column_kernel"}
+    assert not any(d["griddepcontrol"] for d in done), done       # no PDL unless a config asks for it
+
+
+@_NVIDIA
+def test_pdl_kernels_compile_for_sm90():
+    """A config's PDL (programmatic dependent launch, kernels/colreduce.py _pdl_trigger): the row kernel signals its
+    dependents and the column kernels, launched with launch_pdl, wait for it; with the lse given (no row pass
+    before) nothing changes. The default launches (test_kernels_compile_for_sm90) have neither instruction."""
+    done = _run_compiles("pdl")
+    assert len(done) == sum(2 if not launch[-1] else 1 for launch in LAUNCHES), done
+    for row in done:
+        lse_given = next(launch[-1] for launch in LAUNCHES if launch[0] == row["launch"])
+        if row["kernel"] == "_row_stats_kernel":
+            assert row["trigger"] and not row["wait"] and not row["launch_pdl"], row
+        else:
+            assert row["launch_pdl"] == row["wait"] == (not lse_given) and not row["trigger"], row
 
 
 @_NVIDIA
@@ -266,4 +297,5 @@ def test_gluon_row_pass_compiles_for_sm90():
 
 
 if __name__ == "__main__":
-    print(json.dumps({"product": _compile_all, "ws": _compile_ws}.get(sys.argv[1], _compile_experiments)()))
+    print(json.dumps({"product": _compile_all, "ws": _compile_ws, "pdl": _compile_pdl}.get(
+        sys.argv[1], _compile_experiments)()))

@@ -394,6 +394,54 @@ def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
         kernels_seen, kernels_seen
 
 
+@pytest.mark.skipif(DEVICE == "cpu" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch: compute capability 9 and later")
+def test_pdl_config_gives_the_same_bits():
+    """A config's PDL (the column kernel launched before the row pass ends, waiting on it in the kernel) changes
+    when the column pass starts, not what it computes: bitwise the results without it, on repeated calls (a missing
+    wait would read a row lse mid-write and show as a changed or varying result), and within the float16 tolerance
+    of float64. Dense window (persistent), saved scores, full causal (head split; at 4096 queries on sm_90 the
+    Gluon row pass and the REDO launch precede the column pass), varlen and paged windows; the lse given (no row
+    pass: PDL off)."""
+    sms = kmod._sm_count(torch.cuda.current_device())
+
+    def default(m, n, d, g, programs, ragged=False):
+        return kmod._fit_config(kmod._pick_config(m, d, g, True), m, n, g, programs, sms, d, ragged)
+    for shape in ((1, 32, 8, 64, 8192, 128), (1, 32, 8, 2, 8192, 128), (1, 32, 8, 2048, 2048, 128),
+                  (1, 32, 8, 4096, 4096, 128), (2, 8, 2, 300, 300, 64)):
+        B, Hq, Hkv, M, N, D = shape
+        q, k = rand_qk(shape, torch.float16, seed=7)
+        cfg = default(M, N, D, Hq // Hkv, B * Hkv)
+        kw = dict(is_causal=True, scale=D ** -0.5, group_reduce="mean")
+        ref = colreduce_triton(q, k, "sum", config=cfg, **kw)
+        for _ in range(3):
+            assert torch.equal(colreduce_triton(q, k, "sum", config=dict(cfg, PDL=True), **kw), ref), shape
+        if M * N <= 2048 * 2048:
+            assert rel_err(ref, reference(q, k, "sum", True, "mean", scale=D ** -0.5)) < TOL[torch.float16], shape
+    lse = torch.logsumexp(reference_scores(q, k, D ** -0.5), -1).float()
+    ref = colreduce_triton(q, k, "sum", lse=lse, config=cfg, **kw)
+    assert torch.equal(colreduce_triton(q, k, "sum", lse=lse, config=dict(cfg, PDL=True), **kw), ref)
+    (q, cache, table, cu_q, seqlens), _ = _paged_batch(16)
+    cfg = default(16, 700, 128, 4, 3 * 2, ragged=True)
+    kw = dict(kw, scale=128 ** -0.5)
+
+    def paged(config):
+        return colreduce_triton(q, cache, "sum", block_table=table, cu_seqlens_q=cu_q, seqlens_k=seqlens,
+                                max_seqlen_q=16, max_seqlen_k=700, config=config, **kw)
+    ref = paged(cfg)
+    for _ in range(3):
+        assert torch.equal(paged(dict(cfg, PDL=True)), ref)
+
+
+def reference_scores(q, k, scale):
+    """float64 scaled logits q·kᵀ with K repeated over each group (B, Hq, M, N), causal bottom-right (−inf above)."""
+    G = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * scale
+    M, N = s.shape[-2:]
+    mask = torch.arange(N, device=s.device)[None, :] > torch.arange(M, device=s.device)[:, None] + (N - M)
+    return s.masked_fill(mask, float("-inf"))
+
+
 def _paged_batch(window=16):
     """A paged batch of three sequences (one without queries), padded to 700 keys: the window kernel (window 16), the
     saved scores' column pass (window 1)."""

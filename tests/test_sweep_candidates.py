@@ -32,14 +32,15 @@ def test_ragged_persistent_candidate_matches_float64(mode):
     case = dict(q=q, k=k, cache=cache, table=table, cu_q=cu_q, cu_k=cu_k, seqlens=seqlens)
     sh = dict(B=1, M=16, N=max(k_lens), D=16, Hq=q.shape[1], Hkv=k.shape[1], lens=k_lens, mode=mode)
     fns = kb._candidate_fns(sh, case, 2)      # 2 "SMs": 2 programs per sequence × kv head, runs of 10 key tiles
-    assert list(fns) == ["ours_persistent"]
-    out = fns["ours_persistent"]()
+    assert list(fns) == ["ours_persistent", "ours_pdl"]
     ref = per_sequence_reference(q, k, cu_q, cu_k, "sum", True, "mean", scale=16 ** -0.5)
-    if mode == "paged":
-        assert all((out[b, :, n:] == 0).all() for b, n in enumerate(k_lens))      # padding written
-        out = torch.cat([out[b, :, :n].T for b, n in enumerate(k_lens)])
-    assert rel_err(out, ref) < TOL[torch.float32]
-    assert kb._candidate_fns(dict(sh, M=2048, N=2048, mode="dense", lens=None), {}, 2) == {}
+    for name in fns:                          # ours_pdl: PDL (a GPU launch option) is off under the interpreter
+        out = fns[name]()
+        if mode == "paged":
+            assert all((out[b, :, n:] == 0).all() for b, n in enumerate(k_lens))      # padding written
+            out = torch.cat([out[b, :, :n].T for b, n in enumerate(k_lens)])
+        assert rel_err(out, ref) < TOL[torch.float32], name
+    assert list(kb._candidate_fns(dict(sh, M=2048, N=2048, mode="dense", lens=None), {}, 2)) == ["ours_pdl"]
 
 
 def test_row_candidate_configs(monkeypatch):
@@ -47,8 +48,8 @@ def test_row_candidate_configs(monkeypatch):
     (the default before the TMA key tiles), nothing else changed; 4096 ≤ M < 8192: 128-row tiles at 4 warps and
     4 stages instead of the default's 64-row tiles. Below 8192 keys at D 128 also ours_mid_before: the tiles before
     _fit_config's short-prompt rule (mid=False); below 4k ours_one_split where the plan splits the keys (1024), and
-    for windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing for a chunk of a long prompt, a longer
-    window or one query. (Not run here: these prompts are beyond the interpreter; the sweep records each one's
+    for windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing else for a chunk of a long prompt, a longer
+    window or one query. At every shape ours_pdl: the default's tiles with PDL on. (Not run here: these prompts are beyond the interpreter; the sweep records each one's
     difference to the old launch path beside its time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
@@ -57,27 +58,30 @@ def test_row_candidate_configs(monkeypatch):
     for m in (8192, 16384):
         fns = kb._candidate_fns(dict(sh, M=m, N=m), {}, 132)
         default = _gpu_like_config(m, m, 128, 4, 8)
-        assert list(fns) == ["ours_row_s3"] and default["stages1"] == 4
+        assert list(fns) == ["ours_row_s3", "ours_pdl"] and default["stages1"] == 4
+        assert fns["ours_pdl"].config == dict(default, PDL=True)
         assert fns["ours_row_s3"].config == dict(default, stages1=3)
     fns = kb._candidate_fns(dict(sh, M=4096, N=4096), {}, 132)
     default = _gpu_like_config(4096, 4096, 128, 4, 8)
-    assert list(fns) == ["ours_row128", "ours_mid_before"] and default["BLOCK_R"] == 64
+    assert list(fns) == ["ours_row128", "ours_mid_before", "ours_pdl"] and default["BLOCK_R"] == 64
     assert fns["ours_row128"].config == dict(default, BLOCK_R=128, warps1=4, stages1=4)
     before = _gpu_like_config(4096, 4096, 128, 4, 8, mid=False)
     assert fns["ours_mid_before"].config == before == dict(default, BLOCK_N=128, stages=2)
     fns = kb._candidate_fns(dict(sh, M=2048, N=2048), {}, 132)
-    assert list(fns) == ["ours_mid_before"]                 # one key split planned already
+    assert list(fns) == ["ours_mid_before", "ours_pdl"]     # one key split planned already
     assert fns["ours_mid_before"].config == _gpu_like_config(2048, 2048, 128, 4, 8, mid=False)
     fns = kb._candidate_fns(dict(sh, M=1024, N=1024), {}, 132)
     default = _gpu_like_config(1024, 1024, 128, 4, 8)
-    assert list(fns) == ["ours_mid_before", "ours_one_split"]
+    assert list(fns) == ["ours_mid_before", "ours_one_split", "ours_pdl"]
     assert kmod._plan(1024, 1024, 128, 4, 1, 8, True, "new", 132, default)[2] == 2
     assert fns["ours_one_split"].config == dict(default, SPLITS=1)
     fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)  # a short window: 64-key tiles of its rows
     default = _gpu_like_config(64, 512, 128, 4, 8)
-    assert list(fns) == ["ours_win_tiles64"]
+    assert list(fns) == ["ours_win_tiles64", "ours_pdl"]
     assert fns["ours_win_tiles64"].config == dict({k: v for k, v in default.items() if k != "PERSISTENT"},
                                                   BLOCK_M=64, BLOCK_N=64, warps=4, stages=3, BLOCK_R=64, warps1=4,
                                                   stages1=3)
     for m, n in ((2048, 16384), (64, 8192), (1, 512)):  # a chunk of a long prompt, a longer window, one query
-        assert kb._candidate_fns(dict(sh, M=m, N=n), {}, 132) == {}, (m, n)
+        fns = kb._candidate_fns(dict(sh, M=m, N=n), {}, 132)
+        assert list(fns) == ["ours_pdl"], (m, n)        # PDL, every shape: the default's tiles with PDL on
+        assert fns["ours_pdl"].config == dict(_gpu_like_config(m, n, 128, 4, 8), PDL=True)
