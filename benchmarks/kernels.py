@@ -669,18 +669,19 @@ def _peer_fns(sh, case, have_flash):
     return fns
 
 
-def _same_work_fns(pairs):
+def _same_work_fns(pairs, heads: int = 2):
     """SDPA's forward doing the work of our two passes (benchmarks/same_work.py): head dim D/2 (its q·kᵀ and p·v
     are the 2·D FLOPs a pair of one q·kᵀ of ours), separate values (K and V of D/2: the bytes of our K), heads
-    doubled (two passes), the same queries and keys: the same tensor FLOPs, exp2 count and bytes, in NVIDIA's kernels.
-    flash: FlashAttention-2's op, whose is_causal is our bottom-right mask at every shape; cuDNN: causal where
-    M = N, a window unmasked (M·(M−1)/2 more pairs a head). The row's same work is the faster of the two."""
+    doubled (two passes; heads=1: the work of one pass), the same queries and keys: the same tensor FLOPs, exp2 count
+    and bytes, in NVIDIA's kernels. flash: FlashAttention-2's op, whose is_causal is our bottom-right mask at every
+    shape; cuDNN: causal where M = N, a window unmasked (M·(M−1)/2 more pairs a head). The row's same work is the
+    faster of the two."""
     g = torch.Generator(device="cuda").manual_seed(1)
     halves = []
     for q, k in pairs:
         B, Hq, M, D = q.shape
         Hkv, N = k.shape[1], k.shape[2]
-        halves.append(tuple(torch.randn(B, 2 * h, n, D // 2, device="cuda", dtype=q.dtype, generator=g)
+        halves.append(tuple(torch.randn(B, heads * h, n, D // 2, device="cuda", dtype=q.dtype, generator=g)
                             for h, n in ((Hq, M), (Hkv, N), (Hkv, N))))
 
     def cudnn():

@@ -10,9 +10,11 @@ products against our one of full depth.
 
 Per shape, alternated ALTERNATIONS times in one process (medians of benchmarks/kernels.py time3's gpu_ms, L2
 flushed): ours (two passes, the product's call), ours with the lse given (one pass), SDPA at head dim D (v = k as the
-sweep times it, and separate values), and SDPA at D/2 for one pass and for two (Hq, Hkv doubled), each under every
-torch backend that takes it (cuDNN, flash, memory-efficient; GQA through enable_gqa) and the best of them. Each time
-comes with its tensor TFLOP/s (2·D FLOPs a pair and pass).
+sweep times it, and separate values), and SDPA at D/2 for one pass and for two (Hq, Hkv doubled), each as the
+serving sweep's same-work column builds it (benchmarks/kernels.py _same_work_fns: cuDNN, and FlashAttention-2's op
+with our bottom-right causal mask) and the faster of them. Each time comes with its tensor TFLOP/s (2·D FLOPs a pair
+and pass). Until the thirtieth session the script built its own arms (cuDNN, flash and memory-efficient through
+SDPA's backends; a window's mask left out; memory-efficient refused every shape): same_work_visit31.json.
 
     python benchmarks/same_work.py --out DIR   # GPU: DIR/same_work.json
 """
@@ -33,29 +35,6 @@ ALTERNATIONS = int(os.environ.get("SAME_WORK_ALTERNATIONS", "3"))
 SHAPES = [("full 32/8 N=16384", 32, 8, 16384, 16384, 128), ("full 32/8 N=8192", 32, 8, 8192, 8192, 128),
           ("full 32/8 N=4096", 32, 8, 4096, 4096, 128), ("win64 32/8 N=131072", 32, 8, 64, 131072, 128),
           ("win64 32/8 N=32768", 32, 8, 64, 32768, 128)]
-
-
-def _backends():
-    from torch.nn.attention import SDPBackend
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def sdpa_arms(Hq, Hkv, M, N, D, g):
-    """name → callable: SDPA under each backend at (Hq, Hkv, D) with separate values (the window's mask is left out:
-    a window's last M queries see all N keys but M·(M−1)/2 of a head's, a share < 0.1% at the timed shapes)."""
-    from torch.nn.attention import sdpa_kernel
-    q = torch.randn(1, Hq, M, D, device="cuda", dtype=torch.float16, generator=g)
-    k = torch.randn(1, Hkv, N, D, device="cuda", dtype=torch.float16, generator=g)
-    v = torch.randn(1, Hkv, N, D, device="cuda", dtype=torch.float16, generator=g)
-    arms = {}
-    for name, be in _backends().items():
-        def fn(be=be):
-            with sdpa_kernel([be]):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=M == N,
-                                                                        enable_gqa=Hq != Hkv)
-        arms[name] = fn
-    return arms
 
 
 def main(argv=None):
@@ -82,10 +61,9 @@ def main(argv=None):
         arms = {"ours": lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean"),
                 "ours_lse": lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean", lse=lse),
                 "sdpa_D_v=k": sdpa_d(k), "sdpa_D": sdpa_d(v)}
-        for be, fn in sdpa_arms(Hq, Hkv, M, N, D // 2, g).items():
-            arms[f"one_pass_work_{be}"] = fn
-        for be, fn in sdpa_arms(2 * Hq, 2 * Hkv, M, N, D // 2, g).items():
-            arms[f"two_pass_work_{be}"] = fn
+        for work, heads in (("one_pass_work", 1), ("two_pass_work", 2)):     # the sweep's same-work arms
+            for arm, fn in bk._same_work_fns([(q, k)], heads).items():        # same_work_cudnn, same_work_flash
+                arms[f"{work}_{arm.rsplit('_', 1)[1]}"] = fn
         times = {arm: [] for arm in arms}
         errors = {}
         for _ in range(ALTERNATIONS):
