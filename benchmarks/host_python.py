@@ -41,19 +41,12 @@ def _load(root: str | None):
     if root is not None:
         for name in [n for n in sys.modules if n == "colreduce_kvprune" or n.startswith("colreduce_kvprune.")]:
             del sys.modules[name]
-
-        spec = importlib.util.spec_from_file_location(
-            "colreduce_kvprune", os.path.join(root, "colreduce_kvprune", "__init__.py"),
-            submodule_search_locations=[os.path.join(root, "colreduce_kvprune")])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["colreduce_kvprune"] = pkg
-        spec.loader.exec_module(pkg)
-        kspec = importlib.util.spec_from_file_location(
-            "colreduce_kvprune.kernels", os.path.join(root, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(root, "kernels")])
-        kpkg = importlib.util.module_from_spec(kspec)
-        sys.modules["colreduce_kvprune.kernels"] = kpkg
-        kspec.loader.exec_module(kpkg)
+        for name, folder in (("colreduce_kvprune", "colreduce_kvprune"), ("colreduce_kvprune.kernels", "kernels")):
+            spec = importlib.util.spec_from_file_location(name, os.path.join(root, folder, "__init__.py"),
+                                                          submodule_search_locations=[os.path.join(root, folder)])
+            pkg = importlib.util.module_from_spec(spec)
+            sys.modules[name] = pkg                 # packaging maps kernels/ to colreduce_kvprune.kernels
+            spec.loader.exec_module(pkg)
     ops = importlib.import_module("colreduce_kvprune.ops")
     kmod = importlib.import_module("colreduce_kvprune.kernels.colreduce")
     ops._launcher = kmod.colreduce_triton          # this version's launcher, whatever sys.modules holds later
