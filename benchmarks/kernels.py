@@ -1048,7 +1048,8 @@ def serving_markdown(result):
                   "packed/paged batches; ours_row_s3: the row pass at 3 stages at full causal ≥ 8k; ours_row128: 128-row "
                   "row tiles at 4 stages at full causal 4k; ours_mid_before: the tiles before the short-prompt rule of "
                   "_fit_config, full causal < 8192 keys; ours_one_split: one key split in the row pass; ours_win_tiles64: "
-                  "window tiles of the window's rows × 64 keys, 64-row row tiles), gpu ms against ours: "
+                  "window tiles of the window's rows × 64 keys, 64-row row tiles; ours_pdl: programmatic dependent "
+                  "launch between the passes), gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
                               f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]
