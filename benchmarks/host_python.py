@@ -29,11 +29,15 @@ import time
 import torch
 
 
-def _stub_device():
-    """What a CUDA call asks of the device, answered with constants (an H200's SM count)."""
-    torch.cuda.current_device = lambda: 0
-    torch._C._cuda_getCurrentRawStream = lambda dev: 0
-    torch._C._cuda_isCurrentStreamCapturing = lambda: False
+def stub_device(kmod, set_attr=setattr):
+    """What a CUDA call of the direct path asks of the device, answered with constants (an H200's SM count; no
+    graph capture; the Gluon row pass off), so the path runs on CPU tensors. set_attr(obj, name, value): setattr,
+    or a test's monkeypatch (tests/test_colreduce_launch.py)."""
+    set_attr(torch.cuda, "current_device", lambda: 0)
+    set_attr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 0)       # absent from CPU builds of torch
+    set_attr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+    set_attr(kmod, "_sm_count", lambda dev: 132)
+    set_attr(kmod, "_ws_device", lambda dev: False)
 
 
 def _load(root: str | None):
@@ -57,8 +61,7 @@ def _load(root: str | None):
         return None
     kmod._launch = lambda fn, grid, args, kw: object()
     kmod._build_direct = lambda fn, compiled, kw, grid, ints: noop_launch
-    kmod._sm_count = lambda dev: 132
-    kmod._ws_device = lambda dev: False
+    stub_device(kmod)
     kmod.set_launch_variant("direct")
     return ops, kmod
 
@@ -113,7 +116,6 @@ def main(argv=None):
     # backend="triton" on CPU tensors passes ops.py's check only under TRITON_INTERPRET=1; set after the kernels
     # module read it at import (so the direct path runs). The check then pays one os.environ lookup (~1 µs here) that
     # a CUDA call does not.
-    _stub_device()
     versions = {"this": _load(None)}
     if a.ref:
         versions["ref"] = _load(a.ref)

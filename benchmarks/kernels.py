@@ -579,8 +579,8 @@ def _candidate_fns(sh, case, sms):
       (row_pass.py with TMA at 4k: 0.179–0.183 vs 0.189 ms).
     - ours_mid_before, long prompts of fewer than 8192 keys: the tiles before _fit_config's short-prompt rule
       (mid=False), where the rule changes them.
-    - ours_one_split, full causal M < 4096, N < 8192 at D 128 where the plan splits the keys: one split (the row pass writes the lse, no
-      combine; twenty-ninth session's tile run at 1024: 0.0496 vs 0.0550 ms).
+    - ours_one_split, full causal M < 4096, N < 8192 at D 128 where the plan splits the keys: one split (the row pass
+      writes the lse, no combine; twenty-ninth session's tile run at 1024: 0.0496 vs 0.0550 ms).
     - ours_win_tiles64, windows of 16–128 queries at N ≤ 2048, D 128: column tiles of the window's rows × 64 keys
       and 64-row row tiles (the same run, window 64 at N = 512: 0.0173 vs 0.0202 ms).
     - ours_pdl, every shape: ours with programmatic dependent launch between the two passes (the config's PDL:

@@ -1360,7 +1360,8 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     The last dimension of q and k must have stride 1. ``config`` replaces the tile choice: a full dict of
     _pick_config's keys (benchmark sweeps, tests), optionally SPLITS (the row pass's key splits) and PDL
     (programmatic dependent launch between the passes, _pdl_trigger; ignored below compute capability 9).
-    ``variant`` "new" | "old" overrides the module's launch variant (see _VARIANT). No host sync: everything the launch needs comes from shapes and the given max lengths.
+    ``variant`` "new" | "old" overrides the module's launch variant (see _VARIANT). No host sync: everything the launch
+    needs comes from shapes and the given max lengths.
     """
     variant = variant or _VARIANT
     varlen = cu_seqlens_q is not None

@@ -23,17 +23,26 @@ GROUP = [None, "sum", "mean", "max"]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
+def masked_logits(q, k, is_causal=False, scale=None):
+    """float64 (B, Hq, M, N) logits q·kᵀ·scale, K repeated over each group, −inf where the key is not visible
+    (bottom-right causal), and the (M, N) visibility."""
+    Hq, M, D = q.shape[1:]
+    Hkv, N = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    s = q.double() @ k.double().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * scale
+    i = torch.arange(M, device=q.device)[:, None]
+    j = torch.arange(N, device=q.device)[None, :]
+    visible = (j <= i + (N - M)) if is_causal else torch.ones(M, N, dtype=torch.bool, device=q.device)
+    return s.masked_fill(~visible, float("-inf")), visible
+
+
 def reference(q, k, reduction, is_causal=False, group_reduce=None, scale=None):
     """Materialise softmax(q·kᵀ·scale) in float64 and reduce it; rows that see nothing give zeros."""
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * scale
-    i = torch.arange(M, device=q.device)[:, None]
-    j = torch.arange(N, device=q.device)[None, :]
-    visible = (j <= i + (N - M)) if is_causal else torch.ones(M, N, dtype=torch.bool, device=q.device)
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
+    s, visible = masked_logits(q, k, is_causal, scale)
+    p = torch.softmax(s, -1)
     p = torch.where(visible, p, torch.zeros((), dtype=p.dtype, device=p.device))  # all-masked rows: NaN → 0
     if reduction == "sum":
         r = p.sum(2)
@@ -140,9 +149,7 @@ def test_non_contiguous_inputs(backend):
 def test_lse_argument_matches_recomputed(backend):
     q, k = rand_qk((1, 4, 2, 20, 70, 64), torch.float32, seed=6)
     scale = 0.07
-    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * scale
-    i, j = torch.arange(20, device=q.device)[:, None], torch.arange(70, device=q.device)[None, :]
-    lse = s.masked_fill(j > i + 50, float("-inf")).logsumexp(-1).float()
+    lse = masked_logits(q, k, True, scale)[0].logsumexp(-1).float()
     for reduction in REDUCTIONS:
         out = colreduce(q, k, reduction, is_causal=True, scale=scale, lse=lse, backend=backend)
         assert rel_err(out, reference(q, k, reduction, True, scale=scale)) < 1e-5

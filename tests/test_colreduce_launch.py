@@ -4,13 +4,14 @@ before) against the float64 reference, with the tiles the "new" variant picks on
 import inspect
 import math
 import os
+import sys
 
 import pytest
 import torch
 
 import colreduce_kvprune.kernels.colreduce as kmod
 from colreduce_kvprune.kernels.colreduce import _fit_config, _pick_config, colreduce_triton
-from test_colreduce import DEVICE, TOL, _poison_empty, rand_qk, reference, rel_err
+from test_colreduce import DEVICE, TOL, _poison_empty, masked_logits, rand_qk, reference, rel_err
 
 # (B, Hq, Hkv, M, N, D): windows of 1 and 16 queries, a window over two key splits, M = N
 SHAPES = {"M1-N90-g4": (1, 4, 1, 1, 90, 32), "M16-N200-g2": (1, 4, 2, 16, 200, 16),
@@ -112,9 +113,7 @@ def test_lse_given_and_no_key_rows(variant, monkeypatch):
     """lse given (natural log, -inf for rows that see no key when M > N): converted in the kernel or by torch."""
     _poison_empty(monkeypatch)
     q, k = rand_qk((1, 2, 1, 20, 12, 16), torch.float32, seed=2)
-    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
-    i, j = torch.arange(20)[:, None], torch.arange(12)[None, :]
-    lse = s.masked_fill(j.to(s.device) > (i + 12 - 20).to(s.device), float("-inf")).logsumexp(-1).float()
+    lse = masked_logits(q, k, True, 0.25)[0].logsumexp(-1).float()
     assert torch.isneginf(lse).any()
     out = colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, lse=lse, variant=variant)
     assert rel_err(out, reference(q, k, "sum", True, None, scale=0.25)) < TOL[torch.float32]
@@ -324,15 +323,17 @@ def _direct_path_on_cpu(monkeypatch) -> list:
     dispatch (_launch) and the launchers _build_direct makes replaced by recorders. Returns the record: (kernel name,
     "jit" | "direct", pointer arguments)."""
     record = []
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        from host_python import stub_device     # the device queries, as benchmarks/host_python.py answers them
+    finally:
+        sys.path.remove(bench)
+    stub_device(kmod, lambda obj, name, value: monkeypatch.setattr(obj, name, value, raising=False))
     monkeypatch.setattr(kmod, "_interpreting", lambda: False)
-    monkeypatch.setattr(kmod, "_sm_count", lambda dev: 132)
-    monkeypatch.setattr(kmod, "_ws_device", lambda dev: False)
     monkeypatch.setattr(kmod, "_direct_launchers", {})
     monkeypatch.setattr(kmod, "_scratch_bufs", {})
     monkeypatch.setattr(kmod, "_VARIANT", "direct")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 0, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
 
     def jit(fn, grid, args, kw):
         record.append((fn.fn.__name__, "jit", args))
@@ -418,7 +419,7 @@ def test_pdl_config_gives_the_same_bits():
             assert torch.equal(colreduce_triton(q, k, "sum", config=dict(cfg, PDL=True), **kw), ref), shape
         if M * N <= 2048 * 2048:
             assert rel_err(ref, reference(q, k, "sum", True, "mean", scale=D ** -0.5)) < TOL[torch.float16], shape
-    lse = torch.logsumexp(reference_scores(q, k, D ** -0.5), -1).float()
+    lse = masked_logits(q, k, True, D ** -0.5)[0].logsumexp(-1).float()    # the last shape's
     ref = colreduce_triton(q, k, "sum", lse=lse, config=cfg, **kw)
     assert torch.equal(colreduce_triton(q, k, "sum", lse=lse, config=dict(cfg, PDL=True), **kw), ref)
     (q, cache, table, cu_q, seqlens), _ = _paged_batch(16)
@@ -431,15 +432,6 @@ def test_pdl_config_gives_the_same_bits():
     ref = paged(cfg)
     for _ in range(3):
         assert torch.equal(paged(dict(cfg, PDL=True)), ref)
-
-
-def reference_scores(q, k, scale):
-    """float64 scaled logits q·kᵀ with K repeated over each group (B, Hq, M, N), causal bottom-right (−inf above)."""
-    G = q.shape[1] // k.shape[1]
-    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * scale
-    M, N = s.shape[-2:]
-    mask = torch.arange(N, device=s.device)[None, :] > torch.arange(M, device=s.device)[:, None] + (N - M)
-    return s.masked_fill(mask, float("-inf"))
 
 
 def _paged_batch(window=16):

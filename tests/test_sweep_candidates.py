@@ -47,10 +47,10 @@ def test_row_candidate_configs(monkeypatch):
     """Full causal M ≥ 8192: the candidate is the default config (as an H200 gets it) with the row pass at 3 stages
     (the default before the TMA key tiles), nothing else changed; 4096 ≤ M < 8192: 128-row tiles at 4 warps and
     4 stages instead of the default's 64-row tiles. Below 8192 keys at D 128 also ours_mid_before: the tiles before
-    _fit_config's short-prompt rule (mid=False); below 4k ours_one_split where the plan splits the keys (1024), and
-    for windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing else for a chunk of a long prompt, a longer
-    window or one query. At every shape ours_pdl: the default's tiles with PDL on. (Not run here: these prompts are beyond the interpreter; the sweep records each one's
-    difference to the old launch path beside its time.)"""
+    _fit_config's short-prompt rule (mid=False); below 4k ours_one_split where the plan splits the keys (1024), and for
+    windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing else for a chunk of a long prompt, a longer window
+    or one query. At every shape ours_pdl: the default's tiles with PDL on. (Not run here: these prompts are beyond the
+    interpreter; the sweep records each one's difference to the old launch path beside its time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
     monkeypatch.setattr(kmod, "_interpreting", lambda: False)
