@@ -10,6 +10,8 @@ call (benchmarks/kernels.py host_blocks: the device kept busy, so no launch wait
   per-launch conversion of the two descriptors (make_tensordesc_arg: the CUtensorMap encodes);
 - an empty Triton kernel through its compiled launcher (the floor of one launch on this host);
 and a cProfile of 300 whole calls each way (the functions with the most own time), so the parts not listed show.
+Then the Triton path's parts at three shapes, and a window of 64 over 512 keys both as two passes and as the one-launch
+kernel (set_fused_windows), alternated twice.
 
     python benchmarks/host_parts.py --out DIR     # GPU (sm_90): DIR/host_parts.json, DIR/host_parts_profile.txt
 """
@@ -170,6 +172,23 @@ def _launch_parts(bk, kmod, record):
                 torch.cuda.synchronize()
                 blocks = bk.host_blocks(f, 0.05, host_calls=200)
                 record(dict(shape=name, part=part, host_us=round(blocks[2], 2), host_us_min=round(blocks[0], 2)))
+    # a short window both ways: two passes (two launches) and the one-launch kernel (kernels/colreduce.py
+    # set_fused_windows), whole calls, so the launch it saves shows in host time
+    q = torch.randn(1, 32, 64, 128, device=dev, dtype=f16)
+    k = torch.randn(1, 8, 512, 128, device=dev, dtype=f16)
+    try:
+        for fused in (False, True, False, True):
+            kmod.set_fused_windows(fused)
+            fn = lambda: colreduce(q, k, "sum", is_causal=True, group_reduce="mean")  # noqa: E731
+            fn()
+            fn()
+            torch.cuda.synchronize()
+            blocks = bk.host_blocks(fn, 0.05, host_calls=200)
+            record(dict(shape="win64 32/8 N=512", part="whole call (ops.colreduce), " +
+                        ("one launch (set_fused_windows)" if fused else "two passes"),
+                        host_us=round(blocks[2], 2), host_us_min=round(blocks[0], 2)))
+    finally:
+        kmod.set_fused_windows(False)
 
 
 def _out(argv):

@@ -237,7 +237,7 @@ def compiled_kernels():
     from colreduce_kvprune.kernels import colreduce as kmod
     rows = []
     for fn in (kmod._row_stats_kernel, kmod._window_column_kernel, kmod._long_column_kernel,
-               kmod._saved_column_kernel):
+               kmod._saved_column_kernel, kmod._fused_window_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache
             for key, k in kernels.items():
@@ -586,6 +586,9 @@ def _candidate_fns(sh, case, sms):
     - ours_pdl, every shape: ours with programmatic dependent launch between the two passes (the config's PDL:
       the column kernel's launch and key-tile load overlap the row pass's last programs; thirtieth session, not yet
       timed).
+    - ours_fused, windows where _fused_tiles applies (the group's rows in one tile, at most one program per SM: N ≤
+      2048 at 32/8): both passes in one cooperative launch, each score computed once (the config's FUSED;
+      thirty-first session, not yet timed; its host time is one launch less, which this GPU time does not show).
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
@@ -614,6 +617,8 @@ def _candidate_fns(sh, case, sms):
             dense("ours_win_tiles64", dict(per_tile, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=64, warps=4,
                                            stages=3, BLOCK_R=64, warps1=4, stages1=3))
         dense("ours_pdl", dict(base, PDL=True))
+        if kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False):
+            dense("ours_fused", dict(base, FUSED=True))
         return fns
 
     def packed(name, cfg):
@@ -1049,7 +1054,8 @@ def serving_markdown(result):
                   "row tiles at 4 stages at full causal 4k; ours_mid_before: the tiles before the short-prompt rule of "
                   "_fit_config, full causal < 8192 keys; ours_one_split: one key split in the row pass; ours_win_tiles64: "
                   "window tiles of the window's rows × 64 keys, 64-row row tiles; ours_pdl: programmatic dependent "
-                  "launch between the passes), gpu ms against ours: "
+                  "launch between the passes; ours_fused: both passes of a short window in one cooperative launch), "
+                  "gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "
                               f"{r['candidates'][key]:.1e})" for r, key in cand) + "."]

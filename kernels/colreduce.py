@@ -14,6 +14,8 @@ Two passes over K, each program owning its outputs (bitwise deterministic):
    PERSISTENT mode turns this around: each program loads the group's queries once and loops over a run of key tiles.
    Windows whose group rows are few against the head dimension (_save_scores) skip the second read of K: the row
    pass also stores its scores, and ``_saved_column_kernel`` reduces exp2(x − lse) over them.
+   A config's FUSED (benchmarks and tests; not a default) runs both passes of a short window in one cooperative
+   launch, each score computed once: ``_fused_window_kernel``.
 
 Dense (B, H, L, D) and packed varlen (total, H, D) tensors share the kernels through strides: a varlen call passes
 batch stride 0 and cumulative sequence starts. Causal masking is bottom-right aligned per sequence: query i sees
@@ -131,6 +133,20 @@ def _save_scores(G: int, max_m: int, D: int, dtype: torch.dtype, positions: int)
     B · max_seqlen_k key positions, each with the scores of G·max_m rows per kv head (× Hkv: pass positions · Hkv)."""
     return (SAVE_SCORES and G * max_m * 4 * _SAVE_RATIO <= D * dtype.itemsize
             and positions * G * max_m * 4 <= _SAVE_MAX_BYTES)
+
+
+# Both passes of a short window in one cooperative launch (_fused_window_kernel) wherever _fused_tiles allows it: off
+# by default until a GPU run has timed it against the two passes (COLREDUCE_KVPRUNE_FUSED=1, or set_fused_windows for
+# benchmarks; a config's FUSED asks for it in one call).
+FUSED_WINDOWS = os.environ.get("COLREDUCE_KVPRUNE_FUSED", "0") == "1"
+
+
+def set_fused_windows(on: bool) -> None:
+    """FUSED_WINDOWS on or off for later calls; cached recipes and launchers dropped."""
+    global FUSED_WINDOWS
+    FUSED_WINDOWS = bool(on)
+    _cached_recipe.cache_clear()
+    _direct_launchers.clear()
 
 
 def set_saved_scores(on: bool) -> None:
@@ -726,6 +742,88 @@ def _saved_column_kernel(X, LSE2, Out, cu_q, cu_k, sob, soh, son, max_m, max_n, 
                       REDUCTION, GROUP_REDUCE, FUSE_HEADS, IS_PAGED, BLOCK_M)
 
 
+_MAX_SPINS = tl.constexpr(1 << 22)     # _fused_window_kernel's wait: polls before it gives up (seconds on a GPU)
+
+
+@triton.jit
+def _fused_window_kernel(Q, K, BT, M_part, L_part, Counter, Out, cu_q, cu_k,
+                         sqb, sqh, sqm, skb, skh, skn, skblk, sbt, sob, soh, son, spp, max_m, max_n, qk_scale,
+                         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                         REDUCTION: tl.constexpr, GROUP_REDUCE: tl.constexpr, FUSE_HEADS: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PHASE: tl.constexpr):
+    """Both passes of a short window in one launch, one q·kᵀ per (query, key) pair (FUSED; _fused_tiles).
+
+    Program (t, sequence × kv head) holds the group's rows (G heads × BLOCK_M queries, row g·BLOCK_M + m, as the
+    persistent window pass) against key tile t and keeps e = exp2(s − o) of that tile in registers, o the tile's
+    row max. It writes the tile's partial (o, Σ e) per row to M_part/L_part[t, b·Hq + h, m] (the row pass's
+    partials with the key tiles as splits), waits until the T = num_programs(0) programs of its sequence × kv head
+    have written theirs, combines them in tile order into the row lse (_combine_splits: deterministic) and reduces
+    p = e · exp2(o − lse) over its rows as the saved-scores column pass does (_store_group_rows). So the keys are
+    read once, each score is computed once, and there is no second launch: for the shapes where the two passes'
+    launches and ramps are most of the time (windows over a few thousand keys).
+
+    The wait: Counter[sequence × kv head] (int32, zero before the launch) counts each program once when its
+    partials are written (release) and once when it has read the others' (acquire, spinning until T have
+    arrived); the program that counts 2T − 1 sets it back to zero. Every program of the grid must be resident at
+    once: the launcher launches it cooperatively (launch_cooperative_grid: the driver refuses a grid that cannot
+    be) with at most one program per SM (_fused_tiles); should a program still wait after _MAX_SPINS polls, its
+    columns are NaN rather than the GPU hanging. The interpreter runs programs one after another, so there
+    PHASE 1 (partials) and PHASE 2 (the rest, the tile computed again) are two launches; PHASE 0 is both with the
+    wait. Paged outputs are padded to max_n with zeros; programs past a sequence's keys count and store only that.
+    """
+    b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows = _column_program(
+        cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV, IS_VARLEN, IS_PAGED, PAGE, IS_CAUSAL, BLOCK_M,
+        BLOCK_N, 1)
+    g, m, r_ok = _group_rows(Mb, G, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    h = hk * G + g
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + (q0 + m)[:, None] * sqm + d[None, :],
+                mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
+    kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    seen = r_ok[:, None] & n_ok[None, :]
+    if IS_CAUSAL:
+        seen = seen & (n[None, :] <= m[:, None] + shift)
+    s = tl.where(seen, s, float("-inf"))
+    o_t = tl.max(s, 1)                                # -inf for a row that sees no key of this tile
+    o = tl.where(o_t == float("-inf"), 0.0, o_t)
+    e = tl.exp2(s - o[:, None])                       # 0 where unseen
+    row = (b * HKV * G + h) * max_m + m
+    part = tl.program_id(0) * spp + row
+    if PHASE != 2:
+        tl.store(M_part + part, o_t, mask=r_ok)
+        tl.store(L_part + part, tl.sum(e, 1), mask=r_ok)
+    slot = Counter + tl.program_id(1)
+    T = tl.num_programs(0)
+    if PHASE == 0:
+        # every thread's partials written, then one release per program; spin (acquire) until the T programs of
+        # this sequence × kv head have counted (the threadfence reduction of the row pass's COMBINE, as a barrier)
+        tl.debug_barrier()
+        tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+        arrived = tl.atomic_add(slot, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (arrived < T) & (spins < _MAX_SPINS):
+            arrived = tl.atomic_add(slot, 0, sem="acquire", scope="gpu")
+            spins += 1
+        tl.debug_barrier()
+    if PHASE != 1:
+        lse2 = _combine_splits(M_part, L_part, row, r_ok, spp, T)   # +inf for rows that see no key: p = 0
+        if PHASE == 0:                                # gave up waiting (never, when all are resident): NaN, not a hang
+            lse2 = tl.where(arrived < T, float("nan"), lse2)
+        p = e * tl.exp2(o - lse2)[:, None]
+        _store_group_rows(p, _column_counts(n, shift, Mb, IS_CAUSAL), Out, b, hk, k0, n, n_ok,
+                          _stored_columns(n, n_ok, max_n, IS_PAGED), sob, soh, son, G, REDUCTION, GROUP_REDUCE,
+                          FUSE_HEADS, IS_PAGED, BLOCK_M)
+    if PHASE == 0:                                    # the last of the 2T counts: zero for the next launch
+        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == 2 * T - 1:
+            tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")
+
+
 @triton.jit
 def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
                           sqb, sqh, sqm, skb, skh, skn, skblk, sbt, slb, slh, slm, lse_q0, sob, soh, son,
@@ -1051,6 +1149,27 @@ def _persistent_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: in
     return None
 
 
+def _fused_tiles(max_m: int, max_n: int, D: int, G: int, programs: int, sms: int, interpreting: bool,
+                 itemsize: int = 2) -> int:
+    """BLOCK_N of the one-launch window kernel (_fused_window_kernel; a config's FUSED) at this shape, or 0 where it
+    does not apply: the group's rows must fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, M ≤ 128, D ≤ 128) and
+    the grid — key tiles × programs (sequences × kv heads) — be at most one program per SM, 64-key tiles where
+    that fits, else 128 (every program waits for the others of its sequence × kv head, so all must be resident:
+    one per SM always is). 16-bit inputs only (itemsize): float32 tiles this size spill (26 KB at 256 × 128, ptxas
+    for sm_90). Under the interpreter 32-key tiles, any grid and dtype (it runs the two phases as two launches)."""
+    block_m = max(16, triton.next_power_of_2(max(1, max_m)))
+    if max_m > _WINDOW_M or triton.next_power_of_2(G) * block_m > 256 or triton.next_power_of_2(D) > 128:
+        return 0
+    if interpreting:
+        return 32
+    if itemsize != 2:
+        return 0
+    for block_n in (64, 128):
+        if triton.cdiv(max_n, block_n) * programs <= sms:
+            return block_n
+    return 0
+
+
 def _fuse_heads(reduction: str, group_reduce: str | None) -> bool:
     """True where combining the group's heads commutes with reducing rows (sum/mean of sums, max of maxes)."""
     if reduction == "max":
@@ -1115,6 +1234,23 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
         cfg = dict(cfg, SAVE=False)
     common = dict(HKV=Hkv, G=G, D=D, IS_VARLEN=varlen, IS_PAGED=paged, PAGE=page, IS_CAUSAL=is_causal,
                   UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    # the one-launch window kernel (_fused_window_kernel): a config's FUSED (without one: FUSED_WINDOWS), where
+    # _fused_tiles allows it
+    wants = cfg.get("FUSED") if config is not None else FUSED_WINDOWS
+    fused_n = _fused_tiles(max_m, max_n, D, G, B * Hkv, sms, interpreting, dtype.itemsize) if (
+        wants and variant != "old" and not lse_given and not one_split) else 0
+    if fused_n:
+        block_m = max(16, triton.next_power_of_2(max(1, max_m)))
+        warps = 8 if triton.next_power_of_2(G) * block_m * fused_n >= 16384 else 4     # ≤ 64 score registers
+        cfg = dict(cfg, FUSED=True, SAVE=False, PERSISTENT=0, BLOCK_M=block_m, BLOCK_N=fused_n, warps=warps, stages=1)
+        grid = (triton.cdiv(max_n, fused_n), B * Hkv)
+        col_kw = dict(REDUCTION=_REDUCTIONS[reduction], GROUP_REDUCE=_GROUP_REDUCE[group_reduce],
+                      FUSE_HEADS=_fuse_heads(reduction, group_reduce), BLOCK_M=block_m, BLOCK_N=fused_n,
+                      PHASE=0, num_warps=warps, num_stages=1, **common,
+                      **({} if interpreting else dict(launch_cooperative_grid=True)))
+        return cfg, 1, grid[0], fused_n, grid, {}, col_kw, False, 1
+    if cfg.get("FUSED"):                              # a config asking for it where it does not apply
+        cfg = dict(cfg, FUSED=False)
     final = variant != "old" and splits == 1 and not lse_given
     combine = variant != "old" and splits > 1 and not lse_given
     # programmatic dependent launch (_pdl_trigger): a config's choice, where the row pass precedes the column pass
@@ -1258,6 +1394,7 @@ class _Direct(NamedTuple):
     k_box: list | None       # the box of the row pass's descriptor of K (_k_box), None where it loads K itself
     ws: object               # where the row pass is colreduce_ws.py's: its launcher (colreduce_ws.direct_launcher),
                              # and `row` is the REDO launch after it; else None
+    fused: bool = False      # `col` is the one-launch window kernel's (off_m, off_l: its partials; no row pass)
 
 
 _direct_launchers: dict = {}   # call signature -> _Direct, or False (that signature stays on the JIT dispatch)
@@ -1358,8 +1495,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     (num_blocks, block_size, Hkv, D), block_table (B, max_blocks), seqlens_k (B,) → (B, Hq|Hkv, max_seqlen_k),
     zero past each sequence's keys.
     The last dimension of q and k must have stride 1. ``config`` replaces the tile choice: a full dict of
-    _pick_config's keys (benchmark sweeps, tests), optionally SPLITS (the row pass's key splits) and PDL
-    (programmatic dependent launch between the passes, _pdl_trigger; ignored below compute capability 9).
+    _pick_config's keys (benchmark sweeps, tests), optionally SPLITS (the row pass's key splits), PDL
+    (programmatic dependent launch between the passes, _pdl_trigger; ignored below compute capability 9) and FUSED
+    (both passes of a short window in one launch, _fused_window_kernel, where _fused_tiles allows it).
     ``variant`` "new" | "old" overrides the module's launch variant (see _VARIANT). No host sync: everything the launch
     needs comes from shapes and the given max lengths.
     """
@@ -1430,6 +1568,11 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         if fast:                                           # the compiled kernels, launched directly
             ws, counters = _scratch(fast.n_scratch, fast.n_count, q.device, dev, stream)
             base = ws.data_ptr()
+            if fast.fused:                                 # one launch, the JIT launch's pointers as addresses
+                fast.col(stream, (q.data_ptr(), k.data_ptr(), block_table.data_ptr(), base + 4 * fast.off_m,
+                                  base + 4 * fast.off_l, counters.data_ptr(), out.data_ptr(), cu_seqlens_q.data_ptr(),
+                                  cu_seqlens_k.data_ptr()), qk_scale)
+                return out
             # the Gluon row pass (colreduce_ws.direct_launcher), or False where this call's q or k has a layout its
             # descriptors cannot read that the call signature does not show: then the JIT path below
             if fast.ws is None or fast.ws(q, k, base + 4 * fast.off_m, cu_seqlens_q, cu_seqlens_k, max_m, max_n, B,
@@ -1461,9 +1604,23 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         if config.get("PDL") and not interpreting and not _has_tma(dev):     # PDL: compute capability 9 and later
             config = dict(config, PDL=False)
         cfg, row_blocks, splits, split_len, grid, row_kw, col_kw, final, hs = _recipe(*key, config=config)
+    rows = B * Hq * max_m
+    if cfg.get("FUSED"):      # one launch (_fused_window_kernel): partials per key tile, a counter per sequence × kv
+        (off_m, off_l), n_scratch = _regions(grid[0] * rows, grid[0] * rows)
+        n_scratch = max(n_scratch, 1)
+        ws, counters = _scratch(n_scratch, grid[1], q.device, dev, stream)
+        ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, sob, soh, son, rows, max_m, max_n)
+        args = (q, k, block_table, ws[off_m:off_m + grid[0] * rows], ws[off_l:off_l + grid[0] * rows], counters, out,
+                cu_seqlens_q, cu_seqlens_k, *ints, qk_scale)
+        for phase in (1, 2) if interpreting else (0,):   # the interpreter runs programs in turn: no waiting in it
+            compiled = _launch(_fused_window_kernel, grid, args, dict(col_kw, PHASE=phase))
+        if ck is not None and ck not in _direct_launchers:
+            fused_l = _build_direct(_fused_window_kernel, compiled, col_kw, grid, ints)
+            _direct_launchers[ck] = _Direct(None, fused_l, off_m, off_l, -1, -1, n_scratch, grid[1], -1, -1, False,
+                                            False, None, None, True) if fused_l is not None else False
+        return out
     # scratch (float32): row partials (max, sum: splits each; the lse itself when final), the combined lse, the
     # head split's partials, the saved scores (_saved_scores: key positions × Hq·max_m)
-    rows = B * Hq * max_m
     saved = cfg.get("SAVE", False)
     positions = k.shape[0] if varlen and not paged else B * max_n       # key positions (packed or padded)
     n_x = positions * Hq * max_m if saved else 0

@@ -149,6 +149,55 @@ def _compile_ws() -> list[dict]:
     return done
 
 
+# the one-launch window kernel (a config's FUSED) where it applies on an H200 (132 SMs): (name, max_m, max_n, D, G,
+# B, Hkv, reduction, group_reduce, varlen, paged, dtype)
+FUSED_LAUNCHES = [
+    ("window 64, 32/8, 512 (64-key tiles)", 64, 512, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
+    ("window 64, 32/8, 2048 (128-key tiles)", 64, 2048, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
+    ("window 1, 32/8, 2048", 1, 2048, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
+    ("window 64, MHA 32, 512, per head, bf16", 64, 512, 128, 1, 1, 32, "mean", None, False, False, "bfloat16"),
+    ("paged 2 prompts to 1k, window 16, max over heads, D 64", 16, 1024, 64, 4, 2, 8, "max", "max", True, True,
+     "float16"),
+]
+
+
+def _compile_fused() -> list[dict]:
+    """The one-launch window kernel at FUSED_LAUNCHES' recipes, compiled for sm_90 with its cooperative launch; its
+    registers and spills (ptxas) and the atomics of its wait (PTX)."""
+    import re
+
+    import colreduce_kvprune.kernels.colreduce as kmod
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import gluon_row_pass      # its ptxas reader
+
+    elem = {"float16": "fp16", "bfloat16": "bf16"}
+    done = []
+    for name, max_m, max_n, D, G, B, Hkv, red, group, varlen, paged, dtype in FUSED_LAUNCHES:
+        cfg, _, _, _, grid, _, kw, *_ = kmod._recipe(max_m, max_n, D, G, B, Hkv, True, "direct", 132, red, group,
+                                                     varlen, paged, 16 if paged else 1, getattr(torch, dtype), False,
+                                                     False, config=dict(kmod._pick_config(max_m, D, G, True),
+                                                                        FUSED=True))
+        const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "launch_cooperative_grid")}
+        pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
+                        Counter="*i32", M_part="*fp32", L_part="*fp32", Out="*fp32")
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        fn = kmod._fused_window_kernel
+        sig = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
+               for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
+            num_warps=kw["num_warps"], num_stages=kw["num_stages"],
+            launch_cooperative_grid=kw.get("launch_cooperative_grid", False)))
+        ptx = compiled.asm["ptx"]
+        sass = gluon_row_pass.sass_overlap(compiled)
+        done.append(dict(launch=name, fused=cfg.get("FUSED", False), grid=list(grid), block_n=kw["BLOCK_N"],
+                         warps=kw["num_warps"], cooperative=compiled.metadata.launch_cooperative_grid,
+                         registers=sass["registers"], spill_bytes=sass["spill_bytes"],
+                         ordered=re.findall(r"(?:atom|ld)\.global\.gpu\.(acq_rel\.add|acquire)", ptx)))
+    return done
+
+
 def compile_row_pass_variant(row_pass, variant: str):
     """benchmarks/row_pass.py's kernel for one variant at the product's row tiles (128 × 64, 4 warps, 3 stages),
     fp16, D 128, GQA 4, compiled for sm_90."""
@@ -256,6 +305,20 @@ def test_pdl_kernels_compile_for_sm90():
 
 
 @_NVIDIA
+def test_fused_kernel_compiles_for_sm90():
+    """The one-launch window kernel (a config's FUSED) compiles for sm_90 where _fused_tiles takes it, launched
+    cooperatively, without spills; its wait is the release-acquire count the docstring describes: an acq_rel add
+    when its partials are written, acquire loads while it waits (Triton turns the add of 0 into one), an acq_rel add
+    when it leaves."""
+    done = _run_compiles("fused")
+    assert len(done) == len(FUSED_LAUNCHES), done
+    for row in done:
+        assert row["fused"] and row["cooperative"] and row["spill_bytes"] == 0, row
+        assert row["grid"][0] * row["grid"][1] <= 132, row                 # one program per SM at most
+        assert row["ordered"].count("acq_rel.add") == 2 and row["ordered"].count("acquire") >= 1, row
+
+
+@_NVIDIA
 def test_experiment_kernels_compile_for_sm90():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     try:                      # off the path again: benchmarks/kernels.py would pass for Hugging Face's `kernels`
@@ -297,5 +360,5 @@ def test_gluon_row_pass_compiles_for_sm90():
 
 
 if __name__ == "__main__":
-    print(json.dumps({"product": _compile_all, "ws": _compile_ws, "pdl": _compile_pdl}.get(
+    print(json.dumps({"product": _compile_all, "ws": _compile_ws, "pdl": _compile_pdl, "fused": _compile_fused}.get(
         sys.argv[1], _compile_experiments)()))

@@ -351,8 +351,9 @@ def _direct_path_on_cpu(monkeypatch) -> list:
 def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
     """A signature's later calls launch with the pointer arguments of its first (JIT) launch, each tensor as its
     address (Triton's launcher then skips data_ptr() and the driver's pointer query per tensor): dense window, full
-    causal, lse given, saved scores, varlen and paged. CPU tensors and recorded launches (no kernel runs), on any
-    machine; on the GPU, test_direct_launch_matches_jit_dispatch compares the results bitwise."""
+    causal, lse given, saved scores, varlen, paged, and the one-launch window kernel. CPU tensors and recorded
+    launches (no kernel runs), on any machine; on the GPU, test_direct_launch_matches_jit_dispatch (and for the
+    one-launch kernel test_colreduce_fused.py) compares the results bitwise."""
     from colreduce_kvprune import colreduce_paged, colreduce_varlen
     record = _direct_path_on_cpu(monkeypatch)
     h = dict(dtype=torch.float16)
@@ -373,6 +374,23 @@ def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
         "paged": lambda: colreduce_paged(*[a.cpu() for a in args], "sum", **pkw, backend="triton"),
     }
     kernels_seen = set()
+
+    def fused_window():            # the one-launch window kernel, switched on from this call on (set_fused_windows)
+        if not kmod.FUSED_WINDOWS:
+            kmod.set_fused_windows(True)
+        return colreduce_triton(q64, k8k, "mean", is_causal=True, scale=0.1, group_reduce=None)
+    cases["fused window"] = fused_window
+    try:
+        _check_direct_pointers(cases, record, kernels_seen)
+    finally:
+        kmod.set_fused_windows(False)
+    assert {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel", "_saved_column_kernel",
+            "_fused_window_kernel"} <= kernels_seen, kernels_seen
+
+
+def _check_direct_pointers(cases: dict, record: list, kernels_seen: set) -> None:
+    """Each case's first call goes through the JIT dispatch, its next two through the direct launchers, with the
+    same pointers as ints (the call's own output standing in for its address)."""
     for name, call in cases.items():
         record.clear()
         out = call().data_ptr()                    # each call's own output (also the unused placeholders' address)
@@ -391,8 +409,6 @@ def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
                     (name, fn, [type(p).__name__ for p in pointers])
                 assert ["out" if p == out else p for p in pointers] == jit_args[:len(pointers)], (name, fn)
                 kernels_seen.add(fn)
-    assert {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel", "_saved_column_kernel"} <= \
-        kernels_seen, kernels_seen
 
 
 @pytest.mark.skipif(DEVICE == "cpu" or torch.cuda.get_device_capability()[0] < 9,

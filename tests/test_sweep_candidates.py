@@ -49,7 +49,8 @@ def test_row_candidate_configs(monkeypatch):
     4 stages instead of the default's 64-row tiles. Below 8192 keys at D 128 also ours_mid_before: the tiles before
     _fit_config's short-prompt rule (mid=False); below 4k ours_one_split where the plan splits the keys (1024), and for
     windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing else for a chunk of a long prompt, a longer window
-    or one query. At every shape ours_pdl: the default's tiles with PDL on. (Not run here: these prompts are beyond the
+    or one query. At every shape ours_pdl: the default's tiles with PDL on; ours_fused (the one-launch window kernel)
+    where _fused_tiles takes the window. (Not run here: these prompts are beyond the
     interpreter; the sweep records each one's difference to the old launch path beside its time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
@@ -77,11 +78,13 @@ def test_row_candidate_configs(monkeypatch):
     assert fns["ours_one_split"].config == dict(default, SPLITS=1)
     fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)  # a short window: 64-key tiles of its rows
     default = _gpu_like_config(64, 512, 128, 4, 8)
-    assert list(fns) == ["ours_win_tiles64", "ours_pdl"]
+    assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_fused"]
+    assert fns["ours_fused"].config == dict(default, FUSED=True)
     assert fns["ours_win_tiles64"].config == dict({k: v for k, v in default.items() if k != "PERSISTENT"},
                                                   BLOCK_M=64, BLOCK_N=64, warps=4, stages=3, BLOCK_R=64, warps1=4,
                                                   stages1=3)
     for m, n in ((2048, 16384), (64, 8192), (1, 512)):  # a chunk of a long prompt, a longer window, one query
         fns = kb._candidate_fns(dict(sh, M=m, N=n), {}, 132)
-        assert list(fns) == ["ours_pdl"], (m, n)        # PDL, every shape: the default's tiles with PDL on
+        # PDL, every shape: the default's tiles with PDL on; the one-launch kernel where it fits one wave (one query)
+        assert list(fns) == ["ours_pdl"] + (["ours_fused"] if m == 1 else []), (m, n)
         assert fns["ours_pdl"].config == dict(_gpu_like_config(m, n, 128, 4, 8), PDL=True)

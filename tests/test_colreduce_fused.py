@@ -1,0 +1,197 @@
+"""The one-launch window kernel (kernels/colreduce.py _fused_window_kernel, a config's FUSED) against float64:
+dense, packed varlen and paged inputs, every reduction and group combine, outputs and scratch pre-filled with NaN.
+On the CPU the interpreter runs its two phases as two launches (it runs programs one after another, so a program
+cannot wait for another); on a GPU it is one cooperative launch whose programs wait for each other, and the GPU
+tests below also check that repeated calls give the same bits and leave the wait's counters at zero."""
+import math
+
+import pytest
+import torch
+
+from colreduce_kvprune.kernels import colreduce as kmod
+from test_colreduce import DEVICE, GROUP, REDUCTIONS, TOL, _poison_empty, rand_qk, reference, rel_err
+from test_colreduce_kernels import SHAPES
+from test_colreduce_paged import paged_case, unpack
+from test_colreduce_varlen import per_sequence_reference
+
+CUDA = DEVICE == "cuda"
+
+
+def fused(m: int, d: int, g: int, **extra) -> dict:
+    return dict(kmod._pick_config(m, d, g, True), FUSED=True, **extra)
+
+
+def _launches(monkeypatch) -> list:
+    """(kernel name, PHASE) of every launch from now on, recorded as they go through Triton's dispatch."""
+    seen = []
+    real = kmod._launch
+
+    def launch(fn, grid, args, kw):
+        seen.append((fn.__name__, kw.get("PHASE")))
+        return real(fn, grid, args, kw)
+    monkeypatch.setattr(kmod, "_launch", launch)
+    return seen
+
+
+ONE_LAUNCH = [("_fused_window_kernel", 0)] if CUDA else [("_fused_window_kernel", 1), ("_fused_window_kernel", 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
+def test_fused_dense_matches_float64(shape, is_causal, monkeypatch):
+    """A window shorter than its keys, M = N ragged, M > N (rows that see no key), a group of 3; B = 2."""
+    _poison_empty(monkeypatch)
+    launched = _launches(monkeypatch)
+    q, k = rand_qk(shape, torch.float32, seed=11)
+    B, Hq, Hkv, M, N, D = shape
+    for reduction in REDUCTIONS:
+        for group in GROUP if is_causal else (None, "mean"):
+            out = kmod.colreduce_triton(q, k, reduction, is_causal=is_causal, scale=1 / math.sqrt(D),
+                                        group_reduce=group, config=fused(M, D, Hq // Hkv))
+            assert launched == ONE_LAUNCH, launched
+            launched.clear()
+            ref = reference(q, k, reduction, is_causal, group)
+            assert out.shape == ref.shape
+            assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
+def test_fused_varlen_and_paged(paged, monkeypatch):
+    """A ragged batch: a window, a prefill, an empty window, a short prompt — so some programs lie past their
+    sequence's keys and only count (and, paged, store the padding's zeros)."""
+    _poison_empty(monkeypatch)
+    launched = _launches(monkeypatch)
+    q_lens, k_lens = [8, 30, 0, 5], [70, 30, 12, 5]
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 2, 16, "NHD", seed=7)
+    cfg = fused(max(q_lens), 16, 2)
+    for reduction in REDUCTIONS:
+        for group in (None, "max", "mean"):
+            ref = per_sequence_reference(q, k, cu_q, cu_k, reduction, True, group)
+            common = dict(is_causal=True, scale=0.25, group_reduce=group, cu_seqlens_q=cu_q,
+                          max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens), config=cfg)
+            if paged:
+                out = kmod.colreduce_triton(q, cache, reduction, block_table=table, seqlens_k=seqlens, **common)
+                assert not torch.isnan(out).any()
+                ref = unpack(ref, k_lens, max(k_lens))               # (B, H, max_n), zeros past each prompt
+            else:
+                out = kmod.colreduce_triton(q, k, reduction, cu_seqlens_k=cu_k, **common)
+            assert launched == ONE_LAUNCH, launched
+            launched.clear()
+            assert rel_err(out, ref) < TOL[torch.float32], (paged, reduction, group)
+
+
+def test_fused_tiles_rule():
+    """Where FUSED applies on a 132-SM GPU: the group's rows in one tile (next_pow2(G)·next_pow2(M) ≤ 256, M ≤ 128,
+    D ≤ 128) and at most one program per SM, with 64-key tiles where they fit, else 128."""
+    rule = kmod._fused_tiles
+    assert rule(64, 512, 128, 4, 8, 132, False) == 64                # window 64, 32/8, 512: 8 × 8 programs
+    assert rule(64, 2048, 128, 4, 8, 132, False) == 128              # 16 × 8
+    assert rule(64, 4096, 128, 4, 8, 132, False) == 0                # 32 × 8 > 132
+    assert rule(64, 512, 128, 1, 32, 132, False) == 128              # MHA 32: 4 × 32
+    assert rule(1, 1024, 128, 4, 8, 132, False) == 64
+    assert rule(128, 512, 128, 4, 8, 132, False) == 0                # 4 × 128 rows
+    assert rule(64, 512, 128, 8, 4, 132, False) == 0                 # 8 × 64 rows
+    assert rule(129, 256, 64, 1, 1, 132, False) == 0                 # not a window
+    assert rule(16, 512, 256, 4, 8, 132, False) == 0                 # D 256
+    assert rule(64, 512, 128, 4, 24, 132, False) == 128              # 3 prompts × 8 kv heads: 4 × 24
+    assert rule(64, 512, 128, 4, 8, 132, False, 4) == 0              # float32
+    assert rule(64, 100_000, 128, 4, 8, 10**6, True, 4) == 32        # the interpreter: any grid and dtype
+
+
+@pytest.mark.parametrize("case", ["long", "lse", "old"])
+def test_fused_where_it_does_not_apply(case, monkeypatch):
+    """A config's FUSED where the kernel does not apply (a query range longer than 128; the lse given; the old
+    launch variant) takes the two-pass path, to the same float64 values."""
+    launched = _launches(monkeypatch)
+    shape = (1, 2, 1, 130, 140, 16) if case == "long" else (1, 4, 2, 9, 70, 16)
+    q, k = rand_qk(shape, torch.float32, seed=12)
+    M, D = shape[3], shape[5]
+    lse = None
+    if case == "lse":
+        lse = torch.logsumexp(reference_logits(q, k), -1).float()
+    out = kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean", lse=lse,
+                                config=fused(M, D, 2), variant="old" if case == "old" else None)
+    assert launched and all(name != "_fused_window_kernel" for name, _ in launched), launched
+    assert rel_err(out, reference(q, k, "sum", True, "mean")) < TOL[torch.float32]
+
+
+def reference_logits(q, k):
+    from test_colreduce import masked_logits
+    return masked_logits(q, k, True, 1 / math.sqrt(q.shape[-1]))[0]
+
+
+GPU_SHAPES = {     # (B, Hq, Hkv, M, N, D, dtype): the sweep's small windows (64- and 128-key tiles), MHA, a batch
+    "win64-32/8-N512-fp16": (1, 32, 8, 64, 512, 128, torch.float16),
+    "win64-32/8-N2048-bf16": (1, 32, 8, 64, 2048, 128, torch.bfloat16),
+    "win1-32/8-N1000-bf16": (1, 32, 8, 1, 1000, 128, torch.bfloat16),
+    "win64-MHA32-N512-fp16": (1, 32, 32, 64, 512, 128, torch.float16),
+    "win16-B2-32/8-N900-D64-fp16": (2, 32, 8, 16, 900, 64, torch.float16),
+}
+
+
+@pytest.mark.skipif(not CUDA, reason="the cooperative launch and its wait run on a GPU only")
+@pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
+def test_fused_on_gpu_repeats_bitwise_and_resets_its_counters(shape, monkeypatch):
+    """One launch whose programs wait for each other: against float64, the same bits on three calls (a counter
+    left non-zero would let the next launch's programs read partials before they are written), and the counters
+    back at zero after each call."""
+    _poison_empty(monkeypatch)
+    launched = _launches(monkeypatch)
+    *dims, dtype = shape
+    B, Hq, Hkv, M, N, D = dims
+    q, k = rand_qk(tuple(dims), dtype, seed=13)
+    cfg = fused(M, D, Hq // Hkv)
+    assert kmod._fused_tiles(M, N, D, Hq // Hkv, B * Hkv, kmod._sm_count(q.device.index or 0), False, 2)
+    ref = reference(q, k, "sum", True, "mean")
+    outs = []
+    for _ in range(3):
+        outs.append(kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean",
+                                          config=cfg))
+        torch.cuda.synchronize()
+        dev, stream = q.device.index or 0, torch.cuda.current_stream().cuda_stream
+        counters = kmod._scratch_bufs[(dev, stream)][1]
+        assert int(counters.abs().sum()) == 0
+    assert launched == ONE_LAUNCH * 3, launched
+    assert rel_err(outs[0], ref) < TOL[dtype]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    launched.clear()
+    try:                      # the switch: the default path, its first call through Triton's dispatch, then direct
+        kmod.set_fused_windows(True)
+        for _ in range(3):
+            out = kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean")
+            torch.cuda.synchronize()
+            assert torch.equal(out, outs[0])
+            assert int(kmod._scratch_bufs[(dev, stream)][1].abs().sum()) == 0
+        built = any(d and d.fused for d in kmod._direct_launchers.values())
+    finally:
+        kmod.set_fused_windows(False)
+    direct = kmod._VARIANT == "direct"                     # then the later two go through the direct launcher
+    assert launched == ONE_LAUNCH * (1 if direct else 3), launched
+    assert built == direct
+
+
+def test_fused_switch(monkeypatch):
+    """set_fused_windows(True): calls without a config take the one-launch kernel where _fused_tiles allows it (the
+    same values as a config's FUSED), and the two passes elsewhere; off again, the two passes."""
+    launched = _launches(monkeypatch)
+    q, k = rand_qk((1, 4, 2, 9, 70, 16), torch.float32, seed=14)
+    qlong, klong = rand_qk((1, 2, 1, 130, 140, 16), torch.float32, seed=15)
+    call = dict(is_causal=True, scale=0.25, group_reduce="mean")
+    with_config = kmod.colreduce_triton(q, k, "sum", config=fused(9, 16, 2), **call)
+    launched.clear()
+    try:
+        kmod.set_fused_windows(True)
+        on = kmod.colreduce_triton(q, k, "sum", **call)
+        assert launched == ONE_LAUNCH, launched
+        launched.clear()
+        long = kmod.colreduce_triton(qlong, klong, "sum", **call)
+        assert launched and all(name != "_fused_window_kernel" for name, _ in launched), launched
+    finally:
+        kmod.set_fused_windows(False)
+    launched.clear()
+    off = kmod.colreduce_triton(q, k, "sum", **call)
+    assert launched and all(name != "_fused_window_kernel" for name, _ in launched), launched
+    assert torch.equal(on, with_config)
+    assert rel_err(on, reference(q, k, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
+    assert rel_err(off, reference(q, k, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
+    assert rel_err(long, reference(qlong, klong, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
