@@ -1152,20 +1152,21 @@ def _persistent_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: in
 def _fused_tiles(max_m: int, max_n: int, D: int, G: int, programs: int, sms: int, interpreting: bool,
                  itemsize: int = 2) -> int:
     """BLOCK_N of the one-launch window kernel (_fused_window_kernel; a config's FUSED) at this shape, or 0 where it
-    does not apply: the group's rows must fit one tile (next_pow2(G) · next_pow2(M) ≤ 256, M ≤ 128, D ≤ 128) and
-    the grid — key tiles × programs (sequences × kv heads) — be at most one program per SM, 64-key tiles where
-    that fits, else 128 (every program waits for the others of its sequence × kv head, so all must be resident:
-    one per SM always is). 16-bit inputs only (itemsize): float32 tiles this size spill (26 KB at 256 × 128, ptxas
-    for sm_90). Under the interpreter 32-key tiles, any grid and dtype (it runs the two phases as two launches)."""
-    block_m = max(16, triton.next_power_of_2(max(1, max_m)))
-    if max_m > _WINDOW_M or triton.next_power_of_2(G) * block_m > 256 or triton.next_power_of_2(D) > 128:
+    does not apply: the group's rows must fit one tile (next_pow2(G) · next_pow2(M) ≤ 512, M ≤ 128, D ≤ 128), its
+    scores at most 32768 (the rows × BLOCK_N fp32 tile: 128 registers a thread at 8 warps) and the grid — key
+    tiles × programs (sequences × kv heads) — at most one program per SM, 64-key tiles where that fits, else 128
+    (every program waits for the others of its sequence × kv head, so all must be resident: one per SM always is).
+    16-bit inputs only (itemsize): float32 tiles this size spill (26 KB at 256 × 128, ptxas for sm_90). Under the
+    interpreter 32-key tiles, any grid and dtype (it runs the two phases as two launches)."""
+    rows = triton.next_power_of_2(G) * max(16, triton.next_power_of_2(max(1, max_m)))
+    if max_m > _WINDOW_M or rows > 512 or triton.next_power_of_2(D) > 128:
         return 0
     if interpreting:
         return 32
     if itemsize != 2:
         return 0
     for block_n in (64, 128):
-        if triton.cdiv(max_n, block_n) * programs <= sms:
+        if rows * block_n <= 32768 and triton.cdiv(max_n, block_n) * programs <= sms:
             return block_n
     return 0
 

