@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import compiled_launch
+
 try:                        # grid dependency control (programmatic dependent launch): 3.6 and 3.7 have it
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAS_GDC = True
@@ -1463,7 +1465,6 @@ def _launch(fn, grid, args, kw):
 def _build_direct(fn, compiled, kw, grid, ints):
     """launch(stream, pointers, qk_scale) for this compiled kernel with its integer arguments bound, or None."""
     try:
-        from triton import knobs
         if compiled is None or not hasattr(compiled, "packed_metadata"):
             return None
         params = list(fn.params)
@@ -1471,12 +1472,13 @@ def _build_direct(fn, compiled, kw, grid, ints):
         if any(not p.is_constexpr for p in params[first_constexpr:]):
             return None                                # constexprs must close the signature
         constexprs = tuple(kw[p.name] for p in params[first_constexpr:])
-        run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        go = compiled_launch(compiled)                 # Triton's C launch, called as its release's launcher does
+        if go is None:
+            return None
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
 
         def launch(stream, pointers, qk_scale):
-            run(g0, g1, g2, stream, function, meta, None, enter, leave, *pointers, *ints, qk_scale, *constexprs)
+            go(g0, g1, g2, stream, *pointers, *ints, qk_scale, *constexprs)
         return launch
     except Exception:  # noqa: BLE001 (an unknown Triton version: stay on the JIT dispatch)
         return None

@@ -32,6 +32,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from .launch import compiled_launch
+
 HALF = gl.constexpr(64)       # query rows per consumer warp group (one wgmma M); a CTA takes 2 · HALF
 BLOCK_N = 64                  # keys per tile
 STAGES = 3                    # ring slots
@@ -226,7 +228,7 @@ class _Desc(NamedTuple):
     round_f32_to_tf32: bool = False
 
 
-_direct: dict = {}    # launch signature -> (run, function, packed metadata, hooks), or None: stays on the JIT
+_direct: dict = {}    # launch signature -> its launch (launch.compiled_launch), or None: stays on the JIT
 
 
 def _signature(q, out, cu_q, cu_k, varlen: bool) -> tuple:
@@ -255,17 +257,15 @@ def launch(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, cu_k, max_
     sig = _signature(q, out, cu_q, cu_k, varlen) + const
     fast = _direct.get(sig)
     if fast:
-        run, function, meta, enter, leave = fast
-        run(*grid, torch._C._cuda_getCurrentRawStream(q.device.index), function, meta, None, enter, leave,
-            _Desc(q, tuple(q2.shape), q2.stride()), _Desc(k, tuple(k2.shape), k2.stride()), out, cu_q, cu_k, Hq,
-            max_m, max_n, qk_scale, *const)
+        fast(*grid, torch._C._cuda_getCurrentRawStream(q.device.index), _Desc(q, tuple(q2.shape), q2.stride()),
+             _Desc(k, tuple(k2.shape), k2.stride()), out, cu_q, cu_k, Hq, max_m, max_n, qk_scale, *const)
         return True
     compiled = _ws_row_lse_kernel[grid](
         _descriptor(q2, HALF.value, D), _descriptor(k2, BLOCK_N, D), out, cu_q, cu_k, Hq, max_m, max_n, qk_scale,
         G=Hq // Hkv, D=D, IS_VARLEN=varlen, NSLOT=STAGES, BLOCK=BLOCK_N, REGS=CONSUMER_REGS, num_warps=4,
         maxnreg=MAXNREG)
     if sig not in _direct:
-        _direct[sig] = _launcher(compiled)
+        _direct[sig] = compiled_launch(compiled)
     return True
 
 
@@ -281,7 +281,6 @@ def direct_launcher(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, c
     fast = _direct.get(_signature(q, out, cu_q if varlen else out, cu_k if varlen else out, varlen) + const)
     if not fast:
         return None
-    run, function, meta, enter, leave = fast
     rows = 2 * HALF.value
     if varlen:
         qs0, ks0 = q.stride(0), k.stride(0)
@@ -291,25 +290,17 @@ def direct_launcher(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, cu_q, c
             tq, tk = q.shape[0], k.shape[0]
             if (q_overlap and tq > 1) or (k_overlap and tk > 1):
                 return False
-            run(-(-max_m // rows), Hq, B, stream, function, meta, None, enter, leave,
-                _Desc(q, (tq, Hq * D), (qs0, 1)), _Desc(k, (tk, Hkv * D), (ks0, 1)), out_ptr, cu_q.data_ptr(),
-                cu_k.data_ptr(), Hq, max_m, max_n, qk_scale, *const)     # addresses: as colreduce.py's direct path
+            fast(-(-max_m // rows), Hq, B, stream, _Desc(q, (tq, Hq * D), (qs0, 1)), _Desc(k, (tk, Hkv * D), (ks0, 1)),
+                 out_ptr, cu_q.data_ptr(), cu_k.data_ptr(), Hq, max_m, max_n, qk_scale,
+                 *const)                             # addresses: as colreduce.py's direct path
             return True
         return go
     q_shape, k_shape, strides = (q.numel() // D, D), (k.numel() // D, D), (D, 1)
 
     def go(q, k, out_ptr, cu_q, cu_k, max_m, max_n, B, qk_scale, stream):     # dense: shapes fixed by the signature
-        run(-(-max_m // rows), Hq, B, stream, function, meta, None, enter, leave, _Desc(q, q_shape, strides),
-            _Desc(k, k_shape, strides), out_ptr, out_ptr, out_ptr, Hq, max_m, max_n, qk_scale, *const)
+        fast(-(-max_m // rows), Hq, B, stream, _Desc(q, q_shape, strides), _Desc(k, k_shape, strides), out_ptr, out_ptr,
+             out_ptr, Hq, max_m, max_n, qk_scale, *const)
         return True
     return go
 
 
-def _launcher(compiled):
-    """(run, function, packed metadata, launch hooks) of a compiled kernel, or None on a Triton without them."""
-    try:
-        from triton import knobs
-        return (compiled.run, compiled.function, compiled.packed_metadata, knobs.runtime.launch_enter_hook,
-                knobs.runtime.launch_exit_hook)
-    except Exception:  # noqa: BLE001 (an unknown Triton: stay on the JIT dispatch)
-        return None

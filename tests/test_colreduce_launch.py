@@ -719,3 +719,47 @@ def test_saved_scores_varlen_and_paged(paged, monkeypatch):
             out = colreduce_varlen(q, k, cu_q, cu_k, reduction, is_causal=True, group_reduce=group, backend="triton")
         assert launched.pop() == "_saved_column_kernel"
         assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
+
+
+@pytest.mark.parametrize("coop_pdl", [(False, False), (True, False), (False, True)])
+def test_compiled_launch_passes_what_triton_launcher_would(coop_pdl):
+    """kernels/launch.py calls Triton's C launch function itself, skipping CudaLauncher.__call__'s Python: with
+    the arguments that __call__ would pass it, exactly, for the installed Triton (a recording C function stands in;
+    no GPU). For a release whose form it does not know, and for a launcher that needs scratch, it calls the
+    launcher as CompiledKernel.run is called."""
+    import triton
+    from triton import knobs
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    from colreduce_kvprune.kernels import launch as lmod
+    c_calls, wrapper_calls = [], []
+
+    class Spy(CudaLauncher):                    # the launcher, its __call__ recorded; its fields set by hand
+        def __call__(self, *a):
+            wrapper_calls.append(a)
+            if not self.global_scratch_size:
+                super().__call__(*a)
+    launcher = Spy.__new__(Spy)
+    launcher.__dict__.update(launch=lambda *a: c_calls.append(a), global_scratch_size=0, global_scratch_align=1,
+                             profile_scratch_size=0, profile_scratch_align=1, num_ctas=1,
+                             launch_cooperative_grid=coop_pdl[0], launch_pdl=coop_pdl[1],
+                             arg_annotations=("annotations",), kernel_signature=b"signature")
+
+    class Compiled:
+        run, function, packed_metadata = launcher, 0xF00, (4, 1, 1024)
+    args = (0x7000, 0x8000, 3, 1 << 40, 0.125, True, 64)   # pointers, ints, the scale, constexprs
+    as_run = (2, 3, 4, 99, 0xF00, (4, 1, 1024), None, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
+              *args)                                        # what CompiledKernel.run is given
+    launcher(*as_run)
+    through_wrapper = c_calls.pop()
+    wrapper_calls.clear()
+    assert lmod._form(triton.__version__) is not None, f"Triton {triton.__version__}: no raw form (launch.py)"
+    lmod.compiled_launch(Compiled)(2, 3, 4, 99, *args)
+    assert c_calls == [through_wrapper] and not wrapper_calls
+    c_calls.clear()
+    lmod.compiled_launch(Compiled, "9.9.0")(2, 3, 4, 99, *args)          # a release it does not know
+    assert wrapper_calls == [as_run] and c_calls == [through_wrapper]
+    wrapper_calls.clear()
+    launcher.global_scratch_size = 16                                     # a kernel that needs scratch
+    lmod.compiled_launch(Compiled)(2, 3, 4, 99, *args)
+    assert wrapper_calls == [as_run]
