@@ -54,6 +54,10 @@ def main(argv=None):
         return dict(host_us=round(blocks[2], 2), host_us_min=round(blocks[0], 2))
 
     record(dict(part="empty Triton kernel, compiled launcher", **us(empty)))
+    from colreduce_kvprune.kernels.launch import compiled_launch
+    raw = compiled_launch(compiled)
+    record(dict(part="empty Triton kernel, Triton's C launch (launch.compiled_launch, the direct path's)",
+                **us(lambda: raw(1, 1, 1, stream, x.data_ptr(), 1))))
     before = kmod.K_WS, wmod.launch, drv.make_tensordesc_arg
     seen = {}
 

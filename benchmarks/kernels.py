@@ -1076,12 +1076,16 @@ def host_floor():
     torch.cuda.synchronize()
     dev = x.device.index
 
-    def direct():                      # the compiled kernel's own launcher, as the "direct" launch variant calls it
+    def direct():                      # the compiled kernel's own launcher (CompiledKernel.run)
         compiled.run(1, 1, 1, torch._C._cuda_getCurrentRawStream(dev), compiled.function, compiled.packed_metadata,
                      None, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, x, 16, 16)
+    from colreduce_kvprune.kernels.launch import compiled_launch
+    raw = compiled_launch(compiled)      # Triton's C launch itself, as the "direct" launch variant calls it
     out = {}
     for name, fn in (("triton_empty_launch_us", lambda: _empty[(1,)](x, 16, BLOCK=16)),
                      ("triton_empty_direct_launch_us", direct),
+                     ("triton_empty_raw_launch_us",
+                      lambda: raw(1, 1, 1, torch._C._cuda_getCurrentRawStream(dev), x.data_ptr(), 16, 16)),
                      ("torch_empty_us", lambda: torch.empty(64, device="cuda")),
                      ("torch_add_us", lambda: x.add(1))):
         for _ in range(20):
