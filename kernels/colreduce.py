@@ -14,8 +14,8 @@ Two passes over K, each program owning its outputs (bitwise deterministic):
    PERSISTENT mode turns this around: each program loads the group's queries once and loops over a run of key tiles.
    Windows whose group rows are few against the head dimension (_save_scores) skip the second read of K: the row
    pass also stores its scores, and ``_saved_column_kernel`` reduces exp2(x − lse) over them.
-   A config's FUSED (benchmarks and tests; not a default) runs both passes of a short window in one cooperative
-   launch, each score computed once: ``_fused_window_kernel``.
+   A config's FUSED or COLREDUCE_KVPRUNE_FUSED=1 (off by default) runs both passes of a short window in one
+   cooperative launch, each score computed once: ``_fused_window_kernel``.
 
 Dense (B, H, L, D) and packed varlen (total, H, D) tensors share the kernels through strides: a varlen call passes
 batch stride 0 and cumulative sequence starts. Causal masking is bottom-right aligned per sequence: query i sees
