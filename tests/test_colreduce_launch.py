@@ -754,8 +754,21 @@ def test_compiled_launch_passes_what_triton_launcher_would(coop_pdl):
     through_wrapper = c_calls.pop()
     wrapper_calls.clear()
     assert lmod._form(triton.__version__) is not None, f"Triton {triton.__version__}: no raw form (launch.py)"
-    lmod.compiled_launch(Compiled)(2, 3, 4, 99, *args)
-    assert c_calls == [through_wrapper] and not wrapper_calls
+    raw = lmod.compiled_launch(Compiled)
+    raw(2, 3, 4, 99, *args)
+    # the same, but the hooks: both chains empty, so None (the C function then calls neither)
+    hooks = [i for i, a in enumerate(through_wrapper)
+             if a is knobs.runtime.launch_enter_hook or a is knobs.runtime.launch_exit_hook]
+    assert len(hooks) == 2 and not knobs.runtime.launch_enter_hook.calls and not knobs.runtime.launch_exit_hook.calls
+    assert c_calls == [tuple(None if i in hooks else a for i, a in enumerate(through_wrapper))] and not wrapper_calls
+    c_calls.clear()
+    profiler = object()                                   # a hook registered after the launch was built
+    knobs.runtime.launch_enter_hook.add(profiler)
+    try:
+        raw(2, 3, 4, 99, *args)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(profiler)
+    assert c_calls == [tuple(None if i == hooks[1] else a for i, a in enumerate(through_wrapper))]
     c_calls.clear()
     lmod.compiled_launch(Compiled, "9.9.0")(2, 3, 4, 99, *args)          # a release it does not know
     assert wrapper_calls == [as_run] and c_calls == [through_wrapper]
