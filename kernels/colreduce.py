@@ -1446,9 +1446,9 @@ def _spec(args) -> tuple:
     return tuple(out)
 
 
-def _tensor_sig(q, k, block_table, cu_q, cu_k, lse) -> tuple:
-    """The dtypes and 16-byte alignment of a call's tensors (q and k's dtype is in the recipe's key)."""
-    ptrs = q.data_ptr() | k.data_ptr() | block_table.data_ptr() | cu_q.data_ptr() | cu_k.data_ptr()
+def _tensor_sig(ptrs: int, q, k, block_table, cu_q, cu_k, lse) -> tuple:
+    """The dtypes and 16-byte alignment of a call's tensors (q and k's dtype is in the recipe's key); ptrs: their
+    addresses or'ed together."""
     if lse is not None:
         ptrs |= lse.data_ptr()
     if ptrs % 16:                                          # some input misaligned: which ones
@@ -1565,16 +1565,18 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     qk_scale = scale * LOG2E
     ck = None
     if variant == "direct" and config is None and not interpreting:
+        # the addresses, read once: the signature's alignment and the direct launch's pointer arguments
+        a_q, a_k, a_bt, a_cq, a_ck = (q.data_ptr(), k.data_ptr(), block_table.data_ptr(), cu_seqlens_q.data_ptr(),
+                                      cu_seqlens_k.data_ptr())
         ck = (key, qs, ks, sbt, None if lse is None else lse.stride(),
-              _tensor_sig(q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
+              _tensor_sig(a_q | a_k | a_bt | a_cq | a_ck, q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
         fast = _direct_launchers.get(ck)
         if fast:                                           # the compiled kernels, launched directly
             ws, counters = _scratch(fast.n_scratch, fast.n_count, q.device, dev, stream)
             base = ws.data_ptr()
             if fast.fused:                                 # one launch, the JIT launch's pointers as addresses
-                fast.col(stream, (q.data_ptr(), k.data_ptr(), block_table.data_ptr(), base + 4 * fast.off_m,
-                                  base + 4 * fast.off_l, counters.data_ptr(), out.data_ptr(), cu_seqlens_q.data_ptr(),
-                                  cu_seqlens_k.data_ptr()), qk_scale)
+                fast.col(stream, (a_q, a_k, a_bt, base + 4 * fast.off_m, base + 4 * fast.off_l, counters.data_ptr(),
+                                  out.data_ptr(), a_cq, a_ck), qk_scale)
                 return out
             # the Gluon row pass (colreduce_ws.direct_launcher), or False where this call's q or k has a layout its
             # descriptors cannot read that the call signature does not show: then the JIT path below
@@ -1583,8 +1585,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
                 # the same arguments as the JIT launch below, every tensor as its address: Triton's launcher takes
                 # an int as it is, where for a tensor it calls data_ptr() and asks the driver about the pointer
                 # (cuPointerGetAttribute), once per tensor argument and launch
-                a_q, a_k, a_o, a_bt = q.data_ptr(), k.data_ptr(), out.data_ptr(), block_table.data_ptr()
-                a_cq, a_ck = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
+                a_o = out.data_ptr()
                 if fast.row is not None:
                     k_desc = _k_descriptor(k, fast.k_box) if fast.k_box is not None else None
                     x = base + 4 * fast.off_x if fast.off_x >= 0 else a_o
