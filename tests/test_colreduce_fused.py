@@ -55,6 +55,19 @@ def test_fused_dense_matches_float64(shape, is_causal, monkeypatch):
             assert rel_err(out, ref) < TOL[torch.float32], (reduction, group)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fused_half_precision(dtype, monkeypatch):
+    """16-bit inputs (the only ones _fused_tiles admits on a GPU; the interpreter upcasts bf16): against float64
+    within the 16-bit tolerance."""
+    _poison_empty(monkeypatch)
+    launched = _launches(monkeypatch)
+    q, k = rand_qk((1, 8, 2, 16, 150, 64), dtype, seed=16)
+    out = kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=0.125, group_reduce="mean",
+                                config=fused(16, 64, 4))
+    assert launched == ONE_LAUNCH, launched
+    assert rel_err(out, reference(q, k, "sum", True, "mean", scale=0.125)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
 def test_fused_varlen_and_paged(paged, monkeypatch):
     """A ragged batch: a window, a prefill, an empty window, a short prompt — so some programs lie past their
