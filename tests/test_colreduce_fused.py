@@ -212,3 +212,22 @@ def test_fused_switch(monkeypatch):
     assert rel_err(on, reference(q, k, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
     assert rel_err(off, reference(q, k, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
     assert rel_err(long, reference(qlong, klong, "sum", True, "mean", scale=0.25)) < TOL[torch.float32]
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs: a GPU only")
+def test_fused_under_cuda_graph_capture():
+    """A cooperative launch captured in a CUDA graph (where vLLM captures the plugin's calls, if this kernel becomes
+    the default): replayed twice, the same bits as the eager call. The scratch under capture is fresh, its counters
+    zeroed by a captured memset (kernels/colreduce.py _scratch)."""
+    q, k = rand_qk((1, 32, 8, 64, 512, 128), torch.float16, seed=17)
+    call = dict(is_causal=True, scale=128 ** -0.5, group_reduce="mean", config=fused(64, 128, 4))
+    eager = kmod.colreduce_triton(q, k, "sum", **call)           # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kmod.colreduce_triton(q, k, "sum", **call)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
