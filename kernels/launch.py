@@ -17,7 +17,8 @@ between releases, read from their sources:
 Where `launch` is Triton's tensor-descriptor wrapper (a kernel with a descriptor argument) it takes the same
 arguments. The launch hooks: both releases keep them as HookChain objects, never None, so the C function calls the
 enter and the exit chain on every launch, empty or not (~0.3 µs a launch here). An empty chain is passed as None
-(which the C function skips), checked at each launch, so a hook registered later (a profiler's) is still called. Any other release, another launcher class or a kernel that needs scratch: CompiledKernel.run as before.
+(which the C function skips), checked at each launch, so a hook registered later (a profiler's) is still called.
+Any other release, another launcher class or a kernel that needs scratch: CompiledKernel.run as before.
 tests/test_colreduce_launch.py checks, on the CPU with a recording C function, that each form passes exactly what
 CudaLauncher.__call__ would."""
 from __future__ import annotations
