@@ -1620,8 +1620,10 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
             compiled = _launch(_fused_window_kernel, grid, args, dict(col_kw, PHASE=phase))
         if ck is not None and ck not in _direct_launchers:
             fused_l = _build_direct(_fused_window_kernel, compiled, col_kw, grid, ints)
-            _direct_launchers[ck] = _Direct(None, fused_l, off_m, off_l, -1, -1, n_scratch, grid[1], -1, -1, False,
-                                            False, None, None, True) if fused_l is not None else False
+            _direct_launchers[ck] = _Direct(
+                row=None, col=fused_l, off_m=off_m, off_l=off_l, off_lse=-1, off_part=-1, n_scratch=n_scratch,
+                n_count=grid[1], off_cc=-1, off_x=-1, long=False, combine=False, k_box=None, ws=None,
+                fused=True) if fused_l is not None else False
         return out
     # scratch (float32): row partials (max, sum: splits each; the lse itself when final), the combined lse, the
     # head split's partials, the saved scores (_saved_scores: key positions × Hq·max_m)
