@@ -41,9 +41,14 @@ LAUNCHES = [
 ]
 
 
-def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: int, launch_pdl: bool = False):
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "launch_cooperative_grid")   # a recipe's keywords that
+# are compile options, not constexprs
+
+
+def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: int, **options):
     """Compile fn for sm_90 with its constexprs bound: the pointer arguments' Triton types from pointers (name →
-    "*fp16", …), qk_scale float32, every other argument int32. Returns the compiled kernel (with a cubin)."""
+    "*fp16", …), qk_scale float32, every other argument int32; options: launch_pdl, launch_cooperative_grid.
+    Returns the compiled kernel (with a cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -53,7 +58,7 @@ def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: i
            for arg in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     assert compiled.asm.get("cubin"), (fn.__name__, const, "no cubin")
     return compiled
 
@@ -83,7 +88,7 @@ def product_launches(pdl: bool = False):
                         Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32",
                         X="*fp32")
         for fn, kw in kernels:
-            const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "launch_pdl")}
+            const = {k: v for k, v in kw.items() if k not in _LAUNCH_OPTIONS}
             if fn is kmod._row_stats_kernel:              # K's descriptor, or None (a constexpr) without TMA
                 if k_tma:
                     box = ", ".join(map(str, kmod._k_box(kw, varlen)))
@@ -91,7 +96,7 @@ def product_launches(pdl: bool = False):
                 else:
                     const["K_desc"] = None
             yield name, fn, kw, _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"],
-                                              kw.get("launch_pdl", False))
+                                              launch_pdl=kw.get("launch_pdl", False))
 
 
 def _compile_all() -> list[dict]:
@@ -178,18 +183,11 @@ def _compile_fused() -> list[dict]:
                                                      varlen, paged, 16 if paged else 1, getattr(torch, dtype), False,
                                                      False, config=dict(kmod._pick_config(max_m, D, G, True),
                                                                         FUSED=True))
-        const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "launch_cooperative_grid")}
+        const = {k: v for k, v in kw.items() if k not in _LAUNCH_OPTIONS}
         pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
                         Counter="*i32", M_part="*fp32", L_part="*fp32", Out="*fp32")
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        fn = kmod._fused_window_kernel
-        sig = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
-               for a in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
-            num_warps=kw["num_warps"], num_stages=kw["num_stages"],
-            launch_cooperative_grid=kw.get("launch_cooperative_grid", False)))
+        compiled = _compile_sm90(kmod._fused_window_kernel, const, pointers, kw["num_warps"], kw["num_stages"],
+                                 launch_cooperative_grid=kw.get("launch_cooperative_grid", False))
         ptx = compiled.asm["ptx"]
         sass = gluon_row_pass.sass_overlap(compiled)
         done.append(dict(launch=name, fused=cfg.get("FUSED", False), grid=list(grid), block_n=kw["BLOCK_N"],
