@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import compiled_launch
+from .launch import DIRECT_CHECKED, compiled_launch
 
 try:                        # grid dependency control (programmatic dependent launch): 3.6 and 3.7 have it
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -64,8 +64,7 @@ _GROUP_REDUCE = {None: 0, "sum": 1, "mean": 2, "max": 3}
 # the H200 under 3.6, 3.7.1 and 3.8.0), "new" under any other. "old": the path before issue 19 (torch ops for the
 # combine and the lse conversion, _pick_config's tiles) — kept so that one GPU run can compare (benchmarks/
 # kernels.py --serving-sweep). Set with COLREDUCE_KVPRUNE_LAUNCH=new|direct|old or set_launch_variant().
-_DIRECT_CHECKED = ("3.6.", "3.7.", "3.8.")
-DEFAULT_VARIANT = "direct" if triton.__version__.startswith(_DIRECT_CHECKED) else "new"
+DEFAULT_VARIANT = "direct" if triton.__version__.startswith(DIRECT_CHECKED) else "new"    # (launch.py)
 _VARIANTS = ("new", "old", "direct")
 _VARIANT = os.environ.get("COLREDUCE_KVPRUNE_LAUNCH") or DEFAULT_VARIANT
 if _VARIANT not in _VARIANTS:

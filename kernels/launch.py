@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import triton
 
+# Triton releases under which CompiledKernel.run, called as the direct path calls it, was checked against the JIT
+# dispatch on the H200 (test_direct_launch_matches_jit_dispatch under 3.6, 3.7.1 and 3.8.0): colreduce.py's
+# default launch variant is "direct" under these only
+DIRECT_CHECKED = ("3.6.", "3.7.", "3.8.")
 RAW_FORMS = {"3.6.": "flat", "3.7.": "tuple"}     # Triton release → how its C launch takes the kernel's arguments
 
 
