@@ -4,9 +4,9 @@ how each Triton release's launcher is called.
 colreduce.py's direct path and colreduce_ws.py launch a signature's compiled kernel again and again, with the
 arguments CompiledKernel.run takes. That is a CudaLauncher, whose __call__ (Python, on every launch) defines a
 closure, asks two allocators for scratch the kernels here never use, and then calls Triton's C launch function with
-its own fields added. Calling that C function directly with the same arguments saves that Python: ~0.6 µs a launch
-on the development machine's CPU (two launches a call), more on a slow host. The C function's arguments differ
-between releases, read from their sources:
+its own fields added. Calling that C function directly with the same arguments saves that Python: ~0.5 µs a launch
+in a timeit on the development machine's CPU with a no-op C function (two launches a call); not yet timed on a GPU
+host (benchmarks/host_parts.py). The C function's arguments differ between releases, read from their sources:
 
 - 3.6 (the H200 image's): launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch,
   kernel_metadata, launch_metadata, enter_hook, exit_hook, *kernel_args) — a launcher generated per signature;
@@ -16,8 +16,9 @@ between releases, read from their sources:
 
 Where `launch` is Triton's tensor-descriptor wrapper (a kernel with a descriptor argument) it takes the same
 arguments. The launch hooks: both releases keep them as HookChain objects, never None, so the C function calls the
-enter and the exit chain on every launch, empty or not (~0.3 µs a launch here). An empty chain is passed as None
-(which the C function skips), checked at each launch, so a hook registered later (a profiler's) is still called.
+enter and the exit chain on every launch, empty or not (~0.3 µs a launch in a timeit of the two calls here). An
+empty chain is passed as None (which the C function skips), checked at each launch, so a hook registered later (a
+profiler's) is still called.
 Any other release, another launcher class or a kernel that needs scratch: CompiledKernel.run as before.
 tests/test_colreduce_launch.py checks, on the CPU with a recording C function, that each form passes exactly what
 CudaLauncher.__call__ would."""
