@@ -32,7 +32,9 @@ kernel_tests() {    # $1: seconds; rc 124 = cut by the limit (the log's progress
     python3 -c "import xdist" 2>/dev/null && XDIST="-n 12"
     # In a process group of their own, killed whole at the limit: a plain `timeout` stops pytest but not
     # necessarily its xdist workers, which would then load the host while the sweep times host µs.
-    setsid python3 -m pytest "$REPO"/tests/test_colreduce*.py -q -p no:cacheprovider $XDIST \
+    # -v: each test's name as it ends (a cut run still says which ran); faulthandler: a hung test's stacks
+    setsid python3 -m pytest "$REPO"/tests/test_colreduce*.py -v -rfE --tb=short -o faulthandler_timeout=90 \
+        -p no:cacheprovider $XDIST \
         > "$OUT/pytest.log" 2>&1 &
     local pid=$! waited=0 rc
     while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$1" ]; do sleep 1; waited=$((waited + 1)); done
