@@ -14,8 +14,9 @@ Two passes over K, each program owning its outputs (bitwise deterministic):
    PERSISTENT mode turns this around: each program loads the group's queries once and loops over a run of key tiles.
    Windows whose group rows are few against the head dimension (_save_scores) skip the second read of K: the row
    pass also stores its scores, and ``_saved_column_kernel`` reduces exp2(x − lse) over them.
-   A config's FUSED or COLREDUCE_KVPRUNE_FUSED=1 (off by default) runs both passes of a short window in one
-   cooperative launch, each score computed once: ``_fused_window_kernel``.
+   Where a short window's key tiles fit one program per SM (_fused_tiles), both passes run in one cooperative
+   launch, each score computed once: ``_fused_window_kernel`` (FUSED_WINDOWS: on by default on GPUs, off under the
+   interpreter; COLREDUCE_KVPRUNE_FUSED=0/1; a config's FUSED).
 
 Dense (B, H, L, D) and packed varlen (total, H, D) tensors share the kernels through strides: a varlen call passes
 batch stride 0 and cumulative sequence starts. Causal masking is bottom-right aligned per sequence: query i sees
@@ -136,10 +137,13 @@ def _save_scores(G: int, max_m: int, D: int, dtype: torch.dtype, positions: int)
             and positions * G * max_m * 4 <= _SAVE_MAX_BYTES)
 
 
-# Both passes of a short window in one cooperative launch (_fused_window_kernel) wherever _fused_tiles allows it: off
-# by default until a GPU run has timed it against the two passes (COLREDUCE_KVPRUNE_FUSED=1, or set_fused_windows for
-# benchmarks; a config's FUSED asks for it in one call).
-FUSED_WINDOWS = os.environ.get("COLREDUCE_KVPRUNE_FUSED", "0") == "1"
+# Both passes of a short window in one cooperative launch (_fused_window_kernel) wherever _fused_tiles allows it: on
+# by default on GPUs since the thirty-second session's H200 run (benchmarks/fused_ab.py: faster in GPU time than the
+# two passes at all 12 shapes where it applies, 8–41%). Off under the interpreter unless asked for: there it runs as
+# two launches anyway, and the CPU tests of the default path keep covering the two passes, which GPUs still run for
+# float32 and longer prompts. COLREDUCE_KVPRUNE_FUSED=0/1 overrides; set_fused_windows for benchmarks; a config's
+# FUSED asks for it in one call.
+FUSED_WINDOWS = os.environ.get("COLREDUCE_KVPRUNE_FUSED", "0" if _INTERPRET else "1") == "1"
 
 
 def set_fused_windows(on: bool) -> None:
@@ -1295,19 +1299,21 @@ def _out_strides(varlen: bool, paged: bool, heads: int, max_n: int) -> tuple[int
 def _launch_key(max_m, max_n, *shape, one_split=False):
     """What decides which compiled kernels a launch of this shape runs (launch_lengths): the recipe's constexprs and
     Triton's specialisation classes of the integers that follow the key and query lengths: max_n, the split length
-    and count, the column pass's output strides (of the head-split partials too), and max_m with the strides of
+    and count (not the one-launch window kernel's: it takes neither), the column pass's output strides (of the head-split partials too), and max_m with the strides of
     the row statistics it sets (Hq·max_m, B·Hq·max_m: colreduce_triton's row_ints and col_ints). A window's max_m
     is fixed; a whole prompt's is its length (launch_lengths(..., whole=True)), and without them an H2O engine on
     the H200 compiled both kernels at its first 4500-token prompt (Hq = 4: Hq·4500 is a multiple of 16, Hq·4497
     is not)."""
     D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
-    _, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False, False, one_split)
+    cfg, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False, False, one_split)
+    # the one-launch window kernel takes neither the split length nor the count (its tile count is the grid's)
+    lengths = (max_n,) if cfg.get("FUSED") else (max_n, split_len, splits)
     strides = _out_strides(varlen, paged, G * Hkv if group_reduce is None else Hkv, max_n)
     if hs > 1 and group_reduce is not None:           # the head split's partials (the long column kernel's)
         strides += _out_strides(varlen, paged, Hkv * hs, max_n)
     rows = (max_m, G * Hkv * max_m, B * G * Hkv * max_m)
     return (tuple(sorted(row_kw.items())), tuple(sorted(col_kw.items())), final, hs,
-            _spec((max_n, split_len, splits) + strides + rows))
+            _spec(lengths + strides + rows))
 
 
 def launch_lengths(max_m: int, n_lo: int, n_hi: int, D: int, G: int, B: int, Hkv: int, *, is_causal: bool,

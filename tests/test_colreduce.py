@@ -267,8 +267,19 @@ def test_large_negative_logits_do_not_underflow():
             assert rel_err(out, reference(q, k, "sum", is_causal, scale=1.0)) < tol, (backend, is_causal, tol)
 
 
-@pytest.mark.parametrize("mode", ["varlen", "paged", "whole", "saved", "saved-paged", "saved-cap"])
-def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, monkeypatch):
+@pytest.fixture
+def fused_windows():
+    """The kernels' FUSED_WINDOWS switch (set_fused_windows, which drops the cached recipes) for one test; the value
+    before it is restored afterwards (on GPUs it is on by default, under the interpreter off)."""
+    from colreduce_kvprune.kernels import colreduce as C
+    before = C.FUSED_WINDOWS
+    yield C.set_fused_windows
+    C.set_fused_windows(before)
+
+
+@pytest.mark.parametrize("mode", ["varlen", "paged", "whole", "saved", "saved-paged", "saved-cap", "fused",
+                                  "fused-paged"])
+def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, monkeypatch, fused_windows):
     """launch_lengths gives the vLLM warm-up one key length per distinct compiled launch, so that no prompt compiles
     a kernel mid-serving (the twelfth session's H200 visit: two 1 s window-kernel compiles during the mixed workload, at
     lengths whose output strides 8·N were multiples of 16 and N was not). Checked against what colreduce_triton
@@ -279,9 +290,12 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
     without them (an H2O engine compiled both kernels at its first 4500-token prompt). The Gluon row pass of
     sm_90 is not modelled here (no device): tests/test_colreduce_ws.py covers its warm-up. "saved": a window of one
     query, whose row pass saves its scores for _saved_column_kernel; "saved-cap": with the scores' scratch cap
-    lowered to 20,000 key positions' worth, so that longer prompts launch the window kernel instead."""
+    lowered to 20,000 key positions' worth, so that longer prompts launch the window kernel instead. "fused": with
+    the one-launch window kernel on (FUSED_WINDOWS, a GPU's default), which short prompts launch instead of both
+    passes; the other modes with it off."""
     paged, whole, saved = mode.endswith("paged"), mode == "whole", mode.startswith("saved")
     from colreduce_kvprune.kernels import colreduce as C
+    fused_windows(mode.startswith("fused"))
 
     launched = []
     if mode == "saved-cap":
@@ -320,7 +334,9 @@ def test_warmup_lengths_compile_every_specialisation_a_prompt_launches(mode, mon
     assert len(warmed) == len(lengths)                 # each warm-up length compiles something the others do not
     kinds = {launch[-1][0] for launch in warmed}
     assert kinds == ({"_saved_column_kernel", "_window_column_kernel"} if mode == "saved-cap" else
-                     {"_saved_column_kernel"} if saved else kinds - {"_saved_column_kernel"}), kinds
+                     {"_fused_window_kernel", "_window_column_kernel"} if mode.startswith("fused") else
+                     {"_saved_column_kernel"} if saved else kinds - {"_saved_column_kernel", "_fused_window_kernel"}), \
+        kinds
     rng = random.Random(1)
     edge = range(4080, 4112) if whole else range(16384, 16416)      # where the tiles change, every residue mod 16
     for n in list(edge) + [1024, hi] + [rng.randrange(1024, hi + 1) for _ in range(150)]:

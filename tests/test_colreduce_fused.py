@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from colreduce_kvprune.kernels import colreduce as kmod
-from test_colreduce import DEVICE, GROUP, REDUCTIONS, TOL, _poison_empty, rand_qk, reference, rel_err
+from test_colreduce import (DEVICE, GROUP, REDUCTIONS, TOL, _poison_empty, fused_windows,  # noqa: F401 (a fixture)
+                             rand_qk, reference, rel_err)
 from test_colreduce_kernels import SHAPES
 from test_colreduce_paged import paged_case, unpack
 from test_colreduce_varlen import per_sequence_reference
@@ -151,7 +152,7 @@ GPU_SHAPES = {     # (B, Hq, Hkv, M, N, D, dtype): the sweep's small windows (64
 
 @pytest.mark.skipif(not CUDA, reason="the cooperative launch and its wait run on a GPU only")
 @pytest.mark.parametrize("shape", GPU_SHAPES.values(), ids=GPU_SHAPES.keys())
-def test_fused_on_gpu_repeats_bitwise_and_resets_its_counters(shape, monkeypatch):
+def test_fused_on_gpu_repeats_bitwise_and_resets_its_counters(shape, monkeypatch, fused_windows):
     """One launch whose programs wait for each other: against float64, the same bits on three calls (a counter
     left non-zero would let the next launch's programs read partials before they are written), and the counters
     back at zero after each call."""
@@ -175,22 +176,19 @@ def test_fused_on_gpu_repeats_bitwise_and_resets_its_counters(shape, monkeypatch
     assert rel_err(outs[0], ref) < TOL[dtype]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     launched.clear()
-    try:                      # the switch: the default path, its first call through Triton's dispatch, then direct
-        kmod.set_fused_windows(True)
-        for _ in range(3):
-            out = kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean")
-            torch.cuda.synchronize()
-            assert torch.equal(out, outs[0])
-            assert int(kmod._scratch_bufs[(dev, stream)][1].abs().sum()) == 0
-        built = any(d and d.fused for d in kmod._direct_launchers.values())
-    finally:
-        kmod.set_fused_windows(False)
+    fused_windows(True)       # the switch (a GPU's default): the default path, its first call through Triton's
+    for _ in range(3):        # dispatch, then direct
+        out = kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=1 / math.sqrt(D), group_reduce="mean")
+        torch.cuda.synchronize()
+        assert torch.equal(out, outs[0])
+        assert int(kmod._scratch_bufs[(dev, stream)][1].abs().sum()) == 0
+    built = any(d and d.fused for d in kmod._direct_launchers.values())
     direct = kmod._VARIANT == "direct"                     # then the later two go through the direct launcher
     assert launched == ONE_LAUNCH * (1 if direct else 3), launched
     assert built == direct
 
 
-def test_fused_switch(monkeypatch):
+def test_fused_switch(monkeypatch, fused_windows):
     """set_fused_windows(True): calls without a config take the one-launch kernel where _fused_tiles allows it (the
     same values as a config's FUSED), and the two passes elsewhere; off again, the two passes."""
     launched = _launches(monkeypatch)
@@ -199,15 +197,13 @@ def test_fused_switch(monkeypatch):
     call = dict(is_causal=True, scale=0.25, group_reduce="mean")
     with_config = kmod.colreduce_triton(q, k, "sum", config=fused(9, 16, 2), **call)
     launched.clear()
-    try:
-        kmod.set_fused_windows(True)
-        on = kmod.colreduce_triton(q, k, "sum", **call)
-        assert launched == ONE_LAUNCH, launched
-        launched.clear()
-        long = kmod.colreduce_triton(qlong, klong, "sum", **call)
-        assert launched and all(name != "_fused_window_kernel" for name, _ in launched), launched
-    finally:
-        kmod.set_fused_windows(False)
+    fused_windows(True)
+    on = kmod.colreduce_triton(q, k, "sum", **call)
+    assert launched == ONE_LAUNCH, launched
+    launched.clear()
+    long = kmod.colreduce_triton(qlong, klong, "sum", **call)
+    assert launched and all(name != "_fused_window_kernel" for name, _ in launched), launched
+    fused_windows(False)
     launched.clear()
     off = kmod.colreduce_triton(q, k, "sum", **call)
     assert launched and all(name != "_fused_window_kernel" for name, _ in launched), launched

@@ -11,7 +11,8 @@ import torch
 
 import colreduce_kvprune.kernels.colreduce as kmod
 from colreduce_kvprune.kernels.colreduce import _fit_config, _pick_config, colreduce_triton
-from test_colreduce import DEVICE, TOL, _poison_empty, masked_logits, rand_qk, reference, rel_err
+from test_colreduce import (DEVICE, TOL, _poison_empty, fused_windows,  # noqa: F401 (a fixture)
+                             masked_logits, rand_qk, reference, rel_err)
 
 # (B, Hq, Hkv, M, N, D): windows of 1 and 16 queries, a window over two key splits, M = N
 SHAPES = {"M1-N90-g4": (1, 4, 1, 1, 90, 32), "M16-N200-g2": (1, 4, 2, 16, 200, 16),
@@ -350,7 +351,7 @@ def _direct_path_on_cpu(monkeypatch) -> list:
     return record
 
 
-def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
+def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch, fused_windows):
     """A signature's later calls launch with the pointer arguments of its first (JIT) launch, each tensor as its
     address (Triton's launcher then skips data_ptr() and the driver's pointer query per tensor): dense window, full
     causal, lse given, saved scores, varlen, paged, and the one-launch window kernel. CPU tensors and recorded
@@ -382,13 +383,11 @@ def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch):
 
     def fused_window():            # the one-launch window kernel, switched on from this call on (set_fused_windows)
         if not kmod.FUSED_WINDOWS:
-            kmod.set_fused_windows(True)
+            fused_windows(True)
         return colreduce_triton(q64, k8k, "mean", is_causal=True, scale=0.1, group_reduce=None)
     cases["fused window"] = fused_window
-    try:
-        _check_direct_pointers(cases, record, kernels_seen)
-    finally:
-        kmod.set_fused_windows(False)
+    fused_windows(False)           # the other cases' two passes (on a GPU the short windows would otherwise fuse)
+    _check_direct_pointers(cases, record, kernels_seen)
     assert {"_row_stats_kernel", "_window_column_kernel", "_long_column_kernel", "_saved_column_kernel",
             "_fused_window_kernel"} <= kernels_seen, kernels_seen
 
