@@ -98,7 +98,7 @@ def test_config_splits_replace_the_planned_ones(monkeypatch):
     than the plan's own (1, where the row pass writes the lse with no combine, unless that is the plan's), all
     against float64."""
     _poison_empty(monkeypatch)
-    B, Hq, Hkv, M, N, D = 1, 4, 2, 24, 200, 16
+    B, Hq, Hkv, M, N, D = 1, 4, 2, 24, 1000, 16    # N: 3 splits survive the rounding to key tiles of 32, 64 or 128
     q, k = rand_qk((B, Hq, Hkv, M, N, D), torch.float32, seed=5)
     cfg = _pick_config(M, D, Hq // Hkv, True)
     planned = kmod._plan(M, N, D, Hq // Hkv, B, Hkv, True, "new", 132, cfg)[2]
@@ -370,6 +370,7 @@ def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch, fu
     cu_q, cu_k = torch.tensor([0, 16, 32], dtype=torch.int32), torch.tensor([0, 300, 700], dtype=torch.int32)
     qv, kv = torch.randn(32, 8, 128, **h), torch.randn(700, 2, 128, **h)
     args, pkw = _paged_batch(16)
+    pargs = [a.cpu() for a in args]          # once: on a GPU machine each .cpu() would be a new copy at a new address
     cases = {
         "window": lambda: colreduce_triton(q64, k8k, "sum", is_causal=True, scale=0.1, group_reduce="mean"),
         "saved scores": lambda: colreduce_triton(q2, k8k, "sum", is_causal=True, scale=0.1, group_reduce="mean"),
@@ -377,7 +378,7 @@ def test_direct_path_passes_the_jit_launch_pointers_as_addresses(monkeypatch, fu
         "lse given": lambda: colreduce_triton(q64, k8k, "max", is_causal=True, scale=0.1, group_reduce=None, lse=lse),
         "varlen": lambda: colreduce_varlen(qv, kv, cu_q, cu_k, "sum", max_seqlen_q=16, max_seqlen_k=400,
                                            is_causal=True, group_reduce="max", backend="triton"),
-        "paged": lambda: colreduce_paged(*[a.cpu() for a in args], "sum", **pkw, backend="triton"),
+        "paged": lambda: colreduce_paged(*pargs, "sum", **pkw, backend="triton"),
     }
     kernels_seen = set()
 
@@ -670,9 +671,10 @@ SAVED_SHAPES = {"M1-N150-g4": (2, 8, 2, 1, 150, 32), "M3-N90-g2": (1, 4, 2, 3, 9
 
 
 @pytest.mark.parametrize("shape", SAVED_SHAPES.values(), ids=SAVED_SHAPES.keys())
-def test_saved_scores_match_float64(shape, monkeypatch):
+def test_saved_scores_match_float64(shape, monkeypatch, fused_windows):
     """The saved-scores column pass (the row pass stores its scores, _saved_column_kernel reduces them) against
     float64, every reduction and group combine, causal and not; outputs pre-filled with NaN."""
+    fused_windows(False)      # the two passes whatever the default (the interpreter would fuse any dtype)
     _poison_empty(monkeypatch)
     launched = _column_kernels(monkeypatch)
     q, k = rand_qk(shape, torch.float32, seed=5)
@@ -686,8 +688,9 @@ def test_saved_scores_match_float64(shape, monkeypatch):
             assert rel_err(out, ref) < TOL[torch.float32], (causal, reduction, group)
 
 
-def test_saved_scores_off_gives_the_same_columns(monkeypatch):
+def test_saved_scores_off_gives_the_same_columns(monkeypatch, fused_windows):
     """set_saved_scores(False): the window kernel reads K again, to the same values up to rounding."""
+    fused_windows(False)      # the two passes whatever the default (the interpreter would fuse any dtype)
     launched = _column_kernels(monkeypatch)
     q, k = rand_qk((1, 8, 2, 2, 150, 32), torch.float32, seed=6)
     saved = colreduce_triton(q, k, "sum", is_causal=True, scale=0.2, group_reduce="mean")
@@ -701,9 +704,10 @@ def test_saved_scores_off_gives_the_same_columns(monkeypatch):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["varlen", "paged"])
-def test_saved_scores_varlen_and_paged(paged, monkeypatch):
+def test_saved_scores_varlen_and_paged(paged, monkeypatch, fused_windows):
     """Packed and paged prompts (a ragged batch with an empty window and a window longer than its keys): the saved
     scores of each sequence at its own key positions, against the torch backend in float64."""
+    fused_windows(False)      # the two passes whatever the default (the interpreter would fuse any dtype)
     from test_colreduce_paged import paged_case
 
     from colreduce_kvprune import colreduce_paged, colreduce_varlen
