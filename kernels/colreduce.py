@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -152,6 +153,14 @@ def set_fused_windows(on: bool) -> None:
     FUSED_WINDOWS = bool(on)
     _cached_recipe.cache_clear()
     _direct_launchers.clear()
+
+
+def _fused_refused(device: torch.device, err: RuntimeError) -> None:
+    """The driver refused the one-launch window kernel's cooperative grid: FUSED_WINDOWS off from now on, said once."""
+    warnings.warn(f"colreduce_kvprune: the one-launch window kernel's cooperative launch was refused on {device} "
+                  f"({err}); short windows take the two passes from now on (COLREDUCE_KVPRUNE_FUSED=0 skips the "
+                  "attempt)", RuntimeWarning, stacklevel=3)
+    set_fused_windows(False)
 
 
 def set_saved_scores(on: bool) -> None:
@@ -1621,8 +1630,20 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         ints = (sqb, sqh, sqm, skb, skh, skn, skblk, sbt, sob, soh, son, rows, max_m, max_n)
         args = (q, k, block_table, ws[off_m:off_m + grid[0] * rows], ws[off_l:off_l + grid[0] * rows], counters, out,
                 cu_seqlens_q, cu_seqlens_k, *ints, qk_scale)
-        for phase in (1, 2) if interpreting else (0,):   # the interpreter runs programs in turn: no waiting in it
-            compiled = _launch(_fused_window_kernel, grid, args, dict(col_kw, PHASE=phase))
+        try:
+            for phase in (1, 2) if interpreting else (0,):   # the interpreter runs programs in turn: no waiting in it
+                compiled = _launch(_fused_window_kernel, grid, args, dict(col_kw, PHASE=phase))
+        except RuntimeError as err:
+            # The driver refuses a cooperative grid that cannot be resident at once (an MPS client limited to part
+            # of the GPU, say). Without a config asking for the kernel: switched off, and this call's two passes.
+            if config is not None or "cooperative launch" not in str(err):
+                raise
+            _fused_refused(q.device, err)
+            return colreduce_triton(q, k, reduction, is_causal=is_causal, scale=scale, group_reduce=group_reduce,
+                                    cu_seqlens_q=cu_seqlens_q if varlen else None,
+                                    cu_seqlens_k=cu_seqlens_k if varlen and not paged else None,
+                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                    block_table=block_table if paged else None, seqlens_k=seqlens_k, variant=variant)
         if ck is not None and ck not in _direct_launchers:
             fused_l = _build_direct(_fused_window_kernel, compiled, col_kw, grid, ints)
             _direct_launchers[ck] = _Direct(

@@ -4,6 +4,7 @@ On the CPU the interpreter runs its two phases as two launches (it runs programs
 cannot wait for another); on a GPU it is one cooperative launch whose programs wait for each other, and the GPU
 tests below also check that repeated calls give the same bits and leave the wait's counters at zero."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -230,3 +231,59 @@ def test_fused_under_cuda_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("mode", ["dense", "varlen", "paged"])
+def test_refused_cooperative_launch_falls_back_to_two_passes(mode, monkeypatch, fused_windows):
+    """Where the driver refuses the cooperative grid (Triton raises CUDA's "too many blocks in cooperative launch",
+    e.g. in an MPS client limited to part of the GPU), a call without a config warns once, switches FUSED_WINDOWS
+    off and returns the two passes' result (against float64); the next call takes the two passes without trying.
+    With a config asking for FUSED, or for any other launch error, the error reaches the caller."""
+    _poison_empty(monkeypatch)
+    launched = _launches(monkeypatch)
+    real, refused = kmod._launch, []                     # real: the recorder, which the refusal never reaches
+
+    def refusing(fn, grid, args, kw):
+        if fn.__name__ == "_fused_window_kernel":
+            refused.append(kw.get("PHASE"))
+            raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+        return real(fn, grid, args, kw)
+    monkeypatch.setattr(kmod, "_launch", refusing)
+    fused_windows(True)
+    call = dict(is_causal=True, scale=0.25, group_reduce="mean")
+    if mode == "dense":
+        q, k = rand_qk((1, 4, 2, 9, 70, 16), DTYPE, seed=17)
+        ref = reference(q, k, "sum", True, "mean", scale=0.25)
+        run = lambda **cfg: kmod.colreduce_triton(q, k, "sum", **call, **cfg)      # noqa: E731
+    else:
+        q_lens, k_lens = [8, 5], [70, 30]
+        q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 2, 16, "NHD", DTYPE, seed=18)
+        ref = per_sequence_reference(q, k, cu_q, cu_k, "sum", True, "mean")
+        common = dict(call, cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens))
+        if mode == "paged":
+            ref = unpack(ref, k_lens, max(k_lens))
+            run = lambda **cfg: kmod.colreduce_triton(q, cache, "sum", block_table=table, seqlens_k=seqlens,  # noqa
+                                                      **common, **cfg)
+        else:
+            run = lambda **cfg: kmod.colreduce_triton(q, k, "sum", cu_seqlens_k=cu_k, **common, **cfg)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="cooperative launch was refused"):
+        out = run()
+    assert not kmod.FUSED_WINDOWS and len(refused) == 1
+    assert launched and all(n != "_fused_window_kernel" for n, _ in launched), launched
+    assert rel_err(out, ref) < TOL[DTYPE]
+    launched.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = run()                                        # no second try, no warning
+    assert len(refused) == 1 and launched, launched
+    assert torch.equal(again, out)
+    with pytest.raises(RuntimeError, match="cooperative launch"):          # a config asks for it: no fallback
+        run(config=fused(9 if mode == "dense" else 8, 16, 2))
+    assert len(refused) == 2
+
+    def broken(fn, grid, args, kw):
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+    monkeypatch.setattr(kmod, "_launch", broken)
+    fused_windows(True)
+    with pytest.raises(RuntimeError, match="illegal memory access"):    # any other error: not hidden
+        run()
