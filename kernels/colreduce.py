@@ -140,7 +140,7 @@ def _save_scores(G: int, max_m: int, D: int, dtype: torch.dtype, positions: int)
 
 # Both passes of a short window in one cooperative launch (_fused_window_kernel) wherever _fused_tiles allows it: on
 # by default on GPUs since the thirty-second session's H200 run (benchmarks/fused_ab.py: faster in GPU time than the
-# two passes at all 12 shapes where it applies, 8–41%). Off under the interpreter unless asked for: there it runs as
+# two passes at all 12 shapes where it applies, 7–41%). Off under the interpreter unless asked for: there it runs as
 # two launches anyway, and the CPU tests of the default path keep covering the two passes, which GPUs still run for
 # float32 and longer prompts. COLREDUCE_KVPRUNE_FUSED=0/1 overrides; set_fused_windows for benchmarks; a config's
 # FUSED asks for it in one call.
