@@ -584,11 +584,13 @@ def _candidate_fns(sh, case, sms):
     - ours_win_tiles64, windows of 16–128 queries at N ≤ 2048, D 128: column tiles of the window's rows × 64 keys
       and 64-row row tiles (the same run, window 64 at N = 512: 0.0173 vs 0.0202 ms).
     - ours_pdl, every shape: ours with programmatic dependent launch between the two passes (the config's PDL:
-      the column kernel's launch and key-tile load overlap the row pass's last programs; thirtieth session, not yet
-      timed).
-    - ours_fused, windows where _fused_tiles applies (the group's rows in one tile, at most one program per SM: N ≤
-      2048 at 32/8): both passes in one cooperative launch, each score computed once (the config's FUSED;
-      thirty-first session, not yet timed; its host time is one launch less, which this GPU time does not show).
+      the column kernel's launch and key-tile load overlap the row pass's last programs; thirty-second session's
+      sweep: −20% to +78%, not adopted).
+    - windows where _fused_tiles applies (the group's rows in one tile, at most one program per SM: N ≤ 2048 at
+      32/8), the other way than ours: ours_two_passes where ours takes the one-launch kernel (FUSED_WINDOWS, the
+      GPU default since the thirty-second session), else ours_fused (the config's FUSED: both passes in one
+      cooperative launch, each score computed once). Its host time is one launch less, which GPU time does not
+      show (benchmarks/fused_ab.py times both ways end to end).
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
@@ -618,7 +620,8 @@ def _candidate_fns(sh, case, sms):
                                            stages=3, BLOCK_R=64, warps1=4, stages1=3))
         dense("ours_pdl", dict(base, PDL=True))
         if kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False):
-            dense("ours_fused", dict(base, FUSED=True))
+            dense(*(("ours_two_passes", dict(base, FUSED=False)) if kmod.FUSED_WINDOWS else
+                    ("ours_fused", dict(base, FUSED=True))))
         return fns
 
     def packed(name, cfg):
@@ -707,8 +710,9 @@ def _same_work(r):
     return min(got) if got else None
 
 
-def _floor(sh, ceil):
-    """Floor of one pass (ms): the largest of q·kᵀ at the matmul ceiling, exp2 at the MUFU rate, one read of K."""
+def _floor(sh, ceil, sms):
+    """Floor of one pass (ms): the largest of q·kᵀ at the matmul ceiling, exp2 at the MUFU rate, one read of K; and
+    ours (ours_ms) as the product runs this shape on a GPU of sms SMs."""
     lens = sh["lens"] or [sh["N"]] * sh["B"]
     pairs = sum(sh["Hq"] * visible_pairs(sh["M"], n) for n in lens)
     bytes_k = sum(lens) * sh["Hkv"] * sh["D"] * 2
@@ -722,6 +726,12 @@ def _floor(sh, ceil):
         sh["Hq"] // sh["Hkv"], sh["M"], sh["D"], getattr(torch, sh.get("dtype", "float16")), sh["B"] * sh["N"] * sh["Hkv"])
     f["scores_ms"] = 2 * pairs * 4 / (ceil["copy_tbs"] * 1e12) * 1e3
     f["ours_ms"] = f["pass_ms"] + (max(f["exp_ms"], f["scores_ms"]) if f["saved_scores"] else f["pass_ms"])
+    # where ours takes the one-launch window kernel (FUSED_WINDOWS, _fused_tiles) each score is computed once and
+    # K read once: one pass
+    f["fused"] = kmod.FUSED_WINDOWS and bool(kmod._fused_tiles(sh["M"], max(lens), sh["D"], sh["Hq"] // sh["Hkv"],
+                                                                 len(lens) * sh["Hkv"], sms, False))
+    if f["fused"]:
+        f["ours_ms"] = f["pass_ms"]
     return f
 
 
@@ -768,7 +778,7 @@ def serving_sweep(out_dir, only=None, compile_only=False, shard=None, floor_us=N
             ref = fns["ours_old"]()
             new = fns["ours"]()
             err = ((new - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-            row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil),
+            row = dict(name=name, shape=sh, new_vs_old_rel_err=err, floor=_floor(sh, ceil, sms),
                        ours_syncs=count_syncs(fns["ours"]))
             row["candidates"] = {}
             for key, fn in candidates.items():   # their difference to the old path (exact: summation order only)
@@ -982,7 +992,8 @@ def serving_markdown(result):
              "directly, scratch shared per stream), JIT = the same kernels through Triton's dispatch ('new'), "
              "old = before issue 19 (same run). floor = 2 passes × max(q·kᵀ at the matmul ceiling, exp2 at the MUFU rate, "
              "a read of K) — where ours saves the row pass's scores (windows of few rows), 1 pass + max(their exp2, "
-             "their fp32 bytes written and read); with lse: 1 pass. SDPA: the keys passed as the values (one read of "
+             "their fp32 bytes written and read); where it runs both passes of a short window in one launch, and "
+             "with lse: 1 pass. SDPA: the keys passed as the values (one read of "
              "K). Same work: SDPA's forward at head dim D/2 with its own values and twice the heads — the tensor "
              "FLOPs, exp2 count and bytes of our two passes, in NVIDIA's kernels (the faster of cuDNN and "
              "FlashAttention-2; benchmarks/same_work.py). Peers: flash-colreduce with K repeated for GQA and the group mean "
@@ -1054,7 +1065,8 @@ def serving_markdown(result):
                   "row tiles at 4 stages at full causal 4k; ours_mid_before: the tiles before the short-prompt rule of "
                   "_fit_config, full causal < 8192 keys; ours_one_split: one key split in the row pass; ours_win_tiles64: "
                   "window tiles of the window's rows × 64 keys, 64-row row tiles; ours_pdl: programmatic dependent "
-                  "launch between the passes; ours_fused: both passes of a short window in one cooperative launch), "
+                  "launch between the passes; ours_fused: both passes of a short window in one cooperative launch; "
+                  "ours_two_passes: the two passes where ours takes that one launch), "
                   "gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from test_colreduce import TOL, rel_err
+from test_colreduce import TOL, fused_windows, rel_err  # noqa: F401 (a fixture)
 from test_colreduce_launch import _gpu_like_config
 from test_colreduce_paged import paged_case
 from test_colreduce_varlen import per_sequence_reference
@@ -43,18 +43,20 @@ def test_ragged_persistent_candidate_matches_float64(mode):
     assert list(kb._candidate_fns(dict(sh, M=2048, N=2048, mode="dense", lens=None), {}, 2)) == ["ours_pdl"]
 
 
-def test_row_candidate_configs(monkeypatch):
+def test_row_candidate_configs(monkeypatch, fused_windows):
     """Full causal M ≥ 8192: the candidate is the default config (as an H200 gets it) with the row pass at 3 stages
     (the default before the TMA key tiles), nothing else changed; 4096 ≤ M < 8192: 128-row tiles at 4 warps and
     4 stages instead of the default's 64-row tiles. Below 8192 keys at D 128 also ours_mid_before: the tiles before
     _fit_config's short-prompt rule (mid=False); below 4k ours_one_split where the plan splits the keys (1024), and for
     windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing else for a chunk of a long prompt, a longer window
-    or one query. At every shape ours_pdl: the default's tiles with PDL on; ours_fused (the one-launch window kernel)
-    where _fused_tiles takes the window. (Not run here: these prompts are beyond the
+    or one query. At every shape ours_pdl: the default's tiles with PDL on; where _fused_tiles takes the window, the
+    other way than ours: ours_fused (the one-launch window kernel) with FUSED_WINDOWS off, ours_two_passes with it on
+    (a GPU's default). (Not run here: these prompts are beyond the
     interpreter; the sweep records each one's difference to the old launch path beside its time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
     monkeypatch.setattr(kmod, "_interpreting", lambda: False)
+    fused_windows(False)
     sh = dict(B=1, D=128, Hq=32, Hkv=8, mode="dense", lens=None)
     for m in (8192, 16384):
         fns = kb._candidate_fns(dict(sh, M=m, N=m), {}, 132)
@@ -88,3 +90,7 @@ def test_row_candidate_configs(monkeypatch):
         # PDL, every shape: the default's tiles with PDL on; the one-launch kernel where it fits one wave (one query)
         assert list(fns) == ["ours_pdl"] + (["ours_fused"] if m == 1 else []), (m, n)
         assert fns["ours_pdl"].config == dict(_gpu_like_config(m, n, 128, 4, 8), PDL=True)
+    fused_windows(True)                                      # ours takes the one launch: the candidate, two passes
+    fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)
+    assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_two_passes"]
+    assert fns["ours_two_passes"].config == dict(default, FUSED=False)
