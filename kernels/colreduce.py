@@ -1310,10 +1310,9 @@ def _launch_key(max_m, max_n, *shape, one_split=False):
     Triton's specialisation classes of the integers that follow the key and query lengths: max_n, the split length
     and count (not the one-launch window kernel's: it takes neither), the column pass's output strides (of the
     head-split partials too), and max_m with the strides of the row statistics it sets (Hq·max_m, B·Hq·max_m:
-    colreduce_triton's row_ints and col_ints). A window's max_m
-    is fixed; a whole prompt's is its length (launch_lengths(..., whole=True)), and without them an H2O engine on
-    the H200 compiled both kernels at its first 4500-token prompt (Hq = 4: Hq·4500 is a multiple of 16, Hq·4497
-    is not)."""
+    colreduce_triton's row_ints and col_ints). A window's max_m is fixed; a whole prompt's is its length
+    (launch_lengths(..., whole=True)), and without them an H2O engine on the H200 compiled both kernels at its first
+    4500-token prompt (Hq = 4: Hq·4500 is a multiple of 16, Hq·4497 is not)."""
     D, G, B, Hkv, is_causal, variant, sms, reduction, group_reduce, varlen, paged = shape[:11]
     cfg, _, splits, split_len, _, row_kw, col_kw, final, hs = _recipe(max_m, max_n, *shape, False, False, one_split)
     # the one-launch window kernel takes neither the split length nor the count (its tile count is the grid's)
