@@ -240,7 +240,8 @@ def test_refused_cooperative_launch_falls_back_to_two_passes(mode, monkeypatch, 
     off and returns the two passes' result (against float64); the next call takes the two passes without trying.
     With a config asking for FUSED, or for any other launch error, the error reaches the caller."""
     _poison_empty(monkeypatch)
-    launched = _launches(monkeypatch)
+    monkeypatch.setattr(kmod, "_VARIANT", "new")          # every launch through _launch: "direct" sends a cached
+    launched = _launches(monkeypatch)                     # kernel's later calls past the recorder (on a GPU)
     real, refused = kmod._launch, []                     # real: the recorder, which the refusal never reaches
 
     def refusing(fn, grid, args, kw):
