@@ -591,13 +591,16 @@ def _candidate_fns(sh, case, sms):
       GPU default since the thirty-second session), else ours_fused (the config's FUSED: both passes in one
       cooperative launch, each score computed once). Its host time is one launch less, which GPU time does not
       show (benchmarks/fused_ab.py times both ways end to end).
+    - ours_paged_before, paged shapes: the row pass at the stages a packed K takes (3), as before _paged_stages
+      (2·3 − 1 = 5 for a paged K, whose block-table loads take pipeline stages; thirty-third session).
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
     from colreduce_kvprune.kernels import colreduce as kmod
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
     ragged = sh["mode"] != "dense"
     B = len(sh["lens"]) if ragged else sh["B"]
     picked = kmod._pick_config(M, D, G, True)
-    base = kmod._fit_config(picked, M, N, G, B * sh["Hkv"], sms, D, ragged)
+    fitted = kmod._fit_config(picked, M, N, G, B * sh["Hkv"], sms, D, ragged)
+    base = kmod._paged_stages(fitted) if sh["mode"] == "paged" else fitted        # ours' config (_plan)
     fns = {}
 
     def dense(name, cfg):
@@ -637,6 +640,8 @@ def _candidate_fns(sh, case, sms):
     if cfg is not None:
         packed("ours_persistent", cfg)
     packed("ours_pdl", dict(base, PDL=True))
+    if base != fitted:
+        packed("ours_paged_before", fitted)
     return fns
 
 
@@ -1066,7 +1071,8 @@ def serving_markdown(result):
                   "_fit_config, full causal < 8192 keys; ours_one_split: one key split in the row pass; ours_win_tiles64: "
                   "window tiles of the window's rows × 64 keys, 64-row row tiles; ours_pdl: programmatic dependent "
                   "launch between the passes; ours_fused: both passes of a short window in one cooperative launch; "
-                  "ours_two_passes: the two passes where ours takes that one launch), "
+                  "ours_two_passes: the two passes where ours takes that one launch; ours_paged_before: the paged row pass "
+                  "at the stages a packed K takes, before _paged_stages), "
                   "gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "

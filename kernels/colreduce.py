@@ -1207,18 +1207,35 @@ def _num_splits(rows_programs: int, n: int, block_n: int, sms: int | None = None
     return max(1, min(want, triton.cdiv(n, 4 * block_n)))
 
 
+def _paged_stages(cfg: dict) -> dict:
+    """cfg with the row pass's stages for a paged K: 2·stages1 − 1, so that its key tiles are prefetched as deep as
+    a dense or packed K's at stages1. The row pass loads each key tile's cache blocks from the block table, then
+    the keys at the addresses they give: Triton's pipeliner splits a loop's stages between the two loads of that
+    chain ((stages − 1) // 2 each, the table one level ahead), so at stages1 = 3 a paged K had two tile buffers (one
+    tile loading while one is used) where a packed K had three (two loading). Compiled for sm_90 under Triton
+    3.7.1 at paged window 64, 32/8, 32k: two key-tile buffers (128 × 64 fp16) at 3 stages, three at 5, as the
+    packed K at 3 (tests/test_colreduce_compile.py reads them). Before this, the H200's serving sweep had 4 paged
+    prompts of 8k–32k at 0.348 ms against 0.253 for the same batch packed; with the lse given (the column pass
+    alone, no key-tile loop) 0.153 against 0.135."""
+    return dict(cfg, stages1=2 * cfg["stages1"] - 1)
+
+
 def _plan(max_m: int, max_n: int, D: int, G: int, B: int, Hkv: int, is_causal: bool, variant: str, sms: int,
-          config: dict | None, ragged: bool = False, tma: bool = True, one_split: bool = False):
+          config: dict | None, ragged: bool = False, tma: bool = True, one_split: bool = False, paged: bool = False):
     """(config, row blocks, splits, split length, column grid) of a launch: a pure function of the shape (and of
     whether the row pass reads K through a descriptor, tma: its stages; one_split: the row pass is colreduce_ws.py's,
-    which takes every key of a row, and the REDO launch after it one split too). A given config's SPLITS, where it
-    has one, replaces _num_splits (benchmarks/kernels.py --goal-tiles)."""
+    which takes every key of a row, and the REDO launch after it one split too; paged: K in a paged cache, the row
+    pass's stages per _paged_stages). A given config is taken as it is: its stages are the launch's, paged or not
+    (benchmarks time the stages before _paged_stages that way). A given config's SPLITS, where it has one, replaces
+    _num_splits (benchmarks/kernels.py --goal-tiles)."""
     if config is not None:
         cfg = config
     else:
         cfg = _pick_config(max_m, D, G, is_causal, tma)
         if variant != "old":
             cfg = _fit_config(cfg, max_m, max_n, G, B * Hkv, sms, D, ragged)
+            if paged:
+                cfg = _paged_stages(cfg)
     row_blocks = triton.cdiv(G * max_m, cfg["BLOCK_R"])
     splits = 1 if one_split else cfg.get("SPLITS") or _num_splits(row_blocks * B * Hkv, max_n, cfg["BLOCK_N1"], sms)
     split_len = triton.cdiv(triton.cdiv(max_n, splits), cfg["BLOCK_N1"]) * cfg["BLOCK_N1"]
@@ -1233,7 +1250,7 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     the row and column kernels, whether the row pass writes the lse itself (final), the head split. k_tma: the row
     pass reads K through a descriptor (_k_tma, _k_box); one_split: the row pass is colreduce_ws.py's (_ws_row)."""
     cfg, row_blocks, splits, split_len, grid = _plan(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, config,
-                                                     varlen or paged, k_tma, one_split)
+                                                     varlen or paged, k_tma, one_split, paged)
     upcast = interpreting and dtype == torch.bfloat16
     precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
     # the saved-scores column pass (SAVE_SCORES): the window's group rows in one row block of a Triton row pass

@@ -45,9 +45,10 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "launch_cooperative_
 # are compile options, not constexprs
 
 
-def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: int, **options):
+def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: int, divisible=(), **options):
     """Compile fn for sm_90 with its constexprs bound: the pointer arguments' Triton types from pointers (name →
-    "*fp16", …), qk_scale float32, every other argument int32; options: launch_pdl, launch_cooperative_grid.
+    "*fp16", …), qk_scale float32, every other argument int32; divisible: the arguments to specialise as divisible
+    by 16 (as Triton's JIT does for such values at a launch); options: launch_pdl, launch_cooperative_grid.
     Returns the compiled kernel (with a cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,7 +57,10 @@ def _compile_sm90(fn, const: dict, pointers: dict, num_warps: int, num_stages: i
     assert not missing, (fn.__name__, missing)
     sig = {arg: "constexpr" if arg in const else pointers.get(arg, "fp32" if arg == "qk_scale" else "i32")
            for arg in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+             if arg in divisible and arg not in const}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     assert compiled.asm.get("cubin"), (fn.__name__, const, "no cubin")
@@ -198,6 +202,34 @@ def _compile_fused() -> list[dict]:
     return done
 
 
+def _key_buffers(compiled) -> list[int]:
+    """The stage counts of the pipelined key-tile buffers (D × BLOCK_N fp16/bf16) in a compiled row kernel's TTGIR:
+    one per pipelined loop over key tiles."""
+    import re
+    return [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x128x64x[bf]\w*16", compiled.asm["ttgir"])]
+
+
+def _compile_paged_stages() -> list[dict]:
+    """The row pass of a window of 64 queries, 32/8, prompts to 32k, fp16, packed and paged (16-key blocks) at the
+    product's recipe, compiled for sm_90 with Triton's specialisation of the pointers and strides the JIT makes
+    on a GPU (divisible by 16; without it no load is pipelined): the key-tile buffers of each (_paged_stages)."""
+    import colreduce_kvprune.kernels.colreduce as kmod
+
+    done = []
+    for paged in (False, True):
+        *_, row_kw, _, _, _ = kmod._recipe(64, 32768, 128, 4, 4, 8, True, "direct", 132, "sum", "mean", True, paged,
+                                           16 if paged else 1, torch.float16, False, False)
+        fn = kmod._row_stats_kernel
+        const = dict({k: v for k, v in row_kw.items() if k not in _LAUNCH_OPTIONS}, K_desc=None)
+        pointers = dict(Q="*fp16", K="*fp16", BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32",
+                        L_part="*fp32", LSE2="*fp32", X="*fp32")
+        strides = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "skblk", "spp", "sph"}
+        compiled = _compile_sm90(fn, const, pointers, row_kw["num_warps"], row_kw["num_stages"],
+                                 divisible=set(pointers) | strides)
+        done.append(dict(paged=paged, stages=row_kw["num_stages"], buffers=_key_buffers(compiled)))
+    return done
+
+
 def compile_row_pass_variant(row_pass, variant: str):
     """benchmarks/row_pass.py's kernel for one variant at the product's row tiles (128 × 64, 4 warps, 3 stages),
     fp16, D 128, GQA 4, compiled for sm_90."""
@@ -321,6 +353,18 @@ def test_fused_kernel_compiles_for_sm90():
 
 
 @_NVIDIA
+def test_paged_row_pass_prefetches_as_deep_as_packed():
+    """A paged K's row pass (_paged_stages: 2·stages − 1) holds as many key-tile buffers per loop as a packed K's:
+    Triton's pipeliner spends stages on the block-table load that each key tile's addresses come from, and at the
+    packed K's 3 stages a paged K had one tile fewer in flight."""
+    done = _run_compiles("paged")
+    packed, paged = done
+    assert not packed["paged"] and paged["paged"] and paged["stages"] == 2 * packed["stages"] - 1, done
+    assert packed["buffers"] and min(packed["buffers"]) >= 3, done       # two tiles loading while one is used
+    assert paged["buffers"] == packed["buffers"], done
+
+
+@_NVIDIA
 def test_experiment_kernels_compile_for_sm90():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     try:                      # off the path again: benchmarks/kernels.py would pass for Hugging Face's `kernels`
@@ -362,5 +406,6 @@ def test_gluon_row_pass_compiles_for_sm90():
 
 
 if __name__ == "__main__":
-    print(json.dumps({"product": _compile_all, "ws": _compile_ws, "pdl": _compile_pdl, "fused": _compile_fused}.get(
+    print(json.dumps({"product": _compile_all, "ws": _compile_ws, "pdl": _compile_pdl, "fused": _compile_fused,
+                      "paged": _compile_paged_stages}.get(
         sys.argv[1], _compile_experiments)()))

@@ -143,6 +143,23 @@ def test_recipe_binds_every_constexpr(m, n, save):
                     assert not missing, (fn.__name__, missing, reduction, group)
 
 
+def test_paged_row_pass_stages(monkeypatch):
+    """A paged K's row pass takes 2·stages − 1 stages (_paged_stages): Triton's pipeliner gives the block-table load
+    that each key tile's addresses come from its own stages (tests/test_colreduce_compile.py counts the key-tile
+    buffers). Packed and dense K keep theirs; a given config is taken as it is; the old launch path is unchanged."""
+    monkeypatch.setattr(kmod, "_interpreting", lambda: False)
+    for m, n, d in ((64, 32768, 128), (1, 8192, 128), (2048, 16384, 128), (64, 4096, 256)):
+        packed = kmod._plan(m, n, d, 4, 4, 8, True, "new", 132, None, True, False)[0]
+        paged = kmod._plan(m, n, d, 4, 4, 8, True, "new", 132, None, True, False, paged=True)[0]
+        assert paged == dict(packed, stages1=2 * packed["stages1"] - 1) and paged["stages1"] > 1, (m, n, d)
+        assert kmod._plan(m, n, d, 4, 4, 8, True, "new", 132, packed, True, False, paged=True)[0] == packed
+        assert kmod._plan(m, n, d, 4, 4, 8, True, "old", 132, None, True, False, paged=True)[0] == \
+            kmod._plan(m, n, d, 4, 4, 8, True, "old", 132, None, True, False)[0]
+    rec = kmod._recipe(64, 32768, 128, 4, 4, 8, True, "direct", 132, "sum", "mean", True, True, 16, torch.float16,
+                       False, False)
+    assert rec[5]["num_stages"] == 5                                              # the row kernel's launch
+
+
 def test_plan_is_cached():
     q, k = rand_qk((1, 2, 1, 4, 40, 16), torch.float32)
     colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce=None, variant="new")

@@ -94,3 +94,19 @@ def test_row_candidate_configs(monkeypatch, fused_windows):
     fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)
     assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_two_passes"]
     assert fns["ours_two_passes"].config == dict(default, FUSED=False)
+
+
+def test_paged_candidate_is_the_row_stages_before(monkeypatch):
+    """Paged sweep shapes: ours_paged_before is ours' config with the row pass at the packed K's stages (before
+    _paged_stages), and the other candidates build on ours' paged stages; packed shapes have no such candidate.
+    (Configs only: these prompts are beyond the interpreter.)"""
+    kb = _kernels_bench()
+    import colreduce_kvprune.kernels.colreduce as kmod
+    monkeypatch.setattr(kmod, "_interpreting", lambda: False)
+    sh = dict(B=1, M=64, N=32768, D=128, Hq=32, Hkv=8, lens=[8192, 32768, 16384, 12288], mode="paged")
+    case = dict(q=None, k=None, cache=None, table=None, cu_q=None, cu_k=None, seqlens=None)
+    fns = kb._candidate_fns(sh, case, 132)
+    ours = kmod._plan(64, 32768, 128, 4, 4, 8, True, "new", 132, None, True, True, paged=True)[0]
+    assert ours["stages1"] == 5 and fns["ours_pdl"].config == dict(ours, PDL=True)
+    assert fns["ours_paged_before"].config == dict(ours, stages1=3)
+    assert "ours_paged_before" not in kb._candidate_fns(dict(sh, mode="varlen"), case, 132)
