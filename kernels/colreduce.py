@@ -1214,9 +1214,11 @@ def _paged_stages(cfg: dict) -> dict:
     chain ((stages − 1) // 2 each, the table one level ahead), so at stages1 = 3 a paged K had two tile buffers (one
     tile loading while one is used) where a packed K had three (two loading). Compiled for sm_90 under Triton
     3.7.1 at paged window 64, 32/8, 32k: two key-tile buffers (128 × 64 fp16) at 3 stages, three at 5, as the
-    packed K at 3 (tests/test_colreduce_compile.py reads them). Before this, the H200's serving sweep had 4 paged
-    prompts of 8k–32k at 0.348 ms against 0.253 for the same batch packed; with the lse given (the column pass
-    alone, no key-tile loop) 0.153 against 0.135."""
+    packed K at 3 (tests/test_colreduce_compile.py reads them; the same under Triton 3.6 on the H200). The H200's
+    serving sweep (thirty-third session, Triton 3.6, same run): 4 paged prompts of 8k–32k, window 64, 32/8, 0.334 ms
+    against 0.353 at 3 stages (−5%); 8 paged prompts of 0.5k–4k 0.105 against 0.104 (level). Most of the gap to the
+    same batch packed stays (0.254 and 0.079 ms), and is not explained yet: with the lse given (the column pass
+    alone, whose key tile is loaded once per program) paged 0.153 against packed 0.134."""
     return dict(cfg, stages1=2 * cfg["stages1"] - 1)
 
 
