@@ -1170,8 +1170,9 @@ def _fused_tiles(max_m: int, max_n: int, D: int, G: int, programs: int, sms: int
     scores at most 32768 (the rows × BLOCK_N fp32 tile: 128 registers a thread at 8 warps) and the grid — key
     tiles × programs (sequences × kv heads) — at most one program per SM, 64-key tiles where that fits, else 128
     (every program waits for the others of its sequence × kv head, so all must be resident: one per SM always is).
-    16-bit inputs only (itemsize): float32 tiles this size spill (26 KB at 256 × 128, ptxas for sm_90). Under the
-    interpreter 32-key tiles, any grid and dtype (it runs the two phases as two launches)."""
+    16-bit inputs only (itemsize): float32 tiles this size spill (26 KB at 256 × 128, ptxas for sm_90; 47 KB with
+    the JIT's alignment specialisation). Under the interpreter 32-key tiles, any grid and dtype (it runs the two
+    phases as two launches)."""
     rows = triton.next_power_of_2(G) * max(16, triton.next_power_of_2(max(1, max_m)))
     if max_m > _WINDOW_M or rows > 512 or triton.next_power_of_2(D) > 128:
         return 0

@@ -41,6 +41,12 @@ LAUNCHES = [
 ]
 
 
+# The query and key strides of the kernels, multiples of 16 at every launch compiled here (D 64 or 128 elements, or
+# multiples of it): with the pointers (torch's allocations are 256-byte aligned), the arguments that Triton's JIT
+# specialises as divisible by 16 at such a launch on a GPU, which `divisible` passes on. Without it nothing is known
+# to be aligned: no load is pipelined (no cp.async) and key loads are one element wide (thirty-third session).
+QK_STRIDES = frozenset({"sqb", "sqh", "sqm", "skb", "skh", "skn", "skblk"})
+
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "launch_cooperative_grid")   # a recipe's keywords that
 # are compile options, not constexprs
 
@@ -191,6 +197,7 @@ def _compile_fused() -> list[dict]:
         pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
                         Counter="*i32", M_part="*fp32", L_part="*fp32", Out="*fp32")
         compiled = _compile_sm90(kmod._fused_window_kernel, const, pointers, kw["num_warps"], kw["num_stages"],
+                                 divisible=set(pointers) | QK_STRIDES,
                                  launch_cooperative_grid=kw.get("launch_cooperative_grid", False))
         ptx = compiled.asm["ptx"]
         sass = gluon_row_pass.sass_overlap(compiled)
@@ -223,9 +230,8 @@ def _compile_paged_stages() -> list[dict]:
         const = dict({k: v for k, v in row_kw.items() if k not in _LAUNCH_OPTIONS}, K_desc=None)
         pointers = dict(Q="*fp16", K="*fp16", BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32",
                         L_part="*fp32", LSE2="*fp32", X="*fp32")
-        strides = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "skblk", "spp", "sph"}
         compiled = _compile_sm90(fn, const, pointers, row_kw["num_warps"], row_kw["num_stages"],
-                                 divisible=set(pointers) | strides)
+                                 divisible=set(pointers) | QK_STRIDES)
         done.append(dict(paged=paged, stages=row_kw["num_stages"], buffers=_key_buffers(compiled)))
     return done
 
@@ -339,8 +345,10 @@ def test_pdl_kernels_compile_for_sm90():
 @_NVIDIA
 def test_fused_kernel_compiles_for_sm90():
     """The one-launch window kernel (a config's FUSED) compiles for sm_90 where _fused_tiles takes it, launched
-    cooperatively, without spills (a few registers' worth at 512 rows, D 128: 58–70 bytes under Triton 3.6 and
-    3.7.1); its wait is the release-acquire count the docstring describes: an acq_rel add
+    cooperatively, without spills (built with the JIT's alignment specialisation, QK_STRIDES: none at any launch
+    here under Triton 3.7.1, 184 registers at 512 rows, D 128; built without it, as until the thirty-third session,
+    58–70 bytes at 512 rows under Triton 3.6 and 3.7.1, which the allowance still admits); its wait is the
+    release-acquire count the docstring describes: an acq_rel add
     when its partials are written, acquire loads while it waits (Triton turns the add of 0 into one), an acq_rel add
     when it leaves."""
     done = _run_compiles("fused")
