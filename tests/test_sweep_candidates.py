@@ -110,3 +110,26 @@ def test_paged_candidate_is_the_row_stages_before(monkeypatch):
     assert ours["stages1"] == 5 and fns["ours_pdl"].config == dict(ours, PDL=True)
     assert fns["ours_paged_before"].config == dict(ours, stages1=3)
     assert "ours_paged_before" not in kb._candidate_fns(dict(sh, mode="varlen"), case, 132)
+
+
+def test_paged_layout_orders_hold_the_same_keys():
+    """benchmarks/paged_layout.py's consecutive cache holds the case's keys, each prompt's blocks in order, and the
+    product scores it bitwise like the shuffled cache of the same keys (what the GPU run checks before its timings
+    can say anything about where the blocks lie); its unpacking of the padded output equals the packed result."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import paged_layout
+    finally:
+        sys.path.pop(0)
+    from colreduce_kvprune import colreduce_paged, colreduce_varlen
+    q_lens, k_lens = [8, 8, 8], [70, 33, 16]
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 2, 16, "NHD", seed=5)
+    block = cache.shape[1]
+    cons, cons_table = paged_layout.consecutive_cache(dict(k=k), k_lens, block)
+    assert cons_table[:, 0].tolist() == [0, 5, 8] and cons.shape[0] == sum(-(-n // block) for n in k_lens)
+    kw = dict(max_seqlen_q=8, max_seqlen_k=max(k_lens), is_causal=True, group_reduce="mean")
+    shuffled = colreduce_paged(q, cache, table, cu_q, seqlens, "sum", **kw)
+    ordered = colreduce_paged(q, cons, cons_table, cu_q, seqlens, "sum", **kw)
+    assert torch.equal(shuffled, ordered)
+    packed = colreduce_varlen(q, k, cu_q, cu_k, "sum", **kw)
+    assert rel_err(paged_layout._unpack(ordered, k_lens), packed) < TOL[torch.float32]
