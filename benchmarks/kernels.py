@@ -591,6 +591,9 @@ def _candidate_fns(sh, case, sms):
       GPU default since the thirty-second session), else ours_fused (the config's FUSED: both passes in one
       cooperative launch, each score computed once). Its host time is one launch less, which GPU time does not
       show (benchmarks/fused_ab.py times both ways end to end).
+    - ours_fused32, windows where the one-launch kernel's 64-key tiles leave at least half the SMs idle (N = 512 at
+      8 kv heads: 64 programs on 132 SMs): 32-key tiles, twice the programs (thirty-second session's sweep: window
+      128 at N = 512 16.2 µs against the same work's 12.4).
     - ours_paged_before, paged shapes: the row pass at the stages a packed K takes (3), as before _paged_stages
       (2·3 − 1 = 5 for a paged K, whose block-table loads take pipeline stages; thirty-third session).
     (ours_row64 — 64-row tiles at 8k — was timed in the twentieth session: −0.5%, not adopted.)"""
@@ -625,6 +628,10 @@ def _candidate_fns(sh, case, sms):
         if kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False):
             dense(*(("ours_two_passes", dict(base, FUSED=False)) if kmod.FUSED_WINDOWS else
                     ("ours_fused", dict(base, FUSED=True))))
+        if kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False) == 64 and \
+                triton_cdiv(N, 64) * B * sh["Hkv"] <= sms // 2 and \
+                kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False, block_n=32):
+            dense("ours_fused32", dict(base, FUSED=True, FUSED_N=32))
         return fns
 
     def packed(name, cfg):
@@ -1072,7 +1079,8 @@ def serving_markdown(result):
                   "window tiles of the window's rows × 64 keys, 64-row row tiles; ours_pdl: programmatic dependent "
                   "launch between the passes; ours_fused: both passes of a short window in one cooperative launch; "
                   "ours_two_passes: the two passes where ours takes that one launch; ours_paged_before: the paged row pass "
-                  "at the stages a packed K takes, before _paged_stages), "
+                  "at the stages a packed K takes, before _paged_stages; ours_fused32: the one launch with 32-key "
+                  "tiles), "
                   "gpu ms against ours: "
                   + "; ".join(f"{r['name']} {key}: {r[key]['gpu_ms']:.4f} vs {r['ours']['gpu_ms']:.4f} "
                               f"({r[key]['gpu_ms'] / r['ours']['gpu_ms'] - 1:+.1%}; rel. diff. to the old path "

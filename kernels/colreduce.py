@@ -1164,7 +1164,7 @@ def _persistent_config(cfg: dict, m: int, n: int, g: int, programs: int, sms: in
 
 
 def _fused_tiles(max_m: int, max_n: int, D: int, G: int, programs: int, sms: int, interpreting: bool,
-                 itemsize: int = 2) -> int:
+                 itemsize: int = 2, block_n: int | None = None) -> int:
     """BLOCK_N of the one-launch window kernel (_fused_window_kernel; a config's FUSED) at this shape, or 0 where it
     does not apply: the group's rows must fit one tile (next_pow2(G) · next_pow2(M) ≤ 512, M ≤ 128, D ≤ 128), its
     scores at most 32768 (the rows × BLOCK_N fp32 tile: 128 registers a thread at 8 warps) and the grid — key
@@ -1172,17 +1172,21 @@ def _fused_tiles(max_m: int, max_n: int, D: int, G: int, programs: int, sms: int
     (every program waits for the others of its sequence × kv head, so all must be resident: one per SM always is).
     16-bit inputs only (itemsize): float32 tiles this size spill (26 KB at 256 × 128, ptxas for sm_90; 47 KB with
     the JIT's alignment specialisation). Under the interpreter 32-key tiles, any grid and dtype (it runs the two
-    phases as two launches)."""
+    phases as two launches). block_n (a config's FUSED_N: 16, 32, 64 or 128): that tile instead, where it meets the
+    same limits (benchmarks/kernels.py's ours_fused32 candidate: twice the programs of 64-key tiles where those
+    leave half the SMs idle)."""
     rows = triton.next_power_of_2(G) * max(16, triton.next_power_of_2(max(1, max_m)))
     if max_m > _WINDOW_M or rows > 512 or triton.next_power_of_2(D) > 128:
         return 0
+    if block_n is not None and block_n not in (16, 32, 64, 128):
+        raise ValueError(f"a config's FUSED_N must be 16, 32, 64 or 128, got {block_n!r}")
     if interpreting:
-        return 32
+        return block_n or 32
     if itemsize != 2:
         return 0
-    for block_n in (64, 128):
-        if rows * block_n <= 32768 and triton.cdiv(max_n, block_n) * programs <= sms:
-            return block_n
+    for tile in (block_n,) if block_n else (64, 128):
+        if rows * tile <= 32768 and triton.cdiv(max_n, tile) * programs <= sms:
+            return tile
     return 0
 
 
@@ -1272,7 +1276,8 @@ def _recipe(max_m, max_n, D, G, B, Hkv, is_causal, variant, sms, reduction, grou
     # the one-launch window kernel (_fused_window_kernel): a config's FUSED (without one: FUSED_WINDOWS), where
     # _fused_tiles allows it
     wants = cfg.get("FUSED") if config is not None else FUSED_WINDOWS
-    fused_n = _fused_tiles(max_m, max_n, D, G, B * Hkv, sms, interpreting, dtype.itemsize) if (
+    fused_n = _fused_tiles(max_m, max_n, D, G, B * Hkv, sms, interpreting, dtype.itemsize,
+                           cfg.get("FUSED_N") if config is not None else None) if (
         wants and variant != "old" and not lse_given and not one_split) else 0
     if fused_n:
         block_m = max(16, triton.next_power_of_2(max(1, max_m)))
@@ -1533,8 +1538,9 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     zero past each sequence's keys.
     The last dimension of q and k must have stride 1. ``config`` replaces the tile choice: a full dict of
     _pick_config's keys (benchmark sweeps, tests), optionally SPLITS (the row pass's key splits), PDL
-    (programmatic dependent launch between the passes, _pdl_trigger; ignored below compute capability 9) and FUSED
-    (both passes of a short window in one launch, _fused_window_kernel, where _fused_tiles allows it).
+    (programmatic dependent launch between the passes, _pdl_trigger; ignored below compute capability 9), FUSED
+    (both passes of a short window in one launch, _fused_window_kernel, where _fused_tiles allows it) and FUSED_N
+    (that launch's key tile, 16–128).
     ``variant`` "new" | "old" overrides the module's launch variant (see _VARIANT). No host sync: everything the launch
     needs comes from shapes and the given max lengths.
     """

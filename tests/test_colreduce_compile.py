@@ -171,6 +171,8 @@ FUSED_LAUNCHES = [
     ("window 64, 32/8, 2048 (128-key tiles)", 64, 2048, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
     ("window 1, 32/8, 2048", 1, 2048, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
     ("window 128, 32/8, 512 (512 rows)", 128, 512, 128, 4, 1, 8, "sum", "mean", False, False, "float16"),
+    ("window 128, 32/8, 512, 32-key tiles (a config's FUSED_N)", 128, 512, 128, 4, 1, 8, "sum", "mean", False,
+     False, "float16", dict(FUSED_N=32)),
     ("window 64, MHA 32, 512, per head, bf16", 64, 512, 128, 1, 1, 32, "mean", None, False, False, "bfloat16"),
     ("paged 2 prompts to 1k, window 16, max over heads, D 64", 16, 1024, 64, 4, 2, 8, "max", "max", True, True,
      "float16"),
@@ -188,11 +190,11 @@ def _compile_fused() -> list[dict]:
 
     elem = {"float16": "fp16", "bfloat16": "bf16"}
     done = []
-    for name, max_m, max_n, D, G, B, Hkv, red, group, varlen, paged, dtype in FUSED_LAUNCHES:
+    for name, max_m, max_n, D, G, B, Hkv, red, group, varlen, paged, dtype, *extra in FUSED_LAUNCHES:
         cfg, _, _, _, grid, _, kw, *_ = kmod._recipe(max_m, max_n, D, G, B, Hkv, True, "direct", 132, red, group,
                                                      varlen, paged, 16 if paged else 1, getattr(torch, dtype), False,
                                                      False, config=dict(kmod._pick_config(max_m, D, G, True),
-                                                                        FUSED=True))
+                                                                        FUSED=True, **(extra[0] if extra else {})))
         const = {k: v for k, v in kw.items() if k not in _LAUNCH_OPTIONS}
         pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
                         Counter="*i32", M_part="*fp32", L_part="*fp32", Out="*fp32")

@@ -117,6 +117,39 @@ def test_fused_tiles_rule():
     assert rule(64, 512, 128, 4, 24, 132, False) == 128              # 3 prompts × 8 kv heads: 4 × 24
     assert rule(64, 512, 128, 4, 8, 132, False, 4) == 0              # float32
     assert rule(64, 100_000, 128, 4, 8, 10**6, True, 4) == 32        # the interpreter: any grid and dtype
+    # a config's FUSED_N: that tile where the same limits hold
+    assert rule(128, 512, 128, 4, 8, 132, False, 2, 32) == 32        # 16 × 8 programs of 512 × 32 scores
+    assert rule(64, 1024, 128, 4, 8, 132, False, 2, 32) == 0         # 32 × 8 > 132
+    assert rule(128, 512, 128, 4, 8, 132, False, 2, 128) == 0        # 512 × 128 scores
+    assert rule(64, 512, 128, 4, 8, 132, False, 4, 32) == 0          # float32
+    assert rule(64, 100_000, 128, 4, 8, 1, True, 4, 64) == 64        # the interpreter
+    with pytest.raises(ValueError, match="FUSED_N"):
+        rule(64, 512, 128, 4, 8, 132, False, 2, 48)
+
+
+def test_fused_config_key_tile(monkeypatch):
+    """A config's FUSED_N sets the one-launch kernel's key tile (the sweep's ours_fused32): the launch takes it and
+    the result matches float64, on a ragged M = 45 window over 150 keys; a tile it does not take raises."""
+    _poison_empty(monkeypatch)
+    monkeypatch.setattr(kmod, "_VARIANT", "new")          # every launch through _launch (see the refusal test)
+    tiles = []
+    real = kmod._launch
+
+    def launch(fn, grid, args, kw):
+        tiles.append((fn.__name__, kw.get("BLOCK_N"), grid[0]))
+        return real(fn, grid, args, kw)
+    monkeypatch.setattr(kmod, "_launch", launch)
+    q, k = rand_qk((1, 4, 2, 45, 150, 32), DTYPE, seed=19)
+    ref = reference(q, k, "sum", True, "mean", scale=0.25)
+    for block_n in (16, 64):
+        tiles.clear()
+        out = kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce="mean",
+                                    config=fused(45, 32, 2, FUSED_N=block_n))
+        assert tiles and all(t == ("_fused_window_kernel", block_n, -(-150 // block_n)) for t in tiles), tiles
+        assert rel_err(out, ref) < TOL[DTYPE], block_n
+    with pytest.raises(ValueError, match="FUSED_N must be 16, 32, 64 or 128"):
+        kmod.colreduce_triton(q, k, "sum", is_causal=True, scale=0.25, group_reduce="mean",
+                              config=fused(45, 32, 2, FUSED_N=100))
 
 
 @pytest.mark.parametrize("case", ["long", "lse", "old"])

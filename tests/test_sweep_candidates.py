@@ -51,7 +51,7 @@ def test_row_candidate_configs(monkeypatch, fused_windows):
     windows of 16–128 queries at N ≤ 2048 ours_win_tiles64; nothing else for a chunk of a long prompt, a longer window
     or one query. At every shape ours_pdl: the default's tiles with PDL on; where _fused_tiles takes the window, the
     other way than ours: ours_fused (the one-launch window kernel) with FUSED_WINDOWS off, ours_two_passes with it on
-    (a GPU's default). (Not run here: these prompts are beyond the
+    (a GPU's default), and ours_fused32 where its 64-key tiles leave half the SMs idle (N = 512). (Not run here: these prompts are beyond the
     interpreter; the sweep records each one's difference to the old launch path beside its time.)"""
     kb = _kernels_bench()
     import colreduce_kvprune.kernels.colreduce as kmod
@@ -80,20 +80,22 @@ def test_row_candidate_configs(monkeypatch, fused_windows):
     assert fns["ours_one_split"].config == dict(default, SPLITS=1)
     fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)  # a short window: 64-key tiles of its rows
     default = _gpu_like_config(64, 512, 128, 4, 8)
-    assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_fused"]
+    assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_fused", "ours_fused32"]
     assert fns["ours_fused"].config == dict(default, FUSED=True)
+    assert fns["ours_fused32"].config == dict(default, FUSED=True, FUSED_N=32)     # 64 programs of 64 keys: 128
     assert fns["ours_win_tiles64"].config == dict({k: v for k, v in default.items() if k != "PERSISTENT"},
                                                   BLOCK_M=64, BLOCK_N=64, warps=4, stages=3, BLOCK_R=64, warps1=4,
                                                   stages1=3)
     for m, n in ((2048, 16384), (64, 8192), (1, 512)):  # a chunk of a long prompt, a longer window, one query
         fns = kb._candidate_fns(dict(sh, M=m, N=n), {}, 132)
         # PDL, every shape: the default's tiles with PDL on; the one-launch kernel where it fits one wave (one query)
-        assert list(fns) == ["ours_pdl"] + (["ours_fused"] if m == 1 else []), (m, n)
+        assert list(fns) == ["ours_pdl"] + (["ours_fused", "ours_fused32"] if m == 1 else []), (m, n)
         assert fns["ours_pdl"].config == dict(_gpu_like_config(m, n, 128, 4, 8), PDL=True)
     fused_windows(True)                                      # ours takes the one launch: the candidate, two passes
     fns = kb._candidate_fns(dict(sh, M=64, N=512), {}, 132)
-    assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_two_passes"]
+    assert list(fns) == ["ours_win_tiles64", "ours_pdl", "ours_two_passes", "ours_fused32"]
     assert fns["ours_two_passes"].config == dict(default, FUSED=False)
+    assert "ours_fused32" not in kb._candidate_fns(dict(sh, M=64, N=1024), {}, 132)   # 128 programs already
 
 
 def test_paged_candidate_is_the_row_stages_before(monkeypatch):
