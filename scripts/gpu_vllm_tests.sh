@@ -4,7 +4,7 @@
 # build (tests/vllm/conftest.py). A device call is at most 10 minutes, so give the suite in parts:
 #
 #   source /root/w/install.sh && bash scripts/gpu_vllm_tests.sh part1 tests/vllm/test_vllm_compaction.py ...
-# (scripts/gpu_vllm_suite.sh shared / alone: the whole suite in two calls, every test file listed once)
+# (scripts/gpu_vllm_suite.sh shared / alone / server: the whole suite in three calls, every test file listed once)
 #
 # NAME (first argument) names the log, $OUT/pytest-NAME.txt; the remaining arguments go to pytest (default:
 # tests/vllm). GPU_TEST_LIMIT (seconds, default 500): pytest is stopped with SIGINT then, so it still prints the
