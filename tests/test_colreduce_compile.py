@@ -47,6 +47,17 @@ LAUNCHES = [
 # to be aligned: no load is pipelined (no cp.async) and key loads are one element wide (thirty-third session).
 QK_STRIDES = frozenset({"sqb", "sqh", "sqm", "skb", "skh", "skn", "skblk"})
 
+_ELEM = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def _pointer_types(dtype: str = "float16") -> dict:
+    """The Triton types of the scoring kernels' pointer arguments (name → "*fp16", …), q and k of dtype: every
+    kernel's, _compile_sm90 takes the ones its kernel has."""
+    qk = "*" + _ELEM[dtype]
+    return dict(Q=qk, K=qk, BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32", L_part="*fp32",
+                LSE2="*fp32", Out="*fp32", Part="*fp32", X="*fp32")
+
+
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "launch_cooperative_grid")   # a recipe's keywords that
 # are compile options, not constexprs
 
@@ -79,7 +90,6 @@ def product_launches(pdl: bool = False):
     config's PDL on (programmatic dependent launch between the two passes)."""
     import colreduce_kvprune.kernels.colreduce as kmod
 
-    elem = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     for name, max_m, max_n, D, G, B, Hkv, causal, red, group, varlen, paged, page, dtype, lse_given in LAUNCHES:
         k_tma = kmod._row_tma_shape(paged, max_m, lse_given)    # as on sm_90 with aligned, row-major K
         cfg, *_, row_kw, col_kw, final, hs = kmod._recipe(max_m, max_n, D, G, B, Hkv, causal, "direct", 132, red,
@@ -94,15 +104,13 @@ def product_launches(pdl: bool = False):
         kernels = [(col_fn, col_kw)]
         if not lse_given:
             kernels.insert(0, (kmod._row_stats_kernel, row_kw))
-        pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
-                        Counter="*i32", M_part="*fp32", L_part="*fp32", LSE2="*fp32", Out="*fp32", Part="*fp32",
-                        X="*fp32")
+        pointers = _pointer_types(dtype)
         for fn, kw in kernels:
             const = {k: v for k, v in kw.items() if k not in _LAUNCH_OPTIONS}
             if fn is kmod._row_stats_kernel:              # K's descriptor, or None (a constexpr) without TMA
                 if k_tma:
                     box = ", ".join(map(str, kmod._k_box(kw, varlen)))
-                    pointers["K_desc"] = f"tensordesc<{elem[dtype]}[{box}]>"
+                    pointers["K_desc"] = f"tensordesc<{_ELEM[dtype]}[{box}]>"
                 else:
                     const["K_desc"] = None
             yield name, fn, kw, _compile_sm90(fn, const, pointers, kw["num_warps"], kw["num_stages"],
@@ -157,9 +165,7 @@ def _compile_ws() -> list[dict]:
     kw = dict(row_kw, REDO=True, K_TMA=False)
     const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     const["K_desc"] = None
-    pointers = dict(Q="*fp16", K="*fp16", BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32",
-                    L_part="*fp32", LSE2="*fp32", X="*fp32")
-    _compile_sm90(kmod._row_stats_kernel, const, pointers, kw["num_warps"], kw["num_stages"])
+    _compile_sm90(kmod._row_stats_kernel, const, _pointer_types(), kw["num_warps"], kw["num_stages"])
     done.append(dict(kernel="redo", launch=name))
     return done
 
@@ -188,7 +194,6 @@ def _compile_fused() -> list[dict]:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     import gluon_row_pass      # its ptxas reader
 
-    elem = {"float16": "fp16", "bfloat16": "bf16"}
     done = []
     for name, max_m, max_n, D, G, B, Hkv, red, group, varlen, paged, dtype, *extra in FUSED_LAUNCHES:
         cfg, _, _, _, grid, _, kw, *_ = kmod._recipe(max_m, max_n, D, G, B, Hkv, True, "direct", 132, red, group,
@@ -196,8 +201,7 @@ def _compile_fused() -> list[dict]:
                                                      False, config=dict(kmod._pick_config(max_m, D, G, True),
                                                                         FUSED=True, **(extra[0] if extra else {})))
         const = {k: v for k, v in kw.items() if k not in _LAUNCH_OPTIONS}
-        pointers = dict(Q="*" + elem[dtype], K="*" + elem[dtype], BT="*i32", cu_q="*i32", cu_k="*i32",
-                        Counter="*i32", M_part="*fp32", L_part="*fp32", Out="*fp32")
+        pointers = _pointer_types(dtype)
         compiled = _compile_sm90(kmod._fused_window_kernel, const, pointers, kw["num_warps"], kw["num_stages"],
                                  divisible=set(pointers) | QK_STRIDES,
                                  launch_cooperative_grid=kw.get("launch_cooperative_grid", False))
@@ -215,7 +219,8 @@ def _key_buffers(compiled) -> list[int]:
     """The stage counts of the pipelined key-tile buffers (D × BLOCK_N fp16/bf16) in a compiled row kernel's TTGIR:
     one per pipelined loop over key tiles."""
     import re
-    return [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x128x64x[bf]\w*16", compiled.asm["ttgir"])]
+    buffer = r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x128x64x[bf]\w*16"
+    return [int(n) for n in re.findall(buffer, compiled.asm["ttgir"])]
 
 
 def _compile_paged_stages() -> list[dict]:
@@ -230,8 +235,7 @@ def _compile_paged_stages() -> list[dict]:
                                            16 if paged else 1, torch.float16, False, False)
         fn = kmod._row_stats_kernel
         const = dict({k: v for k, v in row_kw.items() if k not in _LAUNCH_OPTIONS}, K_desc=None)
-        pointers = dict(Q="*fp16", K="*fp16", BT="*i32", cu_q="*i32", cu_k="*i32", Counter="*i32", M_part="*fp32",
-                        L_part="*fp32", LSE2="*fp32", X="*fp32")
+        pointers = _pointer_types()
         compiled = _compile_sm90(fn, const, pointers, row_kw["num_warps"], row_kw["num_stages"],
                                  divisible=set(pointers) | QK_STRIDES)
         done.append(dict(paged=paged, stages=row_kw["num_stages"], buffers=_key_buffers(compiled)))
