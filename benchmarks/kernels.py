@@ -601,9 +601,11 @@ def _candidate_fns(sh, case, sms):
     M, N, D, G = sh["M"], sh["N"], sh["D"], sh["Hq"] // sh["Hkv"]
     ragged = sh["mode"] != "dense"
     B = len(sh["lens"]) if ragged else sh["B"]
-    picked = kmod._pick_config(M, D, G, True)
-    fitted = kmod._fit_config(picked, M, N, G, B * sh["Hkv"], sms, D, ragged)
-    base = kmod._paged_stages(fitted) if sh["mode"] == "paged" else fitted        # ours' config (_plan)
+
+    def planned(paged):                                   # ours' config, as the product plans it
+        return kmod._plan(M, N, D, G, B, sh["Hkv"], True, "new", sms, None, ragged, paged=paged)[0]
+    fitted = planned(False)                               # a paged K's before _paged_stages
+    base = planned(True) if sh["mode"] == "paged" else fitted
     fns = {}
 
     def dense(name, cfg):
@@ -614,7 +616,7 @@ def _candidate_fns(sh, case, sms):
         if not base["WINDOW"] and M >= 4096:
             dense(*(("ours_row_s3", dict(base, stages1=3)) if M >= 8192 else
                     ("ours_row128", dict(base, BLOCK_R=128, warps1=4, stages1=4))))
-        before = kmod._fit_config(picked, M, N, G, B * sh["Hkv"], sms, D, mid=False)
+        before = kmod._fit_config(kmod._pick_config(M, D, G, True), M, N, G, B * sh["Hkv"], sms, D, mid=False)
         if before != base:
             dense("ours_mid_before", before)
         if not base["WINDOW"] and M < 4096 and N < 8192 and D > 64 and \
@@ -625,11 +627,11 @@ def _candidate_fns(sh, case, sms):
             dense("ours_win_tiles64", dict(per_tile, BLOCK_M=1 << (M - 1).bit_length(), BLOCK_N=64, warps=4,
                                            stages=3, BLOCK_R=64, warps1=4, stages1=3))
         dense("ours_pdl", dict(base, PDL=True))
-        if kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False):
+        fused_n = kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False)
+        if fused_n:
             dense(*(("ours_two_passes", dict(base, FUSED=False)) if kmod.FUSED_WINDOWS else
                     ("ours_fused", dict(base, FUSED=True))))
-        if kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False) == 64 and \
-                triton_cdiv(N, 64) * B * sh["Hkv"] <= sms // 2 and \
+        if fused_n == 64 and triton_cdiv(N, 64) * B * sh["Hkv"] <= sms // 2 and \
                 kmod._fused_tiles(M, N, D, G, B * sh["Hkv"], sms, False, block_n=32):
             dense("ours_fused32", dict(base, FUSED=True, FUSED_N=32))
         return fns
