@@ -23,13 +23,14 @@ def fused(m: int, d: int, g: int, **extra) -> dict:
     return dict(kmod._pick_config(m, d, g, True), FUSED=True, **extra)
 
 
-def _launches(monkeypatch) -> list:
-    """(kernel name, PHASE) of every launch from now on, recorded as they go through Triton's dispatch."""
+def _launches(monkeypatch, what=lambda fn, grid, kw: (fn.__name__, kw.get("PHASE"))) -> list:
+    """what(kernel, grid, keywords) of every launch from now on — (kernel name, PHASE) unless asked otherwise —
+    recorded as they go through Triton's dispatch."""
     seen = []
     real = kmod._launch
 
     def launch(fn, grid, args, kw):
-        seen.append((fn.__name__, kw.get("PHASE")))
+        seen.append(what(fn, grid, kw))
         return real(fn, grid, args, kw)
     monkeypatch.setattr(kmod, "_launch", launch)
     return seen
@@ -132,13 +133,7 @@ def test_fused_config_key_tile(monkeypatch):
     the result matches float64, on a ragged M = 45 window over 150 keys; a tile it does not take raises."""
     _poison_empty(monkeypatch)
     monkeypatch.setattr(kmod, "_VARIANT", "new")          # every launch through _launch (see the refusal test)
-    tiles = []
-    real = kmod._launch
-
-    def launch(fn, grid, args, kw):
-        tiles.append((fn.__name__, kw.get("BLOCK_N"), grid[0]))
-        return real(fn, grid, args, kw)
-    monkeypatch.setattr(kmod, "_launch", launch)
+    tiles = _launches(monkeypatch, lambda fn, grid, kw: (fn.__name__, kw.get("BLOCK_N"), grid[0]))
     q, k = rand_qk((1, 4, 2, 45, 150, 32), DTYPE, seed=19)
     ref = reference(q, k, "sum", True, "mean", scale=0.25)
     for block_n in (16, 64):
