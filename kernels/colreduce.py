@@ -275,15 +275,30 @@ def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr, IS_PAGED: 
 
 
 @triton.jit
-def _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Offsets of the key rows at positions n of sequence b (to add to K + kv_head · skh).
+def _key_rows(BT, sbt, b, n0, hi, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Offsets of the key rows of the tile n0 … n0 + BLOCK_N − 1 of sequence b (to add to K + kv_head · skh); n0 a
+    multiple of BLOCK_N (every caller's tiles are), hi: the sequence's key count (a paged K's table is read below it).
 
-    Dense/varlen: row k0 + n of batch b. Paged: slot n % PAGE of cache block block_table[b, n // PAGE]."""
+    Dense/varlen: row k0 + n of batch b. Paged: slot n % PAGE of cache block block_table[b, n // PAGE], computed from
+    the tile's first page where PAGE divides BLOCK_N (the tile's keys j // PAGE pages on, slot j % PAGE: constants
+    per thread) or BLOCK_N divides PAGE (one table entry for the tile), each key's own otherwise. Compiled for sm_90
+    (Triton 3.7.1, paged window 64, 32/8, 16-key blocks), the row pass's unmasked loop over key tiles took 456
+    instructions per tile with each key's page and slot computed from its position, 375 this way; a packed K's 311."""
+    j = tl.arange(0, BLOCK_N)
     if IS_PAGED:
-        blk = tl.load(BT + b * sbt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        return blk * skblk + (n % PAGE) * skn
+        if BLOCK_N % PAGE == 0:
+            blk = tl.load(BT + b * sbt + n0 // PAGE + j // PAGE, mask=n0 + j < hi, other=0).to(tl.int64)
+            return blk * skblk + (j % PAGE) * skn
+        elif PAGE % BLOCK_N == 0:
+            blk = tl.load(BT + b * sbt + n0 // PAGE, mask=n0 < hi, other=0).to(tl.int64)
+            return blk * skblk + (n0 % PAGE + j) * skn
+        else:
+            n = n0 + j
+            blk = tl.load(BT + b * sbt + n // PAGE, mask=n < hi, other=0).to(tl.int64)
+            return blk * skblk + (n % PAGE) * skn
     else:
-        return b * skb + (k0 + n) * skn
+        return b * skb + (k0 + n0 + j) * skn
 
 
 @triton.jit
@@ -305,7 +320,7 @@ def _row_scores(q, K_head, BT, sbt, b, k0, skb, skn, skblk, n0, m, shift, hi, qk
             box = K_desc.load([b, hk, n0, 0])
         kt = tl.reshape(box, [BLOCK_N, d.shape[0]]).T
     else:
-        rows = _key_rows(BT, sbt, b, n, n < hi, k0, skb, skn, skblk, IS_PAGED, PAGE)
+        rows = _key_rows(BT, sbt, b, n0, hi, k0, skb, skn, skblk, IS_PAGED, PAGE, BLOCK_N)
         ok = d[:, None] < D
         if MASKED:
             ok = ok & (n[None, :] < hi)
@@ -550,7 +565,7 @@ def _column_program(cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV: tl.
         m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.maximum(Mb, m_lo))
     n = n_first + tl.arange(0, BLOCK_N)
     n_ok = n < Nb
-    rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
+    rows = _key_rows(BT, sbt, b, n_first, Nb, k0, skb, skn, skblk, IS_PAGED, PAGE, BLOCK_N)
     return b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows
 
 
@@ -909,7 +924,7 @@ def _window_column_kernel(Q, K, BT, LSE2, Out, cu_q, cu_k,
             n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < Nb
             n_out = _stored_columns(n, n_ok, max_n, IS_PAGED)
-            rows = _key_rows(BT, sbt, b, n, n_ok, k0, skb, skn, skblk, IS_PAGED, PAGE)
+            rows = _key_rows(BT, sbt, b, t * BLOCK_N, Nb, k0, skb, skn, skblk, IS_PAGED, PAGE, BLOCK_N)
             kt = tl.load(K + hk * skh + rows[None, :] + d[:, None], mask=n_ok[None, :] & (d[:, None] < D),
                          other=0.0)
             if UPCAST:

@@ -9,18 +9,18 @@ from test_colreduce import DEVICE, TOL, _poison_empty, rel_err
 BLOCK = 16
 
 
-def paged_case(q_lens, k_lens, Hq, Hkv, D, layout, dtype=torch.float32, seed=0):
-    """Packed q, dense packed k, and the same keys scattered over a shuffled paged cache."""
+def paged_case(q_lens, k_lens, Hq, Hkv, D, layout, dtype=torch.float32, seed=0, block=BLOCK):
+    """Packed q, dense packed k, and the same keys scattered over a shuffled paged cache of block-key blocks."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(q_lens), Hq, D, generator=g).to(DEVICE, dtype)
     k = torch.randn(sum(k_lens), Hkv, D, generator=g).to(DEVICE, dtype)
-    blocks_per_seq = [-(-n // BLOCK) for n in k_lens]
+    blocks_per_seq = [-(-n // block) for n in k_lens]
     max_blocks = max(blocks_per_seq)
     num_blocks = sum(blocks_per_seq) + 3                       # spare blocks, never referenced
     perm = torch.randperm(num_blocks, generator=g)
-    shape = (num_blocks, BLOCK, Hkv, D) if layout == "NHD" else (num_blocks, Hkv, BLOCK, D)
+    shape = (num_blocks, block, Hkv, D) if layout == "NHD" else (num_blocks, Hkv, block, D)
     cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    view = cache if layout == "NHD" else cache.transpose(1, 2)  # (num_blocks, BLOCK, Hkv, D) either way
+    view = cache if layout == "NHD" else cache.transpose(1, 2)  # (num_blocks, block, Hkv, D) either way
     table = torch.full((len(k_lens), max_blocks + 1), 10**6, dtype=torch.int32)   # padding ids are never read
     used, start = 0, 0
     for b, n in enumerate(k_lens):
@@ -28,7 +28,7 @@ def paged_case(q_lens, k_lens, Hq, Hkv, D, layout, dtype=torch.float32, seed=0):
             blk = int(perm[used])
             used += 1
             table[b, j] = blk
-            rows = k[start + j * BLOCK: start + min(n, (j + 1) * BLOCK)]
+            rows = k[start + j * block: start + min(n, (j + 1) * block)]
             view[blk, :rows.shape[0]] = rows
         start += n
     cu = lambda lens: torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32)  # noqa: E731
@@ -60,6 +60,23 @@ def test_paged_matches_dense(layout, backend, group_reduce, monkeypatch):
                               group_reduce=group_reduce, backend=backend)
         assert out.shape == (4, 4 if group_reduce is None else 2, 70)
         assert rel_err(out, unpack(dense, k_lens, 70)) < TOL[torch.float32], reduction
+
+
+@pytest.mark.parametrize("block", [16, 24, 256])
+def test_paged_block_sizes(block, monkeypatch):
+    """Each way the kernels find a key tile's rows in the cache (_key_rows): blocks that divide the key tile (16
+    keys; tiles of 32 under the interpreter, 64–128 on a GPU), blocks the tile divides (256) and neither (24), in
+    both passes and with the lse given, windows and a whole prompt, against float64 on the same keys."""
+    _poison_empty(monkeypatch)
+    q_lens, k_lens = [8, 130, 1, 0], [600, 130, 97, 40]         # windows, a whole prompt, an empty window
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case(q_lens, k_lens, 4, 2, 32, "NHD", seed=11, block=block)
+    lse = torch.randn(4, q.shape[0], device=DEVICE)
+    for group_reduce, given in ((None, None), ("mean", None), ("mean", lse)):
+        ref = colreduce_varlen(q.double(), k.double(), cu_q, cu_k, "sum", is_causal=True, group_reduce=group_reduce,
+                               lse=None if given is None else given.double(), backend="torch")
+        out = colreduce_paged(q, cache, table, cu_q, seqlens, "sum", is_causal=True, group_reduce=group_reduce,
+                              lse=given, backend="triton")
+        assert rel_err(out, unpack(ref, k_lens, 600)) < TOL[torch.float32], (group_reduce, given is not None)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
