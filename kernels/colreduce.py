@@ -281,15 +281,21 @@ def _key_rows(BT, sbt, b, n0, hi, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, P
     multiple of BLOCK_N (every caller's tiles are), hi: the sequence's key count (a paged K's table is read below it).
 
     Dense/varlen: row k0 + n of batch b. Paged: slot n % PAGE of cache block block_table[b, n // PAGE], computed from
-    the tile's first page where PAGE divides BLOCK_N (the tile's keys j // PAGE pages on, slot j % PAGE: constants
-    per thread) or BLOCK_N divides PAGE (one table entry for the tile), each key's own otherwise. Compiled for sm_90
-    (Triton 3.7.1, paged window 64, 32/8, 16-key blocks), the row pass's unmasked loop over key tiles took 456
-    instructions per tile with each key's page and slot computed from its position, 375 this way; a packed K's 311."""
+    the tile's first page where PAGE divides BLOCK_N (the tile's BLOCK_N / PAGE table entries loaded as one vector
+    and broadcast over their pages' keys; key j at slot j % PAGE, a constant per thread) or BLOCK_N divides PAGE (one
+    table entry for the tile), each key's own otherwise. Compiled for sm_90 (Triton 3.7.1, paged window 64, 32/8,
+    16-key blocks, the JIT's alignment specialisation), the row pass's unmasked loop over key tiles took 456
+    instructions per tile with each key's page and slot computed from its position (a table entry loaded from
+    shared memory per key and thread), 375 with j // PAGE pages on, 357 this way; a packed K's 311. The broadcast
+    is of the block ids, before their product with skblk: reshaping the offsets instead lost their alignment to
+    Triton's analysis and with it the vector loads and the pipelining."""
     j = tl.arange(0, BLOCK_N)
     if IS_PAGED:
         if BLOCK_N % PAGE == 0:
-            blk = tl.load(BT + b * sbt + n0 // PAGE + j // PAGE, mask=n0 + j < hi, other=0).to(tl.int64)
-            return blk * skblk + (j % PAGE) * skn
+            pg = tl.arange(0, BLOCK_N // PAGE)
+            blk = tl.load(BT + b * sbt + n0 // PAGE + pg, mask=n0 + pg * PAGE < hi, other=0)
+            blk = tl.reshape(tl.broadcast_to(blk[:, None], [BLOCK_N // PAGE, PAGE]), [BLOCK_N])
+            return blk.to(tl.int64) * skblk + (j % PAGE) * skn
         elif PAGE % BLOCK_N == 0:
             blk = tl.load(BT + b * sbt + n0 // PAGE, mask=n0 < hi, other=0).to(tl.int64)
             return blk * skblk + (n0 % PAGE + j) * skn
