@@ -1544,6 +1544,27 @@ def _build_direct(fn, compiled, kw, grid, ints):
         return None
 
 
+_OFFSET_LIMIT = 2**31     # the kernels' element offsets within q, k, the lse and the output are 32-bit integers
+
+
+def _check_extents(q, qs, k_ks, lse, out_numel: int) -> None:
+    """ValueError where an element of q, k (k_ks: (k, its strides); None for a paged cache, whose blocks are
+    addressed with 64-bit offsets) or the lse lies _OFFSET_LIMIT or more elements past the tensor's first, or where
+    the output would hold more than _OFFSET_LIMIT: the kernels' offsets would wrap around and read or write
+    elsewhere (a dense K of 3 batches 2**30 elements apart crashed the interpreter). colreduce_triton calls it where
+    its own sums of the same offsets found one too large."""
+    tensors = [("q", q, qs)] + ([("k", *k_ks)] if k_ks is not None else []) + (
+        [("lse", lse, lse.stride())] if lse is not None else [])
+    for name, t, st in tensors:
+        if t.numel() and sum((n - 1) * s for n, s in zip(t.shape, st)) >= _OFFSET_LIMIT:
+            raise ValueError(f"{name} {tuple(t.shape)} with strides {tuple(st)} has elements 2**31 or more past its "
+                             "first; the Triton kernels address it with 32-bit offsets: split the batch, or use "
+                             "backend='torch'")
+    if out_numel > _OFFSET_LIMIT:
+        raise ValueError(f"the output would hold {out_numel} elements, more than 2**31; the Triton kernels address "
+                         "it with 32-bit offsets: split the batch, or use backend='torch'")
+
+
 def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_causal: bool, scale: float,
                      group_reduce: str | None, lse: torch.Tensor | None = None,
                      cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
@@ -1570,40 +1591,58 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     paged = block_table is not None
     skblk, sbt, page = 0, 0, 1
     qs, ks = q.stride(), k.stride()
+    ls = None if lse is None else lse.stride()
     if paged:
         B = cu_seqlens_q.shape[0] - 1
-        _, Hq, D = q.shape
+        tq, Hq, D = q.shape
         Hkv = k.shape[2]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
         sqb, sqh, sqm = 0, qs[1], qs[0]
         skb, skh, skn, skblk, page = 0, ks[2], ks[1], ks[0], k.shape[1]
         sbt = block_table.stride(0)
         heads = Hq if group_reduce is None else Hkv
-        out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)   # the kernel writes the padding
+        out_shape = (B, heads, max_n)                  # the kernel writes the padding
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         cu_seqlens_k = seqlens_k
         numel = B * heads * max_n
+        last = (tq - 1) * sqm + (Hq - 1) * sqh + (D - 1) * qs[2]    # the cache's blocks: 64-bit offsets
+        if ls is not None:                                          # (Hq, total_q)
+            last = max(last, (Hq - 1) * ls[0] + (tq - 1) * ls[1])
     elif varlen:
         B = cu_seqlens_q.shape[0] - 1
-        _, Hq, D = q.shape
-        Hkv = k.shape[1]
+        tq, Hq, D = q.shape
+        tk, Hkv = k.shape[0], k.shape[1]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
         sqb, sqh, sqm = 0, qs[1], qs[0]
         skb, skh, skn = 0, ks[1], ks[0]
         heads = Hq if group_reduce is None else Hkv
-        out = torch.empty(k.shape[0], heads, dtype=torch.float32, device=q.device)
+        out_shape = (tk, heads)
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
-        numel = k.shape[0] * heads
+        numel = tk * heads
+        last = max((tq - 1) * sqm + (Hq - 1) * sqh + (D - 1) * qs[2],
+                   (tk - 1) * skn + (Hkv - 1) * skh + (D - 1) * ks[2])
+        if ls is not None:
+            last = max(last, (Hq - 1) * ls[0] + (tq - 1) * ls[1])
     else:
         B, Hq, max_m, D = q.shape
         Hkv, max_n = k.shape[1], k.shape[2]
         sqb, sqh, sqm = qs[0], qs[1], qs[2]
         skb, skh, skn = ks[0], ks[1], ks[2]
         heads = Hq if group_reduce is None else Hkv
-        out = torch.empty(B, heads, max_n, dtype=torch.float32, device=q.device)
+        out_shape = (B, heads, max_n)
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
-        cu_seqlens_q = cu_seqlens_k = out  # unused placeholders (IS_VARLEN is False)
         numel = B * heads * max_n
+        last = max((B - 1) * sqb + (Hq - 1) * sqh + (max_m - 1) * sqm + (D - 1) * qs[3],
+                   (B - 1) * skb + (Hkv - 1) * skh + (max_n - 1) * skn + (D - 1) * ks[3])
+        if ls is not None:                                          # (B, Hq, M)
+            last = max(last, (B - 1) * ls[0] + (Hq - 1) * ls[1] + (max_m - 1) * ls[2])
+    # last: how far past its first element the last element of q, k (not a paged cache) or the lse lies; the
+    # kernels' offsets are 32-bit
+    if last >= _OFFSET_LIMIT or numel > _OFFSET_LIMIT:
+        _check_extents(q, qs, None if paged else (k, ks), lse, numel)
+    out = torch.empty(*out_shape, dtype=torch.float32, device=q.device)
+    if not varlen:
+        cu_seqlens_q = cu_seqlens_k = out  # unused placeholders (IS_VARLEN is False)
     if block_table is None:
         block_table = out                  # unused placeholder (IS_PAGED is False)
     G = Hq // Hkv
@@ -1629,7 +1668,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         # the addresses, read once: the signature's alignment and the direct launch's pointer arguments
         a_q, a_k, a_bt, a_cq, a_ck = (q.data_ptr(), k.data_ptr(), block_table.data_ptr(), cu_seqlens_q.data_ptr(),
                                       cu_seqlens_k.data_ptr())
-        ck = (key, qs, ks, sbt, None if lse is None else lse.stride(),
+        ck = (key, qs, ks, sbt, ls,
               _tensor_sig(a_q | a_k | a_bt | a_cq | a_ck, q, k, block_table, cu_seqlens_q, cu_seqlens_k, lse))
         fast = _direct_launchers.get(ck)
         if fast:                                           # the compiled kernels, launched directly

@@ -4,12 +4,14 @@ before) against the float64 reference, with the tiles the "new" variant picks on
 import inspect
 import math
 import os
+import re
 import sys
 
 import pytest
 import torch
 
 import colreduce_kvprune.kernels.colreduce as kmod
+from colreduce_kvprune import colreduce, colreduce_paged, colreduce_varlen
 from colreduce_kvprune.kernels.colreduce import _fit_config, _pick_config, colreduce_triton
 from test_colreduce import (DEVICE, TOL, _poison_empty, fused_windows,  # noqa: F401 (a fixture)
                              masked_logits, rand_qk, reference, rel_err)
@@ -801,3 +803,64 @@ def test_compiled_launch_passes_what_triton_launcher_would(coop_pdl):
     launcher.global_scratch_size = 16                                     # a kernel that needs scratch
     lmod.compiled_launch(Compiled)(2, 3, 4, 99, *args)
     assert wrapper_calls == [as_run]
+
+
+def test_offsets_past_32_bits_are_refused(monkeypatch):
+    """The kernels' element offsets within q, k, the lse and the output are 32-bit: a tensor whose last element is
+    2**31 or more past its first is refused with an error that names it, before any launch (a dense K of 3 batches
+    2**30 elements apart crashed the interpreter: batch 2's offset wrapped around). The storage is allocated but
+    never touched."""
+    def launch(*args):
+        raise AssertionError("launched past the check")
+    monkeypatch.setattr(kmod, "_launch", launch)
+    big = torch.empty(2**31 + 4096, dtype=torch.float16, device=DEVICE)
+    q = torch.randn(3, 2, 4, 16, dtype=torch.float16, device=DEVICE)
+    k = big.as_strided((3, 1, 16, 16), (2**30, 256, 16, 1))
+    with pytest.raises(ValueError, match=r"^k \(3, 1, 16, 16\) with strides \(1073741824, 256, 16, 1\) has elements 2\*\*31"):
+        colreduce(q, k, "sum", is_causal=True, backend="triton")
+    with pytest.raises(ValueError, match=r"q \(3, 2, 4, 16\).*32-bit"):
+        colreduce(big.as_strided((3, 2, 4, 16), (2**30, 64, 16, 1)), k[:, :, :8], "sum", is_causal=True,
+                  backend="triton")
+
+
+def test_offset_limit_edges(monkeypatch):
+    """What _check_extents measures, at a lowered limit: the offset of each tensor's last element from its first
+    (through its strides: a strided view's is past its numel), refused at the limit and taken one below it; the
+    output's element count. Wired into the call: a paged cache is not measured (its blocks are addressed with
+    64-bit offsets), the output is."""
+    from test_colreduce_paged import paged_case
+    one = torch.zeros(1, 1, 1, 16, device=DEVICE)
+    views = {"q": torch.zeros(2, 3, 5, 16, device=DEVICE),                  # last element at 479
+             "k": torch.zeros(40, 1, 2, 16, device=DEVICE)[::3],            # (14, 1, 2, 16): 13·96 + 16 + 15 = 1279
+             "lse": torch.zeros(9, 2, device=DEVICE).T}                     # (2, 9) strides (1, 2): 1 + 16 = 17
+    last = {"q": 479, "k": 1279, "lse": 17}
+    for name, t in views.items():
+        args = dict(q=one, k=one, lse=None)
+        args[name] = t
+        for limit, refused in ((last[name], True), (last[name] + 1, False)):
+            monkeypatch.setattr(kmod, "_OFFSET_LIMIT", limit)
+            call = lambda: kmod._check_extents(args["q"], args["q"].stride(), (args["k"], args["k"].stride()),  # noqa: E731
+                                               args["lse"], 1)
+            if refused:
+                with pytest.raises(ValueError, match="^" + re.escape(f"{name} {tuple(t.shape)}")):
+                    call()
+            else:
+                call()
+    monkeypatch.setattr(kmod, "_OFFSET_LIMIT", 100)
+    kmod._check_extents(one, one.stride(), None, None, 100)
+    with pytest.raises(ValueError, match="^the output would hold 101 elements"):
+        kmod._check_extents(one, one.stride(), None, None, 101)
+    q, k = torch.randn(1, 2, 4, 16, device=DEVICE), torch.randn(1, 1, 8, 16, device=DEVICE)
+    lse = torch.zeros(1, 2, 400, device=DEVICE)[:, :, :4]                  # last element at 400 + 3
+    monkeypatch.setattr(kmod, "_OFFSET_LIMIT", 200)
+    with pytest.raises(ValueError, match=r"^lse \(1, 2, 4\) with strides \(800, 400, 1\)"):
+        colreduce(q, k, "sum", is_causal=True, lse=lse, backend="triton")
+    q, k, cache, table, cu_q, cu_k, seqlens = paged_case([3, 1], [40, 20], 2, 1, 16, "NHD", seed=2)
+    monkeypatch.setattr(kmod, "_OFFSET_LIMIT", 2 * 2 * 40)                 # the cache is larger, q and the output not
+    assert cache.numel() > kmod._OFFSET_LIMIT >= q.numel()
+    out = colreduce_paged(q, cache, table, cu_q, seqlens, "sum", is_causal=True, backend="triton")
+    ref = colreduce_varlen(q.double(), k.double(), cu_q, cu_k, "sum", is_causal=True, backend="torch")
+    assert rel_err(out[0, :, :40].T, ref[:40]) < TOL[torch.float32]
+    monkeypatch.setattr(kmod, "_OFFSET_LIMIT", 2 * 2 * 40 - 1)
+    with pytest.raises(ValueError, match="^the output would hold 160 elements"):
+        colreduce_paged(q, cache, table, cu_q, seqlens, "sum", is_causal=True, backend="triton")
