@@ -203,7 +203,8 @@ def colreduce_paged(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch
         block_table: (B, max_blocks) int32/int64 cache block ids; key j of sequence b sits in block
             ``block_table[b, j // block_size]`` at slot ``j % block_size``.
         seqlens_k: (B,) int32/int64 keys per sequence; queries are its last tokens (causal right-aligned).
-        max_seqlen_q, max_seqlen_k: longest query / key sequence (computed, with a host sync, when omitted).
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (computed, with a host sync, when omitted);
+            max_seqlen_k at most max_blocks · block_size (the table's entries are read up to it).
         lse: optional (Hq, total_q) natural-log row log-sum-exp.
         Other arguments as in :func:`colreduce`.
 
@@ -232,6 +233,9 @@ def colreduce_paged(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if max_seqlen_k is None:
         max_seqlen_k = int(seqlens_k.max()) if seqlens_k.numel() else 0
+    if max_seqlen_k > block_table.shape[1] * key_cache.shape[1]:       # the kernels read the table up to it
+        raise ValueError(f"max_seqlen_k ({max_seqlen_k}) exceeds what block_table addresses "
+                         f"({block_table.shape[1]} blocks of {key_cache.shape[1]} keys)")
     if backend == "torch":
         out = colreduce_paged_torch(q, key_cache, block_table, cu_seqlens_q, seqlens_k, reduction,
                                     max_seqlen_k=max_seqlen_k, is_causal=is_causal, scale=scale,

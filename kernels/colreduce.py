@@ -571,7 +571,9 @@ def _column_program(cu_q, cu_k, BT, sbt, skb, skn, skblk, max_m, max_n, HKV: tl.
         m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.maximum(Mb, m_lo))
     n = n_first + tl.arange(0, BLOCK_N)
     n_ok = n < Nb
-    rows = _key_rows(BT, sbt, b, n_first, Nb, k0, skb, skn, skblk, IS_PAGED, PAGE, BLOCK_N)
+    # a paged K's table entries read up to max_n (colreduce_paged checks that the table holds that many: no wait for
+    # the sequence's key count before them); the keys themselves below Nb
+    rows = _key_rows(BT, sbt, b, n_first, max_n, k0, skb, skn, skblk, IS_PAGED, PAGE, BLOCK_N)
     return b, hk, q0, Mb, k0, Nb, shift, m_lo, m_full, n, n_ok, rows
 
 

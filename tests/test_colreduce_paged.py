@@ -102,3 +102,7 @@ def test_paged_errors():
     if not q.is_cuda:
         with pytest.raises(ValueError, match="exceeds what block_table addresses"):
             colreduce_paged(q, cache, table[:, :1], cu_q, seqlens + 10)
+    # the kernels read the table's entries up to max_seqlen_k: one past its blocks is refused on any device
+    with pytest.raises(ValueError, match=r"max_seqlen_k \(49\) exceeds what block_table addresses \(3 blocks of 16"):
+        colreduce_paged(q, cache, table, cu_q, seqlens, max_seqlen_k=49)
+    assert colreduce_paged(q, cache, table, cu_q, seqlens, max_seqlen_k=48).shape == (1, 4, 48)
