@@ -252,7 +252,23 @@ def sass_overlap(compiled) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     return dict(registers=int(regs.group(1)) if regs else None, serialized="C7514" in log or "C7517" in log,
                 spill_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
-                exp2_per_wgmma_window=windows, exp2_after_ksteps=after_ksteps)
+                exp2_per_wgmma_window=windows, exp2_after_ksteps=after_ksteps, loop_instructions=sass_loops(sass))
+
+
+def sass_loops(sass: str) -> list[int]:
+    """The instruction count of each loop in nvdisasm's listing, in order: from a label to a later branch back to
+    it (a loop's body, as issued once per iteration)."""
+    labels, count, loops = {}, 0, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = count
+        elif re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line):
+            count += 1
+            back = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
+            if back and back.group(1) in labels:
+                loops.append(count - labels[back.group(1)])
+    return loops
 
 
 def check_sass(compile_fn, name):
