@@ -278,7 +278,8 @@ def _seq_bounds(cu_q, cu_k, b, max_m, max_n, IS_VARLEN: tl.constexpr, IS_PAGED: 
 def _key_rows(BT, sbt, b, n0, hi, k0, skb, skn, skblk, IS_PAGED: tl.constexpr, PAGE: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """Offsets of the key rows of the tile n0 … n0 + BLOCK_N − 1 of sequence b (to add to K + kv_head · skh); n0 a
-    multiple of BLOCK_N (every caller's tiles are), hi: the sequence's key count (a paged K's table is read below it).
+    multiple of BLOCK_N (every caller's tiles are). hi: a paged K's table is read below it (the sequence's key count,
+    or max_n where the table is known to hold that many: _column_program).
 
     Dense/varlen: row k0 + n of batch b. Paged: slot n % PAGE of cache block block_table[b, n // PAGE], computed from
     the tile's first page where PAGE divides BLOCK_N (the tile's BLOCK_N / PAGE table entries loaded as one vector
