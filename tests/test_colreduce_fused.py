@@ -23,16 +23,22 @@ def fused(m: int, d: int, g: int, **extra) -> dict:
     return dict(kmod._pick_config(m, d, g, True), FUSED=True, **extra)
 
 
-def _launches(monkeypatch, what=lambda fn, grid, kw: (fn.__name__, kw.get("PHASE"))) -> list:
-    """what(kernel, grid, keywords) of every launch from now on — (kernel name, PHASE) unless asked otherwise —
-    recorded as they go through Triton's dispatch."""
+def _launches(monkeypatch, what=lambda fn, grid, kw: (fn.__name__, kw.get("PHASE")), jit_only=False) -> list:
+    """what(kernel, grid, keywords) of every launch from now on — (kernel name, PHASE) unless asked otherwise; a
+    launch left out where it is None — recorded as they go through Triton's dispatch. jit_only: the direct
+    launchers forgotten first, so that every call goes through the dispatch (on a GPU a signature's later calls
+    launch its compiled kernels directly)."""
     seen = []
     real = kmod._launch
 
     def launch(fn, grid, args, kw):
-        seen.append(what(fn, grid, kw))
+        got = what(fn, grid, kw)
+        if got is not None:
+            seen.append(got)
         return real(fn, grid, args, kw)
     monkeypatch.setattr(kmod, "_launch", launch)
+    if jit_only:
+        monkeypatch.setattr(kmod, "_direct_launchers", {})
     return seen
 
 

@@ -643,17 +643,10 @@ def test_launch_lengths_of_whole_prompts(monkeypatch):
 
 
 def _column_kernels(monkeypatch) -> list:
-    """The column kernels launched from now on (their names), recorded as they go through Triton's dispatch."""
-    names = []
-    real = kmod._launch
-
-    def launch(fn, grid, args, kw):
-        if fn is not kmod._row_stats_kernel:
-            names.append(fn.__name__)
-        return real(fn, grid, args, kw)
-    monkeypatch.setattr(kmod, "_launch", launch)
-    monkeypatch.setattr(kmod, "_direct_launchers", {})
-    return names
+    """The column kernels launched from now on (their names), every call through Triton's dispatch."""
+    from test_colreduce_fused import _launches
+    return _launches(monkeypatch, lambda fn, grid, kw: None if fn is kmod._row_stats_kernel else fn.__name__,
+                     jit_only=True)
 
 
 def test_save_scores_rule():
