@@ -1597,7 +1597,7 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
     ls = None if lse is None else lse.stride()
     if paged:
         B = cu_seqlens_q.shape[0] - 1
-        tq, Hq, D = q.shape
+        rows_q, Hq, D = q.shape
         Hkv = k.shape[2]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
         sqb, sqh, sqm = 0, qs[1], qs[0]
@@ -1608,39 +1608,36 @@ def colreduce_triton(q: torch.Tensor, k: torch.Tensor, reduction: str, *, is_cau
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         cu_seqlens_k = seqlens_k
         numel = B * heads * max_n
-        last = (tq - 1) * sqm + (Hq - 1) * sqh + (D - 1) * qs[2]    # the cache's blocks: 64-bit offsets
-        if ls is not None:                                          # (Hq, total_q)
-            last = max(last, (Hq - 1) * ls[0] + (tq - 1) * ls[1])
     elif varlen:
         B = cu_seqlens_q.shape[0] - 1
-        tq, Hq, D = q.shape
-        tk, Hkv = k.shape[0], k.shape[1]
+        rows_q, Hq, D = q.shape
+        rows_k, Hkv = k.shape[0], k.shape[1]
         max_m, max_n = int(max_seqlen_q), int(max_seqlen_k)
         sqb, sqh, sqm = 0, qs[1], qs[0]
         skb, skh, skn = 0, ks[1], ks[0]
         heads = Hq if group_reduce is None else Hkv
-        out_shape = (tk, heads)
+        out_shape = (rows_k, heads)
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
-        numel = tk * heads
-        last = max((tq - 1) * sqm + (Hq - 1) * sqh + (D - 1) * qs[2],
-                   (tk - 1) * skn + (Hkv - 1) * skh + (D - 1) * ks[2])
-        if ls is not None:
-            last = max(last, (Hq - 1) * ls[0] + (tq - 1) * ls[1])
+        numel = rows_k * heads
     else:
         B, Hq, max_m, D = q.shape
         Hkv, max_n = k.shape[1], k.shape[2]
+        rows_q, rows_k = max_m, max_n
         sqb, sqh, sqm = qs[0], qs[1], qs[2]
         skb, skh, skn = ks[0], ks[1], ks[2]
         heads = Hq if group_reduce is None else Hkv
         out_shape = (B, heads, max_n)
         sob, soh, son = _out_strides(varlen, paged, heads, max_n)
         numel = B * heads * max_n
-        last = max((B - 1) * sqb + (Hq - 1) * sqh + (max_m - 1) * sqm + (D - 1) * qs[3],
-                   (B - 1) * skb + (Hkv - 1) * skh + (max_n - 1) * skn + (D - 1) * ks[3])
-        if ls is not None:                                          # (B, Hq, M)
-            last = max(last, (B - 1) * ls[0] + (Hq - 1) * ls[1] + (max_m - 1) * ls[2])
-    # last: how far past its first element the last element of q, k (not a paged cache) or the lse lies; the
-    # kernels' offsets are 32-bit
+    # how far past its first element the last element of q, k (not a paged cache: its blocks take 64-bit offsets)
+    # and the lse lie; the kernels' offsets are 32-bit. Rows: a dense q's and k's per batch, a packed one's in all
+    # (then sqb = skb = 0); the lse is (B, Hq, M) dense, (Hq, total_q) packed.
+    last = (B - 1) * sqb + (Hq - 1) * sqh + (rows_q - 1) * sqm + (D - 1) * qs[-1]
+    if not paged:
+        last = max(last, (B - 1) * skb + (Hkv - 1) * skh + (rows_k - 1) * skn + (D - 1) * ks[-1])
+    if ls is not None:
+        last = max(last, (Hq - 1) * ls[0] + (rows_q - 1) * ls[1] if varlen else
+                   (B - 1) * ls[0] + (Hq - 1) * ls[1] + (max_m - 1) * ls[2])
     if last >= _OFFSET_LIMIT or numel > _OFFSET_LIMIT:
         _check_extents(q, qs, None if paged else (k, ks), lse, numel)
     out = torch.empty(*out_shape, dtype=torch.float32, device=q.device)
