@@ -12,6 +12,7 @@ accepts code the compiler rejects (an early return inside a constexpr branch cos
 in the nineteenth session). benchmarks/gluon_row_pass.py and gluon_column_pass.py (Gluon, no interpreter) are
 compiled here too, and their SASS read: ptxas must keep at least half a tile's exp2 inside the next tile's wgmma
 window, without serializing the wgmma."""
+import functools
 import json
 import os
 import subprocess
@@ -313,13 +314,14 @@ CAUSAL_COLUMN_CONFIGS = ("1cta_q128_s4", "2cta_q64_s2", "1cta_q128_lse", "2cta_q
 # configs and the fastest with the lse loaded (twenty-seventh session on the H200); a fenced one
 
 
-def _run_compiles(what: str) -> list[dict]:
+@functools.lru_cache(maxsize=None)     # the two paged tests read one compile of the same kernels
+def _run_compiles(what: str) -> tuple[dict, ...]:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["COLREDUCE_KVPRUNE_TMA"] = "1"        # the row pass's descriptor path compiled too (off by default)
     proc = subprocess.run([sys.executable, __file__, what], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 _NVIDIA = pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}),
